@@ -1,0 +1,64 @@
+"""The fixed parity batch: deterministic natural-looking images plus noise, numpy only.
+
+Natural images have a 1/f amplitude spectrum, smooth regions and sharp edges; the generated
+scenes have all three so that activations reach realistic ranges (pure noise does not).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pink_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Colour noise with a 1/f amplitude spectrum, scaled to [0, 1]."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    amplitude = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / size)
+    out = np.empty((size, size, 3))
+    for c in range(3):
+        phase = rng.uniform(0, 2 * np.pi, amplitude.shape)
+        out[..., c] = np.fft.irfft2(amplitude * np.exp(1j * phase), s=(size, size))
+    out -= out.min()
+    return out / out.max()
+
+
+def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A sky-like gradient with textured ellipses and boxes, in [0, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    top, bottom = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    img = top * (1 - yy[..., None]) + bottom * yy[..., None]
+    texture = _pink_noise(rng, size)
+    for _ in range(int(rng.integers(3, 7))):
+        cy, cx = rng.uniform(0.1, 0.9, 2)
+        ry, rx = rng.uniform(0.05, 0.35, 2)
+        colour = rng.uniform(0, 1, 3)
+        if rng.random() < 0.5:
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        else:
+            mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+        shade = 0.75 + 0.5 * texture[..., :1]
+        img = np.where(mask[..., None], np.clip(colour * shade, 0, 1), img)
+    return 0.85 * img + 0.15 * texture
+
+
+def natural_images(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """`count` deterministic uint8 RGB images of `size` x `size`, NHWC."""
+    rng = np.random.default_rng(seed)
+    images = [(_pink_noise(rng, size) if i % 3 == 2 else _scene(rng, size)) for i in range(count)]
+    return np.round(np.stack(images) * 255).astype(np.uint8)
+
+
+def parity_batch(size: int, mean, std, natural: int = 6, noise: int = 2, seed: int = 0) -> np.ndarray:
+    """The parity inputs in normalised space (what the network sees), float32 NHWC.
+
+    Args:
+        size: square input resolution (the checkpoint's input size).
+        mean, std: the checkpoint's per-channel normalisation.
+        natural: generated natural-looking images.
+        noise: standard-normal images, in normalised space.
+        seed: everything is a function of the seed.
+    """
+    pixels = natural_images(natural, size, seed).astype(np.float32) / 255.0
+    normalised = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    rng = np.random.default_rng(seed + 1)
+    gaussian = rng.standard_normal((noise, size, size, 3)).astype(np.float32)
+    return np.ascontiguousarray(np.concatenate([normalised, gaussian]), dtype=np.float32)

@@ -1,0 +1,210 @@
+"""Step 3 of a conversion: prove the Keras model computes what timm computes.
+
+The PyTorch reference runs in its own process on the same weights and the same fixed batch;
+the logits and the outputs of the stem, every stage and the pre-logits are compared. Parity
+is an assertion: `assert_passed` raises, naming the first stage that diverged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zoo.architectures import Architecture
+from zoo.errors import ParityError, ReferenceRunError
+
+from .images import parity_batch
+
+log = logging.getLogger(__name__)
+
+COMPARED = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
+DEFAULT_ATOL = 1e-4  # logits max abs error
+DEFAULT_RTOL = 1e-5  # logits max abs error / max |reference logit|
+# Intermediate outputs pass through up to 36 blocks of float32 arithmetic whose rounding
+# differs between oneDNN and ATen; a mapping bug moves them by O(1) relative, rounding by
+# O(1e-6). The bound sits between, with a wide margin to both.
+DEFAULT_STAGE_RTOL = 1e-4
+
+
+@dataclass
+class Comparison:
+    """Agreement of one compared tensor."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_ref: float
+    rel: float
+    finite: bool
+
+    @classmethod
+    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> "Comparison":
+        ours64, ref64 = ours.astype(np.float64), ref.astype(np.float64)
+        finite = bool(np.isfinite(ours64).all() and np.isfinite(ref64).all())
+        if ours.shape != ref.shape:
+            return cls(name, list(ref.shape), float("inf"), float("nan"), float("inf"), finite)
+        max_abs = float(np.max(np.abs(ours64 - ref64))) if finite else float("inf")
+        max_ref = float(np.max(np.abs(ref64))) if finite else float("nan")
+        rel = max_abs / max_ref if finite and max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+        return cls(name, list(ref.shape), max_abs, max_ref, rel, finite)
+
+
+@dataclass
+class ParityReport:
+    """The machine-readable result of a parity check (written as `parity.json`)."""
+
+    comparisons: list[Comparison]
+    top1_agreement: float
+    top5_agreement: float
+    atol: float
+    rtol: float
+    stage_rtol: float
+    num_images: int
+    input_size: int
+    passed: bool = False
+    failure: str | None = None
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.failure = self._first_failure()
+        self.passed = self.failure is None
+
+    def by_name(self, name: str) -> Comparison:
+        return next(c for c in self.comparisons if c.name == name)
+
+    def _first_failure(self) -> str | None:
+        for c in self.comparisons:
+            if not c.finite:
+                return f"{c.name}: non-finite values"
+            if c.name == "logits":
+                if c.max_abs > self.atol or c.rel > self.rtol:
+                    return (f"logits: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
+                            f"relative {c.rel:.3g} (rtol {self.rtol:g})")
+            elif c.rel > self.stage_rtol:
+                return f"{c.name}: relative error {c.rel:.3g} > {self.stage_rtol:g} (max abs {c.max_abs:.3g})"
+        return None
+
+    @property
+    def logits(self) -> Comparison:
+        return self.by_name("logits")
+
+    def summary(self) -> str:
+        c = self.logits
+        return (f"logits max abs {c.max_abs:.2e}, relative {c.rel:.2e}; "
+                f"top-1 agreement {self.top1_agreement:.0%}, top-5 {self.top5_agreement:.0%}")
+
+    def table(self) -> str:
+        rows = [f"{'output':<11} {'shape':<20} {'max abs':>10} {'relative':>10}"]
+        rows += [f"{c.name:<11} {str(tuple(c.shape)):<20} {c.max_abs:>10.2e} {c.rel:>10.2e}"
+                 for c in self.comparisons]
+        return "\n".join(rows)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ParityReport":
+        data = dict(data)
+        data["comparisons"] = [Comparison(**c) for c in data["comparisons"]]
+        stored_pass, stored_failure = data.pop("passed", None), data.pop("failure", None)
+        report = cls(**data)
+        if stored_pass is not None and stored_pass != report.passed:
+            raise ValueError(f"parity report says passed={stored_pass} but its figures say "
+                             f"{report.passed} ({stored_failure or report.failure})")
+        return report
+
+    def assert_passed(self) -> None:
+        """Raise `ParityError` naming the first output that diverged."""
+        if not self.passed:
+            raise ParityError(f"parity check failed at {self.failure}\n{self.table()}", report=self)
+
+
+def _topk_agreement(ours: np.ndarray, ref: np.ndarray, k: int) -> float:
+    k = min(k, ref.shape[-1])
+    top_ours = np.argsort(-ours, axis=-1)[:, :k]
+    top_ref = np.argsort(-ref, axis=-1)[:, :k]
+    return float(np.mean([set(a) == set(b) for a, b in zip(top_ours, top_ref)]))
+
+
+def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL,
+            rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL,
+            versions: dict | None = None) -> ParityReport:
+    """Compare every output; the report's `passed` is the gate."""
+    missing = [n for n in COMPARED if n not in ours or n not in ref]
+    if missing:
+        raise ParityError(f"outputs missing from the comparison: {missing}")
+    comparisons = [Comparison.of(n, ours[n], ref[n]) for n in COMPARED]
+    batch = ref["stem"].shape
+    return ParityReport(
+        comparisons=comparisons,
+        top1_agreement=_topk_agreement(ours["logits"], ref["logits"], 1),
+        top5_agreement=_topk_agreement(ours["logits"], ref["logits"], 5),
+        atol=atol, rtol=rtol, stage_rtol=stage_rtol,
+        num_images=int(batch[0]), input_size=int(batch[1] * 4),
+        versions=versions or {},
+    )
+
+
+def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray,
+                      workdir: Path) -> dict[str, np.ndarray]:
+    """Run timm on `inputs` in a separate process and return its outputs (NHWC).
+
+    Raises:
+        ReferenceRunError: torch/timm missing or the process failed.
+    """
+    spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
+            "inputs": str(workdir / "inputs.npy"), "outputs": str(workdir / "reference.npz")}
+    np.save(spec["inputs"], inputs)
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    result = run_reference_process(["forward", str(workdir / "spec.json")])
+    with np.load(spec["outputs"]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def run_reference_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m converters.reference ARGS` in a clean child process."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "converters.reference", *args],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        if "No module named 'torch'" in proc.stderr or "No module named 'timm'" in proc.stderr:
+            raise ReferenceRunError(
+                "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
+        raise ReferenceRunError(f"the PyTorch reference process failed (exit {proc.returncode}):\n{tail}")
+    return proc
+
+
+def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every compared tensor from the Keras model."""
+    from zoo.model import probe_model
+
+    outputs = probe_model(model, arch)(inputs, training=False)
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"keras": keras.__version__, "tensorflow": tf.__version__}
+
+
+def check(model, arch: Architecture, num_classes: int, source: Path, input_size: int, mean, std, *,
+          atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+          stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
+    """Run both frameworks on the parity batch and compare (does not raise on failure)."""
+    inputs = parity_batch(input_size, mean, std)
+    with tempfile.TemporaryDirectory(prefix="zoo-parity-") as tmp:
+        ref = reference_outputs(arch, num_classes, source, inputs, Path(tmp))
+    ours = keras_outputs(model, arch, inputs)
+    return compare(ours, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=_versions())

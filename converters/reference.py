@@ -1,0 +1,131 @@
+"""The PyTorch side of the parity check, run as its own process (`python -m converters.reference`).
+
+TensorFlow imported before torch+timm in one process crashes the timm forward pass, so the
+reference never shares a process with Keras: the parent writes inputs to disk, this process
+builds timm's model from the same architecture row, loads the same weights, and writes every
+compared tensor back as NHWC numpy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: I001  (torch and timm first, never after tensorflow)
+import timm
+
+from converters.source import is_fb_layout, read_state_dict
+from zoo.architectures import Architecture
+
+OUTPUTS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
+
+
+def create(arch: Architecture, num_classes: int) -> torch.nn.Module:
+    """timm's model for an architecture row, in eval mode."""
+    model = timm.create_model(arch.name, pretrained=False, num_classes=num_classes, **arch.timm_kwargs())
+    return model.eval()
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint strictly; FB-layout files go through timm's own key remapping.
+
+    Using timm's `checkpoint_filter_fn` here (not the converter's `normalise_keys`) makes the
+    parity check an independent test of the converter's FB renaming.
+    """
+    from timm.models.convnext import checkpoint_filter_fn
+
+    arrays = read_state_dict(path)
+    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    if is_fb_layout(arrays):
+        state = checkpoint_filter_fn(state, model)
+    model.load_state_dict(state, strict=True)
+
+
+@torch.inference_mode()
+def forward(model: torch.nn.Module, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every compared tensor for an NHWC batch, returned NHWC."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda _module, _args, output: captured.__setitem__(name, output)
+
+    hooks = [model.stem.register_forward_hook(keep("stem"))]
+    hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(model.stages)]
+    hooks.append(model.head.fc.register_forward_pre_hook(
+        lambda _module, args: captured.__setitem__("pre_logits", args[0])))
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2)))
+        captured["logits"] = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy().copy()
+            for name, t in captured.items()}
+
+
+def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """timm's state dict for `arch` with every tensor drawn at a realistic, non-trivial scale.
+
+    timm initialises LayerScale to 1e-6, which makes every block an identity and hides mapping
+    bugs; here gammas are O(0.1-1), norms are perturbed around 1, biases are non-zero, and
+    conv/linear weights have unit-gain fan-in scaling, so every tensor changes the output.
+    Drawn with numpy from `seed`: the same on every machine and torch version.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, tensor in create(arch, num_classes).state_dict().items():
+        shape = tuple(tensor.shape)
+        if key.endswith("gamma") or ".grn." in key:
+            value = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+        elif tensor.ndim == 1 and key.endswith(".weight"):  # norm scales
+            value = 1.0 + 0.25 * rng.standard_normal(shape)
+        elif tensor.ndim == 1:  # biases
+            value = 0.1 * rng.standard_normal(shape)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            gain = 3.0 if key.startswith("head.fc") else 1.0  # logits of a few units, as trained nets
+            value = gain * rng.standard_normal(shape) / np.sqrt(fan_in)
+        out[key] = value.astype(np.float32)
+    return out
+
+
+def _forward_command(spec_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    arch = Architecture.from_config(spec["arch"])
+    model = create(arch, spec["num_classes"])
+    load_weights(model, Path(spec["source"]))
+    outputs = forward(model, np.load(spec["inputs"]))
+    np.savez(spec["outputs"], **outputs)
+
+
+def _random_command(args) -> None:
+    from safetensors.numpy import save_file
+
+    arch = Architecture.from_config(json.loads(args.arch))
+    state = random_state_dict(arch, args.num_classes, args.seed)
+    save_file(state, args.out, metadata={"format": "pt", "convnext_zoo": "random weights, not pretrained"})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m converters.reference", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check")
+    fwd.add_argument("spec", type=Path)
+    rnd = sub.add_parser("random", help="write perturbed random weights in timm's layout")
+    rnd.add_argument("--arch", required=True, help="architecture config as JSON")
+    rnd.add_argument("--num-classes", type=int, required=True)
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.command == "forward":
+        _forward_command(args.spec)
+    else:
+        _random_command(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Step 1 of a conversion: fetch the source checkpoint and read it as a timm-keyed numpy dict.
+
+Numpy and safetensors only: torch is imported solely to read `.pth/.pt/.bin` files, and
+tensorflow never (this module also runs inside the PyTorch reference process).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zoo.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+FALLBACK_FILENAME = "pytorch_model.bin"  # timm falls back to it when a repo has no safetensors
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A source checkpoint on local disk and where it came from.
+
+    Attributes:
+        path: local file.
+        sha256: hex digest of the file's bytes.
+        repo_id: Hub repo it was downloaded from (None for a local file).
+        revision: Hub commit it was downloaded at (None for a local file).
+        filename: file name inside the repo (or the local file name).
+    """
+
+    path: Path
+    sha256: str
+    repo_id: str | None = None
+    revision: str | None = None
+    filename: str | None = None
+
+    def to_json(self) -> dict:
+        return {"repo_id": self.repo_id, "revision": self.revision,
+                "filename": self.filename or self.path.name, "sha256": self.sha256}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | None = None) -> SourceFile:
+    """Download (or find in the Hub cache) a source checkpoint.
+
+    Uses huggingface_hub, so `HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and `HF_TOKEN`
+    apply. Falls back to `pytorch_model.bin` as timm does. The Hub client does not check
+    content, so the file's sha256 is compared with the content address the cache stores it
+    under (LFS blobs are named by their sha256).
+
+    Raises:
+        SourceError: the file cannot be had, or its bytes do not match their address.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    candidates = [filename] + ([FALLBACK_FILENAME] if filename != FALLBACK_FILENAME else [])
+    errors = []
+    for name in candidates:
+        try:
+            local = Path(hf_hub_download(repo_id, name, revision=revision))
+        except EntryNotFoundError as e:
+            errors.append(f"{name}: not in the repo ({type(e).__name__})")
+            continue
+        except LocalEntryNotFoundError as e:
+            raise SourceError(
+                f"{repo_id}/{name} is not in the local Hub cache and the Hub cannot be reached "
+                f"(offline: {e}); run once with network access, or pass --checkpoint PATH"
+            ) from None
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise SourceError(f"cannot download {repo_id}/{name}: {e}") from None
+        digest = sha256_file(local)
+        blob = local.resolve().name
+        if re.fullmatch(r"[0-9a-f]{64}", blob) and blob != digest:
+            raise SourceError(
+                f"{repo_id}/{name} in the Hub cache is corrupt (sha256 {digest}, expected {blob}); "
+                f"delete {local.resolve()} and retry"
+            )
+        commit = local.parent.name if re.fullmatch(r"[0-9a-f]{40}", local.parent.name) else revision
+        return SourceFile(local, digest, repo_id, commit, name)
+    raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
+
+
+def local(path: str | Path) -> SourceFile:
+    """A source checkpoint given as a local file (`--checkpoint PATH`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SourceError(f"checkpoint file not found: {path}")
+    if not path.name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        raise SourceError(
+            f"{path.name}: unsupported checkpoint type; expected .safetensors, .pth, .pt or .bin"
+        )
+    return SourceFile(path.resolve(), sha256_file(path), filename=path.name)
+
+
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """Read every tensor of a checkpoint file as float32 numpy, keys as stored.
+
+    `.safetensors` is read without torch. `.pth/.pt/.bin` go through
+    `torch.load(weights_only=True)`, which refuses pickled code.
+
+    Raises:
+        SourceError: unreadable file, or a non-float tensor where weights are expected.
+    """
+    path = Path(path)
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        raw = _read_safetensors(path)
+    elif path.name.endswith(PICKLE_SUFFIXES):
+        raw = _read_torch(path)
+    else:
+        raise SourceError(f"{path.name}: unsupported checkpoint type")
+    return {key: _as_float32(key, value) for key, value in raw.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise SourceError(
+            f"{path.name}: reading .pth/.pt/.bin needs torch (pip install 'convnext-zoo[convert]'), "
+            "or convert the file to .safetensors"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise SourceError(f"{path.name} cannot be loaded safely (weights_only=True): {e}") from None
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SourceError(f"{path.name} does not hold a state dict of tensors")
+    return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+            for k, v in obj.items()}
+
+
+def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(value.dtype, np.floating):
+        raise SourceError(f"tensor {key!r} has dtype {value.dtype}; ConvNeXt weights are floats")
+    return np.ascontiguousarray(value, dtype=np.float32)
+
+
+_FB_RULES = [  # official FB layout -> timm's module paths (order matters)
+    (re.compile(r"^downsample_layers\.0\."), "stem."),
+    (re.compile(r"^downsample_layers\.(\d+)\."), r"stages.\1.downsample."),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\."), r"stages.\1.blocks.\2."),
+    (re.compile(r"\.dwconv\."), ".conv_dw."),
+    (re.compile(r"\.pwconv(\d)\."), r".mlp.fc\1."),
+    (re.compile(r"\.grn\.gamma$"), ".mlp.grn.weight"),
+    (re.compile(r"\.grn\.beta$"), ".mlp.grn.bias"),
+    (re.compile(r"^norm\."), "head.norm."),
+    (re.compile(r"^head\.(weight|bias)$"), r"head.fc.\1"),
+]
+
+
+def is_fb_layout(state_dict: dict) -> bool:
+    """True for the official FB key layout (`downsample_layers.*`, `stages.i.j.*`)."""
+    return any(k.startswith("downsample_layers.") for k in state_dict)
+
+
+def normalise_keys(state_dict: dict[str, np.ndarray], conv_mlp: bool = False) -> dict[str, np.ndarray]:
+    """Rename an official FB state dict to timm's keys, by name (never by position).
+
+    timm-layout input is returned unchanged. GRN parameters, stored by FB as `(1, 1, 1, C)`,
+    are flattened to timm's `(C,)`; with `conv_mlp` (timm holds the MLP as 1x1 convs) FB's
+    linear MLP weights `(out, in)` become `(out, in, 1, 1)`.
+    """
+    if not is_fb_layout(state_dict):
+        return dict(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for pattern, repl in _FB_RULES:
+            new = pattern.sub(repl, new)
+        if ".mlp.grn." in new:
+            value = value.reshape(value.shape[-1])
+        elif conv_mlp and re.search(r"\.mlp\.fc\d\.weight$", new) and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)
+        if new in out:
+            raise SourceError(f"two FB keys map to {new!r}")
+        out[new] = value
+    return out
+
+
+def load_source(path: Path, conv_mlp: bool = False) -> dict[str, np.ndarray]:
+    """Read a checkpoint and return it with timm's keys: the converter's input."""
+    return normalise_keys(read_state_dict(path), conv_mlp=conv_mlp)

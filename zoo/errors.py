@@ -1,0 +1,41 @@
+"""Errors raised anywhere in the pipeline; the CLI catches `ZooError` once and exits 1."""
+from __future__ import annotations
+
+
+class ZooError(Exception):
+    """Base class of every error a user can cause or fix (bad name, bad file, failed parity)."""
+
+
+class UnknownModelError(ZooError, KeyError):
+    """A name that is neither a catalogue entry, an alias, nor an architecture."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class SourceError(ZooError):
+    """The source checkpoint cannot be fetched or read."""
+
+
+class MappingError(ZooError):
+    """The source state dict does not match the Keras model exactly."""
+
+
+class ParityError(ZooError):
+    """The Keras model and the PyTorch reference disagree beyond tolerance."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class IntegrityError(ZooError):
+    """A stored file does not match the sha256 recorded for it."""
+
+
+class StoreError(ZooError):
+    """A converted checkpoint folder is missing, incomplete or cannot be written."""
+
+
+class ReferenceRunError(ZooError):
+    """The PyTorch reference process failed (missing `convert` extra, crash)."""
