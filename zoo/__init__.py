@@ -1,0 +1,34 @@
+"""convnext-zoo: the official PyTorch ConvNeXt checkpoints as Keras 3 models, proven equal.
+
+`import zoo` is cheap: tensorflow is imported on the first call that builds a model, and torch
+never (only the converter's separate reference process uses it).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .architectures import ARCHITECTURES, Architecture, get_architecture
+from .catalogue import Checkpoint, catalogue, resolve, search
+from .errors import (IntegrityError, MappingError, ParityError, ReferenceRunError, SourceError,
+                     StoreError, UnknownModelError, ZooError)
+
+
+def load(name_or_path, *, include_top: bool = True, pooling: str | None = "avg"):
+    """A converted ConvNeXt as a `keras.Model` (see `zoo.loading.load`)."""
+    from .loading import load as _load
+
+    return _load(name_or_path, include_top=include_top, pooling=pooling)
+
+
+def build(name, **kwargs):
+    """An uninitialised ConvNeXt for a checkpoint or architecture name (see `zoo.loading.build`)."""
+    from .loading import build as _build
+
+    return _build(name, **kwargs)
+
+
+__all__ = [
+    "ARCHITECTURES", "Architecture", "Checkpoint", "IntegrityError", "MappingError", "ParityError",
+    "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError", "build",
+    "catalogue", "get_architecture", "load", "resolve", "search",
+]

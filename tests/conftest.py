@@ -1,0 +1,63 @@
+"""Shared fixtures: small architectures, perturbed random weights, an isolated store and Hub cache.
+
+torch and timm are imported before anything imports tensorflow: the other order crashes the
+timm forward pass in one process. The product keeps the frameworks in separate processes; the
+tests use timm in-process only for facts (key sets, parameter counts, random weights).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import torch  # noqa: E402,F401  (first: see module docstring)
+import timm  # noqa: E402,F401
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from converters.reference import random_state_dict  # noqa: E402
+from zoo.architectures import ARCHITECTURES  # noqa: E402
+
+# Small rows of real architectures: every code path of the full network, a fraction of the cost.
+SMALL_V1 = ARCHITECTURES["convnext_tiny"].replace(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
+SMALL_CONV_MLP = ARCHITECTURES["convnext_atto"].replace(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
+SMALL = {"linear_mlp": SMALL_V1, "conv_mlp": SMALL_CONV_MLP}
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty local store and Hub cache, and no network."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("ZOO_HOME", str(home / "store"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return home
+
+
+@pytest.fixture(params=sorted(SMALL), ids=sorted(SMALL))
+def small_arch(request):
+    return SMALL[request.param]
+
+
+def write_safetensors(path, state: dict[str, np.ndarray]):
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def small_tiny(monkeypatch):
+    """Make the catalogue's `convnext_tiny` rows use SMALL_V1: the whole pipeline, quickly."""
+    monkeypatch.setitem(ARCHITECTURES, "convnext_tiny", SMALL_V1)
+    return SMALL_V1
+
+
+@pytest.fixture
+def small_weights(tmp_path):
+    """Factory: perturbed random weights for an architecture, written as safetensors."""
+    def make(arch, num_classes=1000, seed=0, name="weights.safetensors"):
+        state = random_state_dict(arch, num_classes, seed)
+        return write_safetensors(tmp_path / name, state), state
+    return make

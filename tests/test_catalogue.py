@@ -1,0 +1,88 @@
+"""The catalogue: complete, fresh, and resolving names the way users (and timm) do."""
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import timm
+from timm.models import get_pretrained_cfg
+
+import zoo
+from zoo.catalogue import catalogue, resolve, search
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = ("tiny", "small", "base", "large")
+
+
+def test_committed_catalogue_is_what_the_generator_makes():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import generate_catalogue
+    finally:
+        sys.path.pop(0)
+    committed = json.loads(resources.files("checkpoints").joinpath("catalogue.json").read_text())
+    assert generate_catalogue.build() == committed
+
+
+def test_every_fb_tag_is_catalogued():
+    fb = {n for n in timm.list_pretrained("convnext*") if ".fb_" in n}
+    assert len(fb) == 19
+    assert fb <= set(catalogue())
+
+
+@pytest.mark.parametrize("size", SIZES + ("xlarge",))
+def test_fb_aliases(size):
+    expected = {
+        f"convnext_{size}_22k": f"convnext_{size}.fb_in22k",
+        f"convnext_{size}_22k_1k": f"convnext_{size}.fb_in22k_ft_in1k",
+        f"convnext_{size}_22k_1k_384": f"convnext_{size}.fb_in22k_ft_in1k_384",
+    }
+    if size != "xlarge":  # FB released no ImageNet-1k-only xlarge
+        expected[f"convnext_{size}_1k"] = f"convnext_{size}.fb_in1k"
+    for alias, name in expected.items():
+        assert resolve(alias).name == name
+
+
+@pytest.mark.parametrize("arch", sorted({c.architecture for c in catalogue().values()}))
+def test_bare_name_is_timms_default(arch):
+    assert resolve(arch).hf_hub_id == get_pretrained_cfg(arch).hf_hub_id
+
+
+@pytest.mark.parametrize("name", sorted(catalogue()))
+def test_entry_matches_timm_pretrained_cfg(name):
+    entry, cfg = catalogue()[name], get_pretrained_cfg(name)
+    assert entry.hf_hub_id == f"timm/{name}"
+    assert (entry.num_classes, entry.input_size, entry.crop_pct, entry.crop_mode, entry.interpolation) == \
+        (cfg.num_classes, tuple(cfg.input_size), cfg.crop_pct, cfg.crop_mode, cfg.interpolation)
+    assert (entry.mean, entry.std, entry.license) == (tuple(cfg.mean), tuple(cfg.std), cfg.license)
+
+
+def test_fb_urls_and_published_top1():
+    tiny = resolve("convnext_tiny_1k")
+    assert tiny.url == "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth"
+    assert tiny.top1 == 82.1
+    assert resolve("convnext_xlarge_22k_1k_384").top1 == 87.8
+    assert resolve("convnext_base_22k").num_classes == 21841
+
+
+def test_unknown_name_suggests_the_closest():
+    with pytest.raises(zoo.UnknownModelError, match=r"did you mean 'convnext_tiny_1k'.*zoo list"):
+        resolve("convnext_tny_1k")
+    with pytest.raises(zoo.UnknownModelError, match="zoo list"):
+        resolve("resnet50")
+
+
+def test_resolution_accepts_canonical_and_hub_names():
+    assert resolve("convnext_tiny.fb_in1k").name == "convnext_tiny.fb_in1k"
+    assert resolve("timm/convnext_tiny.fb_in1k").name == "convnext_tiny.fb_in1k"
+    assert resolve("convnext_base").name == "convnext_base.fb_in22k_ft_in1k"
+
+
+def test_search_globs_and_substrings():
+    assert {c.name for c in search("convnext_tiny_1k")} == {"convnext_tiny.fb_in1k"}
+    names = {c.name for c in search("*_384")}
+    assert names and all(n.endswith("_384") for n in names)
+    assert search("no_such_model") == []

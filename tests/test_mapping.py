@@ -1,0 +1,130 @@
+"""The converter's mapping is strict both ways and independent of key order and layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from converters import source
+from converters.mapping import expected_keys, port
+from converters.reference import create, forward, random_state_dict
+from tests.conftest import SMALL_V1
+from tests.support.fb_layout import to_fb_layout
+from zoo.errors import MappingError, SourceError
+from zoo.model import build_model
+
+
+def weights_of(model) -> dict[str, np.ndarray]:
+    return {v.path: np.asarray(v) for v in model.weights}
+
+
+def test_port_fills_every_variable_with_the_right_values(small_arch):
+    state = random_state_dict(small_arch, 10)
+    model = build_model(small_arch, num_classes=10)
+    assert port(state, model) == model.count_params()
+    # spot-check each transpose against the torch layout
+    layer = model.get_layer("stages.2.blocks.1.conv_dw")
+    np.testing.assert_array_equal(np.asarray(layer.kernel)[:, :, 5, 0], state["stages.2.blocks.1.conv_dw.weight"][5, 0])
+    fc1 = model.get_layer("stages.0.blocks.0.mlp.fc1")
+    torch_fc1 = state["stages.0.blocks.0.mlp.fc1.weight"].reshape(fc1.kernel.shape[-1], -1)
+    np.testing.assert_array_equal(np.asarray(fc1.kernel).reshape(-1, torch_fc1.shape[0]), torch_fc1.T)
+    stem = model.get_layer("stem.0")
+    np.testing.assert_array_equal(np.asarray(stem.kernel)[1, 2, :, 3], state["stem.0.weight"][3, :, 1, 2])
+    np.testing.assert_array_equal(np.asarray(model.get_layer("stages.3.blocks.0.gamma").gamma),
+                                  state["stages.3.blocks.0.gamma"])
+
+
+def test_keras_forward_matches_timm_in_process(small_arch):
+    """Fast numerical check of the whole mapping (the product runs timm in its own process)."""
+    state = random_state_dict(small_arch, 10)
+    model = build_model(small_arch, num_classes=10)
+    port(state, model)
+    reference = create(small_arch, 10)
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model(x)), forward(reference, x)["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_every_problem_is_listed_at_once_and_nothing_is_assigned():
+    state = random_state_dict(SMALL_V1, 10)
+    del state["stages.1.blocks.0.gamma"]
+    del state["head.fc.bias"]
+    state["stages.9.blocks.0.extra.weight"] = np.zeros(3, np.float32)
+    state["stages.2.blocks.1.mlp.fc2.weight"] = state["stages.2.blocks.1.mlp.fc2.weight"].T.copy()
+    model = build_model(SMALL_V1, num_classes=10)
+    before = weights_of(model)
+    with pytest.raises(MappingError) as err:
+        port(state, model)
+    message = str(err.value)
+    assert "2 missing, 1 unexpected, 1 shape mismatches" in message
+    assert " - in model, not in checkpoint: stages.1.blocks.0.gamma" in message
+    assert " - in model, not in checkpoint: head.fc.bias" in message
+    assert " + in checkpoint, not in model: stages.9.blocks.0.extra.weight" in message
+    assert " ~ shape mismatch: stages.2.blocks.1.mlp.fc2.weight: checkpoint (96, 24), model expects (24, 96)" in message
+    after = weights_of(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_wrong_head_width_is_a_shape_mismatch():
+    state = random_state_dict(SMALL_V1, 21841)
+    with pytest.raises(MappingError, match=r"head\.fc\.weight: checkpoint \(21841, 32\), model expects \(1000, 32\)"):
+        port(state, build_model(SMALL_V1, num_classes=1000))
+
+
+def test_another_architectures_checkpoint_is_refused():
+    other = SMALL_V1.replace(dims=(16, 32, 48, 64))
+    with pytest.raises(MappingError, match="shape mismatches"):
+        port(random_state_dict(other, 10), build_model(SMALL_V1, num_classes=10))
+
+
+def test_expected_keys_is_timms_state_dict(small_arch):
+    timm_keys = {k: tuple(v.shape) for k, v in create(small_arch, 10).state_dict().items()}
+    assert expected_keys(build_model(small_arch, num_classes=10)) == timm_keys
+
+
+def test_fb_layout_converts_to_the_same_weights(small_arch, tmp_path):
+    state = random_state_dict(small_arch, 10)
+    fb = to_fb_layout(state)
+    assert list(fb)[0].startswith("downsample_layers.")  # order differs from timm's
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in fb.items()}}, tmp_path / "fb.pth")
+    from_fb = build_model(small_arch, num_classes=10)
+    port(source.load_source(tmp_path / "fb.pth", conv_mlp=small_arch.conv_mlp), from_fb)
+    from_timm = build_model(small_arch, num_classes=10)
+    port(state, from_timm)
+    a, b = weights_of(from_fb), weights_of(from_timm)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fb_grn_is_flattened():
+    fb = {"downsample_layers.0.0.weight": np.zeros((8, 3, 4, 4), np.float32),
+          "stages.0.0.grn.gamma": np.ones((1, 1, 1, 32), np.float32),
+          "stages.0.0.grn.beta": np.ones((1, 1, 1, 32), np.float32)}
+    out = source.normalise_keys(fb)
+    assert out["stages.0.blocks.0.mlp.grn.weight"].shape == (32,)
+    assert out["stages.0.blocks.0.mlp.grn.bias"].shape == (32,)
+    assert "stem.0.weight" in out
+
+
+def test_half_precision_sources_are_widened(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.arange(4, dtype=np.float16)}, str(tmp_path / "h.safetensors"))
+    out = source.read_state_dict(tmp_path / "h.safetensors")
+    assert out["w"].dtype == np.float32 and out["w"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\xff" * 64])
+def test_unreadable_files_are_source_errors(tmp_path, content):
+    for suffix in (".safetensors", ".pth"):
+        path = tmp_path / f"bad{suffix}"
+        path.write_bytes(content)
+        with pytest.raises(SourceError):
+            source.read_state_dict(path)
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.arange(4, dtype=np.int64)}, str(tmp_path / "i.safetensors"))
+    with pytest.raises(SourceError, match="dtype int64"):
+        source.read_state_dict(tmp_path / "i.safetensors")

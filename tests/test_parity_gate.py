@@ -1,0 +1,175 @@
+"""The parity gate rejects broken conversions, names where they diverged, and writes nothing.
+
+Each mutation breaks the converter's side only (the Keras model or what it reads); the PyTorch
+reference still loads the true file in its own process, as in production.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import converters.mapping as mapping
+import converters.pipeline as pipeline
+import converters.source as source
+import zoo.model
+from converters.parity import Comparison, ParityReport, compare
+from zoo.errors import MappingError, ParityError
+
+
+def converter_reads(monkeypatch, mutate):
+    """Make the converter (not the reference) see a mutated state dict."""
+    real = source.load_source
+    monkeypatch.setattr(source, "load_source", lambda path, conv_mlp=False: mutate(real(path, conv_mlp)))
+
+
+def swap_fc(state):
+    block = "stages.0.blocks.0.mlp"
+    fc1, fc2 = state[f"{block}.fc1.weight"], state[f"{block}.fc2.weight"]
+    state[f"{block}.fc1.weight"], state[f"{block}.fc2.weight"] = fc2.T.copy(), fc1.T.copy()
+    return state
+
+
+def drop_gamma(state):
+    state["stages.1.blocks.0.gamma"] = np.ones_like(state["stages.1.blocks.0.gamma"])
+    return state
+
+
+def skip_head_norm(state):
+    state["head.norm.weight"] = np.ones_like(state["head.norm.weight"])
+    state["head.norm.bias"] = np.zeros_like(state["head.norm.bias"])
+    return state
+
+
+def swap_blocks(state):
+    a, b = "stages.2.blocks.0.", "stages.2.blocks.1."
+    moved = {k: v for k, v in state.items() if k.startswith((a, b))}
+    for k, v in moved.items():
+        state[k.replace(a, b) if k.startswith(a) else k.replace(b, a)] = v
+    return state
+
+
+def drop_key(state):
+    del state["stages.0.blocks.0.gamma"]
+    return state
+
+
+def extra_key(state):
+    state["head.extra.weight"] = np.zeros(4, np.float32)
+    return state
+
+
+def transposed_spatial_dw(monkeypatch):
+    rules = dict(mapping.RULES)
+    import keras
+    kernel, bias = rules[keras.layers.DepthwiseConv2D]
+    # (C, 1, kh, kw) -> (kw, kh, C, 1): same shape for a square kernel, wrong values
+    rules[keras.layers.DepthwiseConv2D] = (
+        mapping.Rule(kernel.attr, kernel.suffix, lambda a: a.transpose(3, 2, 0, 1), kernel.torch_shape), bias)
+    monkeypatch.setattr(mapping, "RULES", rules)
+
+
+def skipped_linear_transpose(monkeypatch):
+    import keras
+    rules = dict(mapping.RULES)
+    rules[keras.layers.Dense] = (mapping.Rule("kernel", ".weight"), mapping.Rule("bias", ".bias"))
+    monkeypatch.setattr(mapping, "RULES", rules)
+
+
+def keras_default_eps(monkeypatch):
+    import keras
+    monkeypatch.setattr(zoo.model, "_norm", lambda arch, name: keras.layers.LayerNormalization(name=name))
+
+
+STATE_MUTATIONS = {  # name -> (mutation, expected error, expected message)
+    "fc1_fc2_swapped": (swap_fc, ParityError, "failed at stages.0"),
+    "gamma_dropped": (drop_gamma, ParityError, "failed at stages.1"),
+    "head_norm_skipped": (skip_head_norm, ParityError, "failed at pre_logits"),
+    "blocks_swapped": (swap_blocks, ParityError, "failed at stages.2"),
+    "missing_key": (drop_key, MappingError, "- in model, not in checkpoint: stages.0.blocks.0.gamma"),
+    "extra_key": (extra_key, MappingError, "+ in checkpoint, not in model: head.extra.weight"),
+}
+MODEL_MUTATIONS = {
+    "depthwise_spatial_transpose": (transposed_spatial_dw, ParityError, "failed at stages.0"),
+    "linear_transpose_skipped": (skipped_linear_transpose, MappingError, "shape mismatch: stages.0.blocks.0.mlp.fc1.weight"),
+    "keras_default_eps": (keras_default_eps, ParityError, "failed at stem"),
+}
+
+
+@pytest.fixture
+def tiny_source(small_tiny, small_weights):
+    path, _ = small_weights(small_tiny, 1000)
+    return path
+
+
+def assert_nothing_written(out):
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
+
+
+def test_control_the_unbroken_conversion_passes(tiny_source, tmp_path):
+    path, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out", checkpoint=tiny_source)
+    assert report.passed and path.is_dir()
+    assert report.logits.max_abs <= 1e-4 and report.logits.rel <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(STATE_MUTATIONS))
+def test_state_mutation_is_rejected(name, tiny_source, tmp_path, monkeypatch):
+    mutate, error, message = STATE_MUTATIONS[name]
+    converter_reads(monkeypatch, mutate)
+    out = tmp_path / "out"
+    with pytest.raises(error) as err:
+        pipeline.convert("convnext_tiny_1k", out=out, checkpoint=tiny_source)
+    assert message in str(err.value)
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_MUTATIONS))
+def test_model_mutation_is_rejected(name, tiny_source, tmp_path, monkeypatch):
+    mutate, error, message = MODEL_MUTATIONS[name]
+    mutate(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(error) as err:
+        pipeline.convert("convnext_tiny_1k", out=out, checkpoint=tiny_source)
+    assert message in str(err.value)
+    assert_nothing_written(out)
+
+
+def _outputs(scale=1.0, noise=0.0):
+    rng = np.random.default_rng(0)
+    ref = {n: rng.standard_normal((2, 4, 4, 3)).astype(np.float32) for n in ("stem", "stages.0", "stages.1", "stages.2", "stages.3")}
+    ref["pre_logits"] = rng.standard_normal((2, 8)).astype(np.float32)
+    ref["logits"] = scale * rng.standard_normal((2, 10)).astype(np.float32)
+    ours = {k: v + noise for k, v in ref.items()}
+    return ours, ref
+
+
+def test_tolerances_are_both_absolute_and_relative():
+    assert compare(*_outputs(noise=5e-7)).passed
+    # within atol, but relative to small logits it is too much
+    report = compare(*_outputs(scale=1e-2, noise=5e-6))
+    assert not report.passed and report.failure.startswith("logits")
+    # relative fine for huge logits, absolute error too big
+    assert not compare(*_outputs(scale=1e6, noise=2e-4)).passed
+
+
+def test_non_finite_outputs_fail():
+    ours, ref = _outputs()
+    ours["stages.1"][0, 0, 0, 0] = np.nan
+    report = compare(ours, ref)
+    assert not report.passed and report.failure == "stages.1: non-finite values"
+
+
+def test_report_json_round_trip_and_tamper_detection():
+    report = compare(*_outputs(noise=1e-7))
+    data = json.loads(json.dumps(report.to_json()))
+    assert ParityReport.from_json(data).passed
+    data["comparisons"][-1]["max_abs"] = 1.0  # figures say fail, flag says pass
+    with pytest.raises(ValueError, match="passed=True"):
+        ParityReport.from_json(data)
+
+
+def test_shape_mismatch_is_a_failure():
+    c = Comparison.of("logits", np.zeros((2, 3)), np.zeros((2, 4)))
+    assert c.max_abs == float("inf")

@@ -1,0 +1,121 @@
+"""The `zoo` command line: list, convert, verify."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from .errors import ZooError
+
+# TensorFlow's C++ start-up chatter is not for users; set before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _user_errors(fn):
+    """Turn project errors into one message and exit code 1, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ZooError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="convnext-zoo")
+def main():
+    """Official PyTorch ConvNeXt checkpoints as Keras models, proven equal to the originals."""
+
+
+@main.command("list")
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_user_errors
+def list_command(pattern, as_json):
+    """List catalogued checkpoints (PATTERN: glob or substring of names and aliases)."""
+    from checkpoints.store import is_converted_folder, store_path
+
+    from .catalogue import search
+
+    rows = []
+    for c in search(pattern):
+        rows.append({
+            "name": c.name, "aliases": list(c.aliases), "default_for": c.architecture if c.default else None,
+            "classes": c.num_classes, "input": c.input_size[-1], "license": c.license, "top1": c.top1,
+            "source": c.hf_hub_id, "converted": is_converted_folder(store_path(c.name)),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        raise ZooError(f"no checkpoint matches {pattern!r}")
+    header = f"{'name':<42} {'classes':>7} {'input':>5} {'top-1':>5} {'license':<11} {'local':<5} aliases"
+    click.echo(header)
+    for r in rows:
+        aliases = ", ".join(r["aliases"] + ([f"{r['default_for']} (default)"] if r["default_for"] else []))
+        top1 = f"{r['top1']:.1f}" if r["top1"] else "-"
+        click.echo(f"{r['name']:<42} {r['classes']:>7} {r['input']:>5} {top1:>5} {r['license'] or '-':<11} "
+                   f"{'yes' if r['converted'] else '-':<5} {aliases}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the local store).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Convert this local file (.safetensors, or .pth/.pt/.bin) instead of the Hub's.")
+@click.option("--random-weights", is_flag=True,
+              help="Use seeded, perturbed random weights in timm's layout: runs offline, NOT pretrained.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
+@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Parity gate: max abs logit error.")
+@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Parity gate: max abs logit error / max |reference logit|.")
+@_user_errors
+def convert(name, out, checkpoint, random_weights, seed, revision, atol, rtol):
+    """Convert checkpoint NAME, prove parity with timm, and save it.
+
+    NAME is a catalogue name (convnext_tiny.fb_in1k), an official alias (convnext_tiny_1k)
+    or an architecture (convnext_tiny: timm's default tag).
+    """
+    from converters.pipeline import convert as run
+    from .catalogue import resolve
+
+    ckpt = resolve(name)
+    if random_weights:
+        if checkpoint:
+            raise click.UsageError("--random-weights and --checkpoint exclude each other")
+        _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
+        out = out or f"{ckpt.name}.random-seed{seed}"
+    path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
+                       revision=revision, atol=atol, rtol=rtol, echo=_echo)
+    _echo(f"parity passed: {report.summary()}")
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Compare against this local source file instead of re-fetching the recorded one.")
+@_user_errors
+def verify(folder, checkpoint):
+    """Re-check a converted FOLDER: file hashes, then parity against timm."""
+    from converters.pipeline import verify as run
+
+    report = run(folder, checkpoint=checkpoint, echo=_echo)
+    if not report.passed:
+        raise ZooError(f"parity check failed at {report.failure}")
+    click.echo(f"parity passed: {report.summary()}")
+
+
+if __name__ == "__main__":
+    main()
