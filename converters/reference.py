@@ -105,7 +105,9 @@ def _random_command(args) -> None:
 
     arch = Architecture.from_config(json.loads(args.arch))
     state = random_state_dict(arch, args.num_classes, args.seed)
-    save_file(state, args.out, metadata={"format": "pt", "convnext_zoo": "random weights, not pretrained"})
+    # One metadata key only: safetensors writes metadata from a hash map whose order varies
+    # between processes, and the file's sha256 must be a function of the seed.
+    save_file(state, args.out, metadata={"format": "pt"})
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,116 @@
+"""The real pipeline end to end: Hub cache -> `zoo convert` (its own process) -> `zoo.load`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import converters.pipeline as pipeline
+import zoo
+from checkpoints import store
+from converters.images import parity_batch
+from converters.reference import create, forward, random_state_dict
+from safetensors.numpy import save as save_bytes
+from tests.support.hub_cache import add_file
+from zoo.architectures import ARCHITECTURES
+from zoo.errors import IntegrityError
+
+
+def zoo_cli(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
+                          env=env or dict(os.environ))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"zoo {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("name, canonical", [("convnext_tiny_1k", "convnext_tiny.fb_in1k"),
+                                             ("convnext_atto", "convnext_atto.d2_in1k")])
+def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
+    ckpt = zoo.resolve(name)
+    assert ckpt.name == canonical
+    arch = ARCHITECTURES[ckpt.architecture]
+    state = random_state_dict(arch, ckpt.num_classes, seed=7)
+    add_file(Path(os.environ["HF_HUB_CACHE"]), ckpt.hf_hub_id, "model.safetensors", save_bytes(state))
+
+    out = tmp_path / "converted"
+    proc = zoo_cli("convert", name, "--out", str(out))
+    assert proc.stdout.strip() == str(out)
+
+    report = json.loads((out / "parity.json").read_text())
+    logits = next(c for c in report["comparisons"] if c["name"] == "logits")
+    assert report["passed"] and logits["max_abs"] <= 1e-4 and logits["rel"] <= 1e-5
+    assert report["top1_agreement"] == 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["source"]["repo_id"] == ckpt.hf_hub_id and config["pretrained"] is True
+    assert len(config["source"]["revision"]) == 40
+
+    # what users get back equals timm on the same weights (in this process: torch came first)
+    model = zoo.load(out)
+    reference = create(arch, ckpt.num_classes)
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    x = parity_batch(224, ckpt.mean, ckpt.std, natural=2, noise=1, seed=3)
+    ours, theirs = np.asarray(model(x)), forward(reference, x)["logits"]
+    assert np.max(np.abs(ours - theirs)) <= 1e-4
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_verify_passes_then_catches_changed_weights(small_tiny, tmp_path):
+    out = tmp_path / "converted"
+    pipeline.convert("convnext_tiny_1k", out=out, random_seed=3)
+    assert zoo_cli("verify", str(out)).returncode == 0
+
+    # a re-signed folder with different weights: integrity holds, parity must not
+    model = zoo.load(out)
+    layer = model.get_layer("stages.1.blocks.0.mlp.fc2")
+    layer.kernel.assign(np.asarray(layer.kernel) * 1.01)
+    folder = store.open_folder(out)
+    store.write(out, model, {k: v for k, v in folder.config.items() if k not in ("format", "weights")},
+                {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
+    proc = zoo_cli("verify", str(out), check=False)
+    assert proc.returncode == 1 and "failed at stages.1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_verify_detects_an_edited_file(small_tiny, tmp_path):
+    out = tmp_path / "converted"
+    pipeline.convert("convnext_tiny_1k", out=out, random_seed=3)
+    data = bytearray((out / "model.weights.h5").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "model.weights.h5").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        pipeline.verify(out)
+    proc = zoo_cli("verify", str(out), check=False)
+    assert proc.returncode == 1 and "manifest" in proc.stderr
+
+
+def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
+    a, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "a", random_seed=5)
+    config = json.loads((a / "config.json").read_text())
+    assert config["pretrained"] is False and "NOT pretrained" in config["source"]["note"]
+    b, _ = pipeline.convert("convnext_tiny_1k", out=tmp_path / "b", random_seed=5)
+    assert json.loads((b / "config.json").read_text())["source"]["sha256"] == config["source"]["sha256"]
+
+
+def test_fb_checkpoint_file_converts_through_timms_own_remapping(small_tiny, tmp_path):
+    from tests.support.fb_layout import to_fb_layout
+
+    state = random_state_dict(small_tiny, 1000, seed=2)
+    path = tmp_path / "convnext_tiny_1k_224_ema.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in to_fb_layout(state).items()}}, path)
+    out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out", checkpoint=path)
+    assert report.passed
+    assert json.loads((out / "config.json").read_text())["source"]["kind"] == "file"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext_femto", "convnext_pico", "convnext_nano", "convnext_small_22k",
+                                  "convnext_base_22k_1k_384", "convnext_large_1k", "convnext_xlarge_22k_1k"])
+def test_large_architectures_pass_parity(name, tmp_path):
+    out, report = pipeline.convert(name, out=tmp_path / "out", random_seed=1)
+    assert report.passed and report.logits.max_abs <= 1e-4 and report.logits.rel <= 1e-5
