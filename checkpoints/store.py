@@ -159,9 +159,8 @@ def open_folder(path: str | Path) -> ConvertedCheckpoint:
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
     listed = manifest.get("files", {})
-    missing = [n for n in CONTENT_FILES if n not in listed]
-    if missing:
-        raise IntegrityError(f"{path / MANIFEST} does not cover {missing}")
+    if sorted(listed) != sorted(CONTENT_FILES):
+        raise IntegrityError(f"{path / MANIFEST} lists {sorted(listed)}, expected {sorted(CONTENT_FILES)}")
     for name, meta in listed.items():
         file = path / name
         if not file.is_file():

@@ -69,18 +69,16 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     candidates = [filename] + ([FALLBACK_FILENAME] if filename != FALLBACK_FILENAME else [])
-    errors = []
+    errors, offline = [], False
     for name in candidates:
         try:
             local = Path(hf_hub_download(repo_id, name, revision=revision))
-        except EntryNotFoundError as e:
-            errors.append(f"{name}: not in the repo ({type(e).__name__})")
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+            offline = True
             continue
-        except LocalEntryNotFoundError as e:
-            raise SourceError(
-                f"{repo_id}/{name} is not in the local Hub cache and the Hub cannot be reached "
-                f"(offline: {e}); run once with network access, or pass --checkpoint PATH"
-            ) from None
+        except EntryNotFoundError:
+            errors.append(f"{name} is not in the repo")
+            continue
         except (HfHubHTTPError, OSError, ValueError) as e:
             raise SourceError(f"cannot download {repo_id}/{name}: {e}") from None
         digest = sha256_file(local)
@@ -92,6 +90,11 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
             )
         commit = local.parent.name if re.fullmatch(r"[0-9a-f]{40}", local.parent.name) else revision
         return SourceFile(local, digest, repo_id, commit, name)
+    if offline:
+        raise SourceError(
+            f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
+            "(offline); run once with network access, or pass --checkpoint PATH"
+        )
     raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
 
 

@@ -8,7 +8,7 @@ import keras
 from checkpoints import store
 from .architectures import ARCHITECTURES, Architecture
 from .catalogue import resolve
-from .errors import StoreError
+from .errors import StoreError, UnknownModelError
 from .model import build_model
 
 
@@ -50,7 +50,10 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
     else:
         if path.suffix in (".h5", ".keras") or "/" in str(name_or_path):
             raise StoreError(f"{name_or_path}: no such converted checkpoint folder")
-        ckpt = resolve(str(name_or_path))
+        try:
+            ckpt = resolve(str(name_or_path))
+        except UnknownModelError as e:
+            raise UnknownModelError(f"{e} (and there is no folder {str(name_or_path)!r})") from None
         where = store.store_path(ckpt.name)
         if not where.is_dir():
             raise StoreError(f"{ckpt.name} is not in the local store ({where}); "

@@ -1,0 +1,171 @@
+"""The `zoo` command line, run as users run it (a subprocess), without converting anything.
+
+Every command runs with the test's isolated store and Hub cache (`isolated_home`) and offline,
+in an empty working directory (`--random-weights` writes its default `--out` there).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpoints import store
+
+TIMEOUT = 120
+
+
+def zoo(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
+                          env=env if env is not None else os.environ, cwd=cwd, timeout=TIMEOUT)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+
+
+def store_is_empty(root: Path | None = None) -> bool:
+    root = root or store.store_root()
+    return not root.exists() or not any(root.iterdir())
+
+
+# --- list -------------------------------------------------------------------------------------
+
+def test_list_json():
+    result = zoo("list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    by_name = {row["name"]: row for row in rows}
+    assert "convnext_tiny.fb_in1k" in by_name
+    tiny = by_name["convnext_tiny.fb_in1k"]
+    assert "convnext_tiny_1k" in tiny["aliases"]
+    assert tiny["classes"] == 1000 and tiny["input"] == 224 and tiny["converted"] is False
+    assert len(rows) == len(set(by_name)) > 10
+
+
+def test_list_pattern_filters():
+    result = zoo("list", "22k_1k_384", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows
+    for row in rows:
+        assert any("22k_1k_384" in n for n in [row["name"], *row["aliases"]]), row
+    assert {row["name"] for row in rows} >= {"convnext_tiny.fb_in22k_ft_in1k_384",
+                                              "convnext_base.fb_in22k_ft_in1k_384"}
+    assert "convnext_tiny.fb_in1k" not in {row["name"] for row in rows}
+    # the table form lists the same checkpoints, one per line after the header
+    table = zoo("list", "22k_1k_384")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert lines[0].startswith("name")
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(row["name"] for row in rows)
+
+
+def test_list_no_match_exits_1():
+    result = zoo("list", "nosuchthing")
+    assert result.returncode == 1
+    assert len(error_lines(result.stderr)) == 1
+    assert_no_traceback(result)
+
+
+def test_list_marks_converted_checkpoints():
+    folder = store.store_path("convnext_tiny.fb_in1k")
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": store.FORMAT, "files": {}}))
+    rows = {row["name"]: row for row in json.loads(zoo("list", "convnext_tiny", "--json").stdout)}
+    assert rows["convnext_tiny.fb_in1k"]["converted"] is True
+    assert rows["convnext_tiny.fb_in22k"]["converted"] is False
+
+
+# --- convert: bad input ------------------------------------------------------------------------------
+
+def test_convert_unknown_name_suggests_the_close_one(tmp_path):
+    result = zoo("convert", "convnext_tny_1k", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert "convnext_tny_1k" in errors[0] and "convnext_tiny_1k" in errors[0]
+    assert_no_traceback(result)
+    assert store_is_empty()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "convnext_tiny_1k", "--atol", "-1"],
+    ["convert", "convnext_tiny_1k", "--atol", "0"],
+    ["convert", "convnext_tiny_1k", "--rtol", "abc"],
+    ["convert", "--bogus"],
+    ["convert"],
+    ["frobnicate"],
+], ids=["negative-atol", "zero-atol", "text-rtol", "bogus-flag", "no-name", "no-command"])
+def test_usage_errors_exit_2(args):
+    result = zoo(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Usage:" in result.stderr
+    assert_no_traceback(result)
+    assert store_is_empty()
+
+
+def test_convert_missing_checkpoint_file_exits_2(tmp_path):
+    result = zoo("convert", "convnext_tiny_1k", "--checkpoint", str(tmp_path / "nonexistent.safetensors"))
+    assert result.returncode == 2
+    assert "nonexistent.safetensors" in result.stderr
+    assert_no_traceback(result)
+    assert store_is_empty()
+
+
+def test_random_weights_and_checkpoint_exclude_each_other(tmp_path):
+    existing = tmp_path / "weights.safetensors"
+    existing.write_bytes(b"not really weights")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = zoo("convert", "convnext_tiny_1k", "--random-weights", "--checkpoint", str(existing), cwd=cwd)
+    assert result.returncode != 0
+    assert "--random-weights" in result.stderr and "--checkpoint" in result.stderr
+    assert_no_traceback(result)
+    assert store_is_empty()
+    assert list(cwd.iterdir()) == []  # not even the --random-weights default --out folder
+
+
+def test_convert_offline_without_cache_says_so(isolated_home, tmp_path):
+    hub = isolated_home / "empty-hub"
+    hub.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    result = zoo("convert", "convnext_tiny_1k", env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert "timm/convnext_tiny.fb_in1k" in errors[0]
+    assert_no_traceback(result)
+    assert store_is_empty()
+    assert not store.store_path("convnext_tiny.fb_in1k").exists()
+    assert list(tmp_path.iterdir()) == [] and list(hub.iterdir()) == []
+    assert "local Hub cache" in errors[0], errors[0]
+
+
+# --- verify -------------------------------------------------------------------------------------------
+
+def test_verify_an_empty_folder_exits_1(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = zoo("verify", str(empty), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "manifest" in errors[0], result.stderr
+    assert_no_traceback(result)
+    assert list(tmp_path.iterdir()) == [empty] and list(empty.iterdir()) == []
+    assert store_is_empty()
+
+
+def test_verify_a_missing_folder_exits_2(tmp_path):
+    result = zoo("verify", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert_no_traceback(result)

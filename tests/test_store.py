@@ -1,0 +1,323 @@
+"""The converted-checkpoint folder (checkpoints/store.py) and loading it back (zoo.load)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import zoo
+import zoo.loading
+from checkpoints import store
+from tests.conftest import SMALL_V1
+from zoo.catalogue import resolve
+from zoo.errors import IntegrityError, StoreError
+from zoo.model import build_model
+
+NAME = "convnext_tiny.fb_in1k"
+FILES = ("model.weights.h5", "config.json", "parity.json", "manifest.json")
+
+
+def small_model(seed: int = 0) -> keras.Model:
+    """SMALL_V1 with 10 classes and every weight moved off its (partly constant) initial value."""
+    model = build_model(SMALL_V1, num_classes=10)
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        value = keras.ops.convert_to_numpy(variable)
+        variable.assign((value + rng.normal(0.0, 0.2, value.shape)).astype(value.dtype))
+    return model
+
+
+def config() -> dict:
+    """A config.json as converters.pipeline._config writes it, for the small row."""
+    ckpt = resolve(NAME)
+    return {
+        "name": NAME,
+        "pretrained": False,
+        "architecture": SMALL_V1.to_config(),
+        "num_classes": 10,
+        "pretrained_cfg": {**ckpt.pretrained_cfg(), "num_classes": 10},
+        "top1": None,
+        "source": {"kind": "random", "seed": 0, "sha256": "0" * 64, "note": "test weights"},
+        "converter": {"convnext_zoo": zoo.__version__},
+    }
+
+
+PARITY = {"passed": True, "atol": 1e-4, "rtol": 1e-5, "stage_rtol": 1e-4, "comparisons": []}
+
+
+def write(out: Path, model: keras.Model | None = None) -> tuple[Path, keras.Model]:
+    model = model or small_model()
+    return store.write(out, model, config(), dict(PARITY)), model
+
+
+def batch(n: int = 2, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(7).normal(size=(n, size, size, 3)).astype("float32")
+
+
+def outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(model(x))
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# --- the written folder -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """One folder written by store.write, with the written model's outputs on `batch()`."""
+    parent = tmp_path_factory.mktemp("pristine")
+    model = small_model()
+    out, _ = write(parent / "ckpt", model)
+    x = batch()
+    pre_logits = keras.Model(model.input, model.get_layer("head.fc").input)
+    return {"path": out, "logits": outputs(model, x), "pre_logits": outputs(pre_logits, x)}
+
+
+@pytest.fixture
+def ckpt(tmp_path, pristine) -> Path:
+    """A private copy of the pristine folder, free to be damaged."""
+    return Path(shutil.copytree(pristine["path"], tmp_path / "ckpt"))
+
+
+def test_folder_layout_and_manifest(pristine):
+    out = pristine["path"]
+    assert out.is_absolute() and out.name == "ckpt"
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == store.FORMAT
+    assert set(manifest["files"]) == {"model.weights.h5", "config.json", "parity.json"}
+    for name, meta in manifest["files"].items():
+        data = (out / name).read_bytes()
+        assert meta["sha256"] == hashlib.sha256(data).hexdigest(), name
+        assert meta["size"] == len(data), name
+    weights_sha = manifest["files"]["model.weights.h5"]["sha256"]
+    written_config = json.loads((out / "config.json").read_text())
+    assert written_config["weights"] == {"file": "model.weights.h5", "sha256": weights_sha}
+    assert written_config["architecture"] == SMALL_V1.to_config()
+    assert written_config["name"] == NAME and written_config["num_classes"] == 10
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["weights_sha256"] == weights_sha and parity["atol"] == PARITY["atol"]
+    # nothing but the folder itself is left in its parent
+    assert [p.name for p in out.parent.iterdir()] == ["ckpt"]
+    assert store.is_converted_folder(out)
+
+
+def test_open_folder_returns_config_and_parity(pristine):
+    out = pristine["path"]
+    folder = store.open_folder(out)
+    assert folder.path == out
+    assert folder.weights == out / "model.weights.h5"
+    assert folder.config["name"] == NAME
+    assert folder.parity["passed"] is True
+
+
+def test_load_gives_the_written_model(pristine):
+    out, x = pristine["path"], batch()
+    loaded = zoo.load(out)
+    np.testing.assert_array_equal(outputs(loaded, x), pristine["logits"])
+    assert loaded.name == NAME
+    # loading is not vacuous: an unloaded model of the same row computes something else
+    assert np.abs(outputs(build_model(SMALL_V1, num_classes=10), x) - pristine["logits"]).max() > 1e-3
+    # a str path works as well as a Path
+    np.testing.assert_array_equal(outputs(zoo.load(str(out)), x), pristine["logits"])
+
+
+def test_load_headless(pristine):
+    out, x = pristine["path"], batch()
+    got = outputs(zoo.loading.load(out, include_top=False), x)
+    assert got.shape == (2, SMALL_V1.dims[-1])
+    np.testing.assert_allclose(got, pristine["pre_logits"], rtol=1e-6, atol=1e-6)
+    stage_map = outputs(zoo.loading.load(out, include_top=False, pooling=None), x)
+    assert stage_map.shape == (2, 2, 2, SMALL_V1.dims[-1])
+    with pytest.raises(ValueError):
+        zoo.loading.load(out, include_top=False, pooling="max")
+
+
+# --- integrity ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opener", [store.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
+def test_one_changed_byte_in_the_weights_is_caught(ckpt, opener):
+    out = ckpt
+    size = (out / "model.weights.h5").stat().st_size
+    flip_byte(out / "model.weights.h5")
+    assert (out / "model.weights.h5").stat().st_size == size
+    with pytest.raises(IntegrityError):
+        opener(out)
+
+
+@pytest.mark.parametrize("opener", [store.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
+@pytest.mark.parametrize("name", ["config.json", "parity.json"])
+def test_an_edited_json_file_is_caught(ckpt, opener, name):
+    out = ckpt
+    text = (out / name).read_text()
+    edited = text.replace('"atol": 0.0001', '"atol": 0.0009') if name == "parity.json" \
+        else text.replace("fb_in1k", "fb_in2k", 1)
+    assert edited != text and len(edited) == len(text)
+    (out / name).write_text(edited)
+    with pytest.raises(IntegrityError):
+        opener(out)
+
+
+@pytest.mark.parametrize("name", ["model.weights.h5", "config.json", "parity.json"])
+def test_a_deleted_file_is_caught(ckpt, name):
+    out = ckpt
+    (out / name).unlink()
+    with pytest.raises((StoreError, IntegrityError)):
+        store.open_folder(out)
+    with pytest.raises((StoreError, IntegrityError)):
+        zoo.load(out)
+
+
+def test_a_folder_without_manifest_is_not_a_converted_folder(ckpt, tmp_path):
+    out = ckpt
+    (out / "manifest.json").unlink()
+    assert not store.is_converted_folder(out)
+    with pytest.raises(StoreError, match="manifest"):
+        store.open_folder(out)
+    with pytest.raises(StoreError):
+        zoo.load(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StoreError):
+        zoo.load(empty)
+
+
+def test_a_manifest_that_omits_a_file_is_caught(ckpt):
+    out = ckpt
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["parity.json"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError):
+        store.open_folder(out)
+
+
+def test_missing_paths_raise_store_error(tmp_path):
+    with pytest.raises(StoreError):
+        store.open_folder(tmp_path / "nope")
+    with pytest.raises(StoreError):
+        zoo.load(tmp_path / "nope")
+    with pytest.raises(StoreError):
+        zoo.load(str(tmp_path / "model.weights.h5"))
+
+
+# --- writing over things ----------------------------------------------------------------------------
+
+def test_write_refuses_a_foreign_folder_and_leaves_it_alone(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = {p.relative_to(out): (p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
+    with pytest.raises(StoreError):
+        write(out)
+    after = {p.relative_to(out): (p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
+    assert after == before
+    assert leftovers(tmp_path) == []
+
+
+def test_write_refuses_a_file(tmp_path):
+    out = tmp_path / "a-file"
+    out.write_text("keep me")
+    with pytest.raises(StoreError):
+        write(out)
+    assert out.read_text() == "keep me"
+    assert leftovers(tmp_path) == []
+
+
+def test_write_into_an_empty_folder(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    write(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert leftovers(tmp_path) == []
+
+
+def test_write_replaces_a_converted_folder(ckpt, tmp_path, pristine):
+    out = ckpt
+    old_sha = json.loads((out / "manifest.json").read_text())["files"]["model.weights.h5"]["sha256"]
+    _, second = write(out, small_model(seed=1))
+    new_sha = json.loads((out / "manifest.json").read_text())["files"]["model.weights.h5"]["sha256"]
+    assert new_sha != old_sha
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    x = batch()
+    loaded = outputs(zoo.load(out), x)
+    np.testing.assert_array_equal(loaded, outputs(second, x))
+    assert np.abs(loaded - pristine["logits"]).max() > 1e-3
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failing_write_leaves_nothing(tmp_path, monkeypatch):
+    model = small_model()
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_weights", boom)
+    out = tmp_path / "ckpt"
+    with pytest.raises(StoreError):
+        write(out, model)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_write_keeps_the_previous_folder(ckpt, tmp_path, monkeypatch, pristine):
+    out = ckpt
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    model = small_model(seed=1)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_weights", boom)
+    with pytest.raises(StoreError):
+        write(out, model)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path) == []
+    x = batch()
+    np.testing.assert_array_equal(outputs(zoo.load(out), x), pristine["logits"])
+
+
+# --- the local store ------------------------------------------------------------------------------
+
+def test_store_root_follows_zoo_home(isolated_home):
+    assert store.store_root() == isolated_home / "store"
+    assert store.store_path(NAME) == isolated_home / "store" / NAME
+
+
+def test_load_by_name_needs_a_conversion_first(isolated_home):
+    with pytest.raises(StoreError, match="zoo convert"):
+        zoo.load("convnext_tiny_1k")
+    assert not (isolated_home / "store" / NAME).exists()
+
+
+def test_load_by_name_from_the_store(isolated_home):
+    where = store.store_path(NAME)
+    assert str(where).startswith(str(isolated_home)) and not where.parent.exists()
+    _, model = write(where)  # the store root is created on the way
+    x = batch()
+    expected = outputs(model, x)
+    for name in ("convnext_tiny_1k", NAME, "convnext_tiny_1k_224_ema"):
+        np.testing.assert_array_equal(outputs(zoo.load(name), x), expected)
+    # another checkpoint of the same architecture is not there
+    with pytest.raises(StoreError, match="zoo convert"):
+        zoo.load("convnext_tiny_22k_1k")
+
+
+def test_load_by_unknown_name(isolated_home):
+    with pytest.raises(zoo.UnknownModelError):
+        zoo.load("convnext_tny_1k")
