@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from zoo.errors import MappingError
-from zoo.model import LayerScale
+from zoo.model import GlobalResponseNorm, LayerScale, SimpleNorm
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ RULES: dict[type, tuple[Rule, ...]] = {
     keras.layers.Dense: (Rule("kernel", ".weight", **_LINEAR), Rule("bias", ".bias")),
     keras.layers.LayerNormalization: (Rule("gamma", ".weight"), Rule("beta", ".bias")),
     LayerScale: (Rule("gamma", ""),),
+    GlobalResponseNorm: (Rule("weight", ".weight"), Rule("bias", ".bias")),
+    SimpleNorm: (Rule("weight", ".weight"),),
 }
 
 

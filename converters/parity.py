@@ -153,17 +153,18 @@ def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: fl
 
 
 def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray,
-                      workdir: Path) -> dict[str, np.ndarray]:
+                      workdir: Path, head_norm_affine: bool = True) -> dict[str, np.ndarray]:
     """Run timm on `inputs` in a separate process and return its outputs (NHWC).
 
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
     spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
+            "head_norm_affine": head_norm_affine,
             "inputs": str(workdir / "inputs.npy"), "outputs": str(workdir / "reference.npz")}
     np.save(spec["inputs"], inputs)
     (workdir / "spec.json").write_text(json.dumps(spec))
-    result = run_reference_process(["forward", str(workdir / "spec.json")])
+    run_reference_process(["forward", str(workdir / "spec.json")])
     with np.load(spec["outputs"]) as data:
         return {k: data[k] for k in data.files}
 
@@ -199,12 +200,12 @@ def _versions() -> dict:
     return {"keras": keras.__version__, "tensorflow": tf.__version__}
 
 
-def check(model, arch: Architecture, num_classes: int, source: Path, input_size: int, mean, std, *,
-          atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+def check(model, arch: Architecture, source: Path, *, num_classes: int, input_size: int, mean, std,
+          head_norm_affine: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
           stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
     """Run both frameworks on the parity batch and compare (does not raise on failure)."""
     inputs = parity_batch(input_size, mean, std)
     with tempfile.TemporaryDirectory(prefix="zoo-parity-") as tmp:
-        ref = reference_outputs(arch, num_classes, source, inputs, Path(tmp))
+        ref = reference_outputs(arch, num_classes, source, inputs, Path(tmp), head_norm_affine)
     ours = keras_outputs(model, arch, inputs)
     return compare(ours, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=_versions())

@@ -22,7 +22,7 @@ Echo = Callable[[str], None]
 
 
 def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path | None = None,
-            random_seed: int | None = None, revision: str | None = None,
+            random_seed: int | None = None, revision: str | None = None, from_url: bool = False,
             atol: float = parity.DEFAULT_ATOL, rtol: float = parity.DEFAULT_RTOL,
             echo: Echo = log.info) -> tuple[Path, parity.ParityReport]:
     """Convert one catalogued checkpoint and write it only if parity passes.
@@ -33,6 +33,8 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
         checkpoint: a local source file instead of the Hub download.
         random_seed: use perturbed random weights in timm's layout (not pretrained) instead.
         revision: Hub revision of the source repo.
+        from_url: download the original release (FB's `.pth`/`.pt`) instead of timm's Hub copy;
+            the only source of checkpoints timm does not carry.
         atol, rtol: logits tolerances of the parity gate.
         echo: receives one line per step.
 
@@ -47,17 +49,18 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     out = Path(out) if out else store.store_path(ckpt.name)
     with tempfile.TemporaryDirectory(prefix="zoo-convert-") as work:
         with _step(echo, "source weights"):
-            src = _source(ckpt, arch, checkpoint, random_seed, revision, Path(work))
+            src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, Path(work))
         with _step(echo, f"build {arch.name} and port {src.path.name}"):
-            model = build(arch, ckpt.num_classes)
+            model = build(arch, ckpt.num_classes, ckpt.head_norm_affine)
             port(source.load_source(src.path, conv_mlp=arch.conv_mlp), model)
         with _step(echo, "parity against timm (separate process)"):
-            report = parity.check(model, arch, ckpt.num_classes, src.path, ckpt.input_size[-1],
-                                  ckpt.mean, ckpt.std, atol=atol, rtol=rtol)
+            report = parity.check(model, arch, src.path, num_classes=ckpt.num_classes,
+                                  head_norm_affine=ckpt.head_norm_affine, input_size=ckpt.input_size[-1],
+                                  mean=ckpt.mean, std=ckpt.std, atol=atol, rtol=rtol)
         echo(report.table())
         report.assert_passed()
         with _step(echo, f"write {out}"):
-            config = _config(ckpt, arch, src, random_seed)
+            config = {**_config(ckpt, arch, src, random_seed), "params": model.count_params()}
             path = store.write(out, model, config, report.to_json())
     return path, report
 
@@ -85,9 +88,12 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
             if checkpoint is not None:
                 src = source.local(checkpoint)
             elif recorded["kind"] == "random":
-                src = random_source(arch, config["num_classes"], recorded["seed"], Path(work))
+                src = random_source(arch, config["num_classes"], recorded["seed"], Path(work),
+                                    config["head_norm_affine"])
             elif recorded["kind"] == "hub":
                 src = source.fetch(recorded["repo_id"], recorded["filename"], revision=recorded["revision"])
+            elif recorded["kind"] == "url":
+                src = source.fetch_url(recorded["url"], expected_sha256=recorded["sha256"])
             else:
                 src = source.local(recorded["path"])
         if src.sha256 != recorded["sha256"]:
@@ -98,34 +104,41 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
         stored = folder.parity
         with _step(echo, "parity against timm (separate process)"):
             cfg = config["pretrained_cfg"]
-            report = parity.check(model, arch, config["num_classes"], src.path, cfg["input_size"][-1],
-                                  cfg["mean"], cfg["std"], atol=stored["atol"], rtol=stored["rtol"],
+            report = parity.check(model, arch, src.path, num_classes=config["num_classes"],
+                                  head_norm_affine=config["head_norm_affine"], input_size=cfg["input_size"][-1],
+                                  mean=cfg["mean"], std=cfg["std"], atol=stored["atol"], rtol=stored["rtol"],
                                   stage_rtol=stored["stage_rtol"])
     echo(report.table())
     return report
 
 
-def build(arch: Architecture, num_classes: int):
+def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
     from zoo.model import build_model
 
-    return build_model(arch, num_classes=num_classes)
+    return build_model(arch, num_classes=num_classes, head_norm_affine=head_norm_affine)
 
 
-def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revision, work: Path):
+def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revision, from_url, work: Path):
     if checkpoint is not None and random_seed is not None:
         raise SourceError("give either a checkpoint file or random weights, not both")
     if checkpoint is not None:
         return source.local(checkpoint)
     if random_seed is not None:
-        return random_source(arch, ckpt.num_classes, random_seed, work)
+        return random_source(arch, ckpt.num_classes, random_seed, work, ckpt.head_norm_affine)
+    if from_url or not ckpt.hf_hub_id:
+        if not ckpt.url:
+            raise SourceError(f"{ckpt.name} has no original release URL; convert it from the Hub")
+        return source.fetch_url(ckpt.url)
     return source.fetch(ckpt.hf_hub_id, ckpt.hf_hub_filename, revision=revision)
 
 
-def random_source(arch: Architecture, num_classes: int, seed: int, work: Path) -> source.SourceFile:
+def random_source(arch: Architecture, num_classes: int, seed: int, work: Path,
+                  head_norm_affine: bool = True) -> source.SourceFile:
     """Perturbed random weights in timm's layout, written by timm itself (separate process)."""
     path = work / f"random-seed{seed}.safetensors"
     parity.run_reference_process(["random", "--arch", json.dumps(arch.to_config()),
-                                  "--num-classes", str(num_classes), "--seed", str(seed), "--out", str(path)])
+                                  "--num-classes", str(num_classes), "--seed", str(seed), "--out", str(path)]
+                                 + ([] if head_norm_affine else ["--no-head-norm"]))
     return source.local(path)
 
 
@@ -135,6 +148,8 @@ def _config(ckpt: Checkpoint, arch: Architecture, src: source.SourceFile, random
     if random_seed is not None:
         origin = {"kind": "random", "seed": random_seed, "sha256": src.sha256,
                   "note": "perturbed random weights in timm's layout; NOT pretrained"}
+    elif src.url is not None:
+        origin = {"kind": "url", **src.to_json()}
     elif src.repo_id is None:
         origin = {"kind": "file", "path": str(src.path), **src.to_json()}
     else:
@@ -144,6 +159,7 @@ def _config(ckpt: Checkpoint, arch: Architecture, src: source.SourceFile, random
         "pretrained": random_seed is None,
         "architecture": arch.to_config(),
         "num_classes": ckpt.num_classes,
+        "head_norm_affine": ckpt.head_norm_affine,
         "pretrained_cfg": ckpt.pretrained_cfg(),
         "top1": ckpt.top1,
         "source": origin,
@@ -157,3 +173,76 @@ def _step(echo: Echo, what: str):
     echo(f"-> {what} ...")
     yield
     echo(f"   done in {time.perf_counter() - start:.1f} s")
+
+
+def convert_all(names: list[str], *, out_root: str | Path | None = None, force: bool = False,
+                random_seed: int | None = None, from_url: bool = False,
+                atol: float = parity.DEFAULT_ATOL, rtol: float = parity.DEFAULT_RTOL,
+                echo: Echo = log.info) -> tuple[list[dict], Path]:
+    """Convert many checkpoints; one failure does not stop the rest.
+
+    Already converted entries (a valid folder whose report passed) are skipped unless
+    `force`. A `summary.json` with one row per entry (name, params, max abs / relative logit
+    error, top-1 agreement, seconds, status) is written to `out_root` (default: the store).
+
+    Returns:
+        The rows and the summary file's path.
+    """
+    from tqdm.auto import tqdm
+
+    from zoo.errors import ZooError
+
+    root = Path(out_root) if out_root else store.store_root()
+    summary = root / "summary.json"
+    rows = []
+    for name in tqdm(names, desc="convert", unit="ckpt", disable=None):
+        out = root / name
+        row = {"name": name, "architecture": resolve(name).architecture}
+        start = time.perf_counter()
+        try:
+            if not force and _converted(out):
+                report = parity.ParityReport.from_json(store.open_folder(out).parity)
+                row["status"] = "skipped (done)"
+            else:
+                _, report = convert(name, out=out, random_seed=random_seed, from_url=from_url,
+                                    atol=atol, rtol=rtol, echo=echo)
+                row["status"] = "ok"
+            row.update(_figures(report), params=_params(out))
+        except ZooError as e:
+            row.update(status="failed", error=str(e).splitlines()[0])
+            echo(f"FAILED {name}: {row['error']}")
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        store.write_json_atomic(summary, {"rows": rows})  # a crash keeps the rows so far
+    return rows, summary
+
+
+def _converted(out: Path) -> bool:
+    from zoo.errors import ZooError
+
+    try:
+        return bool(store.open_folder(out).parity.get("passed"))
+    except ZooError:
+        return False
+
+
+def _figures(report: parity.ParityReport) -> dict:
+    c = report.logits
+    return {"max_abs": c.max_abs, "rel": c.rel, "top1_agreement": report.top1_agreement}
+
+
+def _params(out: Path) -> int | None:
+    config = store.open_folder(out).config
+    return config.get("params")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A fixed-width table of `convert_all` rows."""
+    lines = [f"{'name':<52} {'params':>12} {'max abs':>9} {'relative':>9} {'top-1':>6} {'s':>7}  status"]
+    for r in rows:
+        figures = (f"{r['max_abs']:>9.2e} {r['rel']:>9.2e} {r['top1_agreement']:>6.0%}"
+                   if "max_abs" in r else f"{'-':>9} {'-':>9} {'-':>6}")
+        params = f"{r['params']:>12,}" if r.get("params") else f"{'-':>12}"
+        lines.append(f"{r['name']:<52} {params} {figures} {r['seconds']:>7.1f}  {r['status']}"
+                     + (f": {r['error']}" if r.get("error") else ""))
+    return "\n".join(lines)

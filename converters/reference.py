@@ -19,6 +19,7 @@ import timm
 from converters.source import is_fb_layout, read_state_dict
 from zoo.architectures import Architecture
 
+HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
 OUTPUTS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
 
 
@@ -28,11 +29,12 @@ def create(arch: Architecture, num_classes: int) -> torch.nn.Module:
     return model.eval()
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = True) -> None:
     """Load a checkpoint strictly; FB-layout files go through timm's own key remapping.
 
     Using timm's `checkpoint_filter_fn` here (not the converter's `normalise_keys`) makes the
-    parity check an independent test of the converter's FB renaming.
+    parity check an independent test of the converter's FB renaming. Checkpoints without
+    head-norm weights (FCMAE) load as timm loads them: that norm keeps its identity init.
     """
     from timm.models.convnext import checkpoint_filter_fn
 
@@ -40,7 +42,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     if is_fb_layout(arrays):
         state = checkpoint_filter_fn(state, model)
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = set() if head_norm_affine else set(HEAD_NORM_KEYS)
+    if set(missing) - allowed or unexpected or (allowed and set(missing) != allowed):
+        raise RuntimeError(f"timm refused the checkpoint: missing {missing}, unexpected {unexpected}")
 
 
 @torch.inference_mode()
@@ -65,17 +70,21 @@ def forward(model: torch.nn.Module, inputs: np.ndarray) -> dict[str, np.ndarray]
             for name, t in captured.items()}
 
 
-def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
+                      head_norm_affine: bool = True) -> dict[str, np.ndarray]:
     """timm's state dict for `arch` with every tensor drawn at a realistic, non-trivial scale.
 
     timm initialises LayerScale to 1e-6, which makes every block an identity and hides mapping
     bugs; here gammas are O(0.1-1), norms are perturbed around 1, biases are non-zero, and
     conv/linear weights have unit-gain fan-in scaling, so every tensor changes the output.
-    Drawn with numpy from `seed`: the same on every machine and torch version.
+    Drawn with numpy from `seed`: the same on every machine and torch version. Without
+    `head_norm_affine` the head-norm weights are left out, as in FCMAE checkpoints.
     """
     rng = np.random.default_rng(seed)
     out = {}
     for key, tensor in create(arch, num_classes).state_dict().items():
+        if not head_norm_affine and key in HEAD_NORM_KEYS:
+            continue
         shape = tuple(tensor.shape)
         if key.endswith("gamma") or ".grn." in key:
             value = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
@@ -95,7 +104,7 @@ def _forward_command(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     arch = Architecture.from_config(spec["arch"])
     model = create(arch, spec["num_classes"])
-    load_weights(model, Path(spec["source"]))
+    load_weights(model, Path(spec["source"]), spec.get("head_norm_affine", True))
     outputs = forward(model, np.load(spec["inputs"]))
     np.savez(spec["outputs"], **outputs)
 
@@ -104,7 +113,7 @@ def _random_command(args) -> None:
     from safetensors.numpy import save_file
 
     arch = Architecture.from_config(json.loads(args.arch))
-    state = random_state_dict(arch, args.num_classes, args.seed)
+    state = random_state_dict(arch, args.num_classes, args.seed, not args.no_head_norm)
     # One metadata key only: safetensors writes metadata from a hash map whose order varies
     # between processes, and the file's sha256 must be a function of the seed.
     save_file(state, args.out, metadata={"format": "pt"})
@@ -119,6 +128,7 @@ def main(argv=None) -> int:
     rnd.add_argument("--arch", required=True, help="architecture config as JSON")
     rnd.add_argument("--num-classes", type=int, required=True)
     rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--no-head-norm", action="store_true", help="leave out head-norm weights (FCMAE)")
     rnd.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(0)

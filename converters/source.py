@@ -32,6 +32,7 @@ class SourceFile:
         repo_id: Hub repo it was downloaded from (None for a local file).
         revision: Hub commit it was downloaded at (None for a local file).
         filename: file name inside the repo (or the local file name).
+        url: the release URL it was downloaded from (None otherwise).
     """
 
     path: Path
@@ -39,10 +40,12 @@ class SourceFile:
     repo_id: str | None = None
     revision: str | None = None
     filename: str | None = None
+    url: str | None = None
 
     def to_json(self) -> dict:
-        return {"repo_id": self.repo_id, "revision": self.revision,
-                "filename": self.filename or self.path.name, "sha256": self.sha256}
+        out = {"repo_id": self.repo_id, "revision": self.revision,
+               "filename": self.filename or self.path.name, "sha256": self.sha256}
+        return {**out, "url": self.url} if self.url else out
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -96,6 +99,65 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
             "(offline); run once with network access, or pass --checkpoint PATH"
         )
     raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
+
+
+def fetch_url(url: str, expected_sha256: str | None = None, timeout: float = 60.0) -> SourceFile:
+    """Download an original release file (FB's `.pth`/`.pt`) into the local store's source cache.
+
+    The download goes to a temporary file, its length and (when known) sha256 are checked, and
+    only then is it renamed into place; a cached copy is re-hashed before use.
+    `HF_HUB_OFFLINE=1` allows the cache only.
+
+    Raises:
+        SourceError: offline and not cached, HTTP or network errors, short or corrupt download.
+    """
+    import http.client
+    import os
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    from checkpoints.store import store_root
+
+    name = url.rsplit("/", 1)[-1]
+    if not name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        raise SourceError(f"{url}: not a checkpoint file URL")
+    folder = store_root() / "sources" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest = folder / name
+    if dest.is_file():
+        digest = sha256_file(dest)
+        if expected_sha256 in (None, digest):
+            return SourceFile(dest, digest, filename=name, url=url)
+        log.warning("cached %s has sha256 %s, expected %s: downloading again", dest, digest, expected_sha256)
+        dest.unlink()
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise SourceError(f"{url} is not in the source cache ({folder}) and HF_HUB_OFFLINE is set; "
+                          "pass --checkpoint PATH")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    digest, received = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=None) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    received += len(block)
+                    bar.update(len(block))
+        if total is not None and received != total:
+            raise SourceError(f"{url}: download ended after {received} of {total} bytes")
+        if expected_sha256 and digest.hexdigest() != expected_sha256:
+            raise SourceError(f"{url}: sha256 {digest.hexdigest()} differs from the expected {expected_sha256}")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        raise SourceError(f"cannot download {url}: {getattr(e, 'reason', None) or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return SourceFile(dest, digest.hexdigest(), filename=name, url=url)
 
 
 def local(path: str | Path) -> SourceFile:

@@ -43,6 +43,27 @@ OFFICIAL_TOP1 = {
     "convnext_base.fb_in22k_ft_in1k_384": 86.8,
     "convnext_large.fb_in22k_ft_in1k_384": 87.5,
     "convnext_xlarge.fb_in22k_ft_in1k_384": 87.8,
+    "convnext_base.fb_in1k_384": 85.1,
+    "convnext_large.fb_in1k_384": 85.5,
+    # ConvNeXt V2 paper (arXiv 2301.00808) and the facebookresearch/ConvNeXt-V2 README
+    "convnextv2_atto.fcmae_ft_in1k": 76.7,
+    "convnextv2_femto.fcmae_ft_in1k": 78.5,
+    "convnextv2_pico.fcmae_ft_in1k": 80.3,
+    "convnextv2_nano.fcmae_ft_in1k": 81.9,
+    "convnextv2_tiny.fcmae_ft_in1k": 83.0,
+    "convnextv2_base.fcmae_ft_in1k": 84.9,
+    "convnextv2_large.fcmae_ft_in1k": 85.8,
+    "convnextv2_huge.fcmae_ft_in1k": 86.3,
+    "convnextv2_nano.fcmae_ft_in22k_in1k": 82.1,
+    "convnextv2_nano.fcmae_ft_in22k_in1k_384": 83.4,
+    "convnextv2_tiny.fcmae_ft_in22k_in1k": 83.9,
+    "convnextv2_tiny.fcmae_ft_in22k_in1k_384": 85.1,
+    "convnextv2_base.fcmae_ft_in22k_in1k": 86.8,
+    "convnextv2_base.fcmae_ft_in22k_in1k_384": 87.7,
+    "convnextv2_large.fcmae_ft_in22k_in1k": 87.3,
+    "convnextv2_large.fcmae_ft_in22k_in1k_384": 88.2,
+    "convnextv2_huge.fcmae_ft_in22k_in1k_384": 88.7,
+    "convnextv2_huge.fcmae_ft_in22k_in1k_512": 88.9,
 }
 
 
@@ -82,11 +103,27 @@ def entry(name: str, is_default: bool) -> dict:
         "license": cfg.license,
         "top1": OFFICIAL_TOP1.get(name),
         "origin_url": cfg.origin_url,
+        # FCMAE pre-training ships no head norm; timm runs its identity initialisation
+        "head_norm_affine": cfg.tag != "fcmae",
     }
 
 
-# Feature-only checkpoints (CLIP towers, DINOv3, EUPE) convert as backbones: not yet supported.
-UNSUPPORTED_TAG_PREFIXES = ("clip_", "dinov3", "eupe")
+# Official FB releases that timm carries no tag for: converted from FB's file (FB key layout).
+# Preprocessing as FB evaluates at 384: resize to 384x384, no crop.
+FB_ONLY = {
+    "convnext_base.fb_in1k_384": ("convnext_base.fb_in1k", "convnext_base_1k_384.pth", 85.1),
+    "convnext_large.fb_in1k_384": ("convnext_large.fb_in1k", "convnext_large_1k_384.pth", 85.5),
+}
+
+
+def fb_only_entry(name: str) -> dict:
+    base, filename, top1 = FB_ONLY[name]
+    row = entry(base, is_default=False)
+    arch, tag = name.split(".")
+    row.update(name=name, tag=tag, aliases=fb_aliases(FB_PREFIX + filename), hf_hub_id=None,
+               hf_hub_filename=None, url=FB_PREFIX + filename, input_size=[3, 384, 384],
+               test_input_size=None, crop_pct=1.0, test_crop_pct=None, crop_mode="squash", top1=top1)
+    return row
 
 
 def build() -> dict:
@@ -94,13 +131,21 @@ def build() -> dict:
     for arch in ARCHITECTURES:
         tags = list(_model_default_cfgs[arch].tags)
         available = set(timm.list_pretrained(arch))
-        pretrained = [t for t in tags if f"{arch}.{t}" in available
-                      and not t.startswith(UNSUPPORTED_TAG_PREFIXES)]
+        pretrained = [t for t in tags if f"{arch}.{t}" in available]
         for tag in pretrained:
             entries.append(entry(f"{arch}.{tag}", is_default=tag == pretrained[0]))
+        entries += [fb_only_entry(n) for n in FB_ONLY if n.split(".")[0] == arch]
+    for e in entries:
+        e["top1"] = OFFICIAL_TOP1.get(e["name"])
     missing = set(OFFICIAL_TOP1) - {e["name"] for e in entries}
     if missing:
         raise SystemExit(f"top-1 given for unknown checkpoints: {sorted(missing)}")
+    spellings = [s for e in entries for s in (e["name"], *e["aliases"])]
+    if len(spellings) != len(set(spellings)):
+        raise SystemExit("an alias names two checkpoints")
+    uncovered = set(timm.list_pretrained("convnext*")) - {e["name"] for e in entries}
+    if uncovered:
+        raise SystemExit(f"pretrained tags without an architecture row: {sorted(uncovered)}")
     return {
         "generated_by": "scripts/generate_catalogue.py",
         "timm_version": timm.__version__,

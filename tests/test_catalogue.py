@@ -27,10 +27,31 @@ def test_committed_catalogue_is_what_the_generator_makes():
     assert generate_catalogue.build() == committed
 
 
-def test_every_fb_tag_is_catalogued():
-    fb = {n for n in timm.list_pretrained("convnext*") if ".fb_" in n}
-    assert len(fb) == 19
-    assert fb <= set(catalogue())
+def test_every_timm_tag_and_the_fb_only_releases_are_catalogued():
+    tags = set(timm.list_pretrained("convnext*"))
+    assert len(tags) == 98 and tags <= set(catalogue())
+    fb_only = set(catalogue()) - tags
+    assert fb_only == {"convnext_base.fb_in1k_384", "convnext_large.fb_in1k_384"}
+    for name in fb_only:
+        entry = catalogue()[name]
+        assert entry.hf_hub_id is None and entry.url.startswith("https://dl.fbaipublicfiles.com/convnext/")
+        assert entry.input_size == (3, 384, 384) and entry.crop_pct == 1.0
+
+
+def test_fb_only_aliases_and_top1():
+    assert resolve("convnext_base_1k_384").name == "convnext_base.fb_in1k_384"
+    assert resolve("convnext_large_1k_384").top1 == 85.5
+    with pytest.raises(zoo.UnknownModelError):
+        resolve("timm/convnext_base.fb_in1k_384")  # not on the Hub under timm/
+
+
+def test_v2_and_feature_checkpoints():
+    assert resolve("convnextv2_tiny").name == "convnextv2_tiny.fcmae_ft_in22k_in1k"
+    fcmae = resolve("convnextv2_atto.fcmae")
+    assert fcmae.num_classes == 0 and not fcmae.head_norm_affine
+    assert resolve("convnext_tiny.dinov3_lvd1689m").head_norm_affine
+    assert resolve("convnextv2_huge.fcmae_ft_in22k_in1k_512").input_size == (3, 512, 512)
+    assert resolve("convnextv2_atto_1k").name == "convnextv2_atto.fcmae_ft_in1k"
 
 
 @pytest.mark.parametrize("size", SIZES + ("xlarge",))
@@ -51,7 +72,7 @@ def test_bare_name_is_timms_default(arch):
     assert resolve(arch).hf_hub_id == get_pretrained_cfg(arch).hf_hub_id
 
 
-@pytest.mark.parametrize("name", sorted(catalogue()))
+@pytest.mark.parametrize("name", sorted(n for n, c in catalogue().items() if c.hf_hub_id))
 def test_entry_matches_timm_pretrained_cfg(name):
     entry, cfg = catalogue()[name], get_pretrained_cfg(name)
     assert entry.hf_hub_id == f"timm/{name}"

@@ -8,8 +8,14 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_CONV_MLP, SMALL_V1
+from tests.conftest import SMALL, SMALL_CONV_MLP, SMALL_V1
 from zoo.model import DropPath, LayerScale, build_model, drop_path_rates, stage_names
+
+
+@pytest.fixture(params=["linear_mlp", "conv_mlp"])
+def small_arch(request):
+    """The ConvNeXt-V1 layout with both MLP kinds; other variants have tests of their own below."""
+    return SMALL[request.param]
 
 
 def perturb(model: keras.Model, seed: int = 0, scale: float = 0.2) -> keras.Model:
@@ -286,3 +292,64 @@ def test_keras_file_round_trip_in_safe_mode(small_arch, tmp_path):
     # the round trip is not vacuous: a fresh model of the same row computes something else
     fresh = build_model(small_arch, num_classes=10)
     assert np.abs(keras.ops.convert_to_numpy(fresh(x)) - expected).max() > 1e-3
+
+
+# --- every variant: V2/GRN, SimpleNorm, overlapping stems, head norm first, head MLP ----------
+@pytest.mark.parametrize("variant", sorted(SMALL))
+def test_every_variant_round_trips_through_a_keras_file(variant, tmp_path):
+    model = perturb(build_model(SMALL[variant], num_classes=10), seed=5)
+    x = images(2, 64, 96)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)))
+
+
+def test_overlapping_stems_pad_like_torch():
+    """torch pads 1 on every side; Keras' 'same' would pad bottom/right only at stride 2."""
+    model = build_model(SMALL["overlap"], num_classes=10)
+    assert model.get_layer("stem.0.pad").padding == ((1, 1), (1, 1))
+    assert model.get_layer("stem.0").padding == "valid" and model.get_layer("stem.0").strides == (2, 2)
+    assert model.get_layer("stem.2").name == "stem.2"  # the norm after two convs
+    tiered = build_model(SMALL["overlap_tiered"], num_classes=10)
+    assert tiered.get_layer("stem.0").filters == 8  # timm's make_divisible(dims[0] // 2)
+
+
+def test_grn_matches_its_formula():
+    from zoo.model import GlobalResponseNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 6, 4)).astype("float32")
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    weight, bias = rng.normal(size=4).astype("float32"), rng.normal(size=4).astype("float32")
+    layer.weight.assign(weight)
+    layer.bias.assign(bias)
+    gx = np.sqrt((x.astype(np.float64) ** 2).sum(axis=(1, 2), keepdims=True))
+    nx = gx / (gx.mean(axis=-1, keepdims=True) + 1e-6)
+    expected = x + bias + weight * (x * nx)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_simple_norm_uses_the_unbiased_variance_and_does_not_centre():
+    from zoo.model import SimpleNorm
+
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(3, 8)).astype("float32")
+    layer = SimpleNorm(1e-6)
+    out = keras.ops.convert_to_numpy(layer(x))
+    expected = x / np.sqrt(x.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert layer.weight is not None and SimpleNorm(1e-6, scale=False)(x) is not None
+
+
+def test_head_variants_end_where_timm_does():
+    hnf = build_model(SMALL["head_norm_first"], num_classes=10)
+    names = [layer.name for layer in hnf.layers]
+    assert names.index("norm_pre") < names.index("head.global_pool") and "head.norm" not in names
+    mlp = build_model(SMALL["head_mlp"], num_classes=10)
+    assert mlp.get_layer("head.pre_logits.fc").units == 40
+    assert build_model(SMALL["head_mlp"], include_top=False).output_shape == (None, 40)
+    backbone = build_model(SMALL_V1, num_classes=0)
+    assert "head.fc" not in [layer.name for layer in backbone.layers]
+    assert backbone.output_shape == (None, 32)
+    untrained_norm = build_model(SMALL_V1, num_classes=0, head_norm_affine=False).get_layer("head.norm")
+    assert untrained_norm.weights == []

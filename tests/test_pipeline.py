@@ -19,6 +19,7 @@ from converters.reference import create, forward, random_state_dict
 from safetensors.numpy import save as save_bytes
 from tests.support.hub_cache import add_file
 from zoo.architectures import ARCHITECTURES
+from zoo.catalogue import representatives
 from zoo.errors import IntegrityError
 
 
@@ -108,9 +109,27 @@ def test_fb_checkpoint_file_converts_through_timms_own_remapping(small_tiny, tmp
     assert json.loads((out / "config.json").read_text())["source"]["kind"] == "file"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["convnext_femto", "convnext_pico", "convnext_nano", "convnext_small_22k",
-                                  "convnext_base_22k_1k_384", "convnext_large_1k", "convnext_xlarge_22k_1k"])
-def test_large_architectures_pass_parity(name, tmp_path):
+SMALL_ENOUGH = {"convnext_zepto_rms", "convnext_zepto_rms_ols", "convnext_atto", "convnext_atto_ols",
+                "convnext_femto_ols", "convnext_pico_ols", "convnext_nano_ols", "convnextv2_atto"}
+
+
+def _sweep_cases():
+    """Every distinct architecture + head of the catalogue; the small ones run by default."""
+    cases, fast_archs = [], set()
+    for c in representatives():
+        fast = c.architecture in SMALL_ENOUGH and (c.architecture not in fast_archs or c.num_classes == 0)
+        fast_archs.add(c.architecture)
+        cases.append(pytest.param(c.name, marks=() if fast else pytest.mark.slow, id=c.name))
+    return cases
+
+
+@pytest.mark.parametrize("name", _sweep_cases())
+def test_catalogue_converts_with_parity(name, tmp_path):
+    ckpt = zoo.resolve(name)
     out, report = pipeline.convert(name, out=tmp_path / "out", random_seed=1)
     assert report.passed and report.logits.max_abs <= 1e-4 and report.logits.rel <= 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["params"] == zoo.load(out).count_params()
+    width = ckpt.num_classes or (ckpt.arch.head_hidden_size or ckpt.arch.num_features)
+    assert report.by_name("logits").shape == [8, width]
+    assert report.input_size == ckpt.input_size[-1]

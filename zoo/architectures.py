@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from .errors import UnknownModelError
 
 
+STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
+NORMS = ("layernorm", "simplenorm")
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything that fixes the shape of a ConvNeXt network (not its head size).
@@ -28,6 +32,7 @@ class Architecture:
         head_hidden_size: width of the pre-logits MLP in the head (`head.pre_logits.fc`).
         conv_bias: convolutions and linears carry a bias.
         mlp_ratio: MLP expansion.
+        norm: `layernorm`, or timm's `simplenorm` (RMS-style: no centring, no bias).
     """
 
     name: str
@@ -43,14 +48,17 @@ class Architecture:
     head_hidden_size: int | None = None
     conv_bias: bool = True
     mlp_ratio: int = 4
+    norm: str = "layernorm"
 
     def __post_init__(self):
         if len(self.depths) != 4 or len(self.dims) != 4:
             raise ValueError(f"{self.name}: depths and dims need 4 stages")
-        if self.stem_type != "patch":
-            raise NotImplementedError(f"{self.name}: stem_type {self.stem_type!r} is not supported yet")
-        if self.head_norm_first or self.head_hidden_size:
-            raise NotImplementedError(f"{self.name}: this head layout is not supported yet")
+        if self.stem_type not in STEM_TYPES:
+            raise ValueError(f"{self.name}: stem_type must be one of {STEM_TYPES}")
+        if self.norm not in NORMS:
+            raise ValueError(f"{self.name}: norm must be one of {NORMS}")
+        if self.head_norm_first and self.head_hidden_size:
+            raise ValueError(f"{self.name}: timm has no pre-logits MLP with head_norm_first")
 
     @property
     def num_features(self) -> int:
@@ -75,6 +83,7 @@ class Architecture:
             "head_norm_first": self.head_norm_first,
             "head_hidden_size": self.head_hidden_size,
             "conv_bias": self.conv_bias,
+            "norm_layer": self.norm,
         }
 
     def to_config(self) -> dict:
@@ -100,19 +109,41 @@ def _rows(*archs: Architecture) -> dict[str, Architecture]:
 
 
 _T, _S, _L = (3, 3, 9, 3), (3, 3, 27, 3), (2, 2, 6, 2)
+_ATTO, _FEMTO, _PICO, _NANO = (40, 80, 160, 320), (48, 96, 192, 384), (64, 128, 256, 512), (80, 160, 320, 640)
+_TINY, _BASE, _LARGE = (96, 192, 384, 768), (128, 256, 512, 1024), (192, 384, 768, 1536)
+_V2 = dict(use_grn=True, layer_scale=False)
 
 ARCHITECTURES: dict[str, Architecture] = _rows(
     # timm's small variants run the MLP as 1x1 convs (conv_mlp)
-    Architecture("convnext_atto", _L, (40, 80, 160, 320), conv_mlp=True),
-    Architecture("convnext_femto", _L, (48, 96, 192, 384), conv_mlp=True),
-    Architecture("convnext_pico", _L, (64, 128, 256, 512), conv_mlp=True),
-    Architecture("convnext_nano", (2, 2, 8, 2), (80, 160, 320, 640), conv_mlp=True),
+    Architecture("convnext_zepto_rms", (2, 2, 4, 2), (32, 64, 128, 256), conv_mlp=True, norm="simplenorm"),
+    Architecture("convnext_zepto_rms_ols", (2, 2, 4, 2), (32, 64, 128, 256), conv_mlp=True, norm="simplenorm",
+                 stem_type="overlap_act"),
+    Architecture("convnext_atto", _L, _ATTO, conv_mlp=True),
+    Architecture("convnext_atto_ols", _L, _ATTO, conv_mlp=True, stem_type="overlap_tiered"),
+    Architecture("convnext_femto", _L, _FEMTO, conv_mlp=True),
+    Architecture("convnext_femto_ols", _L, _FEMTO, conv_mlp=True, stem_type="overlap_tiered"),
+    Architecture("convnext_pico", _L, _PICO, conv_mlp=True),
+    Architecture("convnext_pico_ols", _L, _PICO, conv_mlp=True, stem_type="overlap_tiered"),
+    Architecture("convnext_nano", (2, 2, 8, 2), _NANO, conv_mlp=True),
+    Architecture("convnext_nano_ols", (2, 2, 8, 2), _NANO, conv_mlp=True, stem_type="overlap"),
+    Architecture("convnext_tiny_hnf", _T, _TINY, conv_mlp=True, head_norm_first=True),
     # the FB family
-    Architecture("convnext_tiny", _T, (96, 192, 384, 768)),
-    Architecture("convnext_small", _S, (96, 192, 384, 768)),
-    Architecture("convnext_base", _S, (128, 256, 512, 1024)),
-    Architecture("convnext_large", _S, (192, 384, 768, 1536)),
+    Architecture("convnext_tiny", _T, _TINY),
+    Architecture("convnext_small", _S, _TINY),
+    Architecture("convnext_base", _S, _BASE),
+    Architecture("convnext_large", _S, _LARGE),
+    Architecture("convnext_large_mlp", _S, _LARGE, head_hidden_size=1536),
     Architecture("convnext_xlarge", _S, (256, 512, 1024, 2048)),
+    Architecture("convnext_xxlarge", (3, 4, 30, 3), (384, 768, 1536, 3072), norm_eps=1e-5),
+    # ConvNeXt-V2: GRN in the MLP instead of LayerScale
+    Architecture("convnextv2_atto", _L, _ATTO, conv_mlp=True, **_V2),
+    Architecture("convnextv2_femto", _L, _FEMTO, conv_mlp=True, **_V2),
+    Architecture("convnextv2_pico", _L, _PICO, conv_mlp=True, **_V2),
+    Architecture("convnextv2_nano", (2, 2, 8, 2), _NANO, conv_mlp=True, **_V2),
+    Architecture("convnextv2_tiny", _T, _TINY, **_V2),
+    Architecture("convnextv2_base", _S, _BASE, **_V2),
+    Architecture("convnextv2_large", _S, _LARGE, **_V2),
+    Architecture("convnextv2_huge", _S, (352, 704, 1408, 2816), **_V2),
 )
 
 

@@ -23,9 +23,11 @@ class Checkpoint:
         tag: timm pretrained tag.
         default: this tag is what timm loads for the bare architecture name.
         aliases: the official FB names (`convnext_tiny_1k`).
-        hf_hub_id: source repo on the Hugging Face Hub (`timm/convnext_tiny.fb_in1k`).
+        hf_hub_id: source repo on the Hugging Face Hub (`timm/convnext_tiny.fb_in1k`); None for
+            FB releases that only exist at `url`.
         hf_hub_filename: weights file in that repo.
         url: the original release URL (FB's for `fb_*` tags), if any.
+        head_norm_affine: the checkpoint has head-norm weights (FCMAE pre-training has none).
         num_classes: classifier width.
         input_size: timm's `(3, H, W)`.
         license: licence of the weights.
@@ -37,8 +39,8 @@ class Checkpoint:
     tag: str
     default: bool
     aliases: tuple[str, ...]
-    hf_hub_id: str
-    hf_hub_filename: str
+    hf_hub_id: str | None
+    hf_hub_filename: str | None
     url: str | None
     num_classes: int
     input_size: tuple[int, int, int]
@@ -52,6 +54,7 @@ class Checkpoint:
     license: str | None
     top1: float | None
     origin_url: str | None
+    head_norm_affine: bool = True
 
     @property
     def arch(self) -> Architecture:
@@ -83,7 +86,7 @@ class Checkpoint:
         for key in ("aliases", "input_size", "test_input_size", "mean", "std"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
-        return cls(**{f.name: values.get(f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,7 +124,7 @@ def resolve(name: str) -> Checkpoint:
     key = name.strip()
     if key in names:
         return catalogue()[names[key]]
-    if key.startswith("timm/") and key[5:] in names:
+    if key.startswith("timm/") and key[5:] in names and catalogue()[names[key[5:]]].hf_hub_id:
         return catalogue()[names[key[5:]]]
     close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
@@ -136,3 +139,18 @@ def search(pattern: str | None = None) -> list[Checkpoint]:
         pattern = f"*{pattern}*"
     return [c for c in catalogue().values()
             if any(fnmatch.fnmatchcase(n, pattern) for n in (c.name, *c.aliases))]
+
+
+def representatives(pattern: str | None = None) -> list[Checkpoint]:
+    """One checkpoint per distinct (architecture, classes, head norm, input size), in order.
+
+    Every catalogue entry converts exactly like its representative: the sweep and the tests
+    cover the whole catalogue by covering these.
+    """
+    seen, out = set(), []
+    for c in search(pattern):
+        key = (c.architecture, c.num_classes, c.head_norm_affine, c.input_size[-1])
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out

@@ -68,38 +68,71 @@ def list_command(pattern, as_json):
 
 
 @main.command()
-@click.argument("name")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the local store).")
+@click.argument("name", required=False)
+@click.option("--all", "convert_all", is_flag=True,
+              help="Convert every catalogue entry matching NAME as a pattern (all if omitted).")
+@click.option("--force", is_flag=True, help="With --all: convert again entries already done.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (default: the local store); with --all, the folder of folders.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Convert this local file (.safetensors, or .pth/.pt/.bin) instead of the Hub's.")
 @click.option("--random-weights", is_flag=True,
               help="Use seeded, perturbed random weights in timm's layout: runs offline, NOT pretrained.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
+@click.option("--from-url", is_flag=True,
+              help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy.")
 @click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Parity gate: max abs logit error.")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
               help="Parity gate: max abs logit error / max |reference logit|.")
 @_user_errors
-def convert(name, out, checkpoint, random_weights, seed, revision, atol, rtol):
+def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, atol, rtol):
     """Convert checkpoint NAME, prove parity with timm, and save it.
 
     NAME is a catalogue name (convnext_tiny.fb_in1k), an official alias (convnext_tiny_1k)
-    or an architecture (convnext_tiny: timm's default tag).
+    or an architecture (convnext_tiny: timm's default tag). With --all, NAME is an optional
+    pattern (`zoo convert --all 'convnextv2_*'`).
     """
+    if random_weights and checkpoint:
+        raise click.UsageError("--random-weights and --checkpoint exclude each other")
+    if random_weights:
+        _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
+    if convert_all:
+        if checkpoint or revision:
+            raise click.UsageError("--checkpoint and --revision name one checkpoint; they do not go with --all")
+        _convert_many(name, out, force, seed if random_weights else None, from_url, atol, rtol)
+        return
+    if not name:
+        raise click.UsageError("missing NAME (or --all)")
     from converters.pipeline import convert as run
     from .catalogue import resolve
 
     ckpt = resolve(name)
     if random_weights:
-        if checkpoint:
-            raise click.UsageError("--random-weights and --checkpoint exclude each other")
-        _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
         out = out or f"{ckpt.name}.random-seed{seed}"
     path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
-                       revision=revision, atol=atol, rtol=rtol, echo=_echo)
+                       revision=revision, from_url=from_url, atol=atol, rtol=rtol, echo=_echo)
     _echo(f"parity passed: {report.summary()}")
     click.echo(str(path))
+
+
+def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
+    from converters.pipeline import convert_all, summary_table
+    from .catalogue import search
+
+    names = [c.name for c in search(pattern)]
+    if not names:
+        raise ZooError(f"no checkpoint matches {pattern!r}; `zoo list` shows all")
+    if random_seed is not None:
+        out = out or "convnext-zoo-random"
+    rows, summary = convert_all(names, out_root=out, force=force, random_seed=random_seed, from_url=from_url,
+                                atol=atol, rtol=rtol, echo=_echo)
+    click.echo(summary_table(rows))
+    click.echo(f"summary: {summary}")
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    if failed:
+        raise ZooError(f"{len(failed)} of {len(rows)} conversions failed: {', '.join(failed)}")
 
 
 @main.command()

@@ -9,7 +9,7 @@ from checkpoints import store
 from .architectures import ARCHITECTURES, Architecture
 from .catalogue import resolve
 from .errors import StoreError, UnknownModelError
-from .model import build_model
+from .model import build_model, features_layer, pre_logits
 
 
 def build(name: str | Architecture, *, num_classes: int | None = None, include_top: bool = True,
@@ -67,13 +67,15 @@ def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True,
     """Build the folder's architecture and load its (already verified) weights."""
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
-    arch = Architecture.from_config(folder.config["architecture"])
-    model = build_model(arch, num_classes=folder.config["num_classes"], name=folder.config["name"])
+    config = folder.config
+    arch = Architecture.from_config(config["architecture"])
+    model = build_model(arch, num_classes=config["num_classes"], name=config["name"],
+                        head_norm_affine=config.get("head_norm_affine", True))
     model.load_weights(folder.weights)
     if include_top:
         return model
-    last = "head.norm" if pooling == "avg" else f"stages.3.blocks.{arch.depths[3] - 1}"
-    return keras.Model(model.input, model.get_layer(last).output, name=f"{model.name}_features")
+    features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
+    return keras.Model(model.input, features, name=f"{model.name}_features")
 
 
 __all__ = ["build", "load", "from_folder", "ARCHITECTURES"]

@@ -61,6 +61,60 @@ class DropPath(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GlobalResponseNorm(keras.layers.Layer):
+    """ConvNeXt-V2's GRN on NHWC: `x + bias + weight * (x * N(x))`.
+
+    `N(x) = ||x||_2 over H,W / (mean over channels of it + eps)`, as timm's
+    `GlobalResponseNorm` (weights start at zero: the layer starts as an identity).
+    """
+
+    def __init__(self, epsilon: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        channels = (input_shape[-1],)
+        self.weight = self.add_weight(name="weight", shape=channels, initializer="zeros")
+        self.bias = self.add_weight(name="bias", shape=channels, initializer="zeros")
+
+    def call(self, inputs):
+        gx = ops.sqrt(ops.sum(ops.square(inputs), axis=(1, 2), keepdims=True))
+        nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
+        weight, bias = ops.cast(self.weight, inputs.dtype), ops.cast(self.bias, inputs.dtype)
+        return inputs + (bias + weight * (inputs * nx))
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SimpleNorm(keras.layers.Layer):
+    """timm's SimpleNorm over the channel axis: `x * rsqrt(var(x) + eps) * weight`.
+
+    No centring of the output and no bias; the variance is the unbiased one (torch.var).
+    """
+
+    def __init__(self, epsilon: float = 1e-6, scale: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.scale = scale
+
+    def build(self, input_shape):
+        self.weight = (self.add_weight(name="weight", shape=(input_shape[-1],), initializer="ones")
+                       if self.scale else None)
+
+    def call(self, inputs):
+        channels = inputs.shape[-1]
+        centred = inputs - ops.mean(inputs, axis=-1, keepdims=True)
+        variance = ops.sum(ops.square(centred), axis=-1, keepdims=True) / (channels - 1)
+        out = inputs * ops.rsqrt(variance + self.epsilon)
+        return out * ops.cast(self.weight, inputs.dtype) if self.scale else out
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon, "scale": self.scale}
+
+
 def drop_path_rates(rate: float, depths) -> list[list[float]]:
     """Per-block rates rising linearly from 0 to `rate` over the whole network (as timm)."""
     flat = np.linspace(0.0, rate, sum(depths)).tolist()
@@ -71,9 +125,47 @@ def drop_path_rates(rate: float, depths) -> list[list[float]]:
     return out
 
 
-def _norm(arch: Architecture, name: str) -> layers.Layer:
+def _norm(arch: Architecture, name: str, affine: bool = True) -> layers.Layer:
+    if arch.norm == "simplenorm":
+        return SimpleNorm(arch.norm_eps, scale=affine, name=name)
     # Keras' LayerNormalization default eps is 1e-3; ConvNeXt uses 1e-6 (1e-5 for xxlarge).
-    return layers.LayerNormalization(epsilon=arch.norm_eps, name=name)
+    return layers.LayerNormalization(epsilon=arch.norm_eps, center=affine, scale=affine, name=name)
+
+
+def _conv(filters: int, size: int, stride: int, padding: int, bias: bool, name: str):
+    # torch pads symmetrically; Keras' "same" pads the bottom/right more at stride 2
+    def apply(x):
+        if padding:
+            x = layers.ZeroPadding2D(padding, name=f"{name}.pad")(x)
+        return layers.Conv2D(filters, size, strides=stride, use_bias=bias, name=name)(x)
+    return apply
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """timm's `make_divisible` (round to a multiple of 8, never down by more than 10%)."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+def _stem(x, arch: Architecture):
+    """timm's stems, with their Sequential indices as layer names."""
+    dim, bias = arch.dims[0], arch.conv_bias
+    if arch.stem_type == "patch":
+        x = _conv(dim, 4, 4, 0, bias, "stem.0")(x)
+        return _norm(arch, "stem.1")(x)
+    mid = make_divisible(dim // 2) if arch.stem_type == "overlap_tiered" else dim
+    x = _conv(mid, 3, 2, 1, bias, "stem.0")(x)
+    index = 1
+    if arch.stem_type == "overlap_act":
+        x = layers.Activation(keras.activations.gelu, name="stem.1")(x)
+        index = 2
+    x = _conv(dim, 3, 2, 1, bias, f"stem.{index}")(x)
+    return _norm(arch, f"stem.{index + 1}")(x)
+
+
+def stem_output(arch: Architecture) -> str:
+    """Name of the stem's last layer."""
+    return {"patch": "stem.1", "overlap": "stem.2", "overlap_tiered": "stem.2", "overlap_act": "stem.3"}[arch.stem_type]
 
 
 def _pointwise(arch: Architecture, units: int, name: str) -> layers.Layer:
@@ -92,6 +184,8 @@ def _block(x, arch: Architecture, dim: int, path: str, drop_rate: float):
     x = _norm(arch, f"{path}.norm")(x)
     x = _pointwise(arch, arch.mlp_ratio * dim, f"{path}.mlp.fc1")(x)
     x = layers.Activation(keras.activations.gelu, name=f"{path}.mlp.act")(x)  # exact (erf) GELU
+    if arch.use_grn:
+        x = GlobalResponseNorm(name=f"{path}.mlp.grn")(x)
     x = _pointwise(arch, dim, f"{path}.mlp.fc2")(x)
     if arch.layer_scale:
         x = LayerScale(name=f"{path}.gamma")(x)
@@ -108,6 +202,7 @@ def build_model(
     include_top: bool = True,
     pooling: str | None = "avg",
     drop_path_rate: float = 0.0,
+    head_norm_affine: bool = True,
     input_shape: tuple = (None, None, 3),
     name: str | None = None,
 ) -> keras.Model:
@@ -115,12 +210,16 @@ def build_model(
 
     Args:
         arch: the architecture row.
-        num_classes: classifier width (ignored without the top).
-        include_top: end with `head.fc` logits. Without it the model ends at the pooled,
-            head-normalised features (`pooling="avg"`) or at the last stage's feature map
-            (`pooling=None`).
+        num_classes: classifier width; 0 for a backbone whose output is the pre-logits
+            (timm's `num_classes=0`).
+        include_top: end with timm's full output. Without it the model ends at the pooled
+            pre-logits (`pooling="avg"`, timm's `forward_head(pre_logits=True)`: pool, the
+            trained head norm, the head MLP if any) or at the feature map (`pooling=None`,
+            timm's `forward_features`).
         pooling: `"avg"` or `None`, only used when `include_top=False`.
         drop_path_rate: stochastic depth rate of the last block (linear from 0), training only.
+        head_norm_affine: the head norm has weights (False for checkpoints that ship none,
+            FCMAE's, which timm then runs with its identity initialisation).
         input_shape: NHWC input shape without the batch; spatial size is free by default.
         name: model name (defaults to the architecture name).
 
@@ -131,8 +230,7 @@ def build_model(
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
     inputs = keras.Input(shape=input_shape, name="pixels")
-    x = layers.Conv2D(arch.dims[0], 4, strides=4, use_bias=arch.conv_bias, name="stem.0")(inputs)
-    x = _norm(arch, "stem.1")(x)
+    x = _stem(inputs, arch)
     rates = drop_path_rates(drop_path_rate, arch.depths)
     for i, (depth, dim) in enumerate(zip(arch.depths, arch.dims)):
         if i > 0:
@@ -140,23 +238,40 @@ def build_model(
             x = layers.Conv2D(dim, 2, strides=2, use_bias=arch.conv_bias, name=f"stages.{i}.downsample.1")(x)
         for j in range(depth):
             x = _block(x, arch, dim, f"stages.{i}.blocks.{j}", rates[i][j])
+    if arch.head_norm_first:
+        x = _norm(arch, "norm_pre")(x)
     if include_top or pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="head.global_pool")(x)
-        x = _norm(arch, "head.norm")(x)
-    if include_top:
+        if not arch.head_norm_first:
+            x = _norm(arch, "head.norm", affine=head_norm_affine)(x)
+        if arch.head_hidden_size:
+            x = layers.Dense(arch.head_hidden_size, use_bias=True, name="head.pre_logits.fc")(x)
+            x = layers.Activation(keras.activations.gelu, name="head.pre_logits.act")(x)
+    if include_top and num_classes > 0:
         x = layers.Dense(num_classes, name="head.fc")(x)
     return keras.Model(inputs, x, name=name or arch.name)
 
 
 def stage_names(arch: Architecture) -> list[str]:
     """Names of the layers whose outputs the parity check compares, stem first."""
-    return ["stem.1"] + [f"stages.{i}.blocks.{d - 1}" for i, d in enumerate(arch.depths)]
+    return [stem_output(arch)] + [f"stages.{i}.blocks.{d - 1}" for i, d in enumerate(arch.depths)]
+
+
+def features_layer(arch: Architecture) -> str:
+    """The layer ending timm's `forward_features` (the unpooled feature map)."""
+    return "norm_pre" if arch.head_norm_first else f"stages.3.blocks.{arch.depths[3] - 1}"
+
+
+def pre_logits(model: keras.Model):
+    """The tensor timm calls pre-logits: the classifier's input (the output without one)."""
+    names = {layer.name for layer in model.layers}
+    return model.get_layer("head.fc").input if "head.fc" in names else model.output
 
 
 def probe_model(model: keras.Model, arch: Architecture) -> keras.Model:
     """A view of `model` returning every compared tensor: stem, stages, pre-logits, logits."""
     outputs = {f"stages.{i - 1}" if i else "stem": model.get_layer(n).output
                for i, n in enumerate(stage_names(arch))}
-    outputs["pre_logits"] = model.get_layer("head.fc").input
+    outputs["pre_logits"] = pre_logits(model)
     outputs["logits"] = model.output
     return keras.Model(model.input, outputs, name=f"{model.name}_probe")
