@@ -112,6 +112,7 @@ class ParityReport:
     @classmethod
     def from_json(cls, data: dict) -> "ParityReport":
         data = dict(data)
+        data.pop("weights_sha256", None)  # added by the store: binds the report to the weights file
         data["comparisons"] = [Comparison(**c) for c in data["comparisons"]]
         stored_pass, stored_failure = data.pop("passed", None), data.pop("failure", None)
         report = cls(**data)

@@ -40,12 +40,20 @@ SMALL = {
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own empty local store and Hub cache, and no network."""
+    """Every test gets its own empty local store and Hub cache, and no network.
+
+    Child processes read the environment; huggingface_hub in this process read it once at
+    import, so its constants are patched too.
+    """
+    from huggingface_hub import constants
+
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("ZOO_HOME", str(home / "store"))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return home
 
 
