@@ -79,6 +79,12 @@ def fb_aliases(url: str) -> list[str]:
     return [short] if short == stem else [short, stem]
 
 
+def count_params(arch: str, num_classes: int, head_norm_affine: bool) -> int:
+    model = timm.create_model(arch, num_classes=num_classes, device="meta")
+    return sum(p.numel() for key, p in model.state_dict().items()
+               if head_norm_affine or not key.startswith("head.norm."))
+
+
 def entry(name: str, is_default: bool) -> dict:
     cfg = get_pretrained_cfg(name)
     repo_id = cfg.hf_hub_id if cfg.hf_hub_id and cfg.hf_hub_id != "timm/" else f"timm/{name}"
@@ -105,6 +111,7 @@ def entry(name: str, is_default: bool) -> dict:
         "origin_url": cfg.origin_url,
         # FCMAE pre-training ships no head norm; timm runs its identity initialisation
         "head_norm_affine": cfg.tag != "fcmae",
+        "params": count_params(cfg.architecture, cfg.num_classes, cfg.tag != "fcmae"),
     }
 
 

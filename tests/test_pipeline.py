@@ -129,7 +129,7 @@ def test_catalogue_converts_with_parity(name, tmp_path):
     out, report = pipeline.convert(name, out=tmp_path / "out", random_seed=1)
     assert report.passed and report.logits.max_abs <= 1e-4 and report.logits.rel <= 1e-5
     config = json.loads((out / "config.json").read_text())
-    assert config["params"] == zoo.load(out).count_params()
+    assert config["params"] == zoo.load(out).count_params() == ckpt.params
     width = ckpt.num_classes or (ckpt.arch.head_hidden_size or ckpt.arch.num_features)
     assert report.by_name("logits").shape == [8, width]
     assert report.input_size == ckpt.input_size[-1]

@@ -28,6 +28,7 @@ class Checkpoint:
         hf_hub_filename: weights file in that repo.
         url: the original release URL (FB's for `fb_*` tags), if any.
         head_norm_affine: the checkpoint has head-norm weights (FCMAE pre-training has none).
+        params: number of parameters of the converted model.
         num_classes: classifier width.
         input_size: timm's `(3, H, W)`.
         license: licence of the weights.
@@ -55,6 +56,7 @@ class Checkpoint:
     top1: float | None
     origin_url: str | None
     head_norm_affine: bool = True
+    params: int | None = None
 
     @property
     def arch(self) -> Architecture:

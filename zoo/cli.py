@@ -49,22 +49,25 @@ def list_command(pattern, as_json):
     rows = []
     for c in search(pattern):
         rows.append({
-            "name": c.name, "aliases": list(c.aliases), "default_for": c.architecture if c.default else None,
+            "name": c.name, "architecture": c.architecture, "tag": c.tag, "aliases": list(c.aliases),
+            "default_for": c.architecture if c.default else None, "params": c.params,
             "classes": c.num_classes, "input": c.input_size[-1], "license": c.license, "top1": c.top1,
-            "source": c.hf_hub_id, "converted": is_converted_folder(store_path(c.name)),
+            "source": c.hf_hub_id or c.url, "converted": is_converted_folder(store_path(c.name)),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     if not rows:
-        raise ZooError(f"no checkpoint matches {pattern!r}")
-    header = f"{'name':<42} {'classes':>7} {'input':>5} {'top-1':>5} {'license':<11} {'local':<5} aliases"
-    click.echo(header)
+        raise ZooError(f"no checkpoint matches {pattern!r}; `zoo list` shows all")
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'name':<{width}} {'params':>7} {'classes':>7} {'input':>5} {'top-1':>5} {'license':<12} "
+               f"{'local':<5} {'source':<8} aliases")
     for r in rows:
         aliases = ", ".join(r["aliases"] + ([f"{r['default_for']} (default)"] if r["default_for"] else []))
         top1 = f"{r['top1']:.1f}" if r["top1"] else "-"
-        click.echo(f"{r['name']:<42} {r['classes']:>7} {r['input']:>5} {top1:>5} {r['license'] or '-':<11} "
-                   f"{'yes' if r['converted'] else '-':<5} {aliases}")
+        where = "hub" if r["source"].startswith("timm/") else "url"
+        click.echo(f"{r['name']:<{width}} {r['params'] / 1e6:>6.1f}M {r['classes']:>7} {r['input']:>5} {top1:>5} "
+                   f"{(r['license'] or '-')[:12]:<12} {'yes' if r['converted'] else '-':<5} {where:<8} {aliases}")
 
 
 @main.command()
