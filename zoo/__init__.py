@@ -9,15 +9,18 @@ __version__ = "0.1.0"
 
 from .architectures import ARCHITECTURES, Architecture, get_architecture
 from .catalogue import Checkpoint, catalogue, resolve, search
-from .errors import (IntegrityError, MappingError, ParityError, ReferenceRunError, SourceError,
+from .errors import (HubError, IntegrityError, MappingError, ParityError, ReferenceRunError, SourceError,
                      StoreError, UnknownModelError, ZooError)
 
 
-def load(name_or_path, *, include_top: bool = True, pooling: str | None = "avg"):
-    """A converted ConvNeXt as a `keras.Model` (see `zoo.loading.load`)."""
+def load(name_or_path, **kwargs):
+    """A converted ConvNeXt as a `keras.Model`: local store, then the Hub, then conversion.
+
+    See `zoo.loading.load` for the arguments.
+    """
     from .loading import load as _load
 
-    return _load(name_or_path, include_top=include_top, pooling=pooling)
+    return _load(name_or_path, **kwargs)
 
 
 def build(name, **kwargs):
@@ -28,7 +31,7 @@ def build(name, **kwargs):
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "Checkpoint", "IntegrityError", "MappingError", "ParityError",
+    "ARCHITECTURES", "Architecture", "Checkpoint", "HubError", "IntegrityError", "MappingError", "ParityError",
     "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError", "build",
     "catalogue", "get_architecture", "load", "resolve", "search",
 ]

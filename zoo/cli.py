@@ -89,8 +89,11 @@ def list_command(pattern, as_json):
               help="Parity gate: max abs logit error.")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
               help="Parity gate: max abs logit error / max |reference logit|.")
+@click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
+@click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
-def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, atol, rtol):
+def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, atol, rtol,
+            publish_after, repo_id):
     """Convert checkpoint NAME, prove parity with timm, and save it.
 
     NAME is a catalogue name (convnext_tiny.fb_in1k), an official alias (convnext_tiny_1k)
@@ -102,6 +105,8 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
     if random_weights:
         _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
     if convert_all:
+        if publish_after:
+            raise click.UsageError("--publish takes one checkpoint; publish the folders of --all one by one")
         if checkpoint or revision:
             raise click.UsageError("--checkpoint and --revision name one checkpoint; they do not go with --all")
         _convert_many(name, out, force, seed if random_weights else None, from_url, atol, rtol)
@@ -117,7 +122,23 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
     path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
                        revision=revision, from_url=from_url, atol=atol, rtol=rtol, echo=_echo)
     _echo(f"parity passed: {report.summary()}")
+    if publish_after:
+        _publish(path, repo_id, private=False, branch=None, expect_parent=None)
     click.echo(str(path))
+
+
+def _publish(path, repo_id, private, branch, expect_parent):
+    from checkpoints import hub, store
+
+    name = store.open_folder(path).config["name"]
+    repo_id = repo_id or hub.repo_id_for(name)
+    before = hub.head(repo_id, branch)
+    commit = hub.publish(path, repo_id, private=private, revision=branch, expect_parent=expect_parent)
+    if commit == before:
+        _echo(f"{repo_id} already published these exact files at commit {commit}: nothing to do")
+    else:
+        _echo(f"published {name} to {repo_id} at commit {commit}")
+    return commit
 
 
 def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
@@ -151,6 +172,32 @@ def verify(folder, checkpoint):
     if not report.passed:
         raise ZooError(f"parity check failed at {report.failure}")
     click.echo(f"parity passed: {report.summary()}")
+
+
+@main.command()
+@click.argument("name_or_dir")
+@click.option("--repo-id", help="Destination repo (default: $ZOO_HUB_ORG/<name>, org convnext-zoo).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to commit to (created if missing; default main).")
+@click.option("--expect-parent", help="Refuse unless the branch is still at this commit.")
+@_user_errors
+def publish(name_or_dir, repo_id, private, revision, expect_parent):
+    """Publish a converted folder (or NAME from the local store) to the Hub, as one commit.
+
+    Refused unless its parity report passed for exactly the weights being uploaded. The token
+    comes from HF_TOKEN or `hf auth login` and is never printed.
+    """
+    from pathlib import Path
+
+    from checkpoints import store
+    from .catalogue import resolve
+
+    path = Path(name_or_dir)
+    if not path.is_dir():
+        path = store.store_path(resolve(name_or_dir).name)
+        if not path.is_dir():
+            raise ZooError(f"{name_or_dir} is not converted in the local store; run `zoo convert {name_or_dir}`")
+    click.echo(_publish(path, repo_id, private, revision, expect_parent))
 
 
 if __name__ == "__main__":

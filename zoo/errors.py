@@ -37,5 +37,9 @@ class StoreError(ZooError):
     """A converted checkpoint folder is missing, incomplete or cannot be written."""
 
 
+class HubError(ZooError):
+    """A Hub operation failed or was refused (nothing was published then)."""
+
+
 class ReferenceRunError(ZooError):
     """The PyTorch reference process failed (missing `convert` extra, crash)."""

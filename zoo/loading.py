@@ -1,6 +1,8 @@
 """The last step: a converted folder (or a name in the local store) back into a Keras model."""
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 import keras
@@ -8,8 +10,10 @@ import keras
 from checkpoints import store
 from .architectures import ARCHITECTURES, Architecture
 from .catalogue import resolve
-from .errors import StoreError, UnknownModelError
+from .errors import HubError, StoreError, UnknownModelError
 from .model import build_model, features_layer, pre_logits
+
+log = logging.getLogger(__name__)
 
 
 def build(name: str | Architecture, *, num_classes: int | None = None, include_top: bool = True,
@@ -28,21 +32,32 @@ def build(name: str | Architecture, *, num_classes: int | None = None, include_t
                        pooling=pooling, drop_path_rate=drop_path_rate, input_shape=input_shape)
 
 
-def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | None = "avg") -> keras.Model:
+def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | None = "avg",
+         num_classes: int | None = None, input_shape: tuple | None = None, revision: str | None = None,
+         hub_org: str | None = None, convert: bool = True) -> keras.Model:
     """A converted ConvNeXt with its weights.
 
+    A folder path loads that folder. A name (canonical, alias or architecture) is looked up:
+    (1) the local store, (2) the published Hub repo `<org>/<name>` (`ZOO_HUB_ORG`), pinned to
+    one commit with every file's sha256 checked, (3) with the `convert` extra installed, a
+    conversion from the source weights behind the parity gate, stored for next time. Steps
+    (1) and (2) never import torch.
+
     Args:
-        name_or_path: a converted folder, or a checkpoint name / alias / architecture name,
-            looked up in the local store (`zoo convert NAME` puts it there).
+        name_or_path: converted folder, or checkpoint name / alias / architecture name.
         include_top: keep the classifier. Without it the model returns the trained pooled
-            features (pool + the trained head norm) for `pooling="avg"`, or the last stage's
-            feature map for `pooling=None`.
+            features (pool + the trained head norm, timm's pre-logits) for `pooling="avg"`,
+            or the feature map for `pooling=None`.
         pooling: see `include_top`.
+        num_classes: a new classifier width: the backbone and head norm load, the new head is
+            initialised fresh (and a warning says so).
+        input_shape: fixed NHWC input shape without batch (default: any size).
+        revision: Hub revision for step (2).
+        hub_org: organisation for step (2) (default `ZOO_HUB_ORG`, else `convnext-zoo`).
+        convert: allow step (3).
 
     Raises:
-        StoreError: the checkpoint is not converted yet, or the folder is incomplete.
-        IntegrityError: a file does not match its manifest sha256.
-        UnknownModelError: the name is not in the catalogue.
+        ZooError: no step produced the model; the message says what each step found.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -54,28 +69,65 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
             ckpt = resolve(str(name_or_path))
         except UnknownModelError as e:
             raise UnknownModelError(f"{e} (and there is no folder {str(name_or_path)!r})") from None
-        where = store.store_path(ckpt.name)
-        if not where.is_dir():
-            raise StoreError(f"{ckpt.name} is not in the local store ({where}); "
-                             f"run `zoo convert {name_or_path}` first")
-        folder = store.open_folder(where)
-    return from_folder(folder, include_top=include_top, pooling=pooling)
+        folder = _find(ckpt, revision, hub_org, convert)
+    return from_folder(folder, include_top=include_top, pooling=pooling, num_classes=num_classes,
+                       input_shape=input_shape)
 
 
-def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True,
-                pooling: str | None = "avg") -> keras.Model:
-    """Build the folder's architecture and load its (already verified) weights."""
+def _find(ckpt, revision, hub_org, convert) -> store.ConvertedCheckpoint:
+    from checkpoints import hub
+
+    tried = []
+    where = store.store_path(ckpt.name)
+    if where.is_dir():
+        return store.open_folder(where)  # a damaged store copy is an error, not a fallback
+    tried.append(f"local store: no {where}")
+    repo_id = hub.repo_id_for(ckpt.name, hub_org)
+    try:
+        return hub.download(repo_id, revision=revision)
+    except HubError as e:
+        tried.append(f"Hub: {e}")
+    if convert and _installed("torch") and _installed("timm"):
+        from converters.pipeline import convert as run
+
+        log.warning("%s: not in the store nor on the Hub; converting from %s", ckpt.name,
+                    ckpt.hf_hub_id or ckpt.url)
+        path, _ = run(ckpt.name, out=where)
+        return store.open_folder(path)
+    tried.append("conversion: " + ("disabled" if not convert else
+                                   "needs torch and timm (pip install 'convnext-zoo[convert]')"))
+    raise StoreError(f"cannot load {ckpt.name}: " + "; ".join(tried) +
+                     f". Run `zoo convert {ckpt.name}` where the source weights are reachable.")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return False
+
+
+def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, pooling: str | None = "avg",
+                num_classes: int | None = None, input_shape: tuple | None = None) -> keras.Model:
+    """Build the folder's architecture, load its (already verified) weights, adapt the head."""
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
     config = folder.config
     arch = Architecture.from_config(config["architecture"])
     model = build_model(arch, num_classes=config["num_classes"], name=config["name"],
-                        head_norm_affine=config.get("head_norm_affine", True))
+                        head_norm_affine=config.get("head_norm_affine", True),
+                        input_shape=input_shape or (None, None, 3))
     model.load_weights(folder.weights)
-    if include_top:
-        return model
-    features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
-    return keras.Model(model.input, features, name=f"{model.name}_features")
+    if not include_top:
+        features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
+        return keras.Model(model.input, features, name=f"{model.name}_features")
+    if num_classes is not None and num_classes != config["num_classes"]:
+        log.warning("%s: new %d-class head initialised fresh (the checkpoint's has %d classes); "
+                    "the backbone and head norm are pretrained", config["name"], num_classes,
+                    config["num_classes"])
+        head = keras.layers.Dense(num_classes, name="head.fc")(pre_logits(model))
+        return keras.Model(model.input, head, name=model.name)
+    return model
 
 
 __all__ = ["build", "load", "from_folder", "ARCHITECTURES"]

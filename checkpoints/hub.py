@@ -1,0 +1,237 @@
+"""Converted folders on the Hugging Face Hub: publish behind the parity gate, fetch back checked.
+
+The Hub client does not check content on download, so every fetched file is compared with the
+sha256 in the published manifest (itself pinned to one commit); a file that does not match is
+evicted from the cache, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from zoo.errors import HubError, IntegrityError
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ORG = "convnext-zoo"
+CARD = "README.md"
+DATASETS = {  # tag fragment -> Hub dataset id
+    "in1k": "imagenet-1k", "in22k": "imagenet-22k", "in12k": "imagenet-12k",
+    "laion2b": "laion-2b", "laiona": "laion-aesthetic", "lvd1689m": "lvd-1689m",
+}
+
+
+def hub_org(org: str | None = None) -> str:
+    """The organisation converted checkpoints are published under (`ZOO_HUB_ORG`)."""
+    return org or os.environ.get("ZOO_HUB_ORG") or DEFAULT_ORG
+
+
+def repo_id_for(name: str, org: str | None = None) -> str:
+    """Hub repo of a converted checkpoint: `<org>/<canonical name>`."""
+    return f"{hub_org(org)}/{name}"
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The id git (and the Hub) gives a small file's content."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _evict(path: Path) -> None:
+    """Remove a cached file and the blob behind it."""
+    blob = path.resolve()
+    for p in (path, blob):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def download(repo_id: str, revision: str | None = None) -> store.ConvertedCheckpoint:
+    """Fetch a published folder into the Hub cache, pinned to one commit, every file checked.
+
+    Raises:
+        HubError: the repo or a file cannot be had (offline and not cached, not found, HTTP).
+        IntegrityError: a file's sha256 differs from the manifest (the file is evicted).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        manifest_path = Path(hf_hub_download(repo_id, store.MANIFEST, revision=revision))
+        commit = manifest_path.parent.name  # snapshots/<commit>/manifest.json
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest.get("files", {})
+        if manifest.get("format") != store.FORMAT or sorted(files) != sorted(store.CONTENT_FILES):
+            raise HubError(f"{repo_id} does not hold a converted checkpoint of format {store.FORMAT}")
+        for name in store.CONTENT_FILES:
+            path = Path(hf_hub_download(repo_id, name, revision=commit))
+            if store.sha256_file(path) != files[name]["sha256"]:
+                _evict(path)
+                raise IntegrityError(f"{repo_id}@{commit}: downloaded {name} does not match the published "
+                                     "sha256 (corrupted in transit or in the cache); it was discarded, retry")
+    except LocalEntryNotFoundError:
+        raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise HubError(f"cannot fetch {repo_id}: {_short(e)}") from None
+    return store.open_folder(manifest_path.parent)
+
+
+def _short(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def head(repo_id: str, branch: str | None = None) -> str | None:
+    """The commit a repo's branch points at, or None if the repo or branch does not exist."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi().model_info(repo_id, revision=branch or "main").sha
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    except HfHubHTTPError as e:
+        raise HubError(f"cannot read {repo_id}: {_short(e)}") from None
+
+
+def model_card(folder: store.ConvertedCheckpoint, repo_id: str) -> str:
+    """The README.md published with a converted checkpoint (Hub metadata + parity figures)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    config, report = folder.config, folder.parity
+    name, cfg = config["name"], config["pretrained_cfg"]
+    logits = next(c for c in report["comparisons"] if c["name"] == "logits")
+    tag = cfg.get("tag") or ""
+    base = cfg.get("hf_hub_id") or None
+    metrics = [("max_abs_logit_error", logits["max_abs"]), ("relative_logit_error", logits["rel"]),
+               ("top1_agreement", report["top1_agreement"])]
+    data = ModelCardData(
+        library_name="keras", license=cfg.get("license") or "other",
+        tags=["convnext", "image-classification", "timm", "keras"],
+        base_model=base, datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
+        model_name=name,
+        eval_results=[EvalResult(task_type="image-classification", dataset_type="convnext-zoo/parity",
+                                 dataset_name=f"parity batch ({report['num_images']} images, "
+                                              f"{report['input_size']}px) vs timm",
+                                 metric_type=m, metric_value=v) for m, v in metrics],
+    )
+    warning = "" if config.get("pretrained", True) else (
+        "\n> **Not pretrained.** These are seeded random weights used to test the conversion "
+        "pipeline; they carry no learned features.\n")
+    rows = "\n".join(f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |"
+                     for c in report["comparisons"])
+    return f"""---
+{data.to_yaml()}
+---
+
+# {name} for Keras 3
+{warning}
+`{name}` ({config['architecture']['name']}, {config.get('params') or 0:,} parameters) converted from
+`{base or config['source'].get('url') or 'a local file'}` by convnext-zoo. The Keras model was run
+side by side with timm on the same weights and passed the parity gate (logits max abs error
+<= {report['atol']:g}, relative <= {report['rtol']:g}):
+
+| output | shape | max abs error | relative error |
+|---|---|---|---|
+{rows}
+
+Top-1 agreement {report['top1_agreement']:.0%}, top-5 {report['top5_agreement']:.0%}.
+`parity.json` has the full report; `manifest.json` the sha256 of every file.
+
+## Use
+
+```python
+import zoo
+
+model = zoo.load("{name}")   # downloads {repo_id}, checks every sha256
+logits = model(images)       # NHWC float32, resized/cropped/normalised as in config.json
+```
+
+Preprocessing: input {cfg['input_size'][-1]}px, crop_pct {cfg['crop_pct']}, {cfg['crop_mode']} crop,
+{cfg['interpolation']} interpolation, mean {cfg['mean']}, std {cfg['std']}.
+"""
+
+
+def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+            expect_parent: str | None = None, token: str | None = None) -> str:
+    """Upload a converted folder as one commit, only if its parity report passed for these bytes.
+
+    Args:
+        path: a converted folder.
+        repo_id: destination repo (`org/name`), created if missing.
+        private: create the repo private.
+        revision: branch to commit to (created from main if missing).
+        expect_parent: commit the branch must still be at (default: its head when we look);
+            a repo that moved meanwhile refuses the commit.
+        token: Hub token (default: `HF_TOKEN` or the stored login). Never logged.
+
+    Returns:
+        The new commit id.
+
+    Raises:
+        HubError: refused (no passing report, weights changed since the report, stale parent)
+            or the upload failed; nothing was published then.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from converters.parity import ParityReport
+
+    folder = store.open_folder(path)
+    try:
+        report = ParityReport.from_json(folder.parity)
+    except (TypeError, ValueError, KeyError) as e:
+        raise HubError(f"refusing to publish {folder.path}: its parity report is invalid ({e})") from None
+    if not report.passed:
+        raise HubError(f"refusing to publish {folder.path}: its parity check failed ({report.failure})")
+    weights_sha = json.loads((folder.path / store.MANIFEST).read_text())["files"][store.WEIGHTS]["sha256"]
+    if folder.parity.get("weights_sha256") != weights_sha:
+        raise HubError(f"refusing to publish {folder.path}: the weights changed after the parity report; "
+                       "run `zoo verify` or convert again")
+    api = HfApi(token=token)
+    branch = revision or "main"
+    card = model_card(folder, repo_id)
+    parent = expect_parent
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        parent = parent or api.model_info(repo_id, revision=branch).sha
+        files = (*store.CONTENT_FILES, store.MANIFEST)
+        operations = [CommitOperationAdd(name, str(folder.path / name)) for name in files]
+        operations.append(CommitOperationAdd(CARD, card.encode()))
+        info = api.create_commit(
+            repo_id, operations, revision=branch, parent_commit=parent,
+            commit_message=f"{folder.config['name']}: parity {report.summary()}")
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status == 412:
+            raise HubError(f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
+                           "nothing was published, retry") from None
+        raise HubError(f"publishing to {repo_id} failed: {_short(e)}") from None
+    if info.oid == parent:  # the client skips a commit that would change nothing
+        log.warning("%s@%s already holds these exact files: nothing published", repo_id, branch)
+    _check_remote(api, repo_id, info.oid, {**{n: folder.path / n for n in files}, CARD: card.encode()})
+    return info.oid
+
+
+def _check_remote(api, repo_id: str, commit: str, local: dict) -> None:
+    """Re-read the remote tree at `commit` and compare every file with what was sent."""
+    remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)}
+    for name, source in local.items():
+        data = source if isinstance(source, bytes) else None
+        entry = remote.get(name)
+        if entry is None:
+            raise HubError(f"{repo_id}@{commit}: {name} is missing after the upload")
+        lfs = getattr(entry, "lfs", None)
+        if lfs is not None:
+            digest = hashlib.sha256(data).hexdigest() if data is not None else store.sha256_file(source)
+            ok = lfs.sha256 == digest
+        else:
+            ok = entry.blob_id == git_blob_sha1(data if data is not None else Path(source).read_bytes())
+        if not ok:
+            raise HubError(f"{repo_id}@{commit}: the remote {name} differs from the uploaded file")

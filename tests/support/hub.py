@@ -1,0 +1,28 @@
+"""Start the local Hub server (tests/support/hub_server.py) for a test, over real HTTP."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+SERVER = Path(__file__).with_name("hub_server.py")
+
+
+@contextmanager
+def local_hub(root: Path, lfs_threshold: int | None = None):
+    """Yield the base URL of a fresh server on 127.0.0.1 storing under `root`."""
+    env = dict(os.environ)
+    if lfs_threshold is not None:
+        env["MINIHUB_LFS_THRESHOLD"] = str(lfs_threshold)
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0",
+                             "--root", str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING "):
+            raise RuntimeError(f"hub server did not start: {line!r}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
