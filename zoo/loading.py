@@ -10,7 +10,7 @@ import keras
 from checkpoints import store
 from .architectures import ARCHITECTURES, Architecture
 from .catalogue import resolve
-from .errors import HubError, StoreError, UnknownModelError
+from .errors import HubError, StoreError, UnknownModelError, ZooError
 from .model import build_model, features_layer, pre_logits
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,14 @@ def _find(ckpt, revision, hub_org, convert) -> store.ConvertedCheckpoint:
 
         log.warning("%s: not in the store nor on the Hub; converting from %s", ckpt.name,
                     ckpt.hf_hub_id or ckpt.url)
-        path, _ = run(ckpt.name, out=where)
-        return store.open_folder(path)
-    tried.append("conversion: " + ("disabled" if not convert else
-                                   "needs torch and timm (pip install 'convnext-zoo[convert]')"))
+        try:
+            path, _ = run(ckpt.name, out=where)
+            return store.open_folder(path)
+        except ZooError as e:
+            tried.append(f"conversion: {str(e).splitlines()[0]}")
+    else:
+        tried.append("conversion: " + ("disabled" if not convert else
+                                       "needs torch and timm (pip install 'convnext-zoo[convert]')"))
     raise StoreError(f"cannot load {ckpt.name}: " + "; ".join(tried) +
                      f". Run `zoo convert {ckpt.name}` where the source weights are reachable.")
 
