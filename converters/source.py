@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints.store import sha256_file
 from zoo.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,6 @@ class SourceFile:
         out = {"repo_id": self.repo_id, "revision": self.revision,
                "filename": self.filename or self.path.name, "sha256": self.sha256}
         return {**out, "url": self.url} if self.url else out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | None = None) -> SourceFile:

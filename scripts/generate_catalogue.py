@@ -10,6 +10,7 @@ The committed JSON is what users read: loading a model never needs timm.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -79,6 +80,7 @@ def fb_aliases(url: str) -> list[str]:
     return [short] if short == stem else [short, stem]
 
 
+@functools.lru_cache(maxsize=None)
 def count_params(arch: str, num_classes: int, head_norm_affine: bool) -> int:
     model = timm.create_model(arch, num_classes=num_classes, device="meta")
     return sum(p.numel() for key, p in model.state_dict().items()

@@ -79,7 +79,8 @@ def skipped_linear_transpose(monkeypatch):
 
 def keras_default_eps(monkeypatch):
     import keras
-    monkeypatch.setattr(zoo.model, "_norm", lambda arch, name: keras.layers.LayerNormalization(name=name))
+    monkeypatch.setattr(zoo.model, "_norm", lambda arch, name, affine=True: keras.layers.LayerNormalization(
+        name=name, center=affine, scale=affine))
 
 
 STATE_MUTATIONS = {  # name -> (mutation, expected error, expected message)

@@ -98,13 +98,23 @@ def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
     assert json.loads((b / "config.json").read_text())["source"]["sha256"] == config["source"]["sha256"]
 
 
-def test_fb_checkpoint_file_converts_through_timms_own_remapping(small_tiny, tmp_path):
+@pytest.mark.parametrize("name, arch, filename", [
+    ("convnext_tiny_1k", "convnext_tiny", "convnext_tiny_1k_224_ema.pth"),
+    # official V2 files: GRN stored as (1, 1, 1, 4C), linear MLP weights where timm has 1x1 convs
+    ("convnextv2_atto_1k", "convnextv2_atto", "convnextv2_atto_1k_224_ema.pt"),
+])
+def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, filename, tmp_path, monkeypatch):
+    from tests.conftest import SMALL
     from tests.support.fb_layout import to_fb_layout
 
-    state = random_state_dict(small_tiny, 1000, seed=2)
-    path = tmp_path / "convnext_tiny_1k_224_ema.pth"
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in to_fb_layout(state).items()}}, path)
-    out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out", checkpoint=path)
+    small = ARCHITECTURES[arch].replace(**{k: SMALL["linear_mlp"].__dict__[k] for k in ("depths", "dims")})
+    monkeypatch.setitem(ARCHITECTURES, arch, small)
+    state = random_state_dict(small, 1000, seed=2)
+    fb = to_fb_layout(state)
+    assert any(k.endswith(".grn.gamma") and v.shape[:3] == (1, 1, 1) for k, v in fb.items()) == small.use_grn
+    path = tmp_path / filename
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in fb.items()}}, path)
+    out, report = pipeline.convert(name, out=tmp_path / "out", checkpoint=path)
     assert report.passed
     assert json.loads((out / "config.json").read_text())["source"]["kind"] == "file"
 
