@@ -200,14 +200,16 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
         row = {"name": name, "architecture": resolve(name).architecture}
         start = time.perf_counter()
         try:
-            if not force and _converted(out):
-                report = parity.ParityReport.from_json(store.open_folder(out).parity)
-                row["status"] = "skipped (done)"
+            done = None if force else _passed_folder(out)
+            if done is not None:
+                report = parity.ParityReport.from_json(done.parity)
+                row.update(status="skipped (done)", params=done.config.get("params"))
             else:
-                _, report = convert(name, out=out, random_seed=random_seed, from_url=from_url,
-                                    atol=atol, rtol=rtol, echo=echo)
-                row["status"] = "ok"
-            row.update(_figures(report), params=_params(out))
+                path, report = convert(name, out=out, random_seed=random_seed, from_url=from_url,
+                                       atol=atol, rtol=rtol, echo=echo)
+                row.update(status="ok", params=json.loads((path / store.CONFIG).read_text()).get("params"))
+            c = report.logits
+            row.update(max_abs=c.max_abs, rel=c.rel, top1_agreement=report.top1_agreement)
         except ZooError as e:
             row.update(status="failed", error=str(e).splitlines()[0])
             echo(f"FAILED {name}: {row['error']}")
@@ -217,23 +219,15 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
     return rows, summary
 
 
-def _converted(out: Path) -> bool:
+def _passed_folder(out: Path) -> store.ConvertedCheckpoint | None:
+    """The converted folder at `out` if it is intact and its report passed, else None."""
     from zoo.errors import ZooError
 
     try:
-        return bool(store.open_folder(out).parity.get("passed"))
+        folder = store.open_folder(out)
     except ZooError:
-        return False
-
-
-def _figures(report: parity.ParityReport) -> dict:
-    c = report.logits
-    return {"max_abs": c.max_abs, "rel": c.rel, "top1_agreement": report.top1_agreement}
-
-
-def _params(out: Path) -> int | None:
-    config = store.open_folder(out).config
-    return config.get("params")
+        return None
+    return folder if folder.parity.get("passed") else None
 
 
 def summary_table(rows: list[dict]) -> str:
