@@ -189,8 +189,43 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
+    except TypeError as e:
+        if "bfloat16" not in str(e):
+            raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
+    except (SafetensorError, OSError, ValueError) as e:
         raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
+    return _read_safetensors_with_bf16(path)
+
+
+def _read_safetensors_with_bf16(path: Path) -> dict[str, np.ndarray]:
+    """safetensors validated the file; numpy has no bfloat16, so widen those tensors by hand.
+
+    bfloat16 is the top half of a float32: shifting its 16 bits up gives the exact value.
+    """
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        base = 8 + size
+        out = {}
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            if meta["dtype"] != "BF16":
+                continue
+            f.seek(base + start)
+            raw = np.frombuffer(f.read(end - start), dtype="<u2")
+            out[key] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+    with safe_open(path, framework="numpy") as handle:  # every other dtype the usual way
+        for key in handle.keys():
+            if key not in out:
+                out[key] = handle.get_tensor(key)
+    return out
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -216,7 +251,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
-    if not np.issubdtype(value.dtype, np.floating):
+    # with ml_dtypes loaded (tensorflow loads it) numpy reads bfloat16 itself; not np.floating
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
         raise SourceError(f"tensor {key!r} has dtype {value.dtype}; ConvNeXt weights are floats")
     return np.ascontiguousarray(value, dtype=np.float32)
 

@@ -132,3 +132,30 @@ def test_integer_tensors_are_refused(tmp_path):
     save_file({"w": np.arange(4, dtype=np.int64)}, str(tmp_path / "i.safetensors"))
     with pytest.raises(SourceError, match="dtype int64"):
         source.read_state_dict(tmp_path / "i.safetensors")
+
+
+def test_bfloat16_sources_are_widened_exactly(tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    values = torch.tensor([1.5, -2.25, 3e-3, 65504.0, -0.0], dtype=torch.bfloat16)
+    save_torch({"b": values, "f": torch.arange(3, dtype=torch.float16)}, str(tmp_path / "bf.safetensors"))
+    out = source.read_state_dict(tmp_path / "bf.safetensors")
+    assert out["b"].dtype == np.float32 and out["f"].dtype == np.float32
+    np.testing.assert_array_equal(out["b"], values.float().numpy())
+    np.testing.assert_array_equal(out["f"], [0, 1, 2])
+
+
+def test_bfloat16_without_ml_dtypes_in_a_fresh_process(tmp_path):
+    """The reference process imports no tensorflow, so numpy there does not know bfloat16."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({"b": torch.tensor([1.5, -2.25], dtype=torch.bfloat16)}, str(tmp_path / "bf.safetensors"))
+    code = ("import sys; from converters.source import read_state_dict; "
+            "print(read_state_dict(sys.argv[1])['b'].tolist(), 'ml_dtypes' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bf.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert proc.stdout.split() == ["[1.5,", "-2.25]", "False"]
