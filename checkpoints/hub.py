@@ -85,19 +85,6 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def head(repo_id: str, branch: str | None = None) -> str | None:
-    """The commit a repo's branch points at, or None if the repo or branch does not exist."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return HfApi().model_info(repo_id, revision=branch or "main").sha
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        return None
-    except HfHubHTTPError as e:
-        raise HubError(f"cannot read {repo_id}: {_short(e)}") from None
-
-
 def model_card(folder: store.ConvertedCheckpoint, repo_id: str) -> str:
     """The README.md published with a converted checkpoint (Hub metadata + parity figures)."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -157,7 +144,8 @@ Preprocessing: input {cfg['input_size'][-1]}px, crop_pct {cfg['crop_pct']}, {cfg
 
 
 def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-            expect_parent: str | None = None, token: str | None = None) -> str:
+            expect_parent: str | None = None, token: str | None = None,
+            allow_random: bool = False) -> tuple[str, bool]:
     """Upload a converted folder as one commit, only if its parity report passed for these bytes.
 
     Args:
@@ -168,9 +156,11 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
         expect_parent: commit the branch must still be at (default: its head when we look);
             a repo that moved meanwhile refuses the commit.
         token: Hub token (default: `HF_TOKEN` or the stored login). Never logged.
+        allow_random: publish a folder of random (not pretrained) weights too.
 
     Returns:
-        The new commit id.
+        The commit holding the files, and whether it is new (False: the branch already held
+        exactly these files, and the client made no commit).
 
     Raises:
         HubError: refused (no passing report, weights changed since the report, stale parent)
@@ -182,6 +172,9 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
     from converters.parity import ParityReport
 
     folder = store.open_folder(path)
+    if not folder.config.get("pretrained", True) and not allow_random:
+        raise HubError(f"refusing to publish {folder.path}: it holds random weights, not a pretrained model; "
+                       "pass --allow-random to publish it anyway")
     try:
         report = ParityReport.from_json(folder.parity)
     except (TypeError, ValueError, KeyError) as e:
@@ -213,10 +206,8 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
             raise HubError(f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
                            "nothing was published, retry") from None
         raise HubError(f"publishing to {repo_id} failed: {_short(e)}") from None
-    if info.oid == parent:  # the client skips a commit that would change nothing
-        log.warning("%s@%s already holds these exact files: nothing published", repo_id, branch)
     _check_remote(api, repo_id, info.oid, {**{n: folder.path / n for n in files}, CARD: card.encode()})
-    return info.oid
+    return info.oid, info.oid != parent  # the client skips a commit that would change nothing
 
 
 def _check_remote(api, repo_id: str, commit: str, local: dict) -> None:

@@ -90,6 +90,8 @@ def remote_head(url: str) -> str:
 def test_publish_then_load_by_name_without_torch(converted, hub, tmp_path):
     env = client_env(hub, tmp_path)
     proc = zoo_cli("publish", str(converted), env=env)
+    assert proc.returncode == 1 and "random weights" in proc.stderr  # never by accident
+    proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     commit = proc.stdout.strip()
     assert remote_head(hub) == commit
@@ -126,7 +128,7 @@ def test_publish_then_load_by_name_without_torch(converted, hub, tmp_path):
 def test_corrupted_download_is_detected_and_discarded(converted, tmp_path):
     with local_hub(tmp_path / "hub-root") as url:
         env = client_env(url, tmp_path)
-        assert zoo_cli("publish", str(converted), env=env).returncode == 0
+        assert zoo_cli("publish", str(converted), "--allow-random", env=env).returncode == 0
         request = urllib.request.Request(f"{url}/__faults", data=json.dumps({"corrupt": ["model.weights.h5"]}).encode(),
                                          method="POST")
         urllib.request.urlopen(request).read()
@@ -149,7 +151,7 @@ def _resign(folder: Path) -> None:
 def test_refusals_upload_nothing(converted, tmp_path):
     with local_hub(tmp_path / "hub-root") as url:
         env = client_env(url, tmp_path)
-        assert zoo_cli("publish", str(converted), env=env).returncode == 0
+        assert zoo_cli("publish", str(converted), "--allow-random", env=env).returncode == 0
         head = remote_head(url)
 
         # 1. a folder whose parity failed
@@ -162,7 +164,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         report.pop("weights_sha256")
         config = {k: v for k, v in folder.config.items() if k not in ("format", "weights")}
         store.write(failed, zoo.load(converted), config, report)
-        proc = zoo_cli("publish", str(failed), env=env)
+        proc = zoo_cli("publish", str(failed), "--allow-random", env=env)
         assert proc.returncode == 1 and "parity check failed" in proc.stderr and "Traceback" not in proc.stderr
 
         # 2. weights changed after the report (manifest re-signed, report not)
@@ -175,7 +177,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         parity["weights_sha256"] = folder.parity["weights_sha256"]
         (changed / "parity.json").write_text(json.dumps(parity))
         _resign(changed)
-        proc = zoo_cli("publish", str(changed), env=env)
+        proc = zoo_cli("publish", str(changed), "--allow-random", env=env)
         assert proc.returncode == 1 and "weights changed after the parity report" in proc.stderr
 
         # 3. the repo moved under it (another commit landed after we looked); new weights to send
@@ -184,12 +186,12 @@ def test_refusals_upload_nothing(converted, tmp_path):
         HfApi(endpoint=url, token=TOKEN).upload_file(path_or_fileobj=b"x", path_in_repo="NOTES.md", repo_id=REPO)
         moved = remote_head(url)
         assert moved != head
-        proc = zoo_cli("publish", str(newer), "--expect-parent", head, env=env)
+        proc = zoo_cli("publish", str(newer), "--expect-parent", head, "--allow-random", env=env)
         assert proc.returncode == 1 and "moved while publishing" in proc.stderr
         assert remote_head(url) == moved  # nothing was published by any refusal
 
         # the same bytes again: nothing to publish, and nothing published twice
-        proc = zoo_cli("publish", str(converted), env=env)
+        proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
         assert proc.returncode == 0 and "already published" in proc.stderr
         assert remote_head(url) == moved
 

@@ -123,18 +123,18 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
                        revision=revision, from_url=from_url, atol=atol, rtol=rtol, echo=_echo)
     _echo(f"parity passed: {report.summary()}")
     if publish_after:
-        _publish(path, repo_id, private=False, branch=None, expect_parent=None)
+        _publish(path, repo_id, private=False, branch=None, expect_parent=None, allow_random=random_weights)
     click.echo(str(path))
 
 
-def _publish(path, repo_id, private, branch, expect_parent):
+def _publish(path, repo_id, private, branch, expect_parent, allow_random=False):
     from checkpoints import hub, store
 
     name = store.open_folder(path).config["name"]
     repo_id = repo_id or hub.repo_id_for(name)
-    before = hub.head(repo_id, branch)
-    commit = hub.publish(path, repo_id, private=private, revision=branch, expect_parent=expect_parent)
-    if commit == before:
+    commit, new = hub.publish(path, repo_id, private=private, revision=branch, expect_parent=expect_parent,
+                              allow_random=allow_random)
+    if not new:
         _echo(f"{repo_id} already published these exact files at commit {commit}: nothing to do")
     else:
         _echo(f"published {name} to {repo_id} at commit {commit}")
@@ -180,8 +180,9 @@ def verify(folder, checkpoint):
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", help="Branch to commit to (created if missing; default main).")
 @click.option("--expect-parent", help="Refuse unless the branch is still at this commit.")
+@click.option("--allow-random", is_flag=True, help="Publish a folder of random (not pretrained) weights too.")
 @_user_errors
-def publish(name_or_dir, repo_id, private, revision, expect_parent):
+def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random):
     """Publish a converted folder (or NAME from the local store) to the Hub, as one commit.
 
     Refused unless its parity report passed for exactly the weights being uploaded. The token
@@ -197,7 +198,7 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent):
         path = store.store_path(resolve(name_or_dir).name)
         if not path.is_dir():
             raise ZooError(f"{name_or_dir} is not converted in the local store; run `zoo convert {name_or_dir}`")
-    click.echo(_publish(path, repo_id, private, revision, expect_parent))
+    click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
 
 
 if __name__ == "__main__":
