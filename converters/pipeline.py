@@ -178,12 +178,14 @@ def _step(echo: Echo, what: str):
 def convert_all(names: list[str], *, out_root: str | Path | None = None, force: bool = False,
                 random_seed: int | None = None, from_url: bool = False,
                 atol: float = parity.DEFAULT_ATOL, rtol: float = parity.DEFAULT_RTOL,
-                echo: Echo = log.info) -> tuple[list[dict], Path]:
+                keep_weights: bool = True, echo: Echo = log.info) -> tuple[list[dict], Path]:
     """Convert many checkpoints; one failure does not stop the rest.
 
     Already converted entries (a valid folder whose report passed) are skipped unless
     `force`. A `summary.json` with one row per entry (name, params, max abs / relative logit
     error, top-1 agreement, seconds, status) is written to `out_root` (default: the store).
+    With `keep_weights=False` (parity sweeps) each folder keeps only its config, report and manifest,
+    and an entry counts as done when its report passed.
 
     Returns:
         The rows and the summary file's path.
@@ -200,14 +202,16 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
         row = {"name": name, "architecture": resolve(name).architecture}
         start = time.perf_counter()
         try:
-            done = None if force else _passed_folder(out)
+            done = None if force else _passed(out, keep_weights)
             if done is not None:
-                report = parity.ParityReport.from_json(done.parity)
-                row.update(status="skipped (done)", params=done.config.get("params"))
+                config, report = done
+                row.update(status="skipped (done)", params=config.get("params"))
             else:
                 path, report = convert(name, out=out, random_seed=random_seed, from_url=from_url,
                                        atol=atol, rtol=rtol, echo=echo)
                 row.update(status="ok", params=json.loads((path / store.CONFIG).read_text()).get("params"))
+                if not keep_weights:
+                    (path / store.WEIGHTS).unlink()
             c = report.logits
             row.update(max_abs=c.max_abs, rel=c.rel, top1_agreement=report.top1_agreement)
         except ZooError as e:
@@ -219,15 +223,23 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
     return rows, summary
 
 
-def _passed_folder(out: Path) -> store.ConvertedCheckpoint | None:
-    """The converted folder at `out` if it is intact and its report passed, else None."""
+def _passed(out: Path, whole: bool) -> tuple[dict, parity.ParityReport] | None:
+    """(config, report) of the conversion at `out` if its report passed, else None.
+
+    `whole`: the folder must also be intact against its manifest (weights included).
+    """
     from zoo.errors import ZooError
 
     try:
-        folder = store.open_folder(out)
-    except ZooError:
+        if whole:
+            folder = store.open_folder(out)
+            config, report = folder.config, folder.parity
+        else:
+            config = json.loads((out / store.CONFIG).read_text())
+            report = json.loads((out / store.PARITY).read_text())
+    except (ZooError, OSError, ValueError):
         return None
-    return folder if folder.parity.get("passed") else None
+    return (config, parity.ParityReport.from_json(report)) if report.get("passed") else None
 
 
 def summary_table(rows: list[dict]) -> str:

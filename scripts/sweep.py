@@ -3,8 +3,10 @@
     python scripts/sweep.py --out sweep-out            # every distinct architecture + head
     python scripts/sweep.py --out sweep-out 'convnextv2_*'
 
-Resumable (converted entries are skipped; --force redoes them). Writes the converted folders,
-`summary.json` and a Markdown `summary.md` under --out. Exit code 1 if any conversion failed.
+Resumable (entries whose report passed are skipped; --force redoes them). Writes one folder
+per entry with its config, parity report and manifest (the weights too with --keep-weights: the whole
+sweep is ~45 GB of random weights), `summary.json` and a Markdown `summary.md` under --out.
+Exit code 1 if any conversion failed.
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-weights", action="store_true", help="keep the converted weights")
     args = parser.parse_args()
     names = [c.name for c in representatives(args.pattern)]
     print(f"{len(names)} conversions", file=sys.stderr)
     rows, summary = convert_all(names, out_root=args.out, force=args.force, random_seed=args.seed,
+                                keep_weights=args.keep_weights,
                                 echo=lambda line: print(line, file=sys.stderr))
     table = summary_table(rows)
     (args.out / "summary.md").write_text("```\n" + table + "\n```\n")

@@ -89,8 +89,14 @@ def test_convert_all_is_resumable_and_survives_failures(small_tiny, tmp_path):
 
     again, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all")
     assert again[0]["status"] == "skipped (done)" and again[0]["max_abs"] == rows[0]["max_abs"]
-    forced, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", force=True)
+    # a sweep run: forced again, keeping no weights
+    forced, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", force=True, keep_weights=False)
     assert forced[0]["status"] == "ok"
+    assert sorted(p.name for p in (tmp_path / "all" / names[0]).iterdir()) == ["config.json", "manifest.json", "parity.json"]
+    resumed, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", keep_weights=False)
+    assert resumed[0]["status"] == "skipped (done)" and resumed[0]["params"] == rows[0]["params"]
+    whole, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all")  # weights wanted: redone
+    assert whole[0]["status"] == "ok"
 
 
 def test_cli_convert_all_exit_code_and_table(tmp_path):
