@@ -81,24 +81,11 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
 
     with _step(echo, f"check {path} against its manifest"):
         folder = store.open_folder(path)
-    config, recorded = folder.config, folder.config["source"]
+    config = folder.config
     arch = Architecture.from_config(config["architecture"])
     with tempfile.TemporaryDirectory(prefix="zoo-verify-") as work:
         with _step(echo, "source weights"):
-            if checkpoint is not None:
-                src = source.local(checkpoint)
-            elif recorded["kind"] == "random":
-                src = random_source(arch, config["num_classes"], recorded["seed"], Path(work),
-                                    config["head_norm_affine"])
-            elif recorded["kind"] == "hub":
-                src = source.fetch(recorded["repo_id"], recorded["filename"], revision=recorded["revision"])
-            elif recorded["kind"] == "url":
-                src = source.fetch_url(recorded["url"], expected_sha256=recorded["sha256"])
-            else:
-                src = source.local(recorded["path"])
-        if src.sha256 != recorded["sha256"]:
-            raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
-                                 f"recorded {recorded['sha256']})")
+            src = recorded_source(config, Path(work), checkpoint)
         with _step(echo, "load the converted weights"):
             model = from_folder(folder)
         stored = folder.parity
@@ -110,6 +97,34 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
                                   stage_rtol=stored["stage_rtol"])
     echo(report.table())
     return report
+
+
+def recorded_source(config: dict, work: Path, checkpoint: str | Path | None = None) -> source.SourceFile:
+    """The source weights a converted folder was made from, checked against its recorded sha256.
+
+    Fetched again from where the folder's config says (Hub commit, release URL, file, or the
+    seed of random weights, regenerated under `work`), or taken from `checkpoint`.
+
+    Raises:
+        SourceError: the source cannot be fetched.
+        IntegrityError: it is not the file the folder was converted from.
+    """
+    recorded = config["source"]
+    if checkpoint is not None:
+        src = source.local(checkpoint)
+    elif recorded["kind"] == "random":
+        src = random_source(Architecture.from_config(config["architecture"]), config["num_classes"],
+                            recorded["seed"], work, config["head_norm_affine"])
+    elif recorded["kind"] == "hub":
+        src = source.fetch(recorded["repo_id"], recorded["filename"], revision=recorded["revision"])
+    elif recorded["kind"] == "url":
+        src = source.fetch_url(recorded["url"], expected_sha256=recorded["sha256"])
+    else:
+        src = source.local(recorded["path"])
+    if src.sha256 != recorded["sha256"]:
+        raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
+                             f"recorded {recorded['sha256']})")
+    return src
 
 
 def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
