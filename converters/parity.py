@@ -154,8 +154,11 @@ def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: fl
 
 
 def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray,
-                      workdir: Path, head_norm_affine: bool = True) -> dict[str, np.ndarray]:
+                      workdir: Path, head_norm_affine: bool = True,
+                      out_indices: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """Run timm on `inputs` in a separate process and return its outputs (NHWC).
+
+    With `out_indices`, the outputs are timm's `features_only=True` maps, `features.{i}`.
 
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
@@ -163,6 +166,8 @@ def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs
     spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
             "head_norm_affine": head_norm_affine,
             "inputs": str(workdir / "inputs.npy"), "outputs": str(workdir / "reference.npz")}
+    if out_indices is not None:
+        spec["out_indices"] = list(out_indices)
     np.save(spec["inputs"], inputs)
     (workdir / "spec.json").write_text(json.dumps(spec))
     run_reference_process(["forward", str(workdir / "spec.json")])

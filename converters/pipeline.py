@@ -78,6 +78,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
         ZooError: integrity or source problems (a failed comparison is in the report).
     """
     from zoo.loading import from_folder
+    from zoo.model import dtype_policy
 
     with _step(echo, f"check {path} against its manifest"):
         folder = store.open_folder(path)
@@ -86,7 +87,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
     with tempfile.TemporaryDirectory(prefix="zoo-verify-") as work:
         with _step(echo, "source weights"):
             src = recorded_source(config, Path(work), checkpoint)
-        with _step(echo, "load the converted weights"):
+        with _step(echo, "load the converted weights"), dtype_policy("float32"):
             model = from_folder(folder)
         stored = folder.parity
         with _step(echo, "parity against timm (separate process)"):
@@ -128,9 +129,11 @@ def recorded_source(config: dict, work: Path, checkpoint: str | Path | None = No
 
 
 def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
-    from zoo.model import build_model
+    """The float32 Keras model for `arch`, whatever dtype policy is set globally."""
+    from zoo.model import build_model, dtype_policy
 
-    return build_model(arch, num_classes=num_classes, head_norm_affine=head_norm_affine)
+    with dtype_policy("float32"):
+        return build_model(arch, num_classes=num_classes, head_norm_affine=head_norm_affine)
 
 
 def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revision, from_url, work: Path):

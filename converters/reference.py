@@ -70,6 +70,22 @@ def forward(model: torch.nn.Module, inputs: np.ndarray) -> dict[str, np.ndarray]
             for name, t in captured.items()}
 
 
+def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, out_indices,
+             head_norm_affine: bool = True) -> dict[str, np.ndarray]:
+    """timm's `features_only=True` outputs (NHWC), the model loaded by timm's own pretrained path.
+
+    The weights file goes in as `pretrained_cfg_overlay=dict(file=...)`, so timm applies its own
+    loading and FB-layout filtering, then wraps the model in its feature extractor.
+    """
+    model = timm.create_model(arch.name, pretrained=True, features_only=True, out_indices=tuple(out_indices),
+                              num_classes=num_classes, pretrained_strict=head_norm_affine,
+                              pretrained_cfg_overlay=dict(file=str(source), num_classes=num_classes),
+                              **arch.timm_kwargs()).eval()
+    with torch.inference_mode():
+        maps = model(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))))
+    return {f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy() for i, t in zip(out_indices, maps)}
+
+
 def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
                       head_norm_affine: bool = True) -> dict[str, np.ndarray]:
     """timm's state dict for `arch` with every tensor drawn at a realistic, non-trivial scale.
@@ -103,9 +119,14 @@ def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
 def _forward_command(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     arch = Architecture.from_config(spec["arch"])
-    model = create(arch, spec["num_classes"])
-    load_weights(model, Path(spec["source"]), spec.get("head_norm_affine", True))
-    outputs = forward(model, np.load(spec["inputs"]))
+    inputs = np.load(spec["inputs"])
+    if "out_indices" in spec:
+        outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
+                           spec.get("head_norm_affine", True))
+    else:
+        model = create(arch, spec["num_classes"])
+        load_weights(model, Path(spec["source"]), spec.get("head_norm_affine", True))
+        outputs = forward(model, inputs)
     np.savez(spec["outputs"], **outputs)
 
 
@@ -122,7 +143,8 @@ def _random_command(args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m converters.reference", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check")
+    fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check "
+                         "(its features_only model when the spec has out_indices)")
     fwd.add_argument("spec", type=Path)
     rnd = sub.add_parser("random", help="write perturbed random weights in timm's layout")
     rnd.add_argument("--arch", required=True, help="architecture config as JSON")

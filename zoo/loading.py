@@ -8,10 +8,10 @@ from pathlib import Path
 import keras
 
 from checkpoints import store
-from .architectures import ARCHITECTURES, Architecture
+from .architectures import Architecture
 from .catalogue import resolve
 from .errors import HubError, StoreError, UnknownModelError, ZooError
-from .model import build_model, features_layer, pre_logits
+from .model import build_model, classifier, feature_names, features_layer, pre_logits
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ def build(name: str | Architecture, *, num_classes: int | None = None, include_t
 
 
 def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | None = "avg",
-         num_classes: int | None = None, input_shape: tuple | None = None, revision: str | None = None,
-         hub_org: str | None = None, convert: bool = True) -> keras.Model:
+         num_classes: int | None = None, input_shape: tuple | None = None, features_only: bool = False,
+         out_indices: tuple[int, ...] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
+         revision: str | None = None, hub_org: str | None = None, convert: bool = True) -> keras.Model:
     """A converted ConvNeXt with its weights.
 
     A folder path loads that folder. A name (canonical, alias or architecture) is looked up:
@@ -52,6 +53,12 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
         num_classes: a new classifier width: the backbone and head norm load, the new head is
             initialised fresh (and a warning says so).
         input_shape: fixed NHWC input shape without batch (default: any size).
+        features_only: return a backbone whose outputs are the list of stage feature maps
+            selected by `out_indices` (strides 4, 8, 16, 32), as timm's `features_only=True`;
+            any input size divisible by 32 keeps the strides exact.
+        out_indices: stages returned with `features_only`.
+        drop_path_rate: stochastic depth for fine-tuning (rate of the last block, rising
+            linearly from 0 as in timm); active only in training.
         revision: Hub revision for step (2).
         hub_org: organisation for step (2) (default `ZOO_HUB_ORG`, else `convnext-zoo`).
         convert: allow step (3).
@@ -71,7 +78,8 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
             raise UnknownModelError(f"{e} (and there is no folder {str(name_or_path)!r})") from None
         folder = _find(ckpt, revision, hub_org, convert)
     return from_folder(folder, include_top=include_top, pooling=pooling, num_classes=num_classes,
-                       input_shape=input_shape)
+                       input_shape=input_shape, features_only=features_only, out_indices=out_indices,
+                       drop_path_rate=drop_path_rate)
 
 
 def _find(ckpt, revision, hub_org, convert) -> store.ConvertedCheckpoint:
@@ -112,16 +120,21 @@ def _installed(module: str) -> bool:
 
 
 def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, pooling: str | None = "avg",
-                num_classes: int | None = None, input_shape: tuple | None = None) -> keras.Model:
+                num_classes: int | None = None, input_shape: tuple | None = None, features_only: bool = False,
+                out_indices: tuple[int, ...] = (0, 1, 2, 3), drop_path_rate: float = 0.0) -> keras.Model:
     """Build the folder's architecture, load its (already verified) weights, adapt the head."""
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
     config = folder.config
     arch = Architecture.from_config(config["architecture"])
+    outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
     model = build_model(arch, num_classes=config["num_classes"], name=config["name"],
-                        head_norm_affine=config.get("head_norm_affine", True),
+                        head_norm_affine=config.get("head_norm_affine", True), drop_path_rate=drop_path_rate,
                         input_shape=input_shape or (None, None, 3))
     model.load_weights(folder.weights)
+    if features_only:
+        return keras.Model(model.input, [model.get_layer(n).output for n in outputs],
+                           name=f"{model.name}_features")
     if not include_top:
         features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
         return keras.Model(model.input, features, name=f"{model.name}_features")
@@ -129,9 +142,9 @@ def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, 
         log.warning("%s: new %d-class head initialised fresh (the checkpoint's has %d classes); "
                     "the backbone and head norm are pretrained", config["name"], num_classes,
                     config["num_classes"])
-        head = keras.layers.Dense(num_classes, name="head.fc")(pre_logits(model))
+        head = classifier(num_classes)(pre_logits(model))
         return keras.Model(model.input, head, name=model.name)
     return model
 
 
-__all__ = ["build", "load", "from_folder", "ARCHITECTURES"]
+__all__ = ["build", "load", "from_folder"]

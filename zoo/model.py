@@ -1,6 +1,8 @@
 """The Keras 3 ConvNeXt: a functional model whose layer names are timm's module paths."""
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import layers, ops
@@ -79,10 +81,14 @@ class GlobalResponseNorm(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=channels, initializer="zeros")
 
     def call(self, inputs):
-        gx = ops.sqrt(ops.sum(ops.square(inputs), axis=(1, 2), keepdims=True))
+        # The L2 norm over H, W in float32: in float16 the sum of squares of a 56x56 map overflows.
+        x = ops.cast(inputs, "float32")
+        gx = ops.sqrt(ops.sum(ops.square(x), axis=(1, 2), keepdims=True))
         nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
-        weight, bias = ops.cast(self.weight, inputs.dtype), ops.cast(self.bias, inputs.dtype)
-        return inputs + (bias + weight * (inputs * nx))
+        # variables are read in the compute dtype under mixed precision: cast them back
+        weight, bias = ops.cast(self.weight, "float32"), ops.cast(self.bias, "float32")
+        out = x + (bias + weight * (x * nx))
+        return ops.cast(out, inputs.dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -105,14 +111,29 @@ class SimpleNorm(keras.layers.Layer):
                        if self.scale else None)
 
     def call(self, inputs):
-        channels = inputs.shape[-1]
-        centred = inputs - ops.mean(inputs, axis=-1, keepdims=True)
+        x = ops.cast(inputs, "float32")  # statistics in float32 under mixed precision, as LayerNormalization
+        channels = x.shape[-1]
+        centred = x - ops.mean(x, axis=-1, keepdims=True)
         variance = ops.sum(ops.square(centred), axis=-1, keepdims=True) / (channels - 1)
-        out = inputs * ops.rsqrt(variance + self.epsilon)
-        return out * ops.cast(self.weight, inputs.dtype) if self.scale else out
+        out = x * ops.rsqrt(variance + self.epsilon)
+        return ops.cast(out * ops.cast(self.weight, "float32") if self.scale else out, inputs.dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon, "scale": self.scale}
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build models under the Keras dtype policy `name`, then restore the global one.
+
+    Conversion and parity always run in float32, whatever policy the user has set.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def drop_path_rates(rate: float, depths) -> list[list[float]]:
@@ -248,13 +269,43 @@ def build_model(
             x = layers.Dense(arch.head_hidden_size, use_bias=True, name="head.pre_logits.fc")(x)
             x = layers.Activation(keras.activations.gelu, name="head.pre_logits.act")(x)
     if include_top and num_classes > 0:
-        x = layers.Dense(num_classes, name="head.fc")(x)
+        x = classifier(num_classes)(x)
     return keras.Model(inputs, x, name=name or arch.name)
+
+
+def classifier(num_classes: int) -> layers.Dense:
+    """The `head.fc` layer; float32 under a mixed precision policy (stable logits and losses)."""
+    mixed = keras.config.dtype_policy().name.startswith("mixed")
+    return layers.Dense(num_classes, name="head.fc", dtype="float32" if mixed else None)
+
+
+def freeze_stages(model: keras.Model, num_stages: int) -> keras.Model:
+    """Freeze the stem and the first `num_stages` stages (0 freezes only the stem) for fine-tuning.
+
+    Layers are found by their timm module paths; everything after them stays trainable.
+    Returns the same model.
+    """
+    if not 0 <= num_stages <= 4:
+        raise ValueError(f"num_stages must be 0..4, got {num_stages}")
+    frozen = ("stem.",) + tuple(f"stages.{i}." for i in range(num_stages))
+    for layer in model.layers:
+        if layer.name.startswith(frozen):
+            layer.trainable = False
+    return model
 
 
 def stage_names(arch: Architecture) -> list[str]:
     """Names of the layers whose outputs the parity check compares, stem first."""
     return [stem_output(arch)] + [f"stages.{i}.blocks.{d - 1}" for i, d in enumerate(arch.depths)]
+
+
+def feature_names(arch: Architecture, out_indices=(0, 1, 2, 3)) -> list[str]:
+    """Layers giving timm's `features_only` outputs: stage i's output, stride 2**(i + 2)."""
+    names = stage_names(arch)[1:]
+    try:
+        return [names[i] for i in out_indices]
+    except (IndexError, TypeError):
+        raise ValueError(f"out_indices must be stage indices in -4..3, got {out_indices!r}") from None
 
 
 def features_layer(arch: Architecture) -> str:

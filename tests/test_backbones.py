@@ -1,0 +1,111 @@
+"""Using converted models: stage features as timm's `features_only`, and fine-tuning."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import zoo
+from checkpoints import store
+from converters.images import parity_batch
+from converters.parity import DEFAULT_STAGE_RTOL, Comparison, reference_outputs
+from converters.pipeline import recorded_source
+from tests.conftest import SMALL
+from tests.support.converted import convert_small
+from zoo.architectures import Architecture
+from zoo.model import freeze_stages
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> converted folder of a small architecture (converted once per module)."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            made[kind] = convert_small(tmp_path_factory.mktemp(kind) / "converted", SMALL[kind], seed=3)
+        return made[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind, out_indices", [("overlap_tiered", (0, 1, 2, 3)), ("head_norm_first", (1, 3))])
+def test_features_only_equals_timms_features_only(converted, kind, out_indices, tmp_path):
+    folder = store.open_folder(converted(kind))
+    arch = Architecture.from_config(folder.config["architecture"])
+    backbone = zoo.load(folder.path, features_only=True, out_indices=out_indices)
+
+    # any size divisible by 32, not square: strides 4, 8, 16, 32 exactly
+    x = parity_batch(224, folder.config["pretrained_cfg"]["mean"], folder.config["pretrained_cfg"]["std"],
+                     natural=2, noise=1, seed=5)[:, :96, :160]
+    ours = [np.asarray(t) for t in backbone(x)]
+    source = recorded_source(folder.config, tmp_path)
+    theirs = reference_outputs(arch, folder.config["num_classes"], source.path, x, tmp_path,
+                               out_indices=out_indices)
+    assert len(ours) == len(out_indices) == len(theirs)
+    for i, feature in zip(out_indices, ours):
+        stride = 2 ** (i + 2)
+        assert feature.shape == (3, 96 // stride, 160 // stride, arch.dims[i])
+        c = Comparison.of(f"features.{i}", feature, theirs[f"features.{i}"])
+        assert c.finite and c.rel <= DEFAULT_STAGE_RTOL, c
+
+
+def test_features_only_rejects_bad_indices(converted):
+    with pytest.raises(ValueError, match="out_indices"):
+        zoo.load(converted("overlap_tiered"), features_only=True, out_indices=(0, 4))
+
+
+@pytest.fixture
+def policy(request):
+    keras.config.set_dtype_policy(request.param)
+    yield request.param
+    keras.config.set_dtype_policy("float32")
+
+
+def _synthetic(num_classes=3, n=24, size=64, seed=0):
+    """Images whose class is which colour channel is brightest: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    x = rng.normal(0, 0.5, (n, size, size, 3)).astype("float32")
+    x[np.arange(n), :, :, labels] += 1.0
+    return x, labels
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_path):
+    model = zoo.load(converted("linear_mlp"), num_classes=3, drop_path_rate=0.2)
+    assert model.output.shape[-1] == 3
+    assert keras.backend.standardize_dtype(model.output.dtype) == "float32"  # logits stay float32
+    assert any(layer.name.endswith("drop_path") for layer in model.layers)
+    freeze_stages(model, 2)
+    frozen = {w.path: np.array(w) for layer in model.layers if not layer.trainable for w in layer.weights}
+    assert frozen and all(not n.startswith(("stages.2", "stages.3", "head")) for n in frozen)
+    learned = {w.path: np.array(w) for w in model.get_layer("stages.3.blocks.0.mlp.fc1").weights}
+
+    x, y = _synthetic()
+    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=6, verbose=0, shuffle=False)
+    after = model.evaluate(x, y, verbose=0)
+    assert np.isfinite(after) and after < 0.7 * before, (before, after)
+    for layer in model.layers:
+        for w in layer.weights:
+            if w.path in frozen:
+                np.testing.assert_array_equal(np.array(w), frozen[w.path], err_msg=w.path)
+    assert any(not np.array_equal(np.array(w), learned[w.path])
+               for w in model.get_layer("stages.3.blocks.0.mlp.fc1").weights)
+
+    path = tmp_path / "fine-tuned.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(np.asarray(reloaded.predict(x, verbose=0)), np.asarray(model.predict(x, verbose=0)))
+    assert reloaded.get_layer("stages.0.blocks.0.conv_dw").dtype_policy.name == policy
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_conversion_and_verify_run_in_float32_under_a_mixed_policy(converted, policy):
+    from converters.pipeline import build, verify
+
+    model = build(SMALL["linear_mlp"], 10)
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert verify(converted("linear_mlp")).passed
+    assert keras.config.dtype_policy().name == policy  # the user's policy is back
