@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 from .architectures import ARCHITECTURES, Architecture, get_architecture
 from .catalogue import Checkpoint, catalogue, resolve, search
-from .errors import (HubError, IntegrityError, MappingError, ParityError, ReferenceRunError, SourceError,
-                     StoreError, UnknownModelError, ZooError)
+from .errors import (HubError, ImageError, IntegrityError, MappingError, ParityError, ReferenceRunError,
+                     SourceError, StoreError, UnknownModelError, ZooError)
 
 
 def load(name_or_path, **kwargs):
@@ -23,6 +23,16 @@ def load(name_or_path, **kwargs):
     return _load(name_or_path, **kwargs)
 
 
+def preprocess(images, name):
+    """Images -> the normalised NHWC batch checkpoint `name` expects, equal to timm's eval transform.
+
+    See `zoo.preprocessing.preprocess` for the arguments.
+    """
+    from .preprocessing import preprocess as _preprocess
+
+    return _preprocess(images, name)
+
+
 def build(name, **kwargs):
     """An uninitialised ConvNeXt for a checkpoint or architecture name (see `zoo.loading.build`)."""
     from .loading import build as _build
@@ -31,7 +41,7 @@ def build(name, **kwargs):
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "Checkpoint", "HubError", "IntegrityError", "MappingError", "ParityError",
-    "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError", "build",
-    "catalogue", "get_architecture", "load", "resolve", "search",
+    "ARCHITECTURES", "Architecture", "Checkpoint", "HubError", "ImageError", "IntegrityError", "MappingError",
+    "ParityError", "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError", "build",
+    "catalogue", "get_architecture", "load", "preprocess", "resolve", "search",
 ]

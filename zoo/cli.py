@@ -201,5 +201,152 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
     click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
 
 
+DEFAULT_PREDICT_MODEL = "convnext_tiny.fb_in1k"
+PREDICT_BATCH = 16
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--model", "model_name", default=DEFAULT_PREDICT_MODEL, show_default=True,
+              help="Checkpoint name or alias (local store, else the Hub, else converted), or a converted folder.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output: a list of {image, predictions: [{index, label, probability}]}.")
+@_user_errors
+def predict(images, model_name, top, as_json):
+    """Classify IMAGE files: the top classes and their probabilities.
+
+    Each image is prepared exactly as timm evaluates the checkpoint (its size, crop and
+    normalisation). The default model, convnext_tiny.fb_in1k, has the ImageNet-1k classes;
+    heads of 11821 (ImageNet-12k) and 21841 (ImageNet-22k) classes are named too, other heads
+    show class indices. Feature checkpoints (0 classes) cannot predict.
+    """
+    import numpy as np
+
+    from .labels import label_names
+    from .preprocessing import preprocess
+
+    name, num_classes, preprocessing, load = _classifier(model_name)
+    if num_classes == 0:
+        raise ZooError(f"{name} is a feature checkpoint without a classifier head: it has no classes to predict. "
+                       f"Use a classifier (e.g. --model {DEFAULT_PREDICT_MODEL}; `zoo list` shows the classes), "
+                       f"or zoo.load({name!r}, include_top=False) for features")
+    batch = preprocess(list(images), preprocessing)  # unreadable images fail before the model loads
+    names = label_names(num_classes)
+    if names is None:
+        _echo(f"note: {name} has a {num_classes}-way head without a label set (only the 1000-, 11821- and "
+              f"21841-class ImageNet heads are named); showing class indices")
+    model = load()
+    logits = np.concatenate([np.asarray(model(batch[i:i + PREDICT_BATCH], training=False))
+                             for i in range(0, len(batch), PREDICT_BATCH)]).astype(np.float64)
+    probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    results = []
+    for image, p in zip(images, probabilities):
+        best = np.argsort(-p, kind="stable")[:top]
+        results.append({"image": image, "predictions": [
+            {"index": int(i), "label": names[i] if names else None, "probability": float(p[i])} for i in best]})
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+        return
+    for n, result in enumerate(results):
+        click.echo(("\n" if n else "") + result["image"])
+        click.echo(f"  {'rank':>4}  {'probability':>11}  {'index':>5}" + ("  label" if names else ""))
+        for rank, row in enumerate(result["predictions"], 1):
+            label = f"  {row['label']}" if names else ""
+            click.echo(f"  {rank:>4}  {row['probability']:>11.2%}  {row['index']:>5}{label}")
+
+
+def _classifier(model_name):
+    """(name, classes, preprocessing, loader) of a converted folder or a catalogue name, loading nothing."""
+    from pathlib import Path
+
+    from .catalogue import resolve
+    from .errors import UnknownModelError
+    from .preprocessing import Preprocessing
+
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        from checkpoints import store
+
+        folder = store.open_folder(path)
+        config = folder.config
+        return (config["name"], config["num_classes"], Preprocessing.from_pretrained_cfg(config["pretrained_cfg"]),
+                functools.partial(_load_folder, folder))
+    try:
+        ckpt = resolve(model_name)
+    except UnknownModelError as e:
+        raise UnknownModelError(f"{e} (and there is no folder {model_name!r})") from None
+    return ckpt.name, ckpt.num_classes, Preprocessing.from_checkpoint(ckpt), functools.partial(_load_name, ckpt.name)
+
+
+# Keras (so TensorFlow) is imported only once the inputs are known to be good.
+def _load_folder(folder):
+    from .loading import from_folder
+
+    return from_folder(folder)
+
+
+def _load_name(name):
+    from .loading import load
+
+    return load(name)
+
+
+@main.command("eval")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="ImageFolder: one sub-folder per class (WordNet ids such as n01440764, class indices, "
+                   "or any names, numbered in sorted order).")
+@click.option("--model", "model_name", default=DEFAULT_PREDICT_MODEL, show_default=True,
+              help="Checkpoint name or alias, or a converted folder.")
+@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of sub-folders: lines of `relative/path label` (index or WordNet id).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate a fixed random sample of N images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--compare-torch", is_flag=True,
+              help="Also run timm (its own transform, the source weights) and report its accuracy and the "
+                   "agreement of the two (needs the convert extra).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_user_errors
+def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, as_json):
+    """Top-1/top-5 accuracy on a labelled image folder with the checkpoint's official preprocessing."""
+    from .evaluation import evaluate
+
+    report = evaluate(model_name, data, labels_file=labels_file, limit=limit, batch_size=batch_size,
+                      compare_torch=compare_torch)
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.table())
+
+
+@main.command("export")
+@click.argument("name_or_dir")
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite", "keras"]), required=True,
+              help="savedmodel: a TF SavedModel folder; tflite: a LiteRT file; keras: a .keras file.")
+@click.option("--out", type=click.Path(), help="Destination (default: <name>.<format> in the current folder).")
+@click.option("--quantize", type=click.Choice(["none", "fp16", "dynamic"]), default="none", show_default=True,
+              help="tflite only: float16 weights, or dynamic-range int8 weights (looser, stated bounds).")
+@click.option("--pytorch", type=click.Choice(["auto", "require", "skip"]), default="auto", show_default=True,
+              help="Compare with timm on the recorded source weights: when possible, always, or never.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Local source file for the PyTorch comparison instead of fetching the recorded one.")
+@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="fp32 bound: max abs logit error.")
+@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="fp32 bound: max abs logit error / max |reference logit|.")
+@_user_errors
+def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, rtol):
+    """Export a converted NAME_OR_DIR as a SavedModel, a TFLite file or a .keras file.
+
+    The export runs on the parity images and is compared with the Keras model and with PyTorch
+    (timm on the recorded source weights); it is kept, with its report beside it, only if it
+    meets its bounds. Prints the export's path; the report table goes to stderr.
+    """
+    from .export import export, report_path
+
+    path = export(name_or_dir, fmt, out=out, quantize=quantize, pytorch=pytorch, checkpoint=checkpoint,
+                  atol=atol, rtol=rtol, echo=_echo)  # the steps and the report table go to stderr
+    _echo(f"report: {report_path(path)}")
+    click.echo(str(path))
+
+
 if __name__ == "__main__":
     main()

@@ -43,3 +43,11 @@ class HubError(ZooError):
 
 class ReferenceRunError(ZooError):
     """The PyTorch reference process failed (missing `convert` extra, crash)."""
+
+
+class ImageError(ZooError):
+    """An input image cannot be read or has the wrong shape or dtype."""
+
+
+class DatasetError(ZooError):
+    """An evaluation image set or its labels cannot be used."""

@@ -66,20 +66,25 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
     Raises:
         ZooError: no step produced the model; the message says what each step found.
     """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        folder = store.open_folder(path)
-    else:
-        if path.suffix in (".h5", ".keras") or "/" in str(name_or_path):
-            raise StoreError(f"{name_or_path}: no such converted checkpoint folder")
-        try:
-            ckpt = resolve(str(name_or_path))
-        except UnknownModelError as e:
-            raise UnknownModelError(f"{e} (and there is no folder {str(name_or_path)!r})") from None
-        folder = _find(ckpt, revision, hub_org, convert)
+    folder = locate(name_or_path, revision=revision, hub_org=hub_org, convert=convert)
     return from_folder(folder, include_top=include_top, pooling=pooling, num_classes=num_classes,
                        input_shape=input_shape, features_only=features_only, out_indices=out_indices,
                        drop_path_rate=drop_path_rate)
+
+
+def locate(name_or_path: str | Path, *, revision: str | None = None, hub_org: str | None = None,
+           convert: bool = True) -> store.ConvertedCheckpoint:
+    """The verified converted folder `load` would build from (same lookup, same errors)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return store.open_folder(path)
+    if path.suffix in (".h5", ".keras") or "/" in str(name_or_path):
+        raise StoreError(f"{name_or_path}: no such converted checkpoint folder")
+    try:
+        ckpt = resolve(str(name_or_path))
+    except UnknownModelError as e:
+        raise UnknownModelError(f"{e} (and there is no folder {str(name_or_path)!r})") from None
+    return _find(ckpt, revision, hub_org, convert)
 
 
 def _find(ckpt, revision, hub_org, convert) -> store.ConvertedCheckpoint:
@@ -147,4 +152,4 @@ def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, 
     return model
 
 
-__all__ = ["build", "load", "from_folder"]
+__all__ = ["build", "from_folder", "load", "locate"]
