@@ -163,12 +163,28 @@ def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
-    spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
-            "head_norm_affine": head_norm_affine,
-            "inputs": str(workdir / "inputs.npy"), "outputs": str(workdir / "reference.npz")}
+    np.save(workdir / "inputs.npy", inputs)
+    extra = {"inputs": str(workdir / "inputs.npy")}
     if out_indices is not None:
-        spec["out_indices"] = list(out_indices)
-    np.save(spec["inputs"], inputs)
+        extra["out_indices"] = list(out_indices)
+    return _run_reference(arch, num_classes, source, head_norm_affine, workdir, extra)
+
+
+def reference_classify(arch: Architecture, num_classes: int, source: Path, files: list[Path],
+                       pretrained_cfg: dict, workdir: Path, head_norm_affine: bool = True) -> np.ndarray:
+    """timm's logits for image files, each prepared by timm's own eval transform (separate process).
+
+    Raises:
+        ReferenceRunError: torch/timm missing or the process failed.
+    """
+    extra = {"files": [str(f) for f in files], "pretrained_cfg": pretrained_cfg}
+    return _run_reference(arch, num_classes, source, head_norm_affine, workdir, extra)["logits"]
+
+
+def _run_reference(arch: Architecture, num_classes: int, source: Path, head_norm_affine: bool,
+                   workdir: Path, extra: dict) -> dict[str, np.ndarray]:
+    spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
+            "head_norm_affine": head_norm_affine, "outputs": str(workdir / "reference.npz"), **extra}
     (workdir / "spec.json").write_text(json.dumps(spec))
     run_reference_process(["forward", str(workdir / "spec.json")])
     with np.load(spec["outputs"]) as data:
@@ -192,10 +208,14 @@ def run_reference_process(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor from the Keras model."""
+    """Every compared tensor from the Keras model.
+
+    Run as a graph, two images at a time: an eager call of a functional model keeps every
+    intermediate tensor alive until it returns (over 22 GB for convnextv2_huge at 512).
+    """
     from zoo.model import probe_model
 
-    outputs = probe_model(model, arch)(inputs, training=False)
+    outputs = probe_model(model, arch).predict(inputs, batch_size=2, verbose=0)
     return {k: np.asarray(v) for k, v in outputs.items()}
 
 

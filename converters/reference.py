@@ -86,6 +86,23 @@ def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndar
     return {f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy() for i, t in zip(out_indices, maps)}
 
 
+def classify(model: torch.nn.Module, files: list[str], pretrained_cfg: dict, batch_size: int = 16) -> np.ndarray:
+    """Logits for image files prepared by timm's own eval transform for `pretrained_cfg`."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config(pretrained_cfg=pretrained_cfg), is_training=False)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(files), batch_size):
+            batch = []
+            for f in files[i:i + batch_size]:
+                with Image.open(f) as image:  # timm's ImageDataset loader: RGB
+                    batch.append(transform(image.convert("RGB")))
+            out.append(model(torch.stack(batch)).float().numpy())
+    return np.concatenate(out)
+
+
 def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
                       head_norm_affine: bool = True) -> dict[str, np.ndarray]:
     """timm's state dict for `arch` with every tensor drawn at a realistic, non-trivial scale.
@@ -119,14 +136,17 @@ def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
 def _forward_command(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     arch = Architecture.from_config(spec["arch"])
-    inputs = np.load(spec["inputs"])
+    inputs = np.load(spec["inputs"]) if "inputs" in spec else None
     if "out_indices" in spec:
         outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
                            spec.get("head_norm_affine", True))
     else:
         model = create(arch, spec["num_classes"])
         load_weights(model, Path(spec["source"]), spec.get("head_norm_affine", True))
-        outputs = forward(model, inputs)
+        if "files" in spec:
+            outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
+        else:
+            outputs = forward(model, inputs)
     np.savez(spec["outputs"], **outputs)
 
 
@@ -144,7 +164,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m converters.reference", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check "
-                         "(its features_only model when the spec has out_indices)")
+                         "(its features_only model when the spec has out_indices; "
+                         "image files through timm's transform when it has files)")
     fwd.add_argument("spec", type=Path)
     rnd = sub.add_parser("random", help="write perturbed random weights in timm's layout")
     rnd.add_argument("--arch", required=True, help="architecture config as JSON")

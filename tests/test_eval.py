@@ -1,0 +1,127 @@
+"""`zoo eval`: accuracy on a labelled image folder, and agreement with timm on the same files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoints import store
+from converters.images import natural_images
+from tests.conftest import SMALL
+from tests.support.converted import convert_small
+from zoo.errors import DatasetError
+from zoo.evaluation import evaluate, samples
+from zoo.loading import from_folder
+from zoo.preprocessing import preprocess
+
+SYNSETS = ["n01440764", "n01443537", "n01484850"]  # ImageNet-1k classes 0, 1, 2
+SIZES = [(300, 410), (224, 224), (517, 333), (150, 90)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return convert_small(tmp_path_factory.mktemp("eval") / "converted", SMALL["v2_grn"], seed=4)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """ImageNet layout: 3 class folders of 4 images of odd sizes, JPEG and PNG."""
+    root = tmp_path_factory.mktemp("imagenet-val")
+    for c, synset in enumerate(SYNSETS):
+        (root / synset).mkdir()
+        for i, (h, w) in enumerate(SIZES):
+            pixels = natural_images(1, max(h, w), seed=10 * c + i)[0][:h, :w]
+            Image.fromarray(pixels).save(root / synset / f"img{i}.{'png' if i % 2 else 'JPEG'}")
+    return root
+
+
+def expected_accuracy(folder_path, paths, labels, k):
+    """Top-k computed independently: preprocess + the Keras model, image by image."""
+    model = from_folder(store.open_folder(folder_path))
+    logits = np.concatenate([np.asarray(model(preprocess([p], folder_path))) for p in paths])
+    top = np.argsort(-logits, axis=-1)[:, :k]
+    return float(np.mean([label in row for label, row in zip(labels, top)]))
+
+
+def test_accuracy_and_agreement_with_timm(folder, image_folder):
+    report = evaluate(folder, image_folder, batch_size=5, compare_torch=True, progress=False)
+    found, _ = samples(image_folder, 1000)
+    assert report.num_images == 12 and report.labels == "folder names as WordNet ids"
+    assert sorted({s.label for s in found}) == [0, 1, 2]
+    paths, labels = [s.path for s in found], [s.label for s in found]
+    assert report.top1 == pytest.approx(expected_accuracy(folder, paths, labels, 1))
+    assert report.top5 == pytest.approx(expected_accuracy(folder, paths, labels, 5))
+    # timm, with its own transform on the same files, predicts what we predict
+    torch = report.torch
+    assert torch["agreement"] == 1.0 and torch["top1"] == report.top1 and torch["top5"] == report.top5
+    assert torch["max_abs"] <= 1e-4
+
+
+def test_labels_file_and_limit(folder, image_folder, tmp_path):
+    # relabel so every image's label is the model's own top-1: accuracy must read 100%
+    found, _ = samples(image_folder, 1000)
+    model = from_folder(store.open_folder(folder))
+    predicted = [int(np.argmax(model(preprocess([s.path], folder)))) for s in found]
+    lines = [f"{s.path.relative_to(image_folder)},{p}" for s, p in zip(found, predicted)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("# path,label\n" + "\n".join(lines) + "\n")
+    report = evaluate(folder, image_folder, labels_file=labels, progress=False)
+    assert report.top1 == 1.0 and report.num_images == 12
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("\n".join(f"{s.path.relative_to(image_folder)} {(p + 1) % 1000}"
+                               for s, p in zip(found, predicted)))
+    assert evaluate(folder, image_folder, labels_file=wrong, progress=False).top1 == 0.0
+    limited = evaluate(folder, image_folder, limit=5, progress=False)
+    assert limited.num_images == 5
+    assert [s.path for s in samples(image_folder, 1000, limit=5)[0]] == \
+        [s.path for s in samples(image_folder, 1000, limit=5)[0]]  # a fixed sample
+
+
+def test_folder_numbering_rules(tmp_path):
+    for name in ("3", "7"):
+        (tmp_path / "ints" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "ints" / name / "a.png")
+    found, how = samples(tmp_path / "ints", 1000)
+    assert how == "folder names as class indices" and [s.label for s in found] == [3, 7]
+    for name in ("dog", "cat"):
+        (tmp_path / "names" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "names" / name / "a.jpg")
+    found, how = samples(tmp_path / "names", 1000)
+    assert how == "sorted folder order" and [(s.path.parent.name, s.label) for s in found] == [("cat", 0), ("dog", 1)]
+
+
+def test_bad_data_is_refused_clearly(tmp_path):
+    with pytest.raises(DatasetError, match="no such image folder"):
+        samples(tmp_path / "missing", 1000)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        samples(tmp_path / "empty", 1000)
+    (tmp_path / "noimages" / "n01440764").mkdir(parents=True)
+    (tmp_path / "noimages" / "n01440764" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="no images"):
+        samples(tmp_path / "noimages", 1000)
+    (tmp_path / "big" / "1000").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="outside this head"):
+        samples(tmp_path / "big", 1000)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("n01440764/none.png 0\n")
+    with pytest.raises(DatasetError, match="no image"):
+        samples(tmp_path / "noimages", 1000, labels_file=labels)
+    labels.write_text("n01440764/notes.txt goldfish\n")
+    with pytest.raises(DatasetError, match="neither a class index nor a WordNet id"):
+        samples(tmp_path / "noimages", 1000, labels_file=labels)
+
+
+def test_cli_eval_json_and_errors(folder, image_folder):
+    run = [sys.executable, "-m", "zoo.cli", "eval", "--model", str(folder), "--data", str(image_folder)]
+    proc = subprocess.run(run + ["--json", "--limit", "6"], capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["num_images"] == 6 and 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    proc = subprocess.run(run[:-2] + ["--data", str(folder)], capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 1 and "no class sub-folders" in proc.stderr and "Traceback" not in proc.stderr

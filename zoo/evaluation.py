@@ -1,0 +1,203 @@
+"""Accuracy on a labelled image set with a checkpoint's official preprocessing (`zoo eval`)."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError, ZooError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class EvalReport:
+    """Top-1/top-5 of the Keras model, and of timm on the same files when compared."""
+
+    model: str
+    data: str
+    labels: str
+    num_images: int
+    top1: float
+    top5: float
+    seconds: float
+    torch: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{self.model} on {self.data} ({self.num_images} images, labels: {self.labels})",
+                 f"{'':<8} {'top-1':>8} {'top-5':>8}",
+                 f"{'keras':<8} {self.top1:>8.2%} {self.top5:>8.2%}"]
+        if self.torch:
+            t = self.torch
+            lines += [f"{'timm':<8} {t['top1']:>8.2%} {t['top5']:>8.2%}",
+                      f"top-1 prediction agreement {t['agreement']:.2%}, "
+                      f"logits max abs difference {t['max_abs']:.2e}"]
+        return "\n".join(lines)
+
+
+def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | None = None,
+            limit: int | None = None) -> tuple[list[Sample], str]:
+    """The labelled images of `data` and how their labels were read.
+
+    Without `labels_file`, `data` is an ImageFolder: one sub-folder per class. Sub-folders
+    named by WordNet id (ImageNet's `n01440764`) take that class's index in the head's label
+    set; sub-folders named by integers are class indices; anything else is numbered in sorted
+    order, as torchvision's ImageFolder does. A `labels_file` has one `relative/path label` per
+    line (space, tab or comma separated; label an index or a WordNet id).
+
+    `limit` keeps a fixed random sample (seed 0) of that many images.
+
+    Raises:
+        DatasetError: no such folder, no images, or labels that do not fit the head.
+    """
+    from .labels import synsets
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such image folder")
+    ids = synsets(num_classes)
+    index = {s: i for i, s in enumerate(ids or ())}
+
+    def label_of(value: str, where: str) -> int:
+        if value in index:
+            return index[value]
+        try:
+            label = int(value)
+        except ValueError:
+            raise DatasetError(f"{where}: label {value!r} is neither a class index nor a WordNet id "
+                               f"of this {num_classes}-class head") from None
+        if not 0 <= label < num_classes:
+            raise DatasetError(f"{where}: class index {label} outside this head's 0..{num_classes - 1}")
+        return label
+
+    if labels_file is not None:
+        found, how = _from_labels_file(root, Path(labels_file).expanduser(), label_of), f"file {labels_file}"
+    else:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise DatasetError(f"{root}: no class sub-folders (ImageFolder layout: {root}/<class>/<image>), "
+                               "or give --labels FILE")
+        if all(c in index for c in classes):
+            how, numbering = "folder names as WordNet ids", {c: index[c] for c in classes}
+        elif all(c.isdigit() for c in classes):
+            how, numbering = "folder names as class indices", {c: label_of(c, f"{root / c}") for c in classes}
+        else:
+            if len(classes) > num_classes:
+                raise DatasetError(f"{root}: {len(classes)} class folders for a {num_classes}-class head")
+            how, numbering = "sorted folder order", {c: i for i, c in enumerate(classes)}
+            log.warning("%s: class folders are not WordNet ids nor indices; numbering them in sorted order", root)
+        found = [Sample(p, numbering[c]) for c in classes for p in sorted((root / c).rglob("*"))
+                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not found:
+        raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    if limit is not None and limit < len(found):
+        found = sorted(random.Random(0).sample(found, limit), key=lambda s: str(s.path))
+    return found, how
+
+
+def _from_labels_file(root: Path, path: Path, label_of) -> list[Sample]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read the labels file {path}: {e}") from None
+    found = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.replace(",", " ").replace("\t", " ").split()
+        if len(parts) != 2:
+            raise DatasetError(f"{path}:{number}: expected `relative/path label`, got {line!r}")
+        image = root / parts[0]
+        if not image.is_file():
+            raise DatasetError(f"{path}:{number}: no image {image}")
+        found.append(Sample(image, label_of(parts[1], f"{path}:{number}")))
+    return found
+
+
+def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    top = np.argsort(-logits, axis=-1)[:, :k]
+    return (top == labels[:, None]).any(axis=-1)
+
+
+def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Path | None = None,
+             limit: int | None = None, batch_size: int = 32, compare_torch: bool = False,
+             progress: bool = True) -> EvalReport:
+    """Top-1/top-5 of a converted checkpoint on a labelled image folder.
+
+    Images are prepared with the checkpoint's own eval transform (`zoo.preprocessing`, equal to
+    timm's). With `compare_torch`, timm runs the checkpoint's source weights (a separate
+    process; needs the `convert` extra) with timm's own transform on the same files, and the
+    report adds its accuracy, the rate at which both predict the same class, and the largest
+    logit difference.
+
+    Raises:
+        DatasetError, ImageError: unusable data (`zoo.errors`).
+        ZooError: the model cannot be loaded, or the PyTorch side cannot run.
+    """
+    from tqdm.auto import tqdm
+
+    from .loading import from_folder, locate
+    from .preprocessing import Preprocessing
+
+    folder = locate(model_name)
+    config = folder.config
+    num_classes = config["num_classes"]
+    if not num_classes:
+        raise DatasetError(f"{config['name']} is a feature checkpoint without a classifier: "
+                           "evaluate a checkpoint with a classification head")
+    found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
+    prepare = Preprocessing.from_pretrained_cfg(config["pretrained_cfg"])
+    model = from_folder(folder)
+    start = time.perf_counter()
+    chunks = []
+    for i in tqdm(range(0, len(found), batch_size), desc="eval", unit="batch", disable=not progress or None):
+        batch = prepare([s.path for s in found[i:i + batch_size]])
+        chunks.append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
+    logits = np.concatenate(chunks)
+    labels = np.array([s.label for s in found])
+    report = EvalReport(model=config["name"], data=str(data), labels=how, num_images=len(found),
+                        top1=float(_topk_hits(logits, labels, 1).mean()),
+                        top5=float(_topk_hits(logits, labels, 5).mean()),
+                        seconds=round(time.perf_counter() - start, 2))
+    if compare_torch:
+        theirs = _torch_logits(config, [s.path for s in found])
+        report.torch = {"top1": float(_topk_hits(theirs, labels, 1).mean()),
+                        "top5": float(_topk_hits(theirs, labels, 5).mean()),
+                        "agreement": float((theirs.argmax(-1) == logits.argmax(-1)).mean()),
+                        "max_abs": float(np.abs(theirs.astype(np.float64) - logits).max())}
+    return report
+
+
+def _torch_logits(config: dict, files: list[Path]) -> np.ndarray:
+    import tempfile
+
+    try:
+        from converters.parity import reference_classify
+        from converters.pipeline import recorded_source
+    except ImportError as e:  # pragma: no cover - the converters ship with the package
+        raise ZooError(f"comparing with PyTorch needs the converters: {e}") from None
+    from .architectures import Architecture
+
+    with tempfile.TemporaryDirectory(prefix="zoo-eval-") as work:
+        source = recorded_source(config, Path(work))
+        return reference_classify(Architecture.from_config(config["architecture"]), config["num_classes"],
+                                  source.path, files, config["pretrained_cfg"], Path(work),
+                                  config.get("head_norm_affine", True))
+
+
+__all__ = ["EvalReport", "Sample", "evaluate", "samples"]
