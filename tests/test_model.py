@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SMALL, SMALL_CONV_MLP, SMALL_V1
-from zoo.model import DropPath, LayerScale, build_model, drop_path_rates, stage_names
+from zoo.model import DropPath, LayerScale, PointwiseDense, build_model, drop_path_rates, stage_names
 
 
 @pytest.fixture(params=["linear_mlp", "conv_mlp"])
@@ -52,8 +52,8 @@ def test_layer_names_are_timm_module_paths(small_arch):
             expected |= {f"stages.{i}.downsample.0", f"stages.{i}.downsample.1"}
         for j in range(depth):
             path = f"stages.{i}.blocks.{j}"
-            expected |= {path, f"{path}.conv_dw", f"{path}.norm", f"{path}.mlp.fc1", f"{path}.mlp.act",
-                         f"{path}.mlp.fc2", f"{path}.gamma"}
+            expected |= {path, f"{path}.conv_dw", f"{path}.norm", f"{path}.mlp.fc1",
+                         f"{path}.mlp.fc2", f"{path}.gamma"}  # mlp.act (no weights) is fused into fc1
     assert expected <= names, sorted(expected - names)
     assert "stages.2.blocks.1.conv_dw" in names and "stages.0.downsample.0" not in names
     # the blocks' outputs carry the block path: the parity probe finds stages by these names
@@ -82,7 +82,8 @@ def test_layer_kinds(small_arch):
         assert type(fc1) is keras.layers.Conv2D and fc1.kernel_size == (1, 1)
         assert type(fc2) is keras.layers.Conv2D and fc2.kernel_size == (1, 1)
     else:
-        assert type(fc1) is keras.layers.Dense and type(fc2) is keras.layers.Dense
+        # Dense computed as one 2-D matmul (oneDNN fuses it with the bias and the GELU)
+        assert type(fc1) is PointwiseDense and type(fc2) is PointwiseDense
     assert fc1.kernel.shape[-1] == 4 * small_arch.dims[2] and fc2.kernel.shape[-1] == small_arch.dims[2]
     gamma = model.get_layer("stages.2.blocks.1.gamma")
     assert isinstance(gamma, LayerScale) and tuple(gamma.gamma.shape) == (small_arch.dims[2],)
@@ -108,7 +109,7 @@ def test_norm_eps_follows_the_row():
 
 def test_gelu_is_exact_erf():
     model = build_model(SMALL_V1, num_classes=10)
-    act = model.get_layer("stages.1.blocks.0.mlp.act")
+    act = model.get_layer("stages.1.blocks.0.mlp.fc1").activation
     x = np.linspace(-4.0, 4.0, 161, dtype="float32").reshape(1, -1)
     y = keras.ops.convert_to_numpy(act(x)).astype("float64")
     exact = gelu_erf(x.astype("float64"))
@@ -119,9 +120,12 @@ def test_gelu_is_exact_erf():
 
 def test_gelu_in_the_graph_is_applied_to_fc1(small_arch):
     model = perturb(build_model(small_arch, num_classes=10))
-    path = "stages.0.blocks.0.mlp"
-    probe = keras.Model(model.input, [model.get_layer(f"{path}.fc1").output, model.get_layer(f"{path}.act").output])
-    pre, post = (keras.ops.convert_to_numpy(t).astype("float64") for t in probe(images(2, 32, 32)))
+    path = "stages.0.blocks.0"
+    fc1 = model.get_layer(f"{path}.mlp.fc1")
+    probe = keras.Model(model.input, [model.get_layer(f"{path}.norm").output, fc1.output])
+    norm, post = (keras.ops.convert_to_numpy(t).astype("float64") for t in probe(images(2, 32, 32)))
+    kernel = keras.ops.convert_to_numpy(fc1.kernel).astype("float64")
+    pre = norm @ kernel.reshape(-1, kernel.shape[-1]) + keras.ops.convert_to_numpy(fc1.bias)
     assert np.abs(pre).max() > 1.0  # the comparison covers the non-linear range
     np.testing.assert_allclose(post, gelu_erf(pre), atol=2e-5, rtol=1e-4)
 

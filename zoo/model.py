@@ -136,6 +136,30 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PointwiseDense(layers.Dense):
+    """A `Dense` over the channel axis of NHWC maps, computed as one 2-D matmul.
+
+    TensorFlow's graph optimiser fuses a 2-D MatMul + BiasAdd + exact GELU into one oneDNN
+    call; the same `Dense` applied to the 4-D map gets no such fusion, and a standalone exact
+    GELU costs as much as the matmul. Same variables, same names, same mapping as `Dense`.
+    """
+
+    def call(self, inputs, training=None):
+        if keras.backend.backend() != "tensorflow":
+            return super().call(inputs)
+        import tensorflow as tf
+
+        shape = tf.shape(inputs)
+        x = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        y = tf.matmul(x, ops.cast(self.kernel, x.dtype))
+        if self.use_bias:
+            y = tf.nn.bias_add(y, ops.cast(self.bias, y.dtype))
+        if self.activation is not None:
+            y = self.activation(y)
+        return tf.reshape(y, tf.concat([shape[:-1], [self.units]], axis=0))
+
+
 def drop_path_rates(rate: float, depths) -> list[list[float]]:
     """Per-block rates rising linearly from 0 to `rate` over the whole network (as timm)."""
     flat = np.linspace(0.0, rate, sum(depths)).tolist()
@@ -189,12 +213,12 @@ def stem_output(arch: Architecture) -> str:
     return {"patch": "stem.1", "overlap": "stem.2", "overlap_tiered": "stem.2", "overlap_act": "stem.3"}[arch.stem_type]
 
 
-def _pointwise(arch: Architecture, units: int, name: str) -> layers.Layer:
+def _pointwise(arch: Architecture, units: int, name: str, activation=None) -> layers.Layer:
     # timm's conv_mlp variants hold the MLP as 1x1 convs: mirror the layer type so the
     # mapping table transposes (out, in, 1, 1) like any other conv.
     if arch.conv_mlp:
-        return layers.Conv2D(units, 1, use_bias=arch.conv_bias, name=name)
-    return layers.Dense(units, use_bias=arch.conv_bias, name=name)
+        return layers.Conv2D(units, 1, use_bias=arch.conv_bias, activation=activation, name=name)
+    return PointwiseDense(units, use_bias=arch.conv_bias, activation=activation, name=name)
 
 
 def _block(x, arch: Architecture, dim: int, path: str, drop_rate: float):
@@ -203,8 +227,8 @@ def _block(x, arch: Architecture, dim: int, path: str, drop_rate: float):
         arch.kernel_size, padding="same", use_bias=arch.conv_bias, name=f"{path}.conv_dw"
     )(x)
     x = _norm(arch, f"{path}.norm")(x)
-    x = _pointwise(arch, arch.mlp_ratio * dim, f"{path}.mlp.fc1")(x)
-    x = layers.Activation(keras.activations.gelu, name=f"{path}.mlp.act")(x)  # exact (erf) GELU
+    # timm's mlp.act, exact (erf) GELU, inside fc1: one fused call with the matmul
+    x = _pointwise(arch, arch.mlp_ratio * dim, f"{path}.mlp.fc1", activation=keras.activations.gelu)(x)
     if arch.use_grn:
         x = GlobalResponseNorm(name=f"{path}.mlp.grn")(x)
     x = _pointwise(arch, dim, f"{path}.mlp.fc2")(x)
