@@ -51,3 +51,11 @@ class ImageError(ZooError):
 
 class DatasetError(ZooError):
     """An evaluation image set or its labels cannot be used."""
+
+
+class ExportError(ZooError):
+    """An export failed or missed its bounds (nothing was written at the destination then)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -184,20 +184,9 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
 
 
 def _torch_logits(config: dict, files: list[Path]) -> np.ndarray:
-    import tempfile
+    from converters.exports import pytorch_classify
 
-    try:
-        from converters.parity import reference_classify
-        from converters.pipeline import recorded_source
-    except ImportError as e:  # pragma: no cover - the converters ship with the package
-        raise ZooError(f"comparing with PyTorch needs the converters: {e}") from None
-    from .architectures import Architecture
-
-    with tempfile.TemporaryDirectory(prefix="zoo-eval-") as work:
-        source = recorded_source(config, Path(work))
-        return reference_classify(Architecture.from_config(config["architecture"]), config["num_classes"],
-                                  source.path, files, config["pretrained_cfg"], Path(work),
-                                  config.get("head_norm_affine", True))
+    return pytorch_classify(config, files)
 
 
 __all__ = ["EvalReport", "Sample", "evaluate", "samples"]

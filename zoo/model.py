@@ -150,14 +150,18 @@ class PointwiseDense(layers.Dense):
             return super().call(inputs)
         import tensorflow as tf
 
-        shape = tf.shape(inputs)
+        spatial = inputs.shape[1:-1]
+        if all(d is not None for d in spatial):  # static where known: no shape ops in exported graphs
+            out_shape = [-1, *spatial, self.units]
+        else:
+            out_shape = tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0)
         x = tf.reshape(inputs, [-1, inputs.shape[-1]])
         y = tf.matmul(x, ops.cast(self.kernel, x.dtype))
         if self.use_bias:
             y = tf.nn.bias_add(y, ops.cast(self.bias, y.dtype))
         if self.activation is not None:
             y = self.activation(y)
-        return tf.reshape(y, tf.concat([shape[:-1], [self.units]], axis=0))
+        return tf.reshape(y, out_shape)
 
 
 def drop_path_rates(rate: float, depths) -> list[list[float]]:
