@@ -1,4 +1,4 @@
-"""The `zoo` command line: list, convert, verify."""
+"""The `zoo` command line: list, convert, verify, publish, predict, eval, export."""
 from __future__ import annotations
 
 import functools
