@@ -5,20 +5,18 @@ import json
 import logging
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 from checkpoints import store
 from zoo.architectures import Architecture
 from zoo.catalogue import Checkpoint, resolve
 from zoo.errors import IntegrityError, SourceError
+from zoo.steps import Echo, step
 
 from . import parity, source
 from .mapping import port
 
 log = logging.getLogger(__name__)
-Echo = Callable[[str], None]
 
 
 def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path | None = None,
@@ -48,18 +46,18 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     arch = ckpt.arch
     out = Path(out) if out else store.store_path(ckpt.name)
     with tempfile.TemporaryDirectory(prefix="zoo-convert-") as work:
-        with _step(echo, "source weights"):
+        with step(echo, "source weights"):
             src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, Path(work))
-        with _step(echo, f"build {arch.name} and port {src.path.name}"):
+        with step(echo, f"build {arch.name} and port {src.path.name}"):
             model = build(arch, ckpt.num_classes, ckpt.head_norm_affine)
             port(source.load_source(src.path, conv_mlp=arch.conv_mlp), model)
-        with _step(echo, "parity against timm (separate process)"):
+        with step(echo, "parity against timm (separate process)"):
             report = parity.check(model, arch, src.path, num_classes=ckpt.num_classes,
                                   head_norm_affine=ckpt.head_norm_affine, input_size=ckpt.input_size[-1],
                                   mean=ckpt.mean, std=ckpt.std, atol=atol, rtol=rtol)
         echo(report.table())
         report.assert_passed()
-        with _step(echo, f"write {out}"):
+        with step(echo, f"write {out}"):
             config = {**_config(ckpt, arch, src, random_seed), "params": model.count_params()}
             path = store.write(out, model, config, report.to_json())
     return path, report
@@ -80,17 +78,17 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
     from zoo.loading import from_folder
     from zoo.model import dtype_policy
 
-    with _step(echo, f"check {path} against its manifest"):
+    with step(echo, f"check {path} against its manifest"):
         folder = store.open_folder(path)
     config = folder.config
     arch = Architecture.from_config(config["architecture"])
     with tempfile.TemporaryDirectory(prefix="zoo-verify-") as work:
-        with _step(echo, "source weights"):
+        with step(echo, "source weights"):
             src = recorded_source(config, Path(work), checkpoint)
-        with _step(echo, "load the converted weights"), dtype_policy("float32"):
+        with step(echo, "load the converted weights"), dtype_policy("float32"):
             model = from_folder(folder)
         stored = folder.parity
-        with _step(echo, "parity against timm (separate process)"):
+        with step(echo, "parity against timm (separate process)"):
             cfg = config["pretrained_cfg"]
             report = parity.check(model, arch, src.path, num_classes=config["num_classes"],
                                   head_norm_affine=config["head_norm_affine"], input_size=cfg["input_size"][-1],
@@ -183,14 +181,6 @@ def _config(ckpt: Checkpoint, arch: Architecture, src: source.SourceFile, random
         "source": origin,
         "converter": {"convnext_zoo": __version__},
     }
-
-
-@contextmanager
-def _step(echo: Echo, what: str):
-    start = time.perf_counter()
-    echo(f"-> {what} ...")
-    yield
-    echo(f"   done in {time.perf_counter() - start:.1f} s")
 
 
 def convert_all(names: list[str], *, out_root: str | Path | None = None, force: bool = False,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError, ZooError
+from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -26,9 +25,9 @@ from converters.images import parity_batch
 from converters.parity import DEFAULT_ATOL, DEFAULT_RTOL
 
 from .errors import ExportError, ZooError
+from .steps import Echo, step
 
 log = logging.getLogger(__name__)
-Echo = Callable[[str], None]
 
 FORMATS = ("savedmodel", "tflite", "keras")
 QUANTIZE = ("none", "fp16", "dynamic")
@@ -229,19 +228,19 @@ def export(name_or_path: str | Path, format: str, out: str | Path | None = None,
     out = _destination(out, folder, format, quantize)
     start = time.perf_counter()
     inputs = parity_batch(size, cfg["mean"], cfg["std"])
-    with _step(echo, f"load {folder.path} and run it"):
+    with step(echo, f"load {folder.path} and run it"):
         model = from_folder(folder)
         keras_logits = np.asarray(model(inputs, training=False))
-    with _step(echo, "PyTorch reference (separate process)") if pytorch != "skip" else nullcontext():
+    with step(echo, "PyTorch reference (separate process)") if pytorch != "skip" else nullcontext():
         torch_logits, skipped = _pytorch_logits(folder.config, inputs, pytorch, checkpoint)
     if skipped:
         echo(f"   PyTorch comparison skipped: {skipped}")
     work = _workdir(out)
     try:
         artefact = work / out.name
-        with _step(echo, f"write {format}" + ("" if quantize == "none" else f" ({quantize})")):
+        with step(echo, f"write {format}" + ("" if quantize == "none" else f" ({quantize})")):
             _WRITERS[format](model, artefact, size, quantize)
-        with _step(echo, f"run the {format} export on the parity images"):
+        with step(echo, f"run the {format} export on the parity images"):
             logits, runtime = _RUNNERS[format](artefact, inputs)
         report = _report(folder, format, quantize, _output_name(model), artefact, out, size, logits,
                          keras_logits, torch_logits, skipped, bounds_for(quantize, atol, rtol), runtime,
@@ -521,11 +520,3 @@ def _write_json(path: Path, data: dict) -> None:
         f.write(json.dumps(data, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-@contextmanager
-def _step(echo: Echo, what: str):
-    start = time.perf_counter()
-    echo(f"-> {what} ...")
-    yield
-    echo(f"   done in {time.perf_counter() - start:.1f} s")

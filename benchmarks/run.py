@@ -1,0 +1,230 @@
+"""Speed and memory, side by side: this project's Keras models against timm and keras.applications.
+
+    python benchmarks/run.py                      # everything, writes benchmarks/RESULTS.md
+    python benchmarks/run.py --quick              # tiny at 224, batch 8 and 1; conversion of atto
+    python benchmarks/run.py --skip-convert --models tiny --batches 8
+
+Inference: one long-lived worker process per framework (frameworks never share a process), all
+given the same threads and the same inputs; for every configuration the frameworks take turns,
+in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded), so
+that drifts of the machine hit all of them alike. Reported: the median images/s and the ratio
+to timm eager fp32 and to timm bf16 autocast.
+
+Conversion and loading: each measured in a fresh process. `zoo convert` of a local source file
+(random weights in timm's layout: no download) with the time of every step, against the I/O
+floor of reading the same safetensors and writing the tensors to one HDF5 file; peak RSS above
+the framework import baseline, against the source size. `zoo.load` from a converted folder
+against keras.applications loading the same size from its own weights file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = [sys.executable, str(Path(__file__).with_name("worker.py"))]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from worker import FRAMEWORKS, KERAS_APPS  # noqa: E402
+
+
+class Worker:
+    """A framework's inference worker process, answering one request at a time."""
+
+    def __init__(self, framework: str, threads: int):
+        self.framework = framework
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.proc = subprocess.Popen(WORKER + ["infer", framework, "--threads", str(threads)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+
+    def run(self, **request) -> list[float] | None:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        return json.loads(line)["times"] if line else None  # None: the worker refused or died
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def bench_inference(args) -> list[dict]:
+    rows = []
+    workers = {fw: Worker(fw, args.threads) for fw in args.frameworks}
+    try:
+        for model in args.models:
+            for size in args.sizes:
+                for batch in args.batches:
+                    times = {fw: [] for fw in workers}
+                    for r in range(args.rounds):
+                        order = list(workers)[r % len(workers):] + list(workers)[:r % len(workers)]
+                        for fw in order:
+                            if times[fw] is None:
+                                continue
+                            got = workers[fw].run(model=model, batch=batch, size=size, iters=args.iters,
+                                                  warmup=args.warmup if r == 0 else 0,
+                                                  max_seconds=args.max_seconds)
+                            if got is None:
+                                times[fw] = None
+                                workers[fw] = Worker(fw, args.threads)  # keep going without it
+                            else:
+                                times[fw] += got
+                    row = {"model": model, "size": size, "batch": batch}
+                    for fw, t in times.items():
+                        row[fw] = batch / statistics.median(t) if t else None
+                    rows.append(row)
+                    print(_inference_line(row, args.frameworks), file=sys.stderr, flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+    return rows
+
+
+def _ratio(row: dict, fw: str, base: str) -> str:
+    return f"{row[fw] / row[base]:.2f}x" if row.get(fw) and row.get(base) else "-"
+
+
+def _inference_line(row: dict, frameworks) -> str:
+    cells = [f"{fw} {row[fw]:.1f}" if row[fw] else f"{fw} -" for fw in frameworks]
+    return f"convnext_{row['model']} {row['size']} b{row['batch']}: " + ", ".join(cells) + " img/s"
+
+
+def _one_shot(args: list[str]) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(WORKER + args, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_convert_and_load(args) -> list[dict]:
+    from converters.pipeline import random_source
+    from zoo.catalogue import resolve
+
+    rows = []
+    for arch_name in args.convert_archs:
+        ckpt = resolve(f"convnext_{arch_name}")
+        with tempfile.TemporaryDirectory(prefix="zoo-bench-") as tmp:
+            tmp = Path(tmp)
+            src = random_source(ckpt.arch, ckpt.num_classes, 0, tmp)  # stands in for the download
+            size_mb = src.path.stat().st_size / 2**20
+            floor = _one_shot(["io", "--source", str(src.path), "--out", str(tmp / "floor.h5")])
+            conv = _one_shot(["convert", ckpt.name, "--source", str(src.path), "--out", str(tmp / "converted")])
+            loaded = _one_shot(["load", "zoo", str(tmp / "converted")])
+            apps = None
+            if KERAS_APPS.get(arch_name):
+                weights = tmp / "apps.weights.h5"
+                subprocess.run(WORKER[:1] + ["-c", _SAVE_APPS.format(cls=KERAS_APPS[arch_name], path=weights)],
+                               check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                apps = _one_shot(["load", "keras-apps", arch_name, str(weights)])
+        steps = conv["steps"]
+        without_parity = sum(v for k, v in steps.items() if k != "parity")
+        row = {"arch": f"convnext_{arch_name}", "source_mb": size_mb, "steps": steps,
+               "convert_s": conv["total_s"], "convert_no_parity_s": without_parity, "floor_s": floor["total_s"],
+               "time_ratio": without_parity / floor["total_s"],
+               "rss_above_import_mb": conv["peak_rss_mb"] - conv["import_rss_mb"],
+               "floor_rss_above_import_mb": floor["peak_rss_mb"] - floor["import_rss_mb"],
+               "load_s": loaded["load_s"], "apps_load_s": apps["load_s"] if apps else None}
+        row["rss_ratio"] = row["rss_above_import_mb"] / size_mb
+        rows.append(row)
+        print(f"{row['arch']}: convert {row['convert_s']:.1f} s ({without_parity:.1f} s without parity, "
+              f"floor {row['floor_s']:.1f} s, {row['time_ratio']:.2f}x), peak RSS +{row['rss_above_import_mb']:.0f} MB "
+              f"({row['rss_ratio']:.2f}x the {size_mb:.0f} MB source); load {row['load_s']:.2f} s"
+              + (f" vs keras.applications {row['apps_load_s']:.2f} s" if apps else ""), file=sys.stderr, flush=True)
+    return rows
+
+
+_SAVE_APPS = ("import keras; keras.applications.{cls}(weights=None, include_preprocessing=False)"
+              ".save_weights('{path}')")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = subprocess.run(
+        [sys.executable, "-c", "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')"],
+        capture_output=True, text=True).stdout.strip()
+    tf_versions = subprocess.run(
+        [sys.executable, "-c", "import tensorflow as tf, keras; print(f'tensorflow {tf.__version__}, keras {keras.__version__}')"],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.strip()
+    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; {tf_versions}; {versions}"
+
+
+def report(args, inference: list[dict], conversion: list[dict]) -> str:
+    lines = ["# Benchmark results", "",
+             f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`".rstrip(),
+             f"Machine: {machine()}; {args.threads} threads per framework.",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    if inference:
+        lines += ["## Inference (images/s, medians; ratios to timm)", "",
+                  "| model | size | batch | " + " | ".join(args.frameworks) + " | zoo / timm | zoo / keras.applications"
+                  + (" | zoo-bf16 / timm-bf16 |" if "zoo-bf16" in args.frameworks else " |"),
+                  "|---|---|---|" + "---|" * (len(args.frameworks) + 2 + ("zoo-bf16" in args.frameworks))]
+        for row in inference:
+            cells = [f"{row[fw]:.1f}" if row.get(fw) else "-" for fw in args.frameworks]
+            extra = [_ratio(row, "zoo", "timm"), _ratio(row, "zoo", "keras-apps")]
+            if "zoo-bf16" in args.frameworks:
+                extra.append(_ratio(row, "zoo-bf16", "timm-bf16"))
+            lines.append(f"| convnext_{row['model']} | {row['size']} | {row['batch']} | " + " | ".join(cells + extra) + " |")
+        lines.append("")
+    if conversion:
+        lines += ["## Conversion and loading", "",
+                  "| architecture | source MB | convert s | without parity s | I/O floor s | ratio | peak RSS above import MB | / source | load s | keras.applications load s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in conversion:
+            apps = f"{r['apps_load_s']:.2f}" if r["apps_load_s"] is not None else "-"
+            lines.append(f"| {r['arch']} | {r['source_mb']:.0f} | {r['convert_s']:.1f} | {r['convert_no_parity_s']:.1f} | "
+                         f"{r['floor_s']:.1f} | {r['time_ratio']:.2f}x | {r['rss_above_import_mb']:.0f} | "
+                         f"{r['rss_ratio']:.2f}x | {r['load_s']:.2f} | {apps} |")
+        lines += ["", "Steps of each conversion (s): " + "; ".join(
+            f"{r['arch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items()) for r in conversion), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", nargs="+", default=["tiny", "base"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop a turn's timed passes after this long (at least one pass)")
+    parser.add_argument("--convert-archs", nargs="+", default=["atto", "tiny", "base", "large"])
+    parser.add_argument("--skip-infer", action="store_true")
+    parser.add_argument("--skip-convert", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny at 224, batches 1 and 8, conversion of atto")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.sizes, args.batches, args.convert_archs = ["tiny"], [224], [1, 8], ["atto"]
+    inference = [] if args.skip_infer else bench_inference(args)
+    conversion = [] if args.skip_convert else bench_convert_and_load(args)
+    text = report(args, inference, conversion)
+    args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""One side of a benchmark, in its own process; `benchmarks/run.py` drives it.
+
+    python benchmarks/worker.py infer FRAMEWORK --threads N
+        reads one JSON request per line on stdin ({"model": "tiny", "batch": 8, "size": 224,
+        "iters": 5, "warmup": 2, "max_seconds": 60}) and answers one JSON line
+        ({"times": [seconds, ...]}).
+    python benchmarks/worker.py convert ARCH --source FILE --out DIR
+    python benchmarks/worker.py load (zoo DIR | keras-apps ARCH FILE)
+    python benchmarks/worker.py io --source FILE --out FILE
+        each prints one JSON line: wall times of the steps and peak RSS.
+
+Frameworks never share a process: torch+timm after tensorflow in one process crashes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+FRAMEWORKS = ("zoo", "timm", "timm-bf16", "keras-apps")
+KERAS_APPS = {"atto": None, "tiny": "ConvNeXtTiny", "small": "ConvNeXtSmall", "base": "ConvNeXtBase",
+              "large": "ConvNeXtLarge"}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _set_tf_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _runner(framework: str, model: str, batch: int, size: int, threads: int):
+    """A zero-argument callable running one forward pass of `batch` fixed random images."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, size, size, 3)).astype("float32")
+    if framework.startswith("timm"):
+        import torch
+        import timm
+
+        torch.set_num_threads(threads)
+        net = timm.create_model(f"convnext_{model}", pretrained=False).eval()
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        if framework == "timm-bf16":
+            def run():
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    return net(xt)
+        else:
+            def run():
+                with torch.inference_mode():
+                    return net(xt)
+        return run
+    _set_tf_threads(threads)
+    if framework == "keras-apps":
+        import keras
+
+        if not KERAS_APPS.get(model):
+            raise SystemExit(f"keras.applications has no ConvNeXt {model}")
+        net = getattr(keras.applications, KERAS_APPS[model])(weights=None, include_preprocessing=False)
+    else:
+        import zoo
+
+        net = zoo.build(f"convnext_{model}")
+    return lambda: net.predict_on_batch(x)
+
+
+def infer(framework: str, threads: int) -> None:
+    if framework.startswith("timm"):
+        import torch  # noqa: F401  (first, whatever else is imported later)
+        import timm  # noqa: F401
+    runners = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        key = (request["model"], request["batch"], request["size"])
+        if key not in runners:
+            runners[key] = _runner(framework, *key, threads)
+        run = runners[key]
+        for _ in range(request.get("warmup", 0)):
+            run()
+        times, budget = [], request.get("max_seconds")
+        for _ in range(request["iters"]):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+            if budget is not None and sum(times) > budget:  # slow configurations: fewer passes
+                break
+        print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def convert(arch: str, source: Path, out: Path) -> dict:
+    """`zoo convert` of a local source file, in this process, with the time of every step."""
+    from converters import pipeline
+
+    steps, last = {}, {}
+
+    def echo(line: str) -> None:
+        line = line.strip()
+        if line.startswith("-> "):
+            last["step"] = line[3:].split(" ")[0]
+        elif line.startswith("done in") and "step" in last:
+            steps[last.pop("step")] = float(line.split()[2])
+
+    baseline = peak_rss_mb()
+    import keras  # noqa: F401  (the framework import baseline)
+    import tensorflow  # noqa: F401
+    imported = peak_rss_mb()
+    start = time.perf_counter()
+    pipeline.convert(arch, checkpoint=source, out=out, echo=echo)
+    total = time.perf_counter() - start
+    return {"steps": steps, "total_s": total, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": imported,
+            "start_rss_mb": baseline}
+
+
+def io_floor(source: Path, out: Path) -> dict:
+    """The floor for a conversion: read the safetensors into numpy, write them to one HDF5 file."""
+    import h5py
+    import keras  # noqa: F401  (same import baseline as `convert`)
+    import tensorflow  # noqa: F401
+    from safetensors.numpy import load_file
+
+    imported = peak_rss_mb()
+    start = time.perf_counter()
+    state = load_file(source)
+    read = time.perf_counter() - start
+    with h5py.File(out, "w") as f:
+        for name, value in state.items():
+            f.create_dataset(name, data=value)
+    total = time.perf_counter() - start
+    return {"read_s": read, "total_s": total, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": imported}
+
+
+def load(kind: str, args: list[str]) -> dict:
+    import keras
+
+    start = time.perf_counter()
+    if kind == "zoo":
+        import zoo
+
+        model = zoo.load(args[0])
+    else:
+        model = getattr(keras.applications, KERAS_APPS[args[0]])(weights=args[1], include_preprocessing=False)
+    return {"load_s": time.perf_counter() - start, "params": model.count_params(), "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("infer")
+    p.add_argument("framework", choices=FRAMEWORKS)
+    p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("convert")
+    p.add_argument("arch")
+    p.add_argument("--source", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("io")
+    p.add_argument("--source", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("load")
+    p.add_argument("kind", choices=("zoo", "keras-apps"))
+    p.add_argument("args", nargs="+")
+    args = parser.parse_args()
+    if args.command == "infer":
+        infer(args.framework, args.threads)
+        return
+    if args.command == "convert":
+        result = convert(args.arch, args.source, args.out)
+    elif args.command == "io":
+        result = io_floor(args.source, args.out)
+    else:
+        result = load(args.kind, args.args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
