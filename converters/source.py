@@ -254,7 +254,12 @@ def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
     # with ml_dtypes loaded (tensorflow loads it) numpy reads bfloat16 itself; not np.floating
     if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
         raise SourceError(f"tensor {key!r} has dtype {value.dtype}; ConvNeXt weights are floats")
-    return np.ascontiguousarray(value, dtype=np.float32)
+    out = np.ascontiguousarray(value, dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = int(out.size - np.isfinite(out).sum())
+        raise SourceError(f"tensor {key!r} has {bad} non-finite values (NaN/Inf) out of {out.size}: "
+                          "the checkpoint is damaged")
+    return out
 
 
 _FB_RULES = [  # official FB layout -> timm's module paths (order matters)
@@ -290,6 +295,8 @@ def normalise_keys(state_dict: dict[str, np.ndarray], conv_mlp: bool = False) ->
         for pattern, repl in _FB_RULES:
             new = pattern.sub(repl, new)
         if ".mlp.grn." in new:
+            if value.ndim == 0 or value.size != value.shape[-1]:
+                raise SourceError(f"{key}: a GRN parameter of shape {value.shape}; expected (C,) or (1, 1, 1, C)")
             value = value.reshape(value.shape[-1])
         elif conv_mlp and re.search(r"\.mlp\.fc\d\.weight$", new) and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)

@@ -55,3 +55,86 @@ def test_cli_refuses_the_gadget_and_writes_nothing(gadget, tmp_path):
     assert proc.returncode == 1 and "cannot be loaded safely" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not marker.exists() and not out.exists()
+
+
+# --- bad files: clear errors, before anything is written; fuzzed readers ------------------------
+
+import struct  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from safetensors.numpy import save as save_bytes  # noqa: E402
+
+from converters.source import normalise_keys  # noqa: E402
+from zoo.errors import ZooError  # noqa: E402
+
+VALID = save_bytes({"stem.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+                    "stem.0.bias": np.ones(2, np.float16)})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
+    weights = np.ones((4, 3), np.float32)
+    weights[1, 2] = bad
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(save_bytes({"head.fc.weight": weights}))
+    with pytest.raises(SourceError, match=r"'head.fc.weight' has 1 non-finite"):
+        read_state_dict(path)
+
+
+def _read_bytes(tmp_path_factory, data: bytes, suffix: str):
+    path = tmp_path_factory.mktemp("fuzz") / f"model{suffix}"
+    path.write_bytes(data)
+    try:
+        state = read_state_dict(path)
+    except ZooError:
+        return None
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
+    return state
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fuzz_safetensors_reader(tmp_path_factory, data):
+    """Truncations, flipped bytes, forged header lengths and random bytes: a state dict or a
+    SourceError, never another exception."""
+    kind = data.draw(st.sampled_from(["truncate", "flip", "header_len", "random", "header_json"]))
+    blob = bytearray(VALID)
+    if kind == "truncate":
+        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+    elif kind == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] = data.draw(st.integers(0, 255))
+    elif kind == "header_len":
+        blob[:8] = struct.pack("<Q", data.draw(st.integers(0, 2**64 - 1)))
+    elif kind == "header_json":
+        header = data.draw(st.text(max_size=200)).encode()
+        blob = bytearray(struct.pack("<Q", len(header)) + header + bytes(data.draw(st.binary(max_size=64))))
+    else:
+        blob = bytearray(data.draw(st.binary(max_size=512)))
+    _read_bytes(tmp_path_factory, bytes(blob), ".safetensors")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns about unknown pickle protocols
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=512))
+def test_fuzz_pickle_reader(tmp_path_factory, blob):
+    _read_bytes(tmp_path_factory, blob, ".pth")
+
+
+_KEY_PARTS = st.sampled_from(["downsample_layers", "stages", "0", "1", "3", "dwconv", "pwconv1", "pwconv2",
+                              "grn", "gamma", "beta", "norm", "head", "weight", "bias", "stem", "blocks", "mlp"])
+_ARRAYS = st.lists(st.integers(1, 4), min_size=0, max_size=4).map(lambda s: np.zeros(s, np.float32))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.dictionaries(st.lists(_KEY_PARTS, min_size=1, max_size=5).map(".".join), _ARRAYS, max_size=8),
+       st.booleans())
+def test_fuzz_key_normaliser(state, conv_mlp):
+    try:
+        out = normalise_keys(state, conv_mlp=conv_mlp)
+    except ZooError:
+        return
+    assert len(out) == len(state)
