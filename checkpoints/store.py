@@ -6,6 +6,11 @@ size of every other file). It is assembled in a temporary sibling folder and ren
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -15,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.errors import IntegrityError, StoreError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; writes stay atomic, concurrent ones may fail
+    fcntl = None
 
 FORMAT = "convnext-zoo/1"
 WEIGHTS = "model.weights.h5"
@@ -109,7 +119,8 @@ def write(out: Path, model, config: dict, parity: dict) -> Path:
         raise StoreError(f"{out} exists and is not a converted checkpoint folder; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        _remove_stale_partials(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the store is an ordinary folder
     except OSError as e:
         raise StoreError(f"cannot write to {out.parent}: {e.strerror or e}") from None
@@ -131,14 +142,80 @@ def write(out: Path, model, config: dict, parity: dict) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Serialise the final step of writers in one folder across processes.
+
+    The lock is the parent directory itself: no lock file is left behind, and the step it
+    guards (renames) takes microseconds.
+    """
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "previous")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    """Put the finished folder `tmp` at `out`, replacing a previous one.
+
+    Readers see the previous folder or the new one, never neither: the two are exchanged in
+    one step where the system allows (else the old one moves aside just before).
+    """
+    with _locked(out):
+        if not out.exists():
+            os.replace(tmp, out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "previous")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove what writers of `out` killed mid-way left behind (their process is gone)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = path.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)

@@ -321,3 +321,56 @@ def test_load_by_name_from_the_store(isolated_home):
 def test_load_by_unknown_name(isolated_home):
     with pytest.raises(zoo.UnknownModelError):
         zoo.load("convnext_tny_1k")
+
+
+# --- concurrency and crashes ------------------------------------------------------------------
+
+def test_readers_never_see_a_missing_or_partial_folder_while_it_is_replaced(tmp_path):
+    import threading
+
+    out, model = write(tmp_path / "ckpt")
+    stop, seen, errors = threading.Event(), [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.append(store.open_folder(out).config["name"])
+            except Exception as e:  # noqa: BLE001  (any failure is the finding)
+                errors.append(repr(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(15):
+            write(out, model)
+    finally:
+        stop.set()
+        reader.join()
+    assert errors == [] and len(seen) > 15
+    assert leftovers(tmp_path) == []
+
+
+def test_concurrent_writers_of_one_folder_all_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [small_model(seed) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda m: write(tmp_path / "ckpt", m)[0], models))
+    assert done == [tmp_path / "ckpt"] * 4
+    folder = store.open_folder(tmp_path / "ckpt")  # one whole, valid folder: one writer's
+    assert folder.parity["weights_sha256"] == folder.config["weights"]["sha256"]
+    assert leftovers(tmp_path) == []
+
+
+def test_partials_of_killed_writers_are_cleared_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ckpt.partial-{int(dead.stdout)}-abc123"
+    live = tmp_path / ".ckpt.partial-1-running"  # pid 1 is alive: a writer still at work
+    for path in (stale, live):
+        path.mkdir()
+        (path / "model.weights.h5").write_bytes(b"half")
+    write(tmp_path / "ckpt")
+    assert not stale.exists() and live.exists()
