@@ -196,6 +196,7 @@ def run_reference_process(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
     proc = subprocess.run([sys.executable, "-m", "converters.reference", *args],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -160,7 +162,23 @@ def _random_command(args) -> None:
     save_file(state, args.out, metadata={"format": "pt"})
 
 
+def _die_with_parent() -> None:
+    """Be killed when the converting process dies (Linux), rather than run on as an orphan."""
+    parent = os.environ.get("ZOO_PARENT_PID")
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        os._exit(1)
+
+
 def main(argv=None) -> int:
+    _die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m converters.reference", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check "

@@ -138,3 +138,63 @@ def test_fuzz_key_normaliser(state, conv_mlp):
     except ZooError:
         return
     assert len(out) == len(state)
+
+
+# --- crash safety: SIGKILL at random moments ---------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
+    """`zoo convert` killed at 24 random moments: the folder is absent or whole, and the next run
+    succeeds without clean-up (`python -m pytest -m slow -k sigkill`)."""
+    import random
+    import shutil
+    import signal
+    import time
+
+    from checkpoints import store
+
+    out = tmp_path / "converted"
+    run = [sys.executable, "-m", "zoo.cli", "convert", "convnext_atto", "--random-weights", "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
+    full = time.perf_counter() - start
+    store.open_folder(out)
+    shutil.rmtree(out)
+    rng = random.Random(0)
+    outcomes, killed = [], []
+    for i in range(24):
+        proc = subprocess.Popen(run + (["--seed", "1"] if i % 2 else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=dict(os.environ))
+        time.sleep(rng.uniform(0.0, full * 1.1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            folder = store.open_folder(out)  # raises if partial or damaged
+            assert folder.parity["passed"]
+            outcomes.append("whole")
+        else:
+            outcomes.append("absent")
+        partials = [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+        assert all(p.split(".partial-")[1].split("-")[0].isdigit() for p in partials)
+        killed.append(proc.pid)
+    time.sleep(1.0)
+    assert _children_of(killed) == []  # the PyTorch reference processes died with their parents
+    subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
+    store.open_folder(out)
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the last run cleared them
+    assert "absent" in outcomes  # the kills did land mid-way
+
+
+def _children_of(pids: list[int]) -> list[int]:
+    """Live processes started by the reference runner of any of `pids` (Linux /proc)."""
+    wanted = {f"ZOO_PARENT_PID={pid}".encode() for pid in pids}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if wanted.intersection(env):
+                found.append(int(entry))
+    return found
