@@ -14,12 +14,31 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch  # noqa: I001  (torch and timm first, never after tensorflow)
-import timm
 
-from converters.source import is_fb_layout, read_state_dict
-from zoo.architectures import Architecture
+def _die_with_parent() -> None:
+    """Be killed when the converting process dies (Linux), rather than run on as an orphan."""
+    parent = os.environ.get("ZOO_PARENT_PID")
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    _die_with_parent()  # before the imports below, which take seconds
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402,I001  (torch and timm first, never after tensorflow)
+import timm  # noqa: E402
+
+from converters.source import is_fb_layout, read_state_dict  # noqa: E402
+from zoo.architectures import Architecture  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
 OUTPUTS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
@@ -162,23 +181,7 @@ def _random_command(args) -> None:
     save_file(state, args.out, metadata={"format": "pt"})
 
 
-def _die_with_parent() -> None:
-    """Be killed when the converting process dies (Linux), rather than run on as an orphan."""
-    parent = os.environ.get("ZOO_PARENT_PID")
-    if not parent:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # it died before the line above
-        os._exit(1)
-
-
 def main(argv=None) -> int:
-    _die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m converters.reference", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check "
