@@ -1,9 +1,14 @@
 """convnext-zoo: the official PyTorch ConvNeXt checkpoints as Keras 3 models, proven equal.
 
 `import zoo` is cheap: tensorflow is imported on the first call that builds a model, and torch
-never (only the converter's separate reference process uses it).
+never (only the converter's separate reference process uses it). Importing zoo before
+tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.runtime`).
 """
 from __future__ import annotations
+
+from . import runtime as _runtime
+
+_runtime.prefer_onednn()  # before anything imports tensorflow
 
 __version__ = "0.1.0"
 

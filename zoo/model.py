@@ -8,6 +8,7 @@ import numpy as np
 from keras import layers, ops
 
 from .architectures import Architecture
+from .runtime import check_onednn
 
 PACKAGE = "convnext_zoo"
 
@@ -278,6 +279,7 @@ def build_model(
     """
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
+    check_onednn()
     inputs = keras.Input(shape=input_shape, name="pixels")
     x = _stem(inputs, arch)
     rates = drop_path_rates(drop_path_rate, arch.depths)

@@ -1,0 +1,71 @@
+"""How TensorFlow runs the models: oneDNN's fused CPU kernels and the precision of the compute.
+
+TensorFlow turns oneDNN's graph rewrites (MatMul + BiasAdd + GELU in one call, fused
+depthwise convolutions, ...) on by default only on CPUs with AVX-512 VNNI/BF16 or AMX. The
+ConvNeXt MLP is ~85% of the work, and without the fused GELU every block writes and re-reads
+its 4x-wide hidden activations several times: on an AVX2 CPU the model then runs at about
+0.9x timm's speed instead of 1.3x (`benchmarks/`). `import zoo` therefore sets
+`TF_ENABLE_ONEDNN_OPTS=1` unless the user chose a value; TensorFlow reads it once, at its own
+import, so it only takes effect when zoo is imported first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
+_USER_CHOICE = os.environ.get(ONEDNN_VAR)  # as found at `import zoo`, before our default
+_TF_FIRST = "tensorflow" in sys.modules
+_warned = False
+
+log = logging.getLogger("zoo")
+
+# Names accepted by `dtype=` and the Keras dtype policy each one builds the model under.
+# Variables stay float32 under the mixed policies (the converted weights load unchanged);
+# the classifier computes in float32 (see `zoo.model.classifier`).
+PRECISIONS = {
+    "float32": "float32",
+    "bfloat16": "mixed_bfloat16",
+    "float16": "mixed_float16",
+    "mixed_bfloat16": "mixed_bfloat16",
+    "mixed_float16": "mixed_float16",
+}
+
+
+def prefer_onednn() -> None:
+    """Ask TensorFlow for oneDNN's fused kernels unless the user set `TF_ENABLE_ONEDNN_OPTS`."""
+    os.environ.setdefault(ONEDNN_VAR, "1")
+
+
+def onednn_enabled() -> bool | None:
+    """Whether this TensorFlow runs with oneDNN's rewrites (None where it cannot tell)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # pragma: no cover - other TensorFlow builds
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def check_onednn() -> None:
+    """Warn once when TensorFlow was imported before zoo with oneDNN off and no user choice."""
+    global _warned
+    if _warned or not _TF_FIRST or _USER_CHOICE is not None:
+        return
+    _warned = True
+    if onednn_enabled() is False:
+        log.warning("TensorFlow was imported before zoo, with oneDNN's fused CPU kernels off: ConvNeXt "
+                    "runs ~1.4x slower on this CPU. Import zoo first, or set %s=1 before TensorFlow.",
+                    ONEDNN_VAR)
+
+
+def policy_name(dtype: str | None) -> str:
+    """The Keras dtype policy for a `dtype=` argument; None: the global policy."""
+    if dtype is None:
+        import keras
+
+        return keras.config.dtype_policy().name
+    try:
+        return PRECISIONS[str(dtype)]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(PRECISIONS)}; got {dtype!r}") from None
