@@ -64,11 +64,12 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
         out_indices: stages returned with `features_only`.
         drop_path_rate: stochastic depth for fine-tuning (rate of the last block, rising
             linearly from 0 as in timm); active only in training.
-        dtype: compute precision: "float32", "bfloat16" (Keras' mixed_bfloat16: about 2x
-            faster on CPUs with AVX-512 BF16 or AMX; top-1 equal to float32's on >= 99% of
-            images) or "float16" (mixed_float16, for GPUs); default: the global Keras dtype
-            policy. Weights stay float32 and logits are float32; features come in the
-            compute precision.
+        dtype: precision for inference: "float32", "bfloat16" (weights and compute in
+            bfloat16, normalisation statistics and logits in float32: about 2x faster on
+            CPUs with AVX-512 BF16 or AMX, top-1 equal to float32's on >= 99% of images) or
+            "float16" (Keras' mixed_float16, for GPUs); default: the global Keras dtype
+            policy (set "mixed_bfloat16" there for fine-tuning). Logits are float32;
+            features come in the compute precision.
         revision: Hub revision for step (2).
         hub_org: organisation for step (2) (default `ZOO_HUB_ORG`, else `convnext-zoo`).
         convert: allow step (3).

@@ -304,9 +304,9 @@ def build_model(
 
 
 def classifier(num_classes: int) -> layers.Dense:
-    """The `head.fc` layer; float32 under a mixed precision policy (stable logits and losses)."""
-    mixed = keras.config.dtype_policy().name.startswith("mixed")
-    return layers.Dense(num_classes, name="head.fc", dtype="float32" if mixed else None)
+    """The `head.fc` layer; float32 under a 16-bit or mixed policy (stable logits and losses)."""
+    reduced = keras.config.dtype_policy().compute_dtype != "float32"
+    return layers.Dense(num_classes, name="head.fc", dtype="float32" if reduced else None)
 
 
 def freeze_stages(model: keras.Model, num_stages: int) -> keras.Model:

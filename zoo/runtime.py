@@ -22,11 +22,13 @@ _warned = False
 log = logging.getLogger("zoo")
 
 # Names accepted by `dtype=` and the Keras dtype policy each one builds the model under.
-# Variables stay float32 under the mixed policies (the converted weights load unchanged);
-# the classifier computes in float32 (see `zoo.model.classifier`).
+# "bfloat16" is for inference: weights held in bfloat16 too, so no layer casts its float32
+# weights on every call (at batch 1 those casts cost a third of the forward pass); the
+# normalisation statistics and the classifier stay float32 (see `zoo.model`). Fine-tuning
+# wants float32 weights: set Keras' global "mixed_bfloat16" policy instead.
 PRECISIONS = {
     "float32": "float32",
-    "bfloat16": "mixed_bfloat16",
+    "bfloat16": "bfloat16",
     "float16": "mixed_float16",
     "mixed_bfloat16": "mixed_bfloat16",
     "mixed_float16": "mixed_float16",
