@@ -155,7 +155,7 @@ def _from_folder(folder, include_top, pooling, num_classes, input_shape, feature
     outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
     model = build_model(arch, num_classes=config["num_classes"], name=config["name"],
                         head_norm_affine=config.get("head_norm_affine", True), drop_path_rate=drop_path_rate,
-                        input_shape=input_shape or (None, None, 3))
+                        input_shape=input_shape or (None, None, 3), initialize=False)
     model.load_weights(folder.weights)
     if features_only:
         return keras.Model(model.input, [model.get_layer(n).output for n in outputs],

@@ -182,12 +182,19 @@ def _norm(arch: Architecture, name: str, affine: bool = True) -> layers.Layer:
     return layers.LayerNormalization(epsilon=arch.norm_eps, center=affine, scale=affine, name=name)
 
 
-def _conv(filters: int, size: int, stride: int, padding: int, bias: bool, name: str):
+def _kernel_init(initialize: bool) -> dict:
+    """Keras' default initialisers, or zeros for a model whose weights are loaded right after:
+    drawing random kernels for a large model costs more than reading its weights (2.2 s vs
+    1.0 s to build convnext_large here)."""
+    return {} if initialize else {"kernel_initializer": "zeros"}
+
+
+def _conv(filters: int, size: int, stride: int, padding: int, bias: bool, name: str, init: dict):
     # torch pads symmetrically; Keras' "same" pads the bottom/right more at stride 2
     def apply(x):
         if padding:
             x = layers.ZeroPadding2D(padding, name=f"{name}.pad")(x)
-        return layers.Conv2D(filters, size, strides=stride, use_bias=bias, name=name)(x)
+        return layers.Conv2D(filters, size, strides=stride, use_bias=bias, name=name, **init)(x)
     return apply
 
 
@@ -197,19 +204,19 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * value else out
 
 
-def _stem(x, arch: Architecture):
+def _stem(x, arch: Architecture, init: dict):
     """timm's stems, with their Sequential indices as layer names."""
     dim, bias = arch.dims[0], arch.conv_bias
     if arch.stem_type == "patch":
-        x = _conv(dim, 4, 4, 0, bias, "stem.0")(x)
+        x = _conv(dim, 4, 4, 0, bias, "stem.0", init)(x)
         return _norm(arch, "stem.1")(x)
     mid = make_divisible(dim // 2) if arch.stem_type == "overlap_tiered" else dim
-    x = _conv(mid, 3, 2, 1, bias, "stem.0")(x)
+    x = _conv(mid, 3, 2, 1, bias, "stem.0", init)(x)
     index = 1
     if arch.stem_type == "overlap_act":
         x = layers.Activation(keras.activations.gelu, name="stem.1")(x)
         index = 2
-    x = _conv(dim, 3, 2, 1, bias, f"stem.{index}")(x)
+    x = _conv(dim, 3, 2, 1, bias, f"stem.{index}", init)(x)
     return _norm(arch, f"stem.{index + 1}")(x)
 
 
@@ -218,25 +225,26 @@ def stem_output(arch: Architecture) -> str:
     return {"patch": "stem.1", "overlap": "stem.2", "overlap_tiered": "stem.2", "overlap_act": "stem.3"}[arch.stem_type]
 
 
-def _pointwise(arch: Architecture, units: int, name: str, activation=None) -> layers.Layer:
+def _pointwise(arch: Architecture, units: int, name: str, init: dict, activation=None) -> layers.Layer:
     # timm's conv_mlp variants hold the MLP as 1x1 convs: mirror the layer type so the
     # mapping table transposes (out, in, 1, 1) like any other conv.
     if arch.conv_mlp:
-        return layers.Conv2D(units, 1, use_bias=arch.conv_bias, activation=activation, name=name)
-    return PointwiseDense(units, use_bias=arch.conv_bias, activation=activation, name=name)
+        return layers.Conv2D(units, 1, use_bias=arch.conv_bias, activation=activation, name=name, **init)
+    return PointwiseDense(units, use_bias=arch.conv_bias, activation=activation, name=name, **init)
 
 
-def _block(x, arch: Architecture, dim: int, path: str, drop_rate: float):
+def _block(x, arch: Architecture, dim: int, path: str, drop_rate: float, init: dict):
     shortcut = x
+    depthwise_init = {"depthwise_initializer": init["kernel_initializer"]} if init else {}
     x = layers.DepthwiseConv2D(
-        arch.kernel_size, padding="same", use_bias=arch.conv_bias, name=f"{path}.conv_dw"
+        arch.kernel_size, padding="same", use_bias=arch.conv_bias, name=f"{path}.conv_dw", **depthwise_init
     )(x)
     x = _norm(arch, f"{path}.norm")(x)
     # timm's mlp.act, exact (erf) GELU, inside fc1: one fused call with the matmul
-    x = _pointwise(arch, arch.mlp_ratio * dim, f"{path}.mlp.fc1", activation=keras.activations.gelu)(x)
+    x = _pointwise(arch, arch.mlp_ratio * dim, f"{path}.mlp.fc1", init, activation=keras.activations.gelu)(x)
     if arch.use_grn:
         x = GlobalResponseNorm(name=f"{path}.mlp.grn")(x)
-    x = _pointwise(arch, dim, f"{path}.mlp.fc2")(x)
+    x = _pointwise(arch, dim, f"{path}.mlp.fc2", init)(x)
     if arch.layer_scale:
         x = LayerScale(name=f"{path}.gamma")(x)
     if drop_rate > 0.0:
@@ -255,6 +263,7 @@ def build_model(
     head_norm_affine: bool = True,
     input_shape: tuple = (None, None, 3),
     name: str | None = None,
+    initialize: bool = True,
 ) -> keras.Model:
     """Build an uninitialised ConvNeXt.
 
@@ -272,6 +281,8 @@ def build_model(
             FCMAE's, which timm then runs with its identity initialisation).
         input_shape: NHWC input shape without the batch; spatial size is free by default.
         name: model name (defaults to the architecture name).
+        initialize: draw Keras' random initial kernels; False starts them at zero, for a
+            model whose weights are loaded next (much faster for large models).
 
     Returns:
         A functional `keras.Model` taking NHWC float inputs (already normalised) and
@@ -281,14 +292,16 @@ def build_model(
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
     check_onednn()
     inputs = keras.Input(shape=input_shape, name="pixels")
-    x = _stem(inputs, arch)
+    init = _kernel_init(initialize)
+    x = _stem(inputs, arch, init)
     rates = drop_path_rates(drop_path_rate, arch.depths)
     for i, (depth, dim) in enumerate(zip(arch.depths, arch.dims)):
         if i > 0:
             x = _norm(arch, f"stages.{i}.downsample.0")(x)
-            x = layers.Conv2D(dim, 2, strides=2, use_bias=arch.conv_bias, name=f"stages.{i}.downsample.1")(x)
+            x = layers.Conv2D(dim, 2, strides=2, use_bias=arch.conv_bias, name=f"stages.{i}.downsample.1",
+                              **init)(x)
         for j in range(depth):
-            x = _block(x, arch, dim, f"stages.{i}.blocks.{j}", rates[i][j])
+            x = _block(x, arch, dim, f"stages.{i}.blocks.{j}", rates[i][j], init)
     if arch.head_norm_first:
         x = _norm(arch, "norm_pre")(x)
     if include_top or pooling == "avg":
@@ -296,17 +309,17 @@ def build_model(
         if not arch.head_norm_first:
             x = _norm(arch, "head.norm", affine=head_norm_affine)(x)
         if arch.head_hidden_size:
-            x = layers.Dense(arch.head_hidden_size, use_bias=True, name="head.pre_logits.fc")(x)
+            x = layers.Dense(arch.head_hidden_size, use_bias=True, name="head.pre_logits.fc", **init)(x)
             x = layers.Activation(keras.activations.gelu, name="head.pre_logits.act")(x)
     if include_top and num_classes > 0:
-        x = classifier(num_classes)(x)
+        x = classifier(num_classes, init)(x)
     return keras.Model(inputs, x, name=name or arch.name)
 
 
-def classifier(num_classes: int) -> layers.Dense:
+def classifier(num_classes: int, init: dict | None = None) -> layers.Dense:
     """The `head.fc` layer; float32 under a 16-bit or mixed policy (stable logits and losses)."""
     reduced = keras.config.dtype_policy().compute_dtype != "float32"
-    return layers.Dense(num_classes, name="head.fc", dtype="float32" if reduced else None)
+    return layers.Dense(num_classes, name="head.fc", dtype="float32" if reduced else None, **(init or {}))
 
 
 def freeze_stages(model: keras.Model, num_stages: int) -> keras.Model:
