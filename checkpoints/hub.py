@@ -2,7 +2,9 @@
 
 The Hub client does not check content on download, so every fetched file is compared with the
 sha256 in the published manifest (itself pinned to one commit); a file that does not match is
-evicted from the cache, never used.
+evicted from the cache, never used, and a fetch that fails part-way takes back the snapshot
+files it added. A publish that is run again finds its files already on the branch and commits
+nothing.
 """
 from __future__ import annotations
 
@@ -51,38 +53,94 @@ def _evict(path: Path) -> None:
             pass
 
 
+def _http_errors() -> tuple[type[Exception], ...]:
+    """Errors the Hub client lets through from its HTTP library (a reset connection, a body cut short).
+
+    huggingface_hub 2.x sends with httpx2, 1.x with httpx, whose errors are no OSError; older
+    releases use requests, whose errors are OSErrors.
+    """
+    import importlib
+
+    errors: list[type[Exception]] = [OSError, ValueError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def download(repo_id: str, revision: str | None = None) -> store.ConvertedCheckpoint:
     """Fetch a published folder into the Hub cache, pinned to one commit, every file checked.
 
+    All or nothing: if any file cannot be had or is wrong, the snapshot files this call added
+    are removed again, so the cache never holds a half-fetched folder that looks published.
+
     Raises:
-        HubError: the repo or a file cannot be had (offline and not cached, not found, HTTP).
+        HubError: the repo or a file cannot be had (offline and not cached, not found, HTTP,
+            a body cut short); the message names the repo and the file.
         IntegrityError: a file's sha256 differs from the manifest (the file is evicted).
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+    added: list[Path] = []
     try:
-        manifest_path = Path(hf_hub_download(repo_id, store.MANIFEST, revision=revision))
+        manifest_path = _fetch(repo_id, store.MANIFEST, revision, added)
         commit = manifest_path.parent.name  # snapshots/<commit>/manifest.json
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest.get("files", {})
-        if manifest.get("format") != store.FORMAT or sorted(files) != sorted(store.CONTENT_FILES):
-            raise HubError(f"{repo_id} does not hold a converted checkpoint of format {store.FORMAT}")
+        files = _published_files(repo_id, manifest_path)
         for name in store.CONTENT_FILES:
-            path = Path(hf_hub_download(repo_id, name, revision=commit))
+            path = _fetch(repo_id, name, commit, added)
             if store.sha256_file(path) != files[name]["sha256"]:
                 _evict(path)
                 raise IntegrityError(f"{repo_id}@{commit}: downloaded {name} does not match the published "
                                      "sha256 (corrupted in transit or in the cache); it was discarded, retry")
-    except LocalEntryNotFoundError:
-        raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise HubError(f"cannot fetch {repo_id}: {_short(e)}") from None
+    except BaseException:
+        for path in added:
+            path.unlink(missing_ok=True)  # the link only: a blob that passed its check may serve a retry
+        raise
     return store.open_folder(manifest_path.parent)
 
 
+def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> Path:
+    """One file of the repo into the Hub cache, noted in `added` if it was not there before.
+
+    The client retries what it deems transient (a 503, a connection lost mid-body); what it
+    still cannot fetch becomes a HubError naming the repo and the file.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    before = try_to_load_from_cache(repo_id, name, revision=revision)
+    try:
+        path = Path(hf_hub_download(repo_id, name, revision=revision))
+    except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError)
+        if isinstance(e.__cause__, HfHubHTTPError):  # online, but the Hub kept failing
+            raise HubError(f"cannot fetch {repo_id}: {name}: {_short(e.__cause__)}") from None
+        raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached") from None
+    except EntryNotFoundError:
+        raise HubError(f"cannot fetch {repo_id}: {name} is missing from the repo at {revision or 'main'}") from None
+    except _http_errors() as e:
+        raise HubError(f"cannot fetch {repo_id}: {name}: {_short(e)}") from None
+    if not (isinstance(before, str) and Path(before) == path):
+        added.append(path)
+    return path
+
+
+def _published_files(repo_id: str, manifest_path: Path) -> dict:
+    """The manifest's {file: {sha256, size}}, if it describes a converted folder of our format."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise HubError(f"cannot fetch {repo_id}: {store.MANIFEST} is unreadable ({_short(e)})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != store.FORMAT
+            or sorted(files) != sorted(store.CONTENT_FILES)
+            or not all(isinstance(files[n], dict) and "sha256" in files[n] for n in files)):
+        raise HubError(f"{repo_id} does not hold a converted checkpoint of format {store.FORMAT}")
+    return files
+
+
 def _short(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    """The first line of an error's message (the Hub client's run over several lines)."""
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def model_card(folder: store.ConvertedCheckpoint, repo_id: str) -> str:
@@ -159,19 +217,60 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
         allow_random: publish a folder of random (not pretrained) weights too.
 
     Returns:
-        The commit holding the files, and whether it is new (False: the branch already held
-        exactly these files, and the client made no commit).
+        The commit holding the files, and whether it is new (False: the branch head already
+        held exactly these files, and no commit was made: re-running a publish is a no-op).
 
     Raises:
         HubError: refused (no passing report, weights changed since the report, stale parent)
-            or the upload failed; nothing was published then.
+            or the upload failed; nothing was published then. Once the commit has landed, a
+            failure to read it back says so; the same publish run again checks it, committing
+            nothing twice.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    folder = store.open_folder(path)
+    report = _publishable(folder, allow_random)
+    api = HfApi(token=token)
+    branch = revision or "main"
+    card = model_card(folder, repo_id)
+    sent = {**{n: folder.path / n for n in (*store.CONTENT_FILES, store.MANIFEST)}, CARD: card.encode()}
+    parent = expect_parent
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        head = api.model_info(repo_id, revision=branch, files_metadata=True)
+        parent = parent or head.sha
+        if head.sha.startswith(parent) and not _differences({s.rfilename: s for s in head.siblings or []}, sent):
+            return head.sha, False  # already there (a re-run, or a retry after a commit that landed)
+        operations = [CommitOperationAdd(name, source if isinstance(source, bytes) else str(source))
+                      for name, source in sent.items()]
+        info = api.create_commit(
+            repo_id, operations, revision=branch, parent_commit=parent,
+            commit_message=f"{folder.config['name']}: parity {report.summary()}")
+    except HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) == 412:
+            raise HubError(f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
+                           "nothing was published, retry") from None
+        raise HubError(f"publishing to {repo_id} failed: {_short(e)}; {RETRY}") from None
+    except (RuntimeError, *_http_errors()) as e:  # an LFS upload that failed is a RuntimeError
+        raise HubError(f"publishing to {repo_id} failed: {_cause(e)}; {RETRY}") from None
+    try:
+        _check_remote(api, repo_id, info.oid, sent)
+    except _http_errors() as e:
+        raise HubError(f"{repo_id}@{info.oid[:12]}: committed, but reading it back failed ({_short(e)}); "
+                       f"{RETRY}") from None
+    return info.oid, info.oid != parent  # the client also skips a commit that would change nothing
+
+
+RETRY = "run the same publish again (files already there are not committed twice)"
+
+
+def _publishable(folder: store.ConvertedCheckpoint, allow_random: bool):
+    """The folder's parity report, if it passed for exactly these weights (else HubError)."""
     from converters.parity import ParityReport
 
-    folder = store.open_folder(path)
     if not folder.config.get("pretrained", True) and not allow_random:
         raise HubError(f"refusing to publish {folder.path}: it holds random weights, not a pretrained model; "
                        "pass --allow-random to publish it anyway")
@@ -185,44 +284,39 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
     if folder.parity.get("weights_sha256") != weights_sha:
         raise HubError(f"refusing to publish {folder.path}: the weights changed after the parity report; "
                        "run `zoo verify` or convert again")
-    api = HfApi(token=token)
-    branch = revision or "main"
-    card = model_card(folder, repo_id)
-    parent = expect_parent
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if branch != "main":
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        parent = parent or api.model_info(repo_id, revision=branch).sha
-        files = (*store.CONTENT_FILES, store.MANIFEST)
-        operations = [CommitOperationAdd(name, str(folder.path / name)) for name in files]
-        operations.append(CommitOperationAdd(CARD, card.encode()))
-        info = api.create_commit(
-            repo_id, operations, revision=branch, parent_commit=parent,
-            commit_message=f"{folder.config['name']}: parity {report.summary()}")
-    except HfHubHTTPError as e:
-        status = getattr(e.response, "status_code", None)
-        if status == 412:
-            raise HubError(f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
-                           "nothing was published, retry") from None
-        raise HubError(f"publishing to {repo_id} failed: {_short(e)}") from None
-    _check_remote(api, repo_id, info.oid, {**{n: folder.path / n for n in files}, CARD: card.encode()})
-    return info.oid, info.oid != parent  # the client skips a commit that would change nothing
+    return report
+
+
+def _cause(error: Exception) -> str:
+    """An error's first line, with its cause's (the client wraps an upload's HTTP error)."""
+    cause = error.__cause__
+    return f"{_short(error)} ({_short(cause)})" if cause is not None else _short(error)
 
 
 def _check_remote(api, repo_id: str, commit: str, local: dict) -> None:
     """Re-read the remote tree at `commit` and compare every file with what was sent."""
     remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)}
+    wrong = _differences(remote, local)
+    if wrong:
+        raise HubError(f"{repo_id}@{commit}: after the upload, the remote {', '.join(wrong)} "
+                       "missing or different from what was sent")
+
+
+def _differences(remote: dict, local: dict) -> list[str]:
+    """Names of `local` files ({name: path or bytes}) that `remote` ({name: tree entry or
+    sibling, with blob_id and lfs}) lacks or holds with other content."""
+    wrong = []
     for name, source in local.items():
         data = source if isinstance(source, bytes) else None
         entry = remote.get(name)
-        if entry is None:
-            raise HubError(f"{repo_id}@{commit}: {name} is missing after the upload")
         lfs = getattr(entry, "lfs", None)
-        if lfs is not None:
+        if entry is None:
+            ok = False
+        elif lfs is not None:
             digest = hashlib.sha256(data).hexdigest() if data is not None else store.sha256_file(source)
-            ok = lfs.sha256 == digest
+            ok = getattr(lfs, "sha256", None) == digest
         else:
             ok = entry.blob_id == git_blob_sha1(data if data is not None else Path(source).read_bytes())
         if not ok:
-            raise HubError(f"{repo_id}@{commit}: the remote {name} differs from the uploaded file")
+            wrong.append(name)
+    return wrong

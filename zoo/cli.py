@@ -18,6 +18,26 @@ def _echo(line: str) -> None:
     click.echo(line, err=True)
 
 
+class _Tolerance(click.FloatRange):
+    """A positive, finite float: `nan` and `inf` would make the parity gate pass everything."""
+
+    name = "positive finite float"
+
+    def __init__(self):
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+TOLERANCE = _Tolerance()
+
+
 def _user_errors(fn):
     """Turn project errors into one message and exit code 1, without a traceback."""
     @functools.wraps(fn)
@@ -81,13 +101,13 @@ def list_command(pattern, as_json):
               help="Convert this local file (.safetensors, or .pth/.pt/.bin) instead of the Hub's.")
 @click.option("--random-weights", is_flag=True,
               help="Use seeded, perturbed random weights in timm's layout: runs offline, NOT pretrained.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
 @click.option("--from-url", is_flag=True,
               help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy.")
-@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--atol", type=TOLERANCE, default=1e-4, show_default=True,
               help="Parity gate: max abs logit error.")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+@click.option("--rtol", type=TOLERANCE, default=1e-5, show_default=True,
               help="Parity gate: max abs logit error / max |reference logit|.")
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
@@ -102,6 +122,8 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
     """
     if random_weights and checkpoint:
         raise click.UsageError("--random-weights and --checkpoint exclude each other")
+    if repo_id and not publish_after:
+        raise click.UsageError("--repo-id names where --publish sends the result; add --publish or drop it")
     if random_weights:
         _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
     if convert_all:
@@ -192,10 +214,14 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
 
     from checkpoints import store
     from .catalogue import resolve
+    from .errors import UnknownModelError
 
     path = Path(name_or_dir)
     if not path.is_dir():
-        path = store.store_path(resolve(name_or_dir).name)
+        try:
+            path = store.store_path(resolve(name_or_dir).name)
+        except UnknownModelError as e:
+            raise UnknownModelError(f"{e} (and there is no folder {name_or_dir!r})") from None
         if not path.is_dir():
             raise ZooError(f"{name_or_dir} is not converted in the local store; run `zoo convert {name_or_dir}`")
     click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
@@ -328,9 +354,9 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
               help="Compare with timm on the recorded source weights: when possible, always, or never.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Local source file for the PyTorch comparison instead of fetching the recorded one.")
-@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--atol", type=TOLERANCE, default=1e-4, show_default=True,
               help="fp32 bound: max abs logit error.")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+@click.option("--rtol", type=TOLERANCE, default=1e-5, show_default=True,
               help="fp32 bound: max abs logit error / max |reference logit|.")
 @_user_errors
 def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, rtol):
@@ -340,6 +366,8 @@ def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, r
     (timm on the recorded source weights); it is kept, with its report beside it, only if it
     meets its bounds. Prints the export's path; the report table goes to stderr.
     """
+    if quantize != "none" and fmt != "tflite":
+        raise click.UsageError(f"--quantize {quantize} applies to tflite exports only; drop it for {fmt}")
     from .export import export, report_path
 
     path = export(name_or_dir, fmt, out=out, quantize=quantize, pytorch=pytorch, checkpoint=checkpoint,

@@ -1,9 +1,11 @@
 """Start the local Hub server (tests/support/hub_server.py) for a test, over real HTTP."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,3 +28,17 @@ def local_hub(root: Path, lfs_threshold: int | None = None):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def set_faults(url: str, faults: dict) -> dict:
+    """Replace the server's fault set (see hub_server.py's docstring); `{}` clears it."""
+    request = urllib.request.Request(f"{url}/__faults", data=json.dumps(faults).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def faults(url: str) -> dict:
+    """The server's fault set as it is now: counts left and each `fail` rule's hits."""
+    with urllib.request.urlopen(f"{url}/__faults") as response:
+        return json.loads(response.read())

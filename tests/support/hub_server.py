@@ -11,11 +11,18 @@ Content-addressed: every blob is stored under <root>/objects/<sha256>. Non-LFS f
 identified by their git blob sha1 (what the Hub returns as ETag), LFS files by sha256.
 Commits are immutable JSON records; refs map branch -> commit sha.
 
-Fault injection (for robustness tests), controlled by POST /__faults JSON:
-  {"corrupt": ["path/in/repo"], "truncate": ["path"], "drop_after": {"path": nbytes},
-   "status": {"path": 503}}
+Fault injection (for robustness tests), controlled by POST /__faults JSON (replaces the set):
+  {"corrupt": ["path/in/repo"], "truncate": ["path"] or {"path": times},
+   "status": {"path": 503},
+   "fail": [{"match": "/resolve/", "method": "GET", "status": 503, "times": 2}]}
 corrupt = flip one byte but keep Content-Length and ETag (simulates a bad mirror/CDN)
-truncate = advertise full size but send half (client must detect size mismatch)
+truncate = advertise full size but send half, then close (client must detect size mismatch);
+           a list truncates every download of the file, a mapping only the first `times`
+status = answer every download of the file with this status (a 404 is a file gone missing)
+fail = answer any request whose URL path contains `match` (and whose method is `method`, if
+       given) with `status`, `times` times (every time if absent): a 503 for N requests, then
+       success. Each rule counts its `hits`.
+GET /__faults returns the set as it is now (counts left, hits), so a test can see a fault fire.
 
 Run: python hub_server.py --host 127.0.0.1 --port 0 --root DIR   (prints "LISTENING <port>")
 """
@@ -59,6 +66,37 @@ class Store:
         else:
             self.repos = {}  # key "type:org/name" -> {"refs": {}, "commits": {}, "private": bool, "created": ts}
         self.faults: dict = {}
+
+    def set_faults(self, faults: dict) -> None:
+        with self.lock:
+            self.faults = faults
+            for rule in faults.get("fail", []):
+                rule.setdefault("hits", 0)
+
+    def injected_status(self, method: str, path: str) -> int | None:
+        """The status a `fail` rule answers this request with (counting it down), else None."""
+        with self.lock:
+            for rule in self.faults.get("fail", []):
+                if rule["match"] not in path or rule.get("method", method) != method:
+                    continue
+                if rule.get("times") is not None:
+                    if rule["times"] <= 0:
+                        continue
+                    rule["times"] -= 1
+                rule["hits"] += 1
+                return int(rule["status"])
+        return None
+
+    def take_truncation(self, path: str) -> bool:
+        """Whether this download of `path` is cut short (a mapping counts its uses down)."""
+        with self.lock:
+            truncate = self.faults.get("truncate", [])
+            if isinstance(truncate, dict):
+                if truncate.get(path, 0) <= 0:
+                    return False
+                truncate[path] -= 1
+                return True
+            return path in truncate
 
     # -- persistence (atomic) --
     def _save(self):
@@ -276,8 +314,15 @@ class Handler(BaseHTTPRequestHandler):
         if parts[0] == "__health":
             return self.send(200, {"ok": True}, head=head)
         if parts[0] == "__faults" and method == "POST":
-            self.store.faults = json.loads(self.body() or b"{}")
+            self.store.set_faults(json.loads(self.body() or b"{}"))
             return self.send(200, self.store.faults)
+        if parts[0] == "__faults" and method == "GET":
+            with self.store.lock:
+                return self.send(200, self.store.faults)
+        injected = self.store.injected_status(method, url.path)
+        if injected is not None:
+            self.body()  # read what was sent, so the connection stays usable
+            return self.err(injected, "Injected", "injected failure", head=head)
         if parts[0] == "__lfs_upload" and method == "PUT":
             return self.lfs_put(parts[1])
         if parts == ["api", "validate-yaml"] and method == "POST":
@@ -531,7 +576,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(f["size"]))
             self.end_headers()
             return
-        if path in faults.get("truncate", []):
+        if self.store.take_truncation(path):
             self.send_response(status)
             for k, v in hdrs.items():
                 self.send_header(k, v)
