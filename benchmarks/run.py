@@ -8,13 +8,15 @@ Inference: one long-lived worker process per framework (frameworks never share a
 given the same threads and the same inputs; for every configuration the frameworks take turns,
 in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded), so
 that drifts of the machine hit all of them alike. Reported: the median images/s and the ratio
-to timm eager fp32 and to timm bf16 autocast.
+to timm eager fp32 and to timm bf16 autocast. `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`.
 
 Conversion and loading: each measured in a fresh process. `zoo convert` of a local source file
 (random weights in timm's layout: no download) with the time of every step, against the I/O
 floor of reading the same safetensors and writing the tensors to one HDF5 file; peak RSS above
 the framework import baseline, against the source size. `zoo.load` from a converted folder
-against keras.applications loading the same size from its own weights file.
+against keras.applications loading the same size from its own weights file. For the
+`--precision-archs`, the converted folder is also loaded in bfloat16 and float32: top-1
+agreement and the largest logit difference on the parity image set and 96 more images.
 """
 from __future__ import annotations
 
@@ -121,6 +123,8 @@ def bench_convert_and_load(args) -> list[dict]:
             floor = _one_shot(["io", "--source", str(src.path), "--out", str(tmp / "floor.h5")])
             conv = _one_shot(["convert", ckpt.name, "--source", str(src.path), "--out", str(tmp / "converted")])
             loaded = _one_shot(["load", "zoo", str(tmp / "converted")])
+            agreement = (_one_shot(["precision", str(tmp / "converted")])
+                         if arch_name in args.precision_archs else None)
             apps = None
             if KERAS_APPS.get(arch_name):
                 weights = tmp / "apps.weights.h5"
@@ -134,7 +138,8 @@ def bench_convert_and_load(args) -> list[dict]:
                "time_ratio": without_parity / floor["total_s"],
                "rss_above_import_mb": conv["peak_rss_mb"] - conv["import_rss_mb"],
                "floor_rss_above_import_mb": floor["peak_rss_mb"] - floor["import_rss_mb"],
-               "load_s": loaded["load_s"], "apps_load_s": apps["load_s"] if apps else None}
+               "load_s": loaded["load_s"], "apps_load_s": apps["load_s"] if apps else None,
+               "precision": agreement}
         row["rss_ratio"] = row["rss_above_import_mb"] / size_mb
         rows.append(row)
         print(f"{row['arch']}: convert {row['convert_s']:.1f} s ({without_parity:.1f} s without parity, "
@@ -157,13 +162,26 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    onednn = subprocess.run(
+        [sys.executable, "-c", "import zoo.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())"],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT).stdout.strip()
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = "/".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
     versions = subprocess.run(
         [sys.executable, "-c", "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')"],
         capture_output=True, text=True).stdout.strip()
     tf_versions = subprocess.run(
         [sys.executable, "-c", "import tensorflow as tf, keras; print(f'tensorflow {tf.__version__}, keras {keras.__version__}')"],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.strip()
-    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; {tf_versions}; {versions}"
+    return (f"{cpu} ({isa}), {os.cpu_count()} logical CPUs, Python {platform.python_version()}; {tf_versions} "
+            f"(oneDNN rewrites: {onednn}); {versions}")
 
 
 def report(args, inference: list[dict], conversion: list[dict]) -> str:
@@ -194,6 +212,16 @@ def report(args, inference: list[dict], conversion: list[dict]) -> str:
                          f"{r['rss_ratio']:.2f}x | {r['load_s']:.2f} | {apps} |")
         lines += ["", "Steps of each conversion (s): " + "; ".join(
             f"{r['arch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items()) for r in conversion), ""]
+        checked = [r for r in conversion if r["precision"]]
+        if checked:
+            lines += ["## bfloat16 against float32 (same converted weights)", "",
+                      "| architecture | image set | images | top-1 agreement | max abs logit difference | max abs logit |",
+                      "|---|---|---|---|---|---|"]
+            for r in checked:
+                for name, p in r["precision"].items():
+                    lines.append(f"| {r['arch']} | {name} | {p['images']} | {p['top1_agree']}/{p['images']} "
+                                 f"({p['top1_agree'] / p['images']:.1%}) | {p['max_abs']:.3g} | {p['max_ref']:.3g} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -211,6 +239,8 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop a turn's timed passes after this long (at least one pass)")
     parser.add_argument("--convert-archs", nargs="+", default=["atto", "tiny", "base", "large"])
+    parser.add_argument("--precision-archs", nargs="*", default=["tiny", "base"],
+                        help="converted architectures also compared in bfloat16 and float32")
     parser.add_argument("--skip-infer", action="store_true")
     parser.add_argument("--skip-convert", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny at 224, batches 1 and 8, conversion of atto")
@@ -218,6 +248,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.models, args.sizes, args.batches, args.convert_archs = ["tiny"], [224], [1, 8], ["atto"]
+        args.precision_archs = ["atto"]
     inference = [] if args.skip_infer else bench_inference(args)
     conversion = [] if args.skip_convert else bench_convert_and_load(args)
     text = report(args, inference, conversion)

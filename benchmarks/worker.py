@@ -7,6 +7,7 @@
     python benchmarks/worker.py convert ARCH --source FILE --out DIR
     python benchmarks/worker.py load (zoo DIR | keras-apps ARCH FILE)
     python benchmarks/worker.py io --source FILE --out FILE
+    python benchmarks/worker.py precision DIR
         each prints one JSON line: wall times of the steps and peak RSS.
 
 Frameworks never share a process: torch+timm after tensorflow in one process crashes.
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-FRAMEWORKS = ("zoo", "timm", "timm-bf16", "keras-apps")
+FRAMEWORKS = ("zoo", "zoo-bf16", "timm", "timm-bf16", "keras-apps")
 KERAS_APPS = {"atto": None, "tiny": "ConvNeXtTiny", "small": "ConvNeXtSmall", "base": "ConvNeXtBase",
               "large": "ConvNeXtLarge"}
 
@@ -73,7 +74,7 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
     else:
         import zoo
 
-        net = zoo.build(f"convnext_{model}")
+        net = zoo.build(f"convnext_{model}", dtype="bfloat16" if framework == "zoo-bf16" else "float32")
     return lambda: net.predict_on_batch(x)
 
 
@@ -155,6 +156,29 @@ def load(kind: str, args: list[str]) -> dict:
     return {"load_s": time.perf_counter() - start, "params": model.count_params(), "peak_rss_mb": peak_rss_mb()}
 
 
+def precision(folder: Path) -> dict:
+    """bfloat16 against float32 for one converted folder: top-1 agreement and logit differences.
+
+    On the parity image set (natural-looking images and noise) and on 96 more natural images.
+    """
+    import numpy as np
+
+    import zoo
+    from converters.images import parity_batch
+
+    cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    size = cfg["input_size"][-1]
+    sets = {"parity": parity_batch(size, cfg["mean"], cfg["std"]),
+            "natural": parity_batch(size, cfg["mean"], cfg["std"], natural=96, noise=0, seed=11)}
+    models = {dtype: zoo.load(folder, dtype=dtype) for dtype in ("float32", "bfloat16")}
+    out = {}
+    for name, x in sets.items():
+        exact, low = (np.asarray(models[d].predict(x, batch_size=8, verbose=0)) for d in ("float32", "bfloat16"))
+        out[name] = {"images": len(x), "top1_agree": int((exact.argmax(-1) == low.argmax(-1)).sum()),
+                     "max_abs": float(np.abs(exact - low).max()), "max_ref": float(np.abs(exact).max())}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +192,8 @@ def main() -> None:
     p = sub.add_parser("io")
     p.add_argument("--source", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("precision")
+    p.add_argument("folder", type=Path)
     p = sub.add_parser("load")
     p.add_argument("kind", choices=("zoo", "keras-apps"))
     p.add_argument("args", nargs="+")
@@ -179,6 +205,8 @@ def main() -> None:
         result = convert(args.arch, args.source, args.out)
     elif args.command == "io":
         result = io_floor(args.source, args.out)
+    elif args.command == "precision":
+        result = precision(args.folder)
     else:
         result = load(args.kind, args.args)
     print(json.dumps(result), flush=True)
