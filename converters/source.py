@@ -183,48 +183,47 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     return {key: _as_float32(key, value) for key, value in raw.items()}
 
 
+# safetensors dtype -> numpy (little-endian, as the format stores them); BF16 is widened by hand
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Read a safetensors file tensor by tensor, with plain reads.
 
-    try:
-        return load_file(path)
-    except TypeError as e:
-        if "bfloat16" not in str(e):
-            raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
-    return _read_safetensors_with_bf16(path)
-
-
-def _read_safetensors_with_bf16(path: Path) -> dict[str, np.ndarray]:
-    """safetensors validated the file; numpy has no bfloat16, so widen those tensors by hand.
-
-    bfloat16 is the top half of a float32: shifting its 16 bits up gives the exact value.
+    safetensors validates the header first (offsets, sizes, file length). The data is then
+    read into arrays one tensor at a time: `safetensors.numpy.load_file` holds the whole file
+    as bytes beside the arrays, and reading through its memory map counts the mapped file in
+    the process's memory as well, either way twice the checkpoint at the peak. numpy has no
+    bfloat16: those tensors are widened to float32 exactly (bfloat16 is the top half of a float32).
     """
     import json
     import struct
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
+    out = {}
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
         base = 8 + size
-        out = {}
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
             start, end = meta["data_offsets"]
-            if meta["dtype"] != "BF16":
-                continue
+            kind = meta["dtype"]
+            if kind != "BF16" and kind not in _NUMPY_DTYPES:
+                raise SourceError(f"tensor {key!r} has dtype {kind}; ConvNeXt weights are floats")
+            array = np.empty(meta["shape"], dtype="<u2" if kind == "BF16" else _NUMPY_DTYPES[kind])
             f.seek(base + start)
-            raw = np.frombuffer(f.read(end - start), dtype="<u2")
-            out[key] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
-    with safe_open(path, framework="numpy") as handle:  # every other dtype the usual way
-        for key in handle.keys():
-            if key not in out:
-                out[key] = handle.get_tensor(key)
+            if f.readinto(memoryview(array).cast("B")) != end - start:
+                raise SourceError(f"{path.name} changed while it was read (tensor {key!r} is short)")
+            out[key] = (array.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else array
     return out
 
 
