@@ -59,6 +59,7 @@ USAGE = [  # exit 2: click's "Usage:" and one "Error:" line
     (["predict", "notimage.png", "--top", "-1"], "--top"),
     (["predict", "notimage.png", "--top", "x"], "--top"),
     (["predict", "notimage.png", "--wat"], "No such option"),
+    (["predict", "notimage.png", "--dtype", "int8"], "--dtype"),
     # eval
     (["eval"], "Missing option '--data'"),
     (["eval", "--data", "missing"], "does not exist"),

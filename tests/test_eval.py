@@ -119,9 +119,11 @@ def test_bad_data_is_refused_clearly(tmp_path):
 
 def test_cli_eval_json_and_errors(folder, image_folder):
     run = [sys.executable, "-m", "zoo.cli", "eval", "--model", str(folder), "--data", str(image_folder)]
-    proc = subprocess.run(run + ["--json", "--limit", "6"], capture_output=True, text=True, env=dict(os.environ))
+    proc = subprocess.run(run + ["--json", "--limit", "6", "--dtype", "bfloat16"], capture_output=True, text=True,
+                          env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["num_images"] == 6 and 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert report["dtype"] == "bfloat16"
     proc = subprocess.run(run[:-2] + ["--data", str(folder)], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 1 and "no class sub-folders" in proc.stderr and "Traceback" not in proc.stderr

@@ -228,6 +228,9 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
 
 
 DEFAULT_PREDICT_MODEL = "convnext_tiny.fb_in1k"
+_DTYPE = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                      show_default=True, help="Compute precision (bfloat16: ~2x faster on CPUs with AVX-512 BF16 "
+                                              "or AMX; float16 for GPUs).")
 PREDICT_BATCH = 16
 
 
@@ -238,8 +241,9 @@ PREDICT_BATCH = 16
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output: a list of {image, predictions: [{index, label, probability}]}.")
+@_DTYPE
 @_user_errors
-def predict(images, model_name, top, as_json):
+def predict(images, model_name, top, as_json, dtype):
     """Classify IMAGE files: the top classes and their probabilities.
 
     Each image is prepared exactly as timm evaluates the checkpoint (its size, crop and
@@ -262,7 +266,7 @@ def predict(images, model_name, top, as_json):
     if names is None:
         _echo(f"note: {name} has a {num_classes}-way head without a label set (only the 1000-, 11821- and "
               f"21841-class ImageNet heads are named); showing class indices")
-    model = load()
+    model = load(dtype=dtype)
     logits = np.concatenate([np.asarray(model(batch[i:i + PREDICT_BATCH], training=False))
                              for i in range(0, len(batch), PREDICT_BATCH)]).astype(np.float64)
     probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -307,16 +311,16 @@ def _classifier(model_name):
 
 
 # Keras (so TensorFlow) is imported only once the inputs are known to be good.
-def _load_folder(folder):
+def _load_folder(folder, dtype="float32"):
     from .loading import from_folder
 
-    return from_folder(folder)
+    return from_folder(folder, dtype=dtype)
 
 
-def _load_name(name):
+def _load_name(name, dtype="float32"):
     from .loading import load
 
-    return load(name)
+    return load(name, dtype=dtype)
 
 
 @main.command("eval")
@@ -333,13 +337,14 @@ def _load_name(name):
               help="Also run timm (its own transform, the source weights) and report its accuracy and the "
                    "agreement of the two (needs the convert extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_DTYPE
 @_user_errors
-def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, as_json):
+def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, as_json, dtype):
     """Top-1/top-5 accuracy on a labelled image folder with the checkpoint's official preprocessing."""
     from .evaluation import evaluate
 
     report = evaluate(model_name, data, labels_file=labels_file, limit=limit, batch_size=batch_size,
-                      compare_torch=compare_torch)
+                      compare_torch=compare_torch, dtype=dtype)
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.table())
 
 

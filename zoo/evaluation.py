@@ -34,12 +34,14 @@ class EvalReport:
     top5: float
     seconds: float
     torch: dict | None = None
+    dtype: str = "float32"
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
-        lines = [f"{self.model} on {self.data} ({self.num_images} images, labels: {self.labels})",
+        precision = "" if self.dtype == "float32" else f", in {self.dtype}"
+        lines = [f"{self.model} on {self.data} ({self.num_images} images, labels: {self.labels}{precision})",
                  f"{'':<8} {'top-1':>8} {'top-5':>8}",
                  f"{'keras':<8} {self.top1:>8.2%} {self.top5:>8.2%}"]
         if self.torch:
@@ -136,14 +138,14 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Path | None = None,
              limit: int | None = None, batch_size: int = 32, compare_torch: bool = False,
-             progress: bool = True) -> EvalReport:
+             progress: bool = True, dtype: str = "float32") -> EvalReport:
     """Top-1/top-5 of a converted checkpoint on a labelled image folder.
 
     Images are prepared with the checkpoint's own eval transform (`zoo.preprocessing`, equal to
     timm's). With `compare_torch`, timm runs the checkpoint's source weights (a separate
     process; needs the `convert` extra) with timm's own transform on the same files, and the
     report adds its accuracy, the rate at which both predict the same class, and the largest
-    logit difference.
+    logit difference. `dtype` is the Keras model's precision (see `zoo.load`).
 
     Raises:
         DatasetError, ImageError: unusable data (`zoo.errors`).
@@ -162,7 +164,7 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
                            "evaluate a checkpoint with a classification head")
     found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
     prepare = Preprocessing.from_pretrained_cfg(config["pretrained_cfg"])
-    model = from_folder(folder)
+    model = from_folder(folder, dtype=dtype)
     start = time.perf_counter()
     chunks = []
     for i in tqdm(range(0, len(found), batch_size), desc="eval", unit="batch", disable=not progress or None):
@@ -173,7 +175,7 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     report = EvalReport(model=config["name"], data=str(data), labels=how, num_images=len(found),
                         top1=float(_topk_hits(logits, labels, 1).mean()),
                         top5=float(_topk_hits(logits, labels, 5).mean()),
-                        seconds=round(time.perf_counter() - start, 2))
+                        seconds=round(time.perf_counter() - start, 2), dtype=dtype)
     if compare_torch:
         theirs = _torch_logits(config, [s.path for s in found])
         report.torch = {"top1": float(_topk_hits(theirs, labels, 1).mean()),
