@@ -3,6 +3,9 @@ headless outputs, stochastic depth, dtype policy and `.keras` round trips. Small
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -357,3 +360,14 @@ def test_head_variants_end_where_timm_does():
     assert backbone.output_shape == (None, 32)
     untrained_norm = build_model(SMALL_V1, num_classes=0, head_norm_affine=False).get_layer("head.norm")
     assert untrained_norm.weights == []
+
+
+@pytest.mark.parametrize("user_choice", [None, "0"])
+def test_import_zoo_turns_on_onednn_unless_the_user_chose(user_choice):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if user_choice is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = user_choice
+    code = ("import os, zoo, tensorflow; from zoo.runtime import onednn_enabled; "
+            "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == (["1", "True"] if user_choice is None else ["0", "False"])
