@@ -13,7 +13,6 @@ from converters.pipeline import recorded_source
 from tests.conftest import SMALL
 from tests.support.converted import convert_small
 from zoo.architectures import Architecture
-from zoo.model import freeze_stages
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_pat
     assert model.output.shape[-1] == 3
     assert keras.backend.standardize_dtype(model.output.dtype) == "float32"  # logits stay float32
     assert any(layer.name.endswith("drop_path") for layer in model.layers)
-    freeze_stages(model, 2)
+    zoo.freeze_stages(model, 2)
     frozen = {w.path: np.array(w) for layer in model.layers if not layer.trainable for w in layer.weights}
     assert frozen and all(not n.startswith(("stages.2", "stages.3", "head")) for n in frozen)
     learned = {w.path: np.array(w) for w in model.get_layer("stages.3.blocks.0.mlp.fc1").weights}

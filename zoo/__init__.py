@@ -38,6 +38,13 @@ def preprocess(images, name):
     return _preprocess(images, name)
 
 
+def freeze_stages(model, num_stages):
+    """Freeze the stem and the first `num_stages` stages for fine-tuning (see `zoo.model.freeze_stages`)."""
+    from .model import freeze_stages as _freeze
+
+    return _freeze(model, num_stages)
+
+
 def build(name, **kwargs):
     """An uninitialised ConvNeXt for a checkpoint or architecture name (see `zoo.loading.build`)."""
     from .loading import build as _build
@@ -48,5 +55,5 @@ def build(name, **kwargs):
 __all__ = [
     "ARCHITECTURES", "Architecture", "Checkpoint", "HubError", "ImageError", "IntegrityError", "MappingError",
     "ParityError", "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError", "build",
-    "catalogue", "get_architecture", "load", "preprocess", "resolve", "search",
+    "catalogue", "freeze_stages", "get_architecture", "load", "preprocess", "resolve", "search",
 ]
