@@ -10,11 +10,13 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,32 +116,158 @@ def write(out: Path, model, config: dict, parity: dict) -> Path:
     Raises:
         StoreError: `out` holds something else, or it cannot be written.
     """
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not (out.is_dir() and (is_converted_folder(out) or not any(out.iterdir()))):
-        raise StoreError(f"{out} exists and is not a converted checkpoint folder; choose another --out")
+    out = check_destination(out)
+    check_space(out, model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(out)
+        _remove_stale(out.parent, f".{out.name}.partial-")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the store is an ordinary folder
     except OSError as e:
-        raise StoreError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+        raise StoreError(f"cannot write to {out.parent}: {_reason(e, out.parent)}") from None
     try:
-        model.save_weights(tmp / WEIGHTS)
-        weights_sha = sha256_file(tmp / WEIGHTS)
-        _write_json(tmp / CONFIG, {**config, "format": FORMAT, "weights": {"file": WEIGHTS, "sha256": weights_sha}})
-        _write_json(tmp / PARITY, {**parity, "weights_sha256": weights_sha})
-        files = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-                 for name in CONTENT_FILES}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "files": files})
-        _fsync_tree(tmp)
+        _assemble(tmp, model, config, parity)
         _swap_into_place(tmp, out)
-    except BaseException as e:
+    except OSError as e:
+        _release_failed_weights(tmp / WEIGHTS, e)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise StoreError(f"cannot write {out}: {e.strerror or e}") from None
+        raise StoreError(f"cannot write {out}: {_reason(e, out.parent)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _assemble(tmp: Path, model, config: dict, parity: dict) -> None:
+    """Write the folder's files into `tmp` and flush them to disk."""
+    model.save_weights(tmp / WEIGHTS)
+    weights_sha = sha256_file(tmp / WEIGHTS)
+    _write_json(tmp / CONFIG, {**config, "format": FORMAT, "weights": {"file": WEIGHTS, "sha256": weights_sha}})
+    _write_json(tmp / PARITY, {**parity, "weights_sha256": weights_sha})
+    files = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+             for name in CONTENT_FILES}
+    _write_json(tmp / MANIFEST, {"format": FORMAT, "files": files})
+    _fsync_tree(tmp)
+
+
+def check_destination(out: str | Path) -> Path:
+    """Refuse, before any slow work, a destination `write` would refuse or fail to write.
+
+    `out` must be free, an empty folder or a converted folder, and the folder it goes in must
+    take new entries. Returns `out` as an absolute path.
+
+    Raises:
+        StoreError: naming the path and the reason, in one line.
+    """
+    out = Path(out).expanduser().absolute()
+    try:
+        taken = out.exists() and not (out.is_dir() and (is_converted_folder(out) or not any(out.iterdir())))
+    except OSError as e:
+        raise StoreError(f"cannot write {out}: {_reason(e, out.parent)}") from None
+    if taken:
+        raise StoreError(f"{out} exists and is not a converted checkpoint folder; choose another --out")
+    check_writable(out.parent)
+    return out
+
+
+def check_writable(folder: str | Path) -> None:
+    """Check that `folder` (existing, or to be created) can take new entries.
+
+    Probed by creating and removing an empty folder in the nearest existing folder on the
+    way: permission bits do not stop root, and read-only mounts, quotas or ACLs only show
+    when tried.
+
+    Raises:
+        StoreError: naming the folder and the reason, in one line.
+    """
+    folder = Path(folder).expanduser().absolute()
+    try:
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StoreError(f"cannot write to {folder}: {existing} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=f".zoo-probe-{os.getpid()}-", dir=existing))
+    except OSError as e:
+        raise StoreError(f"cannot write to {folder}: {_reason(e, folder)}") from None
+
+
+def check_space(out: str | Path, model) -> None:
+    """Refuse to start writing `model`'s folder at `out` where its disk has too little room.
+
+    The weights file is about the size of the weights plus HDF5's per-array overhead; the
+    previous folder, if any, stays until the new one is whole, so it frees nothing.
+
+    Raises:
+        StoreError: with the space needed and free, in one line.
+    """
+    out = Path(out).expanduser().absolute()
+    needed = sum(_nbytes(v) + 4096 for v in model.weights) + (1 << 20)
+    free = _free_bytes(out.parent)
+    if free is not None and free < needed:
+        raise StoreError(f"cannot write {out}: no space left on the disk holding {_nearest(out.parent)} "
+                         f"(about {_mb(needed)} needed, {_mb(free)} free); free some space or choose another --out")
+
+
+def _nbytes(variable) -> int:
+    import numpy as np
+
+    return int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
+
+
+def _nearest(path: Path) -> Path:
+    """`path`, or the nearest existing folder above it."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(_nearest(path)).free
+    except OSError:
+        return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _reason(error: OSError, where: Path, remedy: str = "free some space or choose another --out") -> str:
+    """One line saying why a write under `where` failed (h5py's messages span lines)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(where)
+        return (f"no space left on the disk holding {_nearest(where)}"
+                + (f" ({_mb(free)} free)" if free is not None else "") + f"; {remedy}")
+    text = error.strerror or str(error) or type(error).__name__
+    return text.strip().splitlines()[0]
+
+
+def _release_failed_weights(path: Path, error: OSError) -> None:
+    """Let go of a weights file whose writing failed, so that the process can still exit cleanly.
+
+    HDF5 keeps a file it could not write open and flushes it again at exit, where a full
+    disk makes the interpreter crash (SIGSEGV) after the error was reported. Its descriptor
+    is pointed at /dev/null, so that last flush goes nowhere (Linux); the exception's frames
+    are released with the unraisable-exception reports they cause silenced (the same error,
+    already reported).
+    """
+    fds = Path("/proc/self/fd")
+    if fds.is_dir():
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    if os.readlink(fd) == str(path):
+                        os.dup2(null, int(fd.name))
+        finally:
+            os.close(null)
+    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
+    try:
+        error.__traceback__ = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -200,11 +328,38 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Remove what writers of `out` killed mid-way left behind (their process is gone)."""
-    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        pid = path.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+@contextlib.contextmanager
+def work_dir(prefix: str):
+    """A temporary folder `<prefix><pid>-<random>` in $TMPDIR, removed when the block ends.
+
+    SIGKILL runs no clean-up, so the owner's process id is in the name: each new one removes
+    the folders of `prefix` whose process is gone, and never a live process's.
+
+    Raises:
+        StoreError: the folder cannot be created (full or read-only $TMPDIR), in one line.
+    """
+    parent = Path(tempfile.gettempdir()).absolute()
+    _remove_stale(parent, prefix)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    except OSError as e:
+        reason = _reason(e, parent, remedy="free some space there or set TMPDIR to another folder")
+        raise StoreError(f"cannot create a temporary folder in {parent} ($TMPDIR): {reason}") from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale(parent: Path, prefix: str) -> None:
+    """Remove `<prefix><pid>-*` entries of `parent` whose process is gone (killed mid-way).
+
+    Names without a process id (older versions, other tools) are left alone: nobody can
+    tell whether their owner still runs.
+    """
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
+        pid, sep, _ = path.name[len(prefix):].partition("-")
+        if sep and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -231,14 +386,42 @@ class ConvertedCheckpoint:
         return self.path / WEIGHTS
 
 
+_READ_ATTEMPTS = 5
+
+
 def open_folder(path: str | Path) -> ConvertedCheckpoint:
     """Open a converted folder after checking every file against the manifest.
+
+    A writer may swap a new version in while the files are read, so that the manifest is the
+    old one's and a file the new one's; a check that fails while the folder at `path` changed
+    is therefore made again on what is there now, rather than reported.
 
     Raises:
         StoreError: not a converted folder, or files missing.
         IntegrityError: a file's sha256 or size differs from the manifest.
     """
     path = Path(path).expanduser()
+    for _ in range(_READ_ATTEMPTS - 1):
+        before = _identity(path)
+        try:
+            return _open_once(path)
+        except (StoreError, IntegrityError, OSError):
+            if _identity(path) == before:
+                raise
+    return _open_once(path)
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells one version of a folder from the next: a swapped-in folder is another inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _open_once(path: Path) -> ConvertedCheckpoint:
+    """One reading of the folder and its checks (see `open_folder`)."""
     if not path.is_dir():
         raise StoreError(f"{path} is not a folder")
     try:

@@ -1,6 +1,7 @@
 """The whole conversion, top to bottom: name -> source -> port -> parity -> saved folder."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 from checkpoints import store
 from zoo.architectures import Architecture
 from zoo.catalogue import Checkpoint, resolve
-from zoo.errors import IntegrityError, SourceError
+from zoo.errors import IntegrityError, ReferenceRunError, SourceError, StoreError
 from zoo.steps import Echo, step
 
 from . import parity, source
@@ -44,13 +45,14 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     """
     ckpt = resolve(name)
     arch = ckpt.arch
-    out = Path(out) if out else store.store_path(ckpt.name)
-    with tempfile.TemporaryDirectory(prefix="zoo-convert-") as work:
+    out = store.check_destination(out if out else store.store_path(ckpt.name))  # before the slow work
+    with store.work_dir("zoo-convert-") as work, _full_temp_disk_as_store_error():
         with step(echo, "source weights"):
-            src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, Path(work))
+            src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, work)
         with step(echo, f"build {arch.name} and port {src.path.name}"):
             model = build(arch, ckpt.num_classes, ckpt.head_norm_affine)
             port(source.load_source(src.path, conv_mlp=arch.conv_mlp), model)
+        store.check_space(out, model)  # the size is known now, before the slowest step
         with step(echo, "parity against timm (separate process)"):
             report = parity.check(model, arch, src.path, num_classes=ckpt.num_classes,
                                   head_norm_affine=ckpt.head_norm_affine, input_size=ckpt.input_size[-1],
@@ -82,9 +84,9 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
         folder = store.open_folder(path)
     config = folder.config
     arch = Architecture.from_config(config["architecture"])
-    with tempfile.TemporaryDirectory(prefix="zoo-verify-") as work:
+    with store.work_dir("zoo-verify-") as work, _full_temp_disk_as_store_error():
         with step(echo, "source weights"):
-            src = recorded_source(config, Path(work), checkpoint)
+            src = recorded_source(config, work, checkpoint)
         with step(echo, "load the converted weights"), dtype_policy("float32"):
             model = from_folder(folder)
         stored = folder.parity
@@ -124,6 +126,23 @@ def recorded_source(config: dict, work: Path, checkpoint: str | Path | None = No
         raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
                              f"recorded {recorded['sha256']})")
     return src
+
+
+@contextlib.contextmanager
+def _full_temp_disk_as_store_error():
+    """Report a reference process that ran out of disk as the full disk it is, in one line.
+
+    The PyTorch reference writes the random weights and its outputs under $TMPDIR; its
+    failure would otherwise end in the child's traceback.
+    """
+    try:
+        yield
+    except ReferenceRunError as e:
+        if "No space left on device" not in str(e) and "os error 28" not in str(e):
+            raise
+        where = Path(tempfile.gettempdir()).absolute()
+        raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
+                         f"files; free some space there or set TMPDIR to another folder") from None
 
 
 def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
@@ -203,6 +222,7 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
     from zoo.errors import ZooError
 
     root = Path(out_root) if out_root else store.store_root()
+    store.check_writable(root)  # before the first conversion, not after it
     summary = root / "summary.json"
     rows = []
     for name in tqdm(names, desc="convert", unit="ckpt", disable=None):
