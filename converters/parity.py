@@ -127,11 +127,16 @@ class ParityReport:
             raise ParityError(f"parity check failed at {self.failure}\n{self.table()}", report=self)
 
 
-def _topk_agreement(ours: np.ndarray, ref: np.ndarray, k: int) -> float:
+def topk_hits(ours: np.ndarray, ref: np.ndarray, k: int) -> int:
+    """On how many rows the two sets of top-k classes are the same."""
     k = min(k, ref.shape[-1])
-    top_ours = np.argsort(-ours, axis=-1)[:, :k]
-    top_ref = np.argsort(-ref, axis=-1)[:, :k]
-    return float(np.mean([set(a) == set(b) for a, b in zip(top_ours, top_ref)]))
+    top_ours = np.argsort(-ours, axis=-1, kind="stable")[:, :k]
+    top_ref = np.argsort(-ref, axis=-1, kind="stable")[:, :k]
+    return int(sum(set(a) == set(b) for a, b in zip(top_ours, top_ref)))
+
+
+def _topk_agreement(ours: np.ndarray, ref: np.ndarray, k: int) -> float:
+    return topk_hits(ours, ref, k) / len(ref)
 
 
 def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL,

@@ -100,17 +100,14 @@ class Agreement:
 
     @classmethod
     def of(cls, against: str, ours: np.ndarray, ref: np.ndarray) -> "Agreement":
-        ours64, ref64 = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-        images = int(ref64.shape[0])
-        if ours64.shape != ref64.shape or not (np.isfinite(ours64).all() and np.isfinite(ref64).all()):
+        from converters.parity import Comparison, topk_hits
+
+        ours, ref = np.asarray(ours), np.asarray(ref)
+        c = Comparison.of(against, ours, ref)
+        images = int(ref.shape[0])
+        if ours.shape != ref.shape or not c.finite:
             return cls(against, float("inf"), float("nan"), float("inf"), 0, 0, images, False)
-        max_abs = float(np.max(np.abs(ours64 - ref64)))
-        max_ref = float(np.max(np.abs(ref64)))
-        rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
-        k = min(5, ref64.shape[-1])
-        top5 = sum(set(a) == set(b) for a, b in zip(np.argsort(-ours64, -1)[:, :k], np.argsort(-ref64, -1)[:, :k]))
-        top1 = int(np.sum(ours64.argmax(-1) == ref64.argmax(-1)))
-        return cls(against, max_abs, max_ref, rel, top1, int(top5), images, True)
+        return cls(against, c.max_abs, c.max_ref, c.rel, topk_hits(ours, ref, 1), topk_hits(ours, ref, 5), images, True)
 
     def failure(self, bounds: Bounds) -> str | None:
         """Why these figures miss `bounds`, or None."""
