@@ -5,12 +5,12 @@ fetched again and checked against the sha256 recorded at conversion.
 """
 from __future__ import annotations
 
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from checkpoints.store import work_dir
 from zoo.architectures import Architecture
 
 from .parity import reference_classify, reference_outputs
@@ -21,9 +21,9 @@ from .pipeline import recorded_source
 def _reference(config: dict, checkpoint: str | Path | None):
     """(common arguments of the reference calls, work folder) for a converted folder's config."""
     arch = Architecture.from_config(config["architecture"])
-    with tempfile.TemporaryDirectory(prefix="zoo-reference-") as work:
-        src = recorded_source(config, Path(work), checkpoint)
-        yield dict(arch=arch, num_classes=config["num_classes"], source=src.path, workdir=Path(work),
+    with work_dir("zoo-reference-") as work:
+        src = recorded_source(config, work, checkpoint)
+        yield dict(arch=arch, num_classes=config["num_classes"], source=src.path, workdir=work,
                    head_norm_affine=config.get("head_norm_affine", True))
 
 

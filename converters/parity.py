@@ -11,12 +11,12 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from checkpoints.store import work_dir
 from zoo.architectures import Architecture
 from zoo.errors import ParityError, ReferenceRunError
 
@@ -237,7 +237,7 @@ def check(model, arch: Architecture, source: Path, *, num_classes: int, input_si
           stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
     """Run both frameworks on the parity batch and compare (does not raise on failure)."""
     inputs = parity_batch(input_size, mean, std)
-    with tempfile.TemporaryDirectory(prefix="zoo-parity-") as tmp:
-        ref = reference_outputs(arch, num_classes, source, inputs, Path(tmp), head_norm_affine)
+    with work_dir("zoo-parity-") as tmp:  # named with our PID: cleared by the next run if we are killed
+        ref = reference_outputs(arch, num_classes, source, inputs, tmp, head_norm_affine)
     ours = keras_outputs(model, arch, inputs)
     return compare(ours, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=_versions())

@@ -146,11 +146,14 @@ def _full_temp_disk_as_store_error():
 
 
 def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
-    """The float32 Keras model for `arch`, whatever dtype policy is set globally."""
+    """The float32 Keras model for `arch`, whatever dtype policy is set globally.
+
+    Its kernels start at zero, not random: every variable is assigned from the source next.
+    """
     from zoo.model import build_model, dtype_policy
 
     with dtype_policy("float32"):
-        return build_model(arch, num_classes=num_classes, head_norm_affine=head_norm_affine)
+        return build_model(arch, num_classes=num_classes, head_norm_affine=head_norm_affine, initialize=False)
 
 
 def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revision, from_url, work: Path):
