@@ -233,10 +233,10 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--max-seconds", type=float, default=60.0,
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-seconds", type=float, default=20.0,
                         help="stop a turn's timed passes after this long (at least one pass)")
     parser.add_argument("--convert-archs", nargs="+", default=["atto", "tiny", "base", "large"])
     parser.add_argument("--precision-archs", nargs="*", default=["tiny", "base"],
