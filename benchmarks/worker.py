@@ -70,7 +70,8 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
 
         if not KERAS_APPS.get(model):
             raise SystemExit(f"keras.applications has no ConvNeXt {model}")
-        net = getattr(keras.applications, KERAS_APPS[model])(weights=None, include_preprocessing=False)
+        net = getattr(keras.applications, KERAS_APPS[model])(weights=None, include_preprocessing=False,
+                                                             input_shape=(size, size, 3))
     else:
         import zoo
 
