@@ -137,6 +137,30 @@ def test_model_mutation_is_rejected(name, tiny_source, tmp_path, monkeypatch):
     assert_nothing_written(out)
 
 
+def test_grn_over_the_wrong_axes_is_rejected(small_weights, tmp_path, monkeypatch):
+    """ConvNeXt-V2's GRN takes the L2 norm over H and W; over W alone (a wrong reshape of the
+    map) the shapes still broadcast, only the values are wrong."""
+    from keras import ops
+
+    from tests.conftest import SMALL
+    from zoo.architectures import ARCHITECTURES
+
+    arch = SMALL["v2_grn"]
+    monkeypatch.setitem(ARCHITECTURES, "convnextv2_tiny", arch)
+    path, _ = small_weights(arch, 1000)
+
+    def over_width_only(self, inputs):
+        gx = ops.sqrt(ops.sum(ops.square(inputs), axis=(2,), keepdims=True))
+        nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
+        return inputs + (self.bias + self.weight * (inputs * nx))
+
+    monkeypatch.setattr(zoo.model.GlobalResponseNorm, "call", over_width_only)
+    out = tmp_path / "out"
+    with pytest.raises(ParityError, match="failed at stages.0"):
+        pipeline.convert("convnextv2_tiny", out=out, checkpoint=path)
+    assert_nothing_written(out)
+
+
 def _outputs(scale=1.0, noise=0.0):
     rng = np.random.default_rng(0)
     ref = {n: rng.standard_normal((2, 4, 4, 3)).astype(np.float32) for n in ("stem", "stages.0", "stages.1", "stages.2", "stages.3")}
