@@ -6,8 +6,8 @@
 
 Inference: one long-lived worker process per framework (frameworks never share a process), all
 given the same threads and the same inputs; for every configuration the frameworks take turns,
-in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded), so
-that drifts of the machine hit all of them alike. Reported: the median images/s and the ratio
+in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded; a turn
+runs at least `--min-seconds`, so fast configurations get many samples), so that drifts of the machine hit all of them alike. Reported: the median images/s and the ratio
 to timm eager fp32 and to timm bf16 autocast. `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`.
 
 Conversion and loading: each measured in a fresh process. `zoo convert` of a local source file
@@ -75,7 +75,7 @@ def bench_inference(args) -> list[dict]:
                                 continue
                             got = workers[fw].run(model=model, batch=batch, size=size, iters=args.iters,
                                                   warmup=args.warmup if r == 0 else 0,
-                                                  max_seconds=args.max_seconds)
+                                                  min_seconds=args.min_seconds, max_seconds=args.max_seconds)
                             if got is None:
                                 times[fw] = None
                                 workers[fw] = Worker(fw, args.threads)  # keep going without it
@@ -186,7 +186,7 @@ def machine() -> str:
 
 def report(args, inference: list[dict], conversion: list[dict]) -> str:
     lines = ["# Benchmark results", "",
-             f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`".rstrip(),
+             f"Command: `{' '.join(['python benchmarks/run.py', *sys.argv[1:]])}`",
              f"Machine: {machine()}; {args.threads} threads per framework.",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
     if inference:
@@ -236,6 +236,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="keep a turn's timed passes going until this long (fast configurations)")
     parser.add_argument("--max-seconds", type=float, default=20.0,
                         help="stop a turn's timed passes after this long (at least one pass)")
     parser.add_argument("--convert-archs", nargs="+", default=["atto", "tiny", "base", "large"])

@@ -15,6 +15,7 @@ Frameworks never share a process: torch+timm after tensorflow in one process cra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -83,21 +84,30 @@ def infer(framework: str, threads: int) -> None:
     if framework.startswith("timm"):
         import torch  # noqa: F401  (first, whatever else is imported later)
         import timm  # noqa: F401
-    runners = {}
+    key, run = None, None
     for line in sys.stdin:
         request = json.loads(line)
-        key = (request["model"], request["batch"], request["size"])
-        if key not in runners:
-            runners[key] = _runner(framework, *key, threads)
-        run = runners[key]
+        if key != (request["model"], request["batch"], request["size"]):
+            key, run = None, None  # one model at a time: the configurations come one after another
+            if not framework.startswith("timm"):
+                import keras
+
+                keras.backend.clear_session()
+            gc.collect()
+            key = (request["model"], request["batch"], request["size"])
+            run = _runner(framework, *key, threads)
         for _ in range(request.get("warmup", 0)):
             run()
-        times, budget = [], request.get("max_seconds")
-        for _ in range(request["iters"]):
+        # at least `iters` passes and `min_seconds` (fast configurations get many samples), at
+        # most `max_seconds` (slow ones get fewer), never fewer than one
+        times, least, most = [], request.get("min_seconds", 0.0), request.get("max_seconds")
+        while True:
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-            if budget is not None and sum(times) > budget:  # slow configurations: fewer passes
+            if most is not None and sum(times) > most:
+                break
+            if len(times) >= request["iters"] and sum(times) >= least:
                 break
         print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
