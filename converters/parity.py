@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from checkpoints.store import work_dir
 from zoo.architectures import Architecture
-from zoo.errors import ParityError, ReferenceRunError
+from zoo.errors import ParityError, ReferenceRunError, StoreError
 
 from .images import parity_batch
 
@@ -209,6 +210,11 @@ def run_reference_process(args: list[str]) -> subprocess.CompletedProcess:
         if "No module named 'torch'" in proc.stderr or "No module named 'timm'" in proc.stderr:
             raise ReferenceRunError(
                 "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
+        if "No space left on device" in proc.stderr or "os error 28" in proc.stderr:
+            # the child writes random weights and its outputs under $TMPDIR: one line, not its traceback
+            where = Path(tempfile.gettempdir()).absolute()
+            raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
+                             f"files; free some space there or set TMPDIR to another folder")
         raise ReferenceRunError(f"the PyTorch reference process failed (exit {proc.returncode}):\n{tail}")
     return proc
 

@@ -1,17 +1,15 @@
 """The whole conversion, top to bottom: name -> source -> port -> parity -> saved folder."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 from checkpoints import store
 from zoo.architectures import Architecture
 from zoo.catalogue import Checkpoint, resolve
-from zoo.errors import IntegrityError, ReferenceRunError, SourceError, StoreError
+from zoo.errors import IntegrityError, SourceError
 from zoo.steps import Echo, step
 
 from . import parity, source
@@ -46,7 +44,7 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     ckpt = resolve(name)
     arch = ckpt.arch
     out = store.check_destination(out if out else store.store_path(ckpt.name))  # before the slow work
-    with store.work_dir("zoo-convert-") as work, _full_temp_disk_as_store_error():
+    with store.work_dir("zoo-convert-") as work:
         with step(echo, "source weights"):
             src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, work)
         with step(echo, f"build {arch.name} and port {src.path.name}"):
@@ -84,7 +82,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
         folder = store.open_folder(path)
     config = folder.config
     arch = Architecture.from_config(config["architecture"])
-    with store.work_dir("zoo-verify-") as work, _full_temp_disk_as_store_error():
+    with store.work_dir("zoo-verify-") as work:
         with step(echo, "source weights"):
             src = recorded_source(config, work, checkpoint)
         with step(echo, "load the converted weights"), dtype_policy("float32"):
@@ -126,23 +124,6 @@ def recorded_source(config: dict, work: Path, checkpoint: str | Path | None = No
         raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
                              f"recorded {recorded['sha256']})")
     return src
-
-
-@contextlib.contextmanager
-def _full_temp_disk_as_store_error():
-    """Report a reference process that ran out of disk as the full disk it is, in one line.
-
-    The PyTorch reference writes the random weights and its outputs under $TMPDIR; its
-    failure would otherwise end in the child's traceback.
-    """
-    try:
-        yield
-    except ReferenceRunError as e:
-        if "No space left on device" not in str(e) and "os error 28" not in str(e):
-            raise
-        where = Path(tempfile.gettempdir()).absolute()
-        raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
-                         f"files; free some space there or set TMPDIR to another folder") from None
 
 
 def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
