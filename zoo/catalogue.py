@@ -112,12 +112,13 @@ def _names() -> dict[str, str]:
     return names
 
 
-def resolve(name: str) -> Checkpoint:
+def resolve(name: str, *, or_folder: bool = False) -> Checkpoint:
     """The checkpoint a user means by `name`.
 
     Accepts the canonical `arch.tag`, an official FB alias (`convnext_tiny_1k`), or a bare
     architecture name, which means timm's default tag for it (as `timm.create_model(arch,
-    pretrained=True)` does).
+    pretrained=True)` does). `or_folder`: `name` could also have been a converted folder
+    (and is not one); the error says so.
 
     Raises:
         UnknownModelError: with the closest known names.
@@ -130,7 +131,8 @@ def resolve(name: str) -> Checkpoint:
         return catalogue()[names[key[5:]]]
     close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    raise UnknownModelError(f"unknown model {name!r}; {hint}`zoo list` shows all")
+    folder = f" (and there is no folder {name!r})" if or_folder else ""
+    raise UnknownModelError(f"unknown model {name!r}; {hint}`zoo list` shows all{folder}")
 
 
 def search(pattern: str | None = None) -> list[Checkpoint]:

@@ -214,14 +214,10 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
 
     from checkpoints import store
     from .catalogue import resolve
-    from .errors import UnknownModelError
 
     path = Path(name_or_dir)
     if not path.is_dir():
-        try:
-            path = store.store_path(resolve(name_or_dir).name)
-        except UnknownModelError as e:
-            raise UnknownModelError(f"{e} (and there is no folder {name_or_dir!r})") from None
+        path = store.store_path(resolve(name_or_dir, or_folder=True).name)
         if not path.is_dir():
             raise ZooError(f"{name_or_dir} is not converted in the local store; run `zoo convert {name_or_dir}`")
     click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
@@ -292,7 +288,6 @@ def _classifier(model_name):
     from pathlib import Path
 
     from .catalogue import resolve
-    from .errors import UnknownModelError
     from .preprocessing import Preprocessing
 
     path = Path(model_name).expanduser()
@@ -303,10 +298,7 @@ def _classifier(model_name):
         config = folder.config
         return (config["name"], config["num_classes"], Preprocessing.from_pretrained_cfg(config["pretrained_cfg"]),
                 functools.partial(_load_folder, folder))
-    try:
-        ckpt = resolve(model_name)
-    except UnknownModelError as e:
-        raise UnknownModelError(f"{e} (and there is no folder {model_name!r})") from None
+    ckpt = resolve(model_name, or_folder=True)
     return ckpt.name, ckpt.num_classes, Preprocessing.from_checkpoint(ckpt), functools.partial(_load_name, ckpt.name)
 
 

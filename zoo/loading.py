@@ -10,7 +10,7 @@ import keras
 from checkpoints import store
 from .architectures import Architecture
 from .catalogue import resolve
-from .errors import HubError, StoreError, UnknownModelError, ZooError
+from .errors import HubError, StoreError, ZooError
 from .model import build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
 from .runtime import policy_name
 
@@ -92,10 +92,7 @@ def locate(name_or_path: str | Path, *, revision: str | None = None, hub_org: st
         return store.open_folder(path)
     if path.suffix in (".h5", ".keras") or "/" in str(name_or_path):
         raise StoreError(f"{name_or_path}: no such converted checkpoint folder")
-    try:
-        ckpt = resolve(str(name_or_path))
-    except UnknownModelError as e:
-        raise UnknownModelError(f"{e} (and there is no folder {str(name_or_path)!r})") from None
+    ckpt = resolve(str(name_or_path), or_folder=True)
     return _find(ckpt, revision, hub_org, convert)
 
 
