@@ -7,8 +7,9 @@
 Inference: one long-lived worker process per framework (frameworks never share a process), all
 given the same threads and the same inputs; for every configuration the frameworks take turns,
 in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded; a turn
-runs at least `--min-seconds`, so fast configurations get many samples), so that drifts of the machine hit all of them alike. Reported: the median images/s and the ratio
-to timm eager fp32 and to timm bf16 autocast. `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`.
+runs at least `--min-seconds`, so fast configurations get many samples), so that drifts of the
+machine hit all of them alike. Reported: the median images/s and the ratio to timm eager fp32
+and to timm bf16 autocast. `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`.
 
 Conversion and loading: each measured in a fresh process. `zoo convert` of a local source file
 (random weights in timm's layout: no download) with the time of every step, against the I/O
@@ -154,25 +155,16 @@ _SAVE_APPS = ("import keras; keras.applications.{cls}(weights=None, include_prep
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
-        pass
+        cpuinfo = {}
+    cpuinfo = {k.strip(): v.strip() for k, v in cpuinfo.items()}  # the last CPU's lines: all alike here
+    cpu = cpuinfo.get("model name", "unknown CPU")
+    flags = set(cpuinfo.get("flags", "").split())
     onednn = subprocess.run(
         [sys.executable, "-c", "import zoo.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())"],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT).stdout.strip()
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
     isa = "/".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
     versions = subprocess.run(
         [sys.executable, "-c", "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')"],

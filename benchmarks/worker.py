@@ -176,6 +176,7 @@ def precision(folder: Path) -> dict:
 
     import zoo
     from converters.images import parity_batch
+    from converters.parity import topk_hits
 
     cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
     size = cfg["input_size"][-1]
@@ -185,7 +186,7 @@ def precision(folder: Path) -> dict:
     out = {}
     for name, x in sets.items():
         exact, low = (np.asarray(models[d].predict(x, batch_size=8, verbose=0)) for d in ("float32", "bfloat16"))
-        out[name] = {"images": len(x), "top1_agree": int((exact.argmax(-1) == low.argmax(-1)).sum()),
+        out[name] = {"images": len(x), "top1_agree": topk_hits(low, exact, 1),
                      "max_abs": float(np.abs(exact - low).max()), "max_ref": float(np.abs(exact).max())}
     return out
 

@@ -183,9 +183,7 @@ def check_writable(folder: str | Path) -> None:
     """
     folder = Path(folder).expanduser().absolute()
     try:
-        existing = folder
-        while not existing.exists():
-            existing = existing.parent
+        existing = _nearest(folder)
         if not existing.is_dir():
             raise StoreError(f"cannot write to {folder}: {existing} is a file, not a folder")
         os.rmdir(tempfile.mkdtemp(prefix=f".zoo-probe-{os.getpid()}-", dir=existing))
