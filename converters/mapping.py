@@ -6,9 +6,9 @@ transposed. Nothing is picked by position.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
-
 import keras
 import numpy as np
 
@@ -24,27 +24,36 @@ class Rule:
         attr: attribute of the Keras layer holding the variable (`kernel`).
         suffix: appended to the layer name to form the timm key (`.weight`; `""` when the
             layer name is itself the parameter path, as for `gamma`).
-        to_keras: torch layout -> Keras layout.
-        torch_shape: Keras variable shape -> the torch shape expected in the state dict.
+        perm: the transpose from the torch layout to the Keras layout (Keras axis i is torch
+            axis `perm[i]`); None when the layouts agree.
     """
 
     attr: str
     suffix: str
-    to_keras: Callable[[np.ndarray], np.ndarray] = lambda a: a
-    torch_shape: Callable[[tuple], tuple] = lambda s: s
+    perm: tuple[int, ...] | None = None
+
+    def torch_shape(self, keras_shape: tuple) -> tuple:
+        """The shape the state dict must hold for a Keras variable of `keras_shape`."""
+        if self.perm is None:
+            return tuple(keras_shape)
+        return tuple(keras_shape[self.perm.index(axis)] for axis in range(len(self.perm)))
+
+    def to_keras(self, array: np.ndarray) -> np.ndarray:
+        """`array` (torch layout) in the Keras layout, C-contiguous."""
+        if self.perm is None:
+            return array
+        # tf.transpose is blocked and threaded: 2-3x numpy's strided copy on the MLP kernels
+        return np.asarray(keras.ops.transpose(array, self.perm))
 
 
-# torch conv (out, in, kh, kw) -> keras (kh, kw, in, out)
-_CONV = dict(to_keras=lambda a: a.transpose(2, 3, 1, 0), torch_shape=lambda s: (s[3], s[2], s[0], s[1]))
-# torch depthwise (C, 1, kh, kw) -> keras DepthwiseConv2D (kh, kw, C, 1)
-_DEPTHWISE = dict(to_keras=lambda a: a.transpose(2, 3, 0, 1), torch_shape=lambda s: (s[2], s[3], s[0], s[1]))
-# torch linear (out, in) -> keras Dense (in, out)
-_LINEAR = dict(to_keras=lambda a: a.T, torch_shape=lambda s: (s[1], s[0]))
+_CONV = (2, 3, 1, 0)  # torch conv (out, in, kh, kw) -> keras (kh, kw, in, out)
+_DEPTHWISE = (2, 3, 0, 1)  # torch depthwise (C, 1, kh, kw) -> keras DepthwiseConv2D (kh, kw, C, 1)
+_LINEAR = (1, 0)  # torch linear (out, in) -> keras Dense (in, out)
 
 RULES: dict[type, tuple[Rule, ...]] = {
-    keras.layers.Conv2D: (Rule("kernel", ".weight", **_CONV), Rule("bias", ".bias")),
-    keras.layers.DepthwiseConv2D: (Rule("kernel", ".weight", **_DEPTHWISE), Rule("bias", ".bias")),
-    keras.layers.Dense: (Rule("kernel", ".weight", **_LINEAR), Rule("bias", ".bias")),
+    keras.layers.Conv2D: (Rule("kernel", ".weight", _CONV), Rule("bias", ".bias")),
+    keras.layers.DepthwiseConv2D: (Rule("kernel", ".weight", _DEPTHWISE), Rule("bias", ".bias")),
+    keras.layers.Dense: (Rule("kernel", ".weight", _LINEAR), Rule("bias", ".bias")),
     keras.layers.LayerNormalization: (Rule("gamma", ".weight"), Rule("beta", ".bias")),
     LayerScale: (Rule("gamma", ""),),
     GlobalResponseNorm: (Rule("weight", ".weight"), Rule("bias", ".bias")),
@@ -112,6 +121,31 @@ def check(state_dict: dict[str, np.ndarray], assignments: list[Assignment]) -> N
         raise MappingError("\n".join(lines))
 
 
+def values(state_dict: dict[str, np.ndarray], model: keras.Model) -> dict[int, Callable[[], np.ndarray]]:
+    """The value of every Keras variable of `model` in the Keras layout, keyed by `id(variable)`.
+
+    Every check runs first: a mismatch raises before any value exists. Each value is computed
+    when it is called (one transposed tensor at a time, not a second copy of the model), for
+    `port`, or for `checkpoints.store` to write straight into the weights file.
+
+    Raises:
+        MappingError: missing/unexpected keys or shape mismatches (all listed at once), or a
+            variable fed twice.
+    """
+    assignments = plan(model)
+    check(state_dict, assignments)
+    out: dict[int, Callable[[], np.ndarray]] = {}
+    for a in assignments:
+        if id(a.variable) in out:
+            raise MappingError(f"variable {a.variable.path} would be assigned twice")
+        out[id(a.variable)] = functools.partial(_keras_value, a.rule, state_dict[a.key], a.variable.dtype)
+    return out
+
+
+def _keras_value(rule: Rule, array: np.ndarray, dtype: str) -> np.ndarray:
+    return rule.to_keras(array).astype(dtype, copy=False)
+
+
 def port(state_dict: dict[str, np.ndarray], model: keras.Model) -> int:
     """Copy every tensor of a timm-keyed state dict into `model`, or nothing at all.
 
@@ -123,17 +157,7 @@ def port(state_dict: dict[str, np.ndarray], model: keras.Model) -> int:
     Raises:
         MappingError: missing/unexpected keys or shape mismatches (all listed at once).
     """
-    assignments = plan(model)
-    check(state_dict, assignments)
-    assigned: set[int] = set()
-    total = 0
-    for a in assignments:
-        if id(a.variable) in assigned:
-            raise MappingError(f"variable {a.variable.path} would be assigned twice")
-        value = a.rule.to_keras(state_dict[a.key])
-        a.variable.assign(value.astype(a.variable.dtype, copy=False))
-        assigned.add(id(a.variable))
-        total += value.size
-    if len(assigned) != len(model.weights):
-        raise MappingError(f"{len(model.weights) - len(assigned)} Keras variables were not assigned")
-    return total
+    todo = values(state_dict, model)
+    for variable in model.weights:
+        variable.assign(todo.pop(id(variable))())
+    return sum(int(np.prod(v.shape)) for v in model.weights)

@@ -6,12 +6,14 @@ is an assertion: `assert_passed` raises, naming the first stage that diverged.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,11 +171,28 @@ def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
+    with reference_running(arch, num_classes, source, inputs, workdir, head_norm_affine, out_indices) as outputs:
+        pass
+    return outputs
+
+
+@contextlib.contextmanager
+def reference_running(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray,
+                      workdir: Path, head_norm_affine: bool = True, out_indices: tuple[int, ...] | None = None):
+    """`reference_outputs` computed by a child process while the block runs.
+
+    Yields the dict of outputs, filled in when the block ends (the child is waited for then,
+    and killed if the block raises).
+    """
     np.save(workdir / "inputs.npy", inputs)
     extra = {"inputs": str(workdir / "inputs.npy")}
     if out_indices is not None:
         extra["out_indices"] = list(out_indices)
-    return _run_reference(arch, num_classes, source, head_norm_affine, workdir, extra)
+    spec = _reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra)
+    outputs: dict[str, np.ndarray] = {}
+    with reference_process(["forward", str(spec)]):
+        yield outputs
+    outputs.update(_reference_results(spec))
 
 
 def reference_classify(arch: Architecture, num_classes: int, source: Path, files: list[Path],
@@ -189,34 +208,70 @@ def reference_classify(arch: Architecture, num_classes: int, source: Path, files
 
 def _run_reference(arch: Architecture, num_classes: int, source: Path, head_norm_affine: bool,
                    workdir: Path, extra: dict) -> dict[str, np.ndarray]:
+    spec = _reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra)
+    run_reference_process(["forward", str(spec)])
+    return _reference_results(spec)
+
+
+def _reference_spec(arch: Architecture, num_classes: int, source: Path, head_norm_affine: bool,
+                    workdir: Path, extra: dict) -> Path:
     spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
             "head_norm_affine": head_norm_affine, "outputs": str(workdir / "reference.npz"), **extra}
     (workdir / "spec.json").write_text(json.dumps(spec))
-    run_reference_process(["forward", str(workdir / "spec.json")])
-    with np.load(spec["outputs"]) as data:
+    return workdir / "spec.json"
+
+
+def _reference_results(spec: Path) -> dict[str, np.ndarray]:
+    with np.load(json.loads(spec.read_text())["outputs"]) as data:
         return {k: data[k] for k in data.files}
 
 
-def run_reference_process(args: list[str]) -> subprocess.CompletedProcess:
-    """`python -m converters.reference ARGS` in a clean child process."""
+def run_reference_process(args: list[str]) -> None:
+    """`python -m converters.reference ARGS` in a clean child process, to its end."""
+    with reference_process(args):
+        pass
+
+
+@contextlib.contextmanager
+def reference_process(args: list[str]):
+    """`python -m converters.reference ARGS` running in a clean child process during the block.
+
+    The child is waited for when the block ends, and killed if the block raises.
+
+    Raises:
+        ReferenceRunError: torch/timm missing or the process failed.
+        StoreError: $TMPDIR filled up under the child.
+    """
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
-    proc = subprocess.run([sys.executable, "-m", "converters.reference", *args],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "converters.reference", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    with ThreadPoolExecutor(1) as drain:  # a full pipe would stall the child
+        stderr = drain.submit(proc.communicate)
+        try:
+            yield
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            stderr = stderr.result()[1]
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        if "No module named 'torch'" in proc.stderr or "No module named 'timm'" in proc.stderr:
-            raise ReferenceRunError(
-                "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
-        if "No space left on device" in proc.stderr or "os error 28" in proc.stderr:
-            # the child writes random weights and its outputs under $TMPDIR: one line, not its traceback
-            where = Path(tempfile.gettempdir()).absolute()
-            raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
-                             f"files; free some space there or set TMPDIR to another folder")
-        raise ReferenceRunError(f"the PyTorch reference process failed (exit {proc.returncode}):\n{tail}")
-    return proc
+        _raise_reference_failure(proc.returncode, stderr)
+
+
+def _raise_reference_failure(returncode: int, stderr: str) -> None:
+    tail = "\n".join(stderr.strip().splitlines()[-15:])
+    if "No module named 'torch'" in stderr or "No module named 'timm'" in stderr:
+        raise ReferenceRunError(
+            "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
+    if "No space left on device" in stderr or "os error 28" in stderr:
+        # the child writes random weights and its outputs under $TMPDIR: one line, not its traceback
+        where = Path(tempfile.gettempdir()).absolute()
+        raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
+                         f"files; free some space there or set TMPDIR to another folder")
+    raise ReferenceRunError(f"the PyTorch reference process failed (exit {returncode}):\n{tail}")
 
 
 def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -241,9 +296,12 @@ def _versions() -> dict:
 def check(model, arch: Architecture, source: Path, *, num_classes: int, input_size: int, mean, std,
           head_norm_affine: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
           stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
-    """Run both frameworks on the parity batch and compare (does not raise on failure)."""
+    """Run both frameworks on the parity batch and compare (does not raise on failure).
+
+    timm runs in its own process while the Keras model runs here.
+    """
     inputs = parity_batch(input_size, mean, std)
     with work_dir("zoo-parity-") as tmp:  # named with our PID: cleared by the next run if we are killed
-        ref = reference_outputs(arch, num_classes, source, inputs, tmp, head_norm_affine)
-    ours = keras_outputs(model, arch, inputs)
+        with reference_running(arch, num_classes, source, inputs, tmp, head_norm_affine) as ref:
+            ours = keras_outputs(model, arch, inputs)
     return compare(ours, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=_versions())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from checkpoints import store
@@ -12,8 +13,7 @@ from zoo.catalogue import Checkpoint, resolve
 from zoo.errors import IntegrityError, SourceError
 from zoo.steps import Echo, step
 
-from . import parity, source
-from .mapping import port
+from . import mapping, parity, source
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,35 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     with store.work_dir("zoo-convert-") as work:
         with step(echo, "source weights"):
             src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, work)
-        with step(echo, f"build {arch.name} and port {src.path.name}"):
-            model = build(arch, ckpt.num_classes, ckpt.head_norm_affine)
-            port(source.load_source(src.path, conv_mlp=arch.conv_mlp), model)
-        store.check_space(out, model)  # the size is known now, before the slowest step
-        with step(echo, "parity against timm (separate process)"):
-            report = parity.check(model, arch, src.path, num_classes=ckpt.num_classes,
-                                  head_norm_affine=ckpt.head_norm_affine, input_size=ckpt.input_size[-1],
-                                  mean=ckpt.mean, std=ckpt.std, atol=atol, rtol=rtol)
-        echo(report.table())
-        report.assert_passed()
-        with step(echo, f"write {out}"):
-            config = {**_config(ckpt, arch, src, random_seed), "params": model.count_params()}
-            path = store.write(out, model, config, report.to_json())
-    return path, report
+        with step(echo, f"read {src.path.name} and build {arch.name}"):
+            state, src, model = _read_and_build(src, ckpt)
+        with store.writing(out, model) as folder:
+            with step(echo, f"write {store.WEIGHTS}"):
+                folder.save_weights(model, mapping.values(state, model))
+                del state
+            with step(echo, "load the written weights"):
+                model.load_weights(folder.weights)  # parity judges the bytes written, as zoo.load reads them
+            with step(echo, "parity against timm (separate process)"):
+                report = parity.check(model, arch, src.path, num_classes=ckpt.num_classes,
+                                      head_norm_affine=ckpt.head_norm_affine, input_size=ckpt.input_size[-1],
+                                      mean=ckpt.mean, std=ckpt.std, atol=atol, rtol=rtol)
+            echo(report.table())
+            report.assert_passed()
+            with step(echo, f"finish {folder.out}"):
+                folder.commit({**_config(ckpt, arch, src, random_seed), "params": model.count_params()},
+                              report.to_json())
+    return folder.out, report
+
+
+def _read_and_build(src: source.SourceFile, ckpt: Checkpoint):
+    """(state dict, `src` with its sha256, model): the file is read and hashed on other
+    threads while this one builds the Keras model (building is Python, reading and hashing
+    release the GIL)."""
+    with ThreadPoolExecutor(1) as reader:
+        reading = reader.submit(source.read_source, src, conv_mlp=ckpt.arch.conv_mlp)
+        model = build(ckpt.arch, ckpt.num_classes, ckpt.head_norm_affine)
+        state, src = reading.result()
+    return state, src, model
 
 
 def verify(path: str | Path, *, checkpoint: str | Path | None = None,
@@ -141,7 +156,7 @@ def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revis
     if checkpoint is not None and random_seed is not None:
         raise SourceError("give either a checkpoint file or random weights, not both")
     if checkpoint is not None:
-        return source.local(checkpoint)
+        return source.local(checkpoint, hashed=False)  # hashed as it is read
     if random_seed is not None:
         return random_source(arch, ckpt.num_classes, random_seed, work, ckpt.head_norm_affine)
     if from_url or not ckpt.hf_hub_id:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ class SourceFile:
 
     Attributes:
         path: local file.
-        sha256: hex digest of the file's bytes.
+        sha256: hex digest of the file's bytes (None: not hashed yet; `read_source` hashes it
+            as it reads it).
         repo_id: Hub repo it was downloaded from (None for a local file).
         revision: Hub commit it was downloaded at (None for a local file).
         filename: file name inside the repo (or the local file name).
@@ -37,7 +38,7 @@ class SourceFile:
     """
 
     path: Path
-    sha256: str
+    sha256: str | None
     repo_id: str | None = None
     revision: str | None = None
     filename: str | None = None
@@ -152,8 +153,11 @@ def fetch_url(url: str, expected_sha256: str | None = None, timeout: float = 60.
     return SourceFile(dest, digest.hexdigest(), filename=name, url=url)
 
 
-def local(path: str | Path) -> SourceFile:
-    """A source checkpoint given as a local file (`--checkpoint PATH`)."""
+def local(path: str | Path, *, hashed: bool = True) -> SourceFile:
+    """A source checkpoint given as a local file (`--checkpoint PATH`).
+
+    `hashed=False` leaves its sha256 to `read_source`, which hashes the bytes as it reads them.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise SourceError(f"checkpoint file not found: {path}")
@@ -161,22 +165,48 @@ def local(path: str | Path) -> SourceFile:
         raise SourceError(
             f"{path.name}: unsupported checkpoint type; expected .safetensors, .pth, .pt or .bin"
         )
-    return SourceFile(path.resolve(), sha256_file(path), filename=path.name)
+    return SourceFile(path.resolve(), sha256_file(path) if hashed else None, filename=path.name)
 
 
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+def read_source(src: SourceFile, conv_mlp: bool = False) -> tuple[dict[str, np.ndarray], SourceFile]:
+    """`load_source`, hashing the file's bytes as they are read (one pass over the file).
+
+    Returns:
+        The timm-keyed state dict, and `src` with the sha256 of exactly the bytes it holds.
+
+    Raises:
+        SourceError: unreadable file, or one whose bytes differ from the sha256 `src` carries
+            (the file changed after it was checked).
+    """
+    digest = hashlib.sha256()
+    state = normalise_keys(read_state_dict(src.path, digest), conv_mlp=conv_mlp)
+    if src.sha256 is not None and digest.hexdigest() != src.sha256:
+        raise SourceError(f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
+                          f"expected {src.sha256}); fetch it again")
+    return state, replace(src, sha256=digest.hexdigest())
+
+
+def read_state_dict(path: Path, digest=None) -> dict[str, np.ndarray]:
     """Read every tensor of a checkpoint file as float32 numpy, keys as stored.
 
     `.safetensors` is read without torch. `.pth/.pt/.bin` go through
     `torch.load(weights_only=True)`, which refuses pickled code.
+
+    Args:
+        path: the checkpoint file.
+        digest: a `hashlib` object fed every byte of the file, as it is read.
 
     Raises:
         SourceError: unreadable file, or a non-float tensor where weights are expected.
     """
     path = Path(path)
     if path.name.endswith(SAFETENSORS_SUFFIXES):
-        raw = _read_safetensors(path)
+        raw = _read_safetensors(path, digest)
     elif path.name.endswith(PICKLE_SUFFIXES):
+        if digest is not None:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
         raw = _read_torch(path)
     else:
         raise SourceError(f"{path.name}: unsupported checkpoint type")
@@ -188,17 +218,19 @@ _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": 
                  "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read a safetensors file tensor by tensor, with plain reads.
+def _read_safetensors(path: Path, digest=None) -> dict[str, np.ndarray]:
+    """Read a safetensors file tensor by tensor, with plain reads, in file order.
 
     safetensors validates the header first (offsets, sizes, file length). The data is then
     read into arrays one tensor at a time: `safetensors.numpy.load_file` holds the whole file
     as bytes beside the arrays, and reading through its memory map counts the mapped file in
     the process's memory as well, either way twice the checkpoint at the peak. numpy has no
     bfloat16: those tensors are widened to float32 exactly (bfloat16 is the top half of a float32).
+    `digest` is fed each tensor's bytes on another thread while the next one is read.
     """
     import json
     import struct
+    from concurrent.futures import ThreadPoolExecutor
 
     from safetensors import SafetensorError, safe_open
 
@@ -208,22 +240,28 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError) as e:
         raise SourceError(f"{path.name} is not a readable safetensors file: {e}") from None
     out = {}
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        base = 8 + size
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
+    with open(path, "rb") as f, ThreadPoolExecutor(1) as hasher:
+        feed = (lambda data: hasher.submit(digest.update, data)) if digest is not None else (lambda data: None)
+        prefix = f.read(8)
+        (size,) = struct.unpack("<Q", prefix)
+        raw_header = f.read(size)
+        feed(prefix + raw_header)
+        header = json.loads(raw_header)
+        header.pop("__metadata__", None)
+        for key, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
             start, end = meta["data_offsets"]
             kind = meta["dtype"]
             if kind != "BF16" and kind not in _NUMPY_DTYPES:
                 raise SourceError(f"tensor {key!r} has dtype {kind}; ConvNeXt weights are floats")
             array = np.empty(meta["shape"], dtype="<u2" if kind == "BF16" else _NUMPY_DTYPES[kind])
-            f.seek(base + start)
+            if f.tell() != 8 + size + start:
+                raise SourceError(f"{path.name}: tensor {key!r} does not follow the one before it")
             if f.readinto(memoryview(array).cast("B")) != end - start:
                 raise SourceError(f"{path.name} changed while it was read (tensor {key!r} is short)")
+            feed(array)
             out[key] = (array.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else array
+        while rest := f.read(1 << 20):  # safetensors allows nothing after the data; hash what is there
+            feed(rest)
     return out
 
 

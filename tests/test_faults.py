@@ -323,14 +323,14 @@ def test_loads_in_another_process_never_fail_while_the_folder_is_reconverted(sma
     many loads fall inside the write step): every load succeeds, and it saw both versions."""
     out, stop = tmp_path / "ckpt", tmp_path / "stop"
     sources = [small_weights(small_tiny, seed=seed, name=f"seed{seed}.safetensors")[0] for seed in (0, 1)]
-    real_save_weights = keras.Model.save_weights
+    real_write_weights = store._write_weights
 
-    def slow_save_weights(self, *args, **kwargs):
-        real_save_weights(self, *args, **kwargs)
+    def slow_write_weights(*args, **kwargs):
+        real_write_weights(*args, **kwargs)
         time.sleep(1.0)
 
     pipeline.convert("convnext_tiny_1k", out=out, checkpoint=sources[0])
-    monkeypatch.setattr(keras.Model, "save_weights", slow_save_weights)
+    monkeypatch.setattr(store, "_write_weights", slow_write_weights)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:

@@ -20,8 +20,13 @@ from zoo.errors import MappingError, ParityError
 
 def converter_reads(monkeypatch, mutate):
     """Make the converter (not the reference) see a mutated state dict."""
-    real = source.load_source
-    monkeypatch.setattr(source, "load_source", lambda path, conv_mlp=False: mutate(real(path, conv_mlp)))
+    real = source.read_source
+
+    def read_source(src, conv_mlp=False):
+        state, src = real(src, conv_mlp)
+        return mutate(state), src
+
+    monkeypatch.setattr(source, "read_source", read_source)
 
 
 def swap_fc(state):
@@ -66,7 +71,7 @@ def transposed_spatial_dw(monkeypatch):
     kernel, bias = rules[keras.layers.DepthwiseConv2D]
     # (C, 1, kh, kw) -> (kw, kh, C, 1): same shape for a square kernel, wrong values
     rules[keras.layers.DepthwiseConv2D] = (
-        mapping.Rule(kernel.attr, kernel.suffix, lambda a: a.transpose(3, 2, 0, 1), kernel.torch_shape), bias)
+        mapping.Rule(kernel.attr, kernel.suffix, (3, 2, 0, 1)), bias)
     monkeypatch.setattr(mapping, "RULES", rules)
 
 
@@ -198,3 +203,27 @@ def test_report_json_round_trip_and_tamper_detection():
 def test_shape_mismatch_is_a_failure():
     c = Comparison.of("logits", np.zeros((2, 3)), np.zeros((2, 4)))
     assert c.max_abs == float("inf")
+
+
+def test_an_error_beside_the_reference_process_ends_it_at_once(tmp_path, monkeypatch):
+    """Parity runs timm in a child while the Keras model runs here: an error here kills the
+    child (no orphan left computing) and is the error reported."""
+    import signal
+    import subprocess
+
+    from converters import parity
+
+    children = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        children.append(real_popen(*args, **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(parity.subprocess, "Popen", popen)
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    with pytest.raises(RuntimeError, match="the Keras side failed"):
+        with parity.reference_process(["forward", str(spec)]):
+            raise RuntimeError("the Keras side failed")
+    assert len(children) == 1 and children[0].returncode == -signal.SIGKILL

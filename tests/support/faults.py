@@ -12,7 +12,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import keras
 import pytest
 
 from checkpoints import store
@@ -41,7 +40,7 @@ def fail_nth_write(n: int, setattr_=setattr, err: int = errno.ENOSPC) -> list[st
             raise OSError(err, os.strerror(err), str(path or ""))
         return faulty
 
-    setattr_(keras.Model, "save_weights", wrap(keras.Model.save_weights, lambda a: a[1]))
+    setattr_(store, "_write_weights", wrap(store._write_weights, lambda a: a[0]))
     setattr_(store, "_write_json", wrap(store._write_json, lambda a: a[0]))
     setattr_(store, "_fsync_tree", wrap(store._fsync_tree, lambda a: None))
     return steps
