@@ -16,6 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -171,28 +172,9 @@ def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
-    with reference_running(arch, num_classes, source, inputs, workdir, head_norm_affine, out_indices) as outputs:
-        pass
-    return outputs
-
-
-@contextlib.contextmanager
-def reference_running(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray,
-                      workdir: Path, head_norm_affine: bool = True, out_indices: tuple[int, ...] | None = None):
-    """`reference_outputs` computed by a child process while the block runs.
-
-    Yields the dict of outputs, filled in when the block ends (the child is waited for then,
-    and killed if the block raises).
-    """
-    np.save(workdir / "inputs.npy", inputs)
-    extra = {"inputs": str(workdir / "inputs.npy")}
-    if out_indices is not None:
-        extra["out_indices"] = list(out_indices)
-    spec = _reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra)
-    outputs: dict[str, np.ndarray] = {}
-    with reference_process(["forward", str(spec)]):
-        yield outputs
-    outputs.update(_reference_results(spec))
+    spec = _forward_spec(arch, num_classes, source, inputs, workdir, head_norm_affine, out_indices)
+    run_reference_process(["forward", str(spec)])
+    return _reference_results(spec)
 
 
 def reference_classify(arch: Architecture, num_classes: int, source: Path, files: list[Path],
@@ -203,14 +185,18 @@ def reference_classify(arch: Architecture, num_classes: int, source: Path, files
         ReferenceRunError: torch/timm missing or the process failed.
     """
     extra = {"files": [str(f) for f in files], "pretrained_cfg": pretrained_cfg}
-    return _run_reference(arch, num_classes, source, head_norm_affine, workdir, extra)["logits"]
-
-
-def _run_reference(arch: Architecture, num_classes: int, source: Path, head_norm_affine: bool,
-                   workdir: Path, extra: dict) -> dict[str, np.ndarray]:
     spec = _reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra)
     run_reference_process(["forward", str(spec)])
-    return _reference_results(spec)
+    return _reference_results(spec)["logits"]
+
+
+def _forward_spec(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, workdir: Path,
+                  head_norm_affine: bool, out_indices: tuple[int, ...] | None = None) -> Path:
+    np.save(workdir / "inputs.npy", inputs)
+    extra = {"inputs": str(workdir / "inputs.npy")}
+    if out_indices is not None:
+        extra["out_indices"] = list(out_indices)
+    return _reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra)
 
 
 def _reference_spec(arch: Architecture, num_classes: int, source: Path, head_norm_affine: bool,
@@ -232,33 +218,51 @@ def run_reference_process(args: list[str]) -> None:
         pass
 
 
+class ReferenceRun:
+    """A running `python -m converters.reference ARGS` child (see `reference_process`)."""
+
+    def __init__(self, args: list[str]):
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
+        self._proc = subprocess.Popen([sys.executable, "-m", "converters.reference", *args],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self._drain = ThreadPoolExecutor(1)  # a full pipe would stall the child
+        self._stderr = self._drain.submit(self._proc.communicate)
+
+    def wait(self) -> None:
+        """Wait for the child to end.
+
+        Raises:
+            ReferenceRunError: torch/timm missing or the process failed.
+            StoreError: $TMPDIR filled up under the child.
+        """
+        stderr = self._stderr.result()[1]
+        self._drain.shutdown()
+        if self._proc.returncode != 0:
+            _raise_reference_failure(self._proc.returncode, stderr)
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._stderr.result()
+        self._drain.shutdown()
+
+
 @contextlib.contextmanager
 def reference_process(args: list[str]):
     """`python -m converters.reference ARGS` running in a clean child process during the block.
 
-    The child is waited for when the block ends, and killed if the block raises.
-
-    Raises:
-        ReferenceRunError: torch/timm missing or the process failed.
-        StoreError: $TMPDIR filled up under the child.
+    Yields the `ReferenceRun`; the child is waited for when the block ends (`wait` raises if
+    it failed), and killed if the block raises.
     """
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
-    proc = subprocess.Popen([sys.executable, "-m", "converters.reference", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    with ThreadPoolExecutor(1) as drain:  # a full pipe would stall the child
-        stderr = drain.submit(proc.communicate)
-        try:
-            yield
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            stderr = stderr.result()[1]
-    if proc.returncode != 0:
-        _raise_reference_failure(proc.returncode, stderr)
+    run = ReferenceRun(args)
+    try:
+        yield run
+    except BaseException:
+        run.kill()
+        raise
+    run.wait()
 
 
 def _raise_reference_failure(returncode: int, stderr: str) -> None:
@@ -293,15 +297,39 @@ def _versions() -> dict:
     return {"keras": keras.__version__, "tensorflow": tf.__version__}
 
 
-def check(model, arch: Architecture, source: Path, *, num_classes: int, input_size: int, mean, std,
-          head_norm_affine: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-          stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
-    """Run both frameworks on the parity batch and compare (does not raise on failure).
+@contextlib.contextmanager
+def started(arch: Architecture, source: Path, *, num_classes: int, input_size: int, mean, std,
+            head_norm_affine: bool = True) -> Iterator["PendingCheck"]:
+    """A parity check whose PyTorch side starts now, in its own process.
 
-    timm runs in its own process while the Keras model runs here.
+    timm imports, loads `source` and runs the parity batch while the block prepares the
+    Keras model and calls `check(model)` on the `PendingCheck` yielded. The child is killed
+    if the block raises.
     """
     inputs = parity_batch(input_size, mean, std)
     with work_dir("zoo-parity-") as tmp:  # named with our PID: cleared by the next run if we are killed
-        with reference_running(arch, num_classes, source, inputs, tmp, head_norm_affine) as ref:
-            ours = keras_outputs(model, arch, inputs)
-    return compare(ours, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=_versions())
+        spec = _forward_spec(arch, num_classes, source, inputs, tmp, head_norm_affine)
+        with reference_process(["forward", str(spec)]) as run:
+            yield PendingCheck(arch, inputs, run, spec)
+
+
+@dataclass
+class PendingCheck:
+    """The Keras half of a parity check whose PyTorch half is running (see `started`)."""
+
+    arch: Architecture
+    inputs: np.ndarray
+    run: ReferenceRun
+    spec: Path
+
+    def check(self, model, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+              stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
+        """Run `model` on the parity batch, wait for timm's outputs, compare (does not raise on failure).
+
+        Raises:
+            ReferenceRunError: the PyTorch side failed.
+        """
+        ours = keras_outputs(model, self.arch, self.inputs)
+        self.run.wait()
+        return compare(ours, _reference_results(self.spec), atol=atol, rtol=rtol, stage_rtol=stage_rtol,
+                       versions=_versions())

@@ -47,23 +47,24 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     with store.work_dir("zoo-convert-") as work:
         with step(echo, "source weights"):
             src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, work)
-        with step(echo, f"read {src.path.name} and build {arch.name}"):
-            state, src, model = _read_and_build(src, ckpt)
-        with store.writing(out, model) as folder:
-            with step(echo, f"write {store.WEIGHTS}"):
-                folder.save_weights(model, mapping.values(state, model))
-                del state
-            with step(echo, "load the written weights"):
-                model.load_weights(folder.weights)  # parity judges the bytes written, as zoo.load reads them
-            with step(echo, "parity against timm (separate process)"):
-                report = parity.check(model, arch, src.path, num_classes=ckpt.num_classes,
-                                      head_norm_affine=ckpt.head_norm_affine, input_size=ckpt.input_size[-1],
-                                      mean=ckpt.mean, std=ckpt.std, atol=atol, rtol=rtol)
-            echo(report.table())
-            report.assert_passed()
-            with step(echo, f"finish {folder.out}"):
-                folder.commit({**_config(ckpt, arch, src, random_seed), "params": model.count_params()},
-                              report.to_json())
+        with parity.started(arch, src.path, num_classes=ckpt.num_classes, input_size=ckpt.input_size[-1],
+                            mean=ckpt.mean, std=ckpt.std, head_norm_affine=ckpt.head_norm_affine) as pending:
+            # timm imports, loads the source and runs the parity batch in its own process meanwhile
+            with step(echo, f"read {src.path.name} and build {arch.name}"):
+                state, src, model = _read_and_build(src, ckpt)
+            with store.writing(out, model) as folder:
+                with step(echo, f"write {store.WEIGHTS}"):
+                    folder.save_weights(model, mapping.values(state, model))
+                    del state
+                with step(echo, "load the written weights"):
+                    model.load_weights(folder.weights)  # parity judges the bytes written, as zoo.load reads them
+                with step(echo, "parity against timm (separate process)"):
+                    report = pending.check(model, atol=atol, rtol=rtol)
+                echo(report.table())
+                report.assert_passed()
+                with step(echo, f"finish {folder.out}"):
+                    folder.commit({**_config(ckpt, arch, src, random_seed), "params": model.count_params()},
+                                  report.to_json())
     return folder.out, report
 
 
@@ -100,15 +101,14 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
     with store.work_dir("zoo-verify-") as work:
         with step(echo, "source weights"):
             src = recorded_source(config, work, checkpoint)
-        with step(echo, "load the converted weights"), dtype_policy("float32"):
-            model = from_folder(folder)
-        stored = folder.parity
-        with step(echo, "parity against timm (separate process)"):
-            cfg = config["pretrained_cfg"]
-            report = parity.check(model, arch, src.path, num_classes=config["num_classes"],
-                                  head_norm_affine=config["head_norm_affine"], input_size=cfg["input_size"][-1],
-                                  mean=cfg["mean"], std=cfg["std"], atol=stored["atol"], rtol=stored["rtol"],
-                                  stage_rtol=stored["stage_rtol"])
+        cfg = config["pretrained_cfg"]
+        with parity.started(arch, src.path, num_classes=config["num_classes"], input_size=cfg["input_size"][-1],
+                            mean=cfg["mean"], std=cfg["std"], head_norm_affine=config["head_norm_affine"]) as pending:
+            with step(echo, "load the converted weights"), dtype_policy("float32"):
+                model = from_folder(folder)
+            stored = folder.parity
+            with step(echo, "parity against timm (separate process)"):
+                report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
     echo(report.table())
     return report
 

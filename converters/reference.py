@@ -44,10 +44,29 @@ HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
 OUTPUTS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
 
 
-def create(arch: Architecture, num_classes: int) -> torch.nn.Module:
-    """timm's model for an architecture row, in eval mode."""
-    model = timm.create_model(arch.name, pretrained=False, num_classes=num_classes, **arch.timm_kwargs())
+def create(arch: Architecture, num_classes: int, device: str = "cpu") -> torch.nn.Module:
+    """timm's model for an architecture row, in eval mode.
+
+    On the `meta` device its tensors have shapes and no storage (nothing is initialised).
+    """
+    with torch.device(device):
+        model = timm.create_model(arch.name, pretrained=False, num_classes=num_classes, **arch.timm_kwargs())
     return model.eval()
+
+
+def loaded(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True) -> torch.nn.Module:
+    """timm's model for `arch` holding the checkpoint at `path` (see `load_weights`).
+
+    With every parameter in the checkpoint, the model is created without storage and takes the
+    checkpoint's tensors as its parameters (convnext_large: 1.8 s of random initialisation and
+    a copy saved); a checkpoint without head-norm weights loads into an initialised model.
+    """
+    model = create(arch, num_classes, device="meta" if head_norm_affine else "cpu")
+    load_weights(model, path, head_norm_affine)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"timm's model kept tensors the checkpoint did not fill: {left}")
+    return model
 
 
 def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = True) -> None:
@@ -56,6 +75,7 @@ def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = Tr
     Using timm's `checkpoint_filter_fn` here (not the converter's `normalise_keys`) makes the
     parity check an independent test of the converter's FB renaming. Checkpoints without
     head-norm weights (FCMAE) load as timm loads them: that norm keeps its identity init.
+    A model on the `meta` device takes the checkpoint's tensors as its own.
     """
     from timm.models.convnext import checkpoint_filter_fn
 
@@ -63,7 +83,8 @@ def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = Tr
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     if is_fb_layout(arrays):
         state = checkpoint_filter_fn(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    on_meta = any(p.is_meta for p in model.parameters())
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
     allowed = set() if head_norm_affine else set(HEAD_NORM_KEYS)
     if set(missing) - allowed or unexpected or (allowed and set(missing) != allowed):
         raise RuntimeError(f"timm refused the checkpoint: missing {missing}, unexpected {unexpected}")
@@ -136,7 +157,7 @@ def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
     """
     rng = np.random.default_rng(seed)
     out = {}
-    for key, tensor in create(arch, num_classes).state_dict().items():
+    for key, tensor in create(arch, num_classes, device="meta").state_dict().items():
         if not head_norm_affine and key in HEAD_NORM_KEYS:
             continue
         shape = tuple(tensor.shape)
@@ -162,8 +183,7 @@ def _forward_command(spec_path: Path) -> None:
         outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
                            spec.get("head_norm_affine", True))
     else:
-        model = create(arch, spec["num_classes"])
-        load_weights(model, Path(spec["source"]), spec.get("head_norm_affine", True))
+        model = loaded(arch, spec["num_classes"], Path(spec["source"]), spec.get("head_norm_affine", True))
         if "files" in spec:
             outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
         else:
