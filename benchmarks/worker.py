@@ -112,10 +112,16 @@ def infer(framework: str, threads: int) -> None:
         print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def convert(arch: str, source: Path, out: Path) -> dict:
-    """`zoo convert` of a local source file, in this process, with the time of every step."""
-    from converters import pipeline
+def convert(arch: str, source: Path, out: Path, alone: bool = False) -> dict:
+    """`zoo convert` of a local source file, in this process, with the time of every step.
 
+    `alone`: the PyTorch reference starts only when parity begins, instead of beside the
+    steps before it, so that those steps are timed on their own.
+    """
+    from converters import parity, pipeline
+
+    if alone:
+        parity.started = _started_at_check(parity.started)
     steps, last = {}, {}
 
     def echo(line: str) -> None:
@@ -134,6 +140,25 @@ def convert(arch: str, source: Path, out: Path) -> dict:
     total = time.perf_counter() - start
     return {"steps": steps, "total_s": total, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": imported,
             "start_rss_mb": baseline}
+
+
+def _started_at_check(started):
+    """`parity.started` whose reference process starts when `check` is called."""
+    import contextlib
+
+    class Deferred:
+        def __init__(self, args, kwargs):
+            self.args, self.kwargs = args, kwargs
+
+        def check(self, model, **tolerances):
+            with started(*self.args, **self.kwargs) as pending:
+                return pending.check(model, **tolerances)
+
+    @contextlib.contextmanager
+    def deferred(*args, **kwargs):
+        yield Deferred(args, kwargs)
+
+    return deferred
 
 
 def io_floor(source: Path, out: Path) -> dict:
@@ -201,6 +226,7 @@ def main() -> None:
     p.add_argument("arch")
     p.add_argument("--source", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--alone", action="store_true", help="start the PyTorch reference only when parity begins")
     p = sub.add_parser("io")
     p.add_argument("--source", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -214,7 +240,7 @@ def main() -> None:
         infer(args.framework, args.threads)
         return
     if args.command == "convert":
-        result = convert(args.arch, args.source, args.out)
+        result = convert(args.arch, args.source, args.out, args.alone)
     elif args.command == "io":
         result = io_floor(args.source, args.out)
     elif args.command == "precision":

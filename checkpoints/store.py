@@ -177,7 +177,8 @@ class FolderWriter:
 
         `values` maps `id(variable)` of every variable of `model` to a function returning its
         value (`converters.mapping.values`): the file is then written straight from them, and
-        `model`'s variables are neither read nor changed.
+        `model`'s variables are neither read nor changed (where this Keras' saving code allows
+        it; otherwise they are assigned the values first).
         """
         with self._translated():
             _write_weights(self.weights, model, values)
