@@ -172,9 +172,7 @@ def reference_outputs(arch: Architecture, num_classes: int, source: Path, inputs
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
-    spec = _forward_spec(arch, num_classes, source, inputs, workdir, head_norm_affine, out_indices)
-    run_reference_process(["forward", str(spec)])
-    return _reference_results(spec)
+    return _run_forward(_forward_spec(arch, num_classes, source, inputs, workdir, head_norm_affine, out_indices))
 
 
 def reference_classify(arch: Architecture, num_classes: int, source: Path, files: list[Path],
@@ -185,9 +183,7 @@ def reference_classify(arch: Architecture, num_classes: int, source: Path, files
         ReferenceRunError: torch/timm missing or the process failed.
     """
     extra = {"files": [str(f) for f in files], "pretrained_cfg": pretrained_cfg}
-    spec = _reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra)
-    run_reference_process(["forward", str(spec)])
-    return _reference_results(spec)["logits"]
+    return _run_forward(_reference_spec(arch, num_classes, source, head_norm_affine, workdir, extra))["logits"]
 
 
 def _forward_spec(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, workdir: Path,
@@ -205,6 +201,11 @@ def _reference_spec(arch: Architecture, num_classes: int, source: Path, head_nor
             "head_norm_affine": head_norm_affine, "outputs": str(workdir / "reference.npz"), **extra}
     (workdir / "spec.json").write_text(json.dumps(spec))
     return workdir / "spec.json"
+
+
+def _run_forward(spec: Path) -> dict[str, np.ndarray]:
+    run_reference_process(["forward", str(spec)])
+    return _reference_results(spec)
 
 
 def _reference_results(spec: Path) -> dict[str, np.ndarray]:
