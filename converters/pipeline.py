@@ -158,7 +158,7 @@ def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revis
     if checkpoint is not None:
         return source.local(checkpoint, hashed=False)  # hashed as it is read
     if random_seed is not None:
-        return random_source(arch, ckpt.num_classes, random_seed, work, ckpt.head_norm_affine)
+        return random_source(arch, ckpt.num_classes, random_seed, work, ckpt.head_norm_affine, hashed=False)
     if from_url or not ckpt.hf_hub_id:
         if not ckpt.url:
             raise SourceError(f"{ckpt.name} has no original release URL; convert it from the Hub")
@@ -167,13 +167,16 @@ def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revis
 
 
 def random_source(arch: Architecture, num_classes: int, seed: int, work: Path,
-                  head_norm_affine: bool = True) -> source.SourceFile:
-    """Perturbed random weights in timm's layout, written by timm itself (separate process)."""
+                  head_norm_affine: bool = True, *, hashed: bool = True) -> source.SourceFile:
+    """Perturbed random weights in timm's layout, written by timm itself (separate process).
+
+    `hashed=False` leaves the sha256 to `source.read_source` (see `source.local`).
+    """
     path = work / f"random-seed{seed}.safetensors"
     parity.run_reference_process(["random", "--arch", json.dumps(arch.to_config()),
                                   "--num-classes", str(num_classes), "--seed", str(seed), "--out", str(path)]
                                  + ([] if head_norm_affine else ["--no-head-norm"]))
-    return source.local(path)
+    return source.local(path, hashed=hashed)
 
 
 def _config(ckpt: Checkpoint, arch: Architecture, src: source.SourceFile, random_seed) -> dict:

@@ -255,9 +255,9 @@ def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small
     used = []
     real_random_source = pipeline.random_source
 
-    def record(arch, num_classes, seed, work, *args):
+    def record(arch, num_classes, seed, work, *args, **kwargs):
         used.append(work)
-        return real_random_source(arch, num_classes, seed, work, *args)
+        return real_random_source(arch, num_classes, seed, work, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "random_source", record)
     pipeline.convert("convnext_tiny_1k", out=tmp_path / "next", random_seed=0)
