@@ -130,17 +130,17 @@ def bench_convert_and_load(args) -> list[dict]:
             tmp = Path(tmp)
             src = random_source(ckpt.arch, ckpt.num_classes, 0, tmp)  # stands in for the download
             size_mb = src.path.stat().st_size / 2**20
-            floors, convs, alone = [], [], []
+            floors, convs, alones = [], [], []
             for turn in range(args.convert_rounds):  # alternating, new files each time: the disk's state drifts
                 floors.append(_one_shot(["io", "--source", str(src.path), "--out", str(tmp / f"floor{turn}.h5")]))
                 convs.append(_one_shot(["convert", ckpt.name, "--source", str(src.path),
                                         "--out", str(tmp / f"converted{turn}")]))
-                alone.append(_one_shot(["convert", ckpt.name, "--source", str(src.path), "--alone",
+                alones.append(_one_shot(["convert", ckpt.name, "--source", str(src.path), "--alone",
                                         "--out", str(tmp / f"alone{turn}")]))
             floor = min(floors, key=lambda r: r["total_s"])
             conv = min(convs, key=lambda r: r["total_s"])
-            conv["peak_rss_mb"] = max(c["peak_rss_mb"] for c in convs + alone)
-            alone = min(alone, key=lambda r: _without_parity(r["steps"]))
+            conv["peak_rss_mb"] = max(c["peak_rss_mb"] for c in convs + alones)
+            alone = min(alones, key=lambda r: _without_parity(r["steps"]))
             loaded = _one_shot(["load", "zoo", str(tmp / "converted0")])
             agreement = (_one_shot(["precision", str(tmp / "converted0")])
                          if arch_name in args.precision_archs else None)
