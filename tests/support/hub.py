@@ -13,13 +13,17 @@ SERVER = Path(__file__).with_name("hub_server.py")
 
 
 @contextmanager
-def local_hub(root: Path, lfs_threshold: int | None = None):
-    """Yield the base URL of a fresh server on 127.0.0.1 storing under `root`."""
+def local_hub(root: Path, lfs_threshold: int | None = None, token: str | None = None):
+    """Yield the base URL of a fresh server on 127.0.0.1 storing under `root`.
+
+    `lfs_threshold`: files of at least this many bytes go through LFS (default 1 MiB);
+    `token`: writes then need `Authorization: Bearer <token>`.
+    """
     env = dict(os.environ)
     if lfs_threshold is not None:
         env["MINIHUB_LFS_THRESHOLD"] = str(lfs_threshold)
-    proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0",
-                             "--root", str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    args = ["--host", "127.0.0.1", "--port", "0", "--root", str(root)] + (["--token", token] if token else [])
+    proc = subprocess.Popen([sys.executable, str(SERVER), *args], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         if not line.startswith("LISTENING "):

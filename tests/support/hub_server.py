@@ -5,17 +5,19 @@ The project's own copy (it started from a reference implementation). Implements 
 
   create_repo / delete_repo / repo_exists / model_info / list_repo_files / list_repo_tree /
   get_paths_info / list_repo_refs / list_repo_commits / upload_file / upload_folder /
-  create_commit (regular + LFS "basic" transfer) / hf_hub_download / snapshot_download
+  create_commit (regular + LFS "basic" transfer) / create_branch / hf_hub_download / snapshot_download
 
 Content-addressed: every blob is stored under <root>/objects/<sha256>. Non-LFS files are
 identified by their git blob sha1 (what the Hub returns as ETag), LFS files by sha256.
 Commits are immutable JSON records; refs map branch -> commit sha.
 
 Fault injection (for robustness tests), controlled by POST /__faults JSON (replaces the set):
-  {"corrupt": ["path/in/repo"], "truncate": ["path"] or {"path": times},
+  {"corrupt": ["path/in/repo"], "corrupt_upload": ["path"], "truncate": ["path"] or {"path": times},
    "status": {"path": 503},
    "fail": [{"match": "/resolve/", "method": "GET", "status": 503, "times": 2}]}
 corrupt = flip one byte but keep Content-Length and ETag (simulates a bad mirror/CDN)
+corrupt_upload = ["path"]: a regular (non-LFS) file committed to that path is stored with one
+          byte flipped (the remote then holds other bytes than were sent)
 truncate = advertise full size but send half, then close (client must detect size mismatch);
            a list truncates every download of the file, a mapping only the first `times`
 status = answer every download of the file with this status (a 404 is a file gone missing)
@@ -188,6 +190,15 @@ class Store:
         repo["commits"][sha] = {"parent": parent, "files": files, "summary": summary, "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
         repo["refs"][branch] = sha
         return sha
+
+    def create_branch(self, repo, branch, start):
+        """Point a new branch at commit `start`; False if the branch exists."""
+        with self.lock:
+            if branch in repo["refs"]:
+                return False
+            repo["refs"][branch] = start
+            self._save()
+            return True
 
     def commit(self, repo, branch, summary, ops, parent_expected):
         with self.lock:
@@ -396,6 +407,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(200, out)
         if op == "preupload" and method == "POST":
             return self.preupload(repo, rest[1] if len(rest) > 1 else "main")
+        if op == "branch" and len(rest) >= 2 and method == "POST":
+            return self.create_branch(repo, "/".join(rest[1:]))
         if op == "commit" and method == "POST":
             return self.commit(rtype, repo_id, repo, rest[1] if len(rest) > 1 else "main")
         return self.err(404, "NotFound", f"unknown api op {op}", head=head)
@@ -506,6 +519,17 @@ class Handler(BaseHTTPRequestHandler):
         self.store.put_object(data)
         return self.send(200, {})
 
+    def create_branch(self, repo, branch):
+        if not self.authorized_write():
+            return self.err(401, "Unauthorized", "Invalid credentials")
+        start = json.loads(self.body() or b"{}").get("startingPoint") or "main"
+        sha = self.store.resolve(repo, start)
+        if sha is None:
+            return self.err(404, "RevisionNotFound", f"Invalid rev id: {start}")
+        if not self.store.create_branch(repo, branch, sha):
+            return self.err(409, "Conflict", f"Reference refs/heads/{branch} already exists")
+        return self.send(200, {})
+
     def commit(self, rtype, repo_id, repo, rev):
         if not self.authorized_write():
             return self.err(401, "Unauthorized", "Invalid credentials")
@@ -523,7 +547,10 @@ class Handler(BaseHTTPRequestHandler):
             elif k == "file":
                 if v.get("encoding") != "base64":
                     return self.err(400, "BadRequest", "only base64 encoding is supported")
-                ops.append(("file", v["path"], base64.b64decode(v["content"])))
+                content = base64.b64decode(v["content"])
+                if v["path"] in self.store.faults.get("corrupt_upload", []) and content:
+                    content = bytes([content[0] ^ 1]) + content[1:]  # stored as if mangled on the way in
+                ops.append(("file", v["path"], content))
             elif k == "lfsFile":
                 ops.append(("lfsFile", v["path"], (v["oid"], int(v["size"]))))
             elif k in ("deletedFile", "deletedFolder"):
