@@ -485,10 +485,16 @@ class ConvertedCheckpoint:
     path: Path
     config: dict
     parity: dict
+    manifest: bytes  # the manifest the files were checked against, as read
 
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS
+
+    @property
+    def files(self) -> dict:
+        """The manifest's {file name: {"sha256", "size"}}."""
+        return json.loads(self.manifest)["files"]
 
 
 _READ_ATTEMPTS = 5
@@ -530,11 +536,14 @@ def _open_once(path: Path) -> ConvertedCheckpoint:
     if not path.is_dir():
         raise StoreError(f"{path} is not a folder")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        raw = (path / MANIFEST).read_bytes()
+        manifest = json.loads(raw)
     except FileNotFoundError:
         raise StoreError(f"{path} has no {MANIFEST}: not a converted checkpoint folder") from None
     except ValueError as e:
         raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path / MANIFEST} is not a manifest (a JSON object)")
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
     listed = manifest.get("files", {})
@@ -551,4 +560,4 @@ def _open_once(path: Path) -> ConvertedCheckpoint:
     parity = json.loads((path / PARITY).read_text())
     if config.get("weights", {}).get("sha256") != listed[WEIGHTS]["sha256"]:
         raise IntegrityError(f"{path / CONFIG} names other weights than {WEIGHTS}")
-    return ConvertedCheckpoint(path, config, parity)
+    return ConvertedCheckpoint(path, config, parity, raw)
