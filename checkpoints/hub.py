@@ -1,10 +1,10 @@
 """Converted folders on the Hugging Face Hub: publish behind the parity gate, fetch back checked.
 
 The Hub client does not check content on download, so every fetched file is compared with the
-sha256 in the published manifest (itself pinned to one commit); a file that does not match is
-evicted from the cache, never used, and a fetch that fails part-way takes back the snapshot
-files it added. A publish that is run again finds its files already on the branch and commits
-nothing.
+sha256 in the published manifest (itself pinned to one commit, and checked against the id the
+Hub gave it); a file that does not match is evicted from the cache, never used, and a fetch
+that fails part-way takes back the snapshot files it added. A publish that is run again finds
+its files already on the branch and commits nothing.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _evict(path: Path) -> None:
+def evict(path: Path) -> None:
     """Remove a cached file and the blob behind it."""
     blob = path.resolve()
     for p in (path, blob):
@@ -85,11 +85,19 @@ def download(repo_id: str, revision: str | None = None) -> store.ConvertedCheckp
     try:
         manifest_path = _fetch(repo_id, store.MANIFEST, revision, added)
         commit = manifest_path.parent.name  # snapshots/<commit>/manifest.json
-        files = _published_files(repo_id, manifest_path)
+        if not matches_cache_name(manifest_path):
+            evict(manifest_path)
+            raise IntegrityError(f"{repo_id}@{commit}: downloaded {store.MANIFEST} does not match the id the Hub "
+                                 "gave it (corrupted in transit or in the cache); it was discarded, retry")
+        try:
+            files = _published_files(repo_id, manifest_path)
+        except HubError:
+            evict(manifest_path)  # not kept: a later fetch of a repaired repo must not reuse it
+            raise
         for name in store.CONTENT_FILES:
             path = _fetch(repo_id, name, commit, added)
             if store.sha256_file(path) != files[name]["sha256"]:
-                _evict(path)
+                evict(path)
                 raise IntegrityError(f"{repo_id}@{commit}: downloaded {name} does not match the published "
                                      "sha256 (corrupted in transit or in the cache); it was discarded, retry")
     except BaseException:
@@ -122,6 +130,18 @@ def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> 
     if not (isinstance(before, str) and Path(before) == path):
         added.append(path)
     return path
+
+
+def matches_cache_name(path: Path, sha256: str | None = None) -> bool:
+    """Whether a file in the Hub cache holds the bytes of the name the client filed them under:
+    the Hub's ETag, the sha256 of an LFS file or the git blob id of a regular one (a name of
+    another form, which this cannot check, passes). `sha256`: the file's, if already known."""
+    etag = path.resolve().name
+    if len(etag) == 64:
+        return (sha256 or store.sha256_file(path)) == etag
+    if len(etag) == 40:
+        return _digests(path)[1] == etag
+    return True
 
 
 def _published_files(repo_id: str, manifest_path: Path) -> dict:
@@ -233,8 +253,10 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
     report = _publishable(folder, allow_random)
     api = HfApi(token=token)
     branch = revision or "main"
-    card = model_card(folder, repo_id)
-    sent = {**{n: folder.path / n for n in (*store.CONTENT_FILES, store.MANIFEST)}, CARD: card.encode()}
+    card = model_card(folder, repo_id).encode()
+    sent = {**{n: folder.path / n for n in store.CONTENT_FILES}, store.MANIFEST: folder.manifest, CARD: card}
+    expected = {n: meta["sha256"] for n, meta in folder.files.items()}  # what parity was run on
+    expected.update({n: hashlib.sha256(sent[n]).hexdigest() for n in (store.MANIFEST, CARD)})
     parent = expect_parent
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -242,22 +264,31 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         head = api.model_info(repo_id, revision=branch, files_metadata=True)
         parent = parent or head.sha
-        if head.sha.startswith(parent) and not _differences({s.rfilename: s for s in head.siblings or []}, sent):
+        if head.sha.startswith(parent) and not _differences({s.rfilename: s for s in head.siblings or []},
+                                                             sent, expected):
             return head.sha, False  # already there (a re-run, or a retry after a commit that landed)
         operations = [CommitOperationAdd(name, source if isinstance(source, bytes) else str(source))
                       for name, source in sent.items()]
+        changed = [op.path_in_repo for op in operations if op.upload_info.sha256.hex() != expected[op.path_in_repo]]
+        if changed:  # the client uploads what it hashed here (the Hub checks LFS content against it)
+            raise HubError(f"refusing to publish {folder.path}: {', '.join(changed)} changed after it was "
+                           "checked against the manifest; nothing was published")
         info = api.create_commit(
             repo_id, operations, revision=branch, parent_commit=parent,
             commit_message=f"{folder.config['name']}: parity {report.summary()}")
     except HfHubHTTPError as e:
-        if getattr(e.response, "status_code", None) == 412:
+        status = getattr(e.response, "status_code", None)
+        if status == 412:
             raise HubError(f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
                            "nothing was published, retry") from None
+        if status in (401, 403):
+            raise HubError(f"the Hub refused to let this token write to {repo_id} ({_short(e)}); set HF_TOKEN "
+                           "to a token with write access (or run `hf auth login`)") from None
         raise HubError(f"publishing to {repo_id} failed: {_short(e)}; {RETRY}") from None
     except (RuntimeError, *_http_errors()) as e:  # an LFS upload that failed is a RuntimeError
         raise HubError(f"publishing to {repo_id} failed: {_cause(e)}; {RETRY}") from None
     try:
-        _check_remote(api, repo_id, info.oid, sent)
+        _check_remote(api, repo_id, info.oid, sent, expected)
     except _http_errors() as e:
         raise HubError(f"{repo_id}@{info.oid[:12]}: committed, but reading it back failed ({_short(e)}); "
                        f"{RETRY}") from None
@@ -280,8 +311,7 @@ def _publishable(folder: store.ConvertedCheckpoint, allow_random: bool):
         raise HubError(f"refusing to publish {folder.path}: its parity report is invalid ({e})") from None
     if not report.passed:
         raise HubError(f"refusing to publish {folder.path}: its parity check failed ({report.failure})")
-    weights_sha = json.loads((folder.path / store.MANIFEST).read_text())["files"][store.WEIGHTS]["sha256"]
-    if folder.parity.get("weights_sha256") != weights_sha:
+    if folder.parity.get("weights_sha256") != folder.files[store.WEIGHTS]["sha256"]:
         raise HubError(f"refusing to publish {folder.path}: the weights changed after the parity report; "
                        "run `zoo verify` or convert again")
     return report
@@ -293,30 +323,46 @@ def _cause(error: Exception) -> str:
     return f"{_short(error)} ({_short(cause)})" if cause is not None else _short(error)
 
 
-def _check_remote(api, repo_id: str, commit: str, local: dict) -> None:
-    """Re-read the remote tree at `commit` and compare every file with what was sent."""
+def _check_remote(api, repo_id: str, commit: str, sent: dict, expected: dict) -> None:
+    """Re-read the remote tree at `commit` and compare every file with the manifest."""
     remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)}
-    wrong = _differences(remote, local)
+    wrong = _differences(remote, sent, expected)
     if wrong:
         raise HubError(f"{repo_id}@{commit}: after the upload, the remote {', '.join(wrong)} "
-                       "missing or different from what was sent")
+                       "missing or different from the manifest; do not use that commit")
 
 
-def _differences(remote: dict, local: dict) -> list[str]:
-    """Names of `local` files ({name: path or bytes}) that `remote` ({name: tree entry or
-    sibling, with blob_id and lfs}) lacks or holds with other content."""
+def _differences(remote: dict, sent: dict, expected: dict) -> list[str]:
+    """Names of the files sent ({name: path or bytes}) that `remote` ({name: tree entry or
+    sibling, with blob_id and lfs}) lacks or holds with other content than `expected`
+    ({name: sha256}).
+
+    The Hub names an LFS file by its sha256, compared as it is; a regular file only by its git
+    blob id, compared with that of the local bytes, once those are shown to be the expected ones.
+    """
     wrong = []
-    for name, source in local.items():
-        data = source if isinstance(source, bytes) else None
+    for name, source in sent.items():
         entry = remote.get(name)
         lfs = getattr(entry, "lfs", None)
         if entry is None:
             ok = False
         elif lfs is not None:
-            digest = hashlib.sha256(data).hexdigest() if data is not None else store.sha256_file(source)
-            ok = getattr(lfs, "sha256", None) == digest
+            ok = getattr(lfs, "sha256", None) == expected[name]
         else:
-            ok = entry.blob_id == git_blob_sha1(data if data is not None else Path(source).read_bytes())
+            sha256, blob_id = _digests(source)
+            ok = sha256 == expected[name] and entry.blob_id == blob_id
         if not ok:
             wrong.append(name)
     return wrong
+
+
+def _digests(source: Path | bytes, chunk: int = 1 << 22) -> tuple[str, str]:
+    """(sha256, git blob id) of a file or of bytes, in one reading."""
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest(), git_blob_sha1(source)
+    with open(source, "rb") as f:
+        sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % os.fstat(f.fileno()).st_size)
+        while block := f.read(chunk):
+            sha256.update(block)
+            sha1.update(block)
+    return sha256.hexdigest(), sha1.hexdigest()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints import hub
 from checkpoints.store import sha256_file
 from zoo.errors import SourceError
 
@@ -55,8 +56,8 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
 
     Uses huggingface_hub, so `HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and `HF_TOKEN`
     apply. Falls back to `pytorch_model.bin` as timm does. The Hub client does not check
-    content, so the file's sha256 is compared with the content address the cache stores it
-    under (LFS blobs are named by their sha256).
+    content, so the file is compared with the content address the cache stores it under (the
+    Hub's ETag); a file that does not match is evicted.
 
     Raises:
         SourceError: the file cannot be had, or its bytes do not match their address.
@@ -78,12 +79,10 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
         except (HfHubHTTPError, OSError, ValueError) as e:
             raise SourceError(f"cannot download {repo_id}/{name}: {e}") from None
         digest = sha256_file(local)
-        blob = local.resolve().name
-        if re.fullmatch(r"[0-9a-f]{64}", blob) and blob != digest:
-            raise SourceError(
-                f"{repo_id}/{name} in the Hub cache is corrupt (sha256 {digest}, expected {blob}); "
-                f"delete {local.resolve()} and retry"
-            )
+        if not hub.matches_cache_name(local, digest):
+            hub.evict(local)
+            raise SourceError(f"{repo_id}/{name} as downloaded does not match the id the Hub gave it "
+                              "(corrupted in transit or in the cache); it was discarded, retry")
         commit = local.parent.name if re.fullmatch(r"[0-9a-f]{40}", local.parent.name) else revision
         return SourceFile(local, digest, repo_id, commit, name)
     if offline:

@@ -5,12 +5,13 @@ child blocks torch and timm from import.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from huggingface_hub import HfApi
 
 import converters.pipeline as pipeline
 import zoo
+from checkpoints import hub as hub_module
 from checkpoints import store
-from tests.support.hub import local_hub
+from tests.support.hub import local_hub, set_faults
 
 TOKEN = "hf_zooTESTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
@@ -42,11 +44,7 @@ def converted(small_tiny, tmp_path_factory):
     return out
 
 
-@pytest.fixture(params=[None, 1 << 40], ids=["lfs", "regular"])
-def hub(request, tmp_path):
-    """A local Hub: LFS uploads (Xet disabled), or every file in 'regular' upload mode."""
-    with local_hub(tmp_path / "hub-root", lfs_threshold=request.param) as url:
-        yield url
+LFS, REGULAR = 1024, 1 << 40  # server thresholds: the weights go through LFS, or every file is 'regular'
 
 
 def client_env(url: str, home: Path, **extra) -> dict:
@@ -69,25 +67,34 @@ def zoo_cli(*args, env):
 
 
 LOAD = textwrap.dedent("""
-    import sys
+    import json, sys
     sys.modules["torch"] = None  # loading from the store or the Hub must not need torch
     sys.modules["timm"] = None
     import numpy as np, zoo
-    model = zoo.load(sys.argv[1])
+    model = zoo.load(sys.argv[1], **json.loads(sys.argv[4]))
     np.save(sys.argv[2], np.asarray(model(np.load(sys.argv[3]))))
     assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "timm") and sys.modules[m] is not None]
 """)
 
 
-def load_in_child(name, x_path, out_path, env):
-    return run([sys.executable, "-c", LOAD, name, str(out_path), str(x_path)], env)
+def load_in_child(name, x_path, out_path, env, **kwargs):
+    """`zoo.load(name, **kwargs)` in a process where torch and timm cannot be imported."""
+    return run([sys.executable, "-c", LOAD, name, str(out_path), str(x_path), json.dumps(kwargs)], env)
 
 
 def remote_head(url: str) -> str:
     return HfApi(endpoint=url, token=TOKEN).model_info(REPO).sha
 
 
-def test_publish_then_load_by_name_without_torch(converted, hub, tmp_path):
+@pytest.mark.parametrize("threshold", [LFS, REGULAR], ids=["lfs", "regular"])
+def test_publish_then_load_by_name_without_torch(converted, threshold, tmp_path):
+    """Round trip through a Hub that takes writes only with the token: LFS uploads (Xet
+    disabled), or every file in 'regular' upload mode."""
+    with local_hub(tmp_path / "hub-root", lfs_threshold=threshold, token=TOKEN) as hub:
+        _publish_then_load(converted, hub, threshold == LFS, tmp_path)
+
+
+def _publish_then_load(converted, hub, lfs, tmp_path):
     env = client_env(hub, tmp_path)
     proc = zoo_cli("publish", str(converted), env=env)
     assert proc.returncode == 1 and "random weights" in proc.stderr  # never by accident
@@ -97,13 +104,17 @@ def test_publish_then_load_by_name_without_torch(converted, hub, tmp_path):
     assert remote_head(hub) == commit
 
     api = HfApi(endpoint=hub, token=TOKEN)
-    assert set(api.list_repo_files(REPO)) >= {"model.weights.h5", "config.json", "parity.json",
-                                                "manifest.json", "README.md"}
+    tree = {e.path: e for e in api.list_repo_tree(REPO)}
+    assert set(tree) >= {"model.weights.h5", "config.json", "parity.json", "manifest.json", "README.md"}
+    weights = tree["model.weights.h5"]
+    assert (weights.lfs is not None) == lfs  # the upload path under test was the one taken
+    if lfs:
+        assert weights.lfs.sha256 == store.sha256_file(converted / "model.weights.h5")
     assert len(api.list_repo_commits(REPO)) == 2  # the repo's initial commit + ours: one commit
     card = Path(api.hf_hub_download(REPO, "README.md", cache_dir=str(tmp_path / "peek"))).read_text()
     for field in ("library_name: keras", "license: apache-2.0", "- convnext", "- image-classification",
-                  "- timm", "base_model: timm/convnext_tiny.fb_in1k", "model-index", "max_abs_logit_error",
-                  "Not pretrained", 'zoo.load("convnext_tiny.fb_in1k")'):
+                  "- timm", "base_model: timm/convnext_tiny.fb_in1k", "datasets:\n- imagenet-1k", "model-index",
+                  "max_abs_logit_error", "Not pretrained", 'zoo.load("convnext_tiny.fb_in1k")'):
         assert field in card, field
     assert TOKEN not in card
 
@@ -125,19 +136,39 @@ def test_publish_then_load_by_name_without_torch(converted, hub, tmp_path):
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_corrupted_download_is_detected_and_discarded(converted, tmp_path):
-    with local_hub(tmp_path / "hub-root") as url:
+@pytest.mark.parametrize("name, threshold", [("model.weights.h5", LFS), ("model.weights.h5", REGULAR),
+                                             ("manifest.json", REGULAR), ("config.json", LFS)],
+                         ids=["weights-lfs", "weights-regular", "manifest", "config"])
+def test_corrupted_download_is_detected_and_discarded(converted, name, threshold, tmp_path):
+    """The server flips one byte of `name`, same size and ETag: refused, nothing corrupt kept,
+    and once the server is mended the same load succeeds (no poisoned cache)."""
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with local_hub(tmp_path / "hub-root", lfs_threshold=threshold) as url:
         env = client_env(url, tmp_path)
         assert zoo_cli("publish", str(converted), "--allow-random", env=env).returncode == 0
-        request = urllib.request.Request(f"{url}/__faults", data=json.dumps({"corrupt": ["model.weights.h5"]}).encode(),
-                                         method="POST")
-        urllib.request.urlopen(request).read()
-        np.save(tmp_path / "x.npy", np.zeros((1, 64, 64, 3), np.float32))
+        set_faults(url, {"corrupt": [name]})
         child = load_in_child(NAME, tmp_path / "x.npy", tmp_path / "y.npy", env)
-    assert child.returncode != 0 and "IntegrityError" in child.stderr and "does not match" in child.stderr
-    cached = [p for p in (tmp_path / "hub-cache").rglob("model.weights.h5")]
-    assert cached == []  # the corrupt file is not kept
-    assert not (tmp_path / "y.npy").exists()
+        assert child.returncode != 0 and "IntegrityError" in child.stderr and "does not match" in child.stderr
+        assert name in child.stderr and "Traceback" in child.stderr  # the library raises; the CLI prints one line
+        assert not (tmp_path / "y.npy").exists()
+        cache = tmp_path / "hub-cache"
+        assert not [p for p in cache.rglob(name)]  # no snapshot link to it
+        for blob in cache.rglob("blobs/*"):  # and every blob kept is what the Hub said it is
+            assert hub_module.matches_cache_name(blob), blob
+
+        set_faults(url, {})
+        child = load_in_child(NAME, tmp_path / "x.npy", tmp_path / "y.npy", env)
+        assert child.returncode == 0, child.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(zoo.load(converted)(x)))
+
+
+def test_matches_cache_name_checks_both_kinds_of_id(tmp_path):
+    data = b"{}"
+    for etag, ok in [(hub_module.git_blob_sha1(data), True), (hashlib.sha256(data).hexdigest(), True),
+                     (hub_module.git_blob_sha1(b"[]"), False), (hashlib.sha256(b"[]").hexdigest(), False)]:
+        (tmp_path / etag).write_bytes(data)
+        assert hub_module.matches_cache_name(tmp_path / etag) is ok
 
 
 def _resign(folder: Path) -> None:
@@ -166,6 +197,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         store.write(failed, zoo.load(converted), config, report)
         proc = zoo_cli("publish", str(failed), "--allow-random", env=env)
         assert proc.returncode == 1 and "parity check failed" in proc.stderr and "Traceback" not in proc.stderr
+        assert remote_head(url) == head
 
         # 2. weights changed after the report (manifest re-signed, report not)
         changed = tmp_path / "changed"
@@ -179,6 +211,17 @@ def test_refusals_upload_nothing(converted, tmp_path):
         _resign(changed)
         proc = zoo_cli("publish", str(changed), "--allow-random", env=env)
         assert proc.returncode == 1 and "weights changed after the parity report" in proc.stderr
+        assert remote_head(url) == head
+
+        # 2b. weights edited in place (the manifest no longer matches them)
+        tampered = tmp_path / "tampered"
+        shutil.copytree(converted, tampered)
+        data = bytearray((tampered / "model.weights.h5").read_bytes())
+        data[-100] ^= 1
+        (tampered / "model.weights.h5").write_bytes(bytes(data))
+        proc = zoo_cli("publish", str(tampered), "--allow-random", env=env)
+        assert proc.returncode == 1 and "does not match its manifest" in proc.stderr
+        assert remote_head(url) == head
 
         # 3. the repo moved under it (another commit landed after we looked); new weights to send
         newer = tmp_path / "newer"
@@ -194,6 +237,54 @@ def test_refusals_upload_nothing(converted, tmp_path):
         proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
         assert proc.returncode == 0 and "already published" in proc.stderr
         assert remote_head(url) == moved
+
+
+def test_publish_reads_back_what_landed(converted, tmp_path):
+    with local_hub(tmp_path / "hub-root", lfs_threshold=REGULAR) as url:
+        set_faults(url, {"corrupt_upload": ["model.weights.h5"]})
+        proc = zoo_cli("publish", str(converted), "--allow-random", env=client_env(url, tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "the remote model.weights.h5 missing or different from the manifest; do not use that commit" in proc.stderr
+
+
+def test_publish_needs_a_token_with_write_access(converted, tmp_path):
+    with local_hub(tmp_path / "hub-root", token=TOKEN) as url:
+        for token in ("", "hf_wrongTOKEN000"):
+            env = client_env(url, tmp_path, HF_TOKEN=token, HF_HOME=str(tmp_path / "no-login"))
+            proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert "HF_TOKEN" in proc.stderr and "run the same publish again" not in proc.stderr
+            assert token == "" or token not in proc.stderr
+        assert not HfApi(endpoint=url, token=TOKEN).repo_exists(REPO)  # nothing was published
+
+
+def test_publish_to_a_branch_of_a_private_repo(converted, tmp_path):
+    with local_hub(tmp_path / "hub-root", token=TOKEN) as url:
+        env = client_env(url, tmp_path)
+        proc = zoo_cli("publish", str(converted), "--allow-random", "--revision", "dev", "--private", env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        api = HfApi(endpoint=url, token=TOKEN)
+        assert api.model_info(REPO).private
+        assert "model.weights.h5" not in api.list_repo_files(REPO)  # main is untouched
+        assert api.model_info(REPO, revision="dev").sha == proc.stdout.strip()
+
+        x = np.random.default_rng(2).standard_normal((1, 64, 64, 3)).astype(np.float32)
+        np.save(tmp_path / "x.npy", x)
+        child = load_in_child(NAME, tmp_path / "x.npy", tmp_path / "y.npy", env, revision="dev")
+        assert child.returncode == 0, child.stderr[-2000:]
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(zoo.load(converted)(x)))
+        child = load_in_child(NAME, tmp_path / "x.npy", tmp_path / "y2.npy", client_env(url, tmp_path / "other"))
+        assert child.returncode != 0 and "manifest.json is missing from the repo at main" in child.stderr  # main has none
+
+
+def test_load_by_name_from_the_store_without_torch(converted, tmp_path):
+    env = client_env("http://127.0.0.1:9", tmp_path, HF_HUB_OFFLINE="1")
+    shutil.copytree(converted, tmp_path / "store" / NAME)
+    x = np.random.default_rng(3).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    child = load_in_child("convnext_tiny_1k", tmp_path / "x.npy", tmp_path / "y.npy", env)
+    assert child.returncode == 0, child.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(zoo.load(converted)(x)))
 
 
 def test_convert_and_publish_in_one_go(tmp_path):
