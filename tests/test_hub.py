@@ -307,15 +307,28 @@ def test_load_reports_every_step_when_nothing_has_the_model(tmp_path):
         assert step in proc.stderr, step
 
 
-def test_new_head_and_headless_loading(converted):
+def test_new_head_and_headless_loading(converted, caplog, tmp_path):
     full = zoo.load(converted)
     x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
     features = zoo.load(converted, include_top=False)
     np.testing.assert_array_equal(np.asarray(features(x)), np.asarray(
         __import__("keras").Model(full.input, full.get_layer("head.fc").input)(x)))
-    five = zoo.load(converted, num_classes=5)
+    with caplog.at_level("WARNING"):
+        five = zoo.load(converted, num_classes=5)
+    assert "new 5-class head initialised fresh (the checkpoint's has 1000 classes)" in caplog.text
     assert five.output_shape == (None, 5)
     np.testing.assert_array_equal(np.asarray(five.get_layer("head.norm").gamma), np.asarray(full.get_layer("head.norm").gamma))
+    caplog.clear()
+    none = zoo.load(converted, num_classes=0)  # timm's num_classes=0: the pooled features, no new head
+    assert "head" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(none(x)), np.asarray(features(x)))
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="num_classes must be a non-negative integer"):
+            zoo.load(converted, num_classes=bad)
+    assert zoo.build("convnext_tiny_1k", num_classes=0).output_shape == features.output_shape
+    full.save(tmp_path / "m.keras")
+    with pytest.raises(zoo.StoreError, match="whole saved Keras model.*keras.saving.load_model"):
+        zoo.load(tmp_path / "m.keras")
     fixed = zoo.load(converted, input_shape=(64, 64, 3))
     assert fixed.input_shape == (None, 64, 64, 3)
     np.testing.assert_array_equal(np.asarray(fixed(x)), np.asarray(full(x)))

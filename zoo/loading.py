@@ -32,7 +32,7 @@ def build(name: str | Architecture, *, num_classes: int | None = None, include_t
         ckpt = resolve(name)
         arch, classes = ckpt.arch, ckpt.num_classes
     with dtype_policy(policy):
-        return build_model(arch, num_classes=num_classes or classes, include_top=include_top,
+        return build_model(arch, num_classes=classes if num_classes is None else num_classes, include_top=include_top,
                            pooling=pooling, drop_path_rate=drop_path_rate, input_shape=input_shape)
 
 
@@ -56,7 +56,8 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
             or the feature map for `pooling=None`.
         pooling: see `include_top`.
         num_classes: a new classifier width: the backbone and head norm load, the new head is
-            initialised fresh (and a warning says so).
+            initialised fresh (and a warning says so); 0 drops the classifier (the pooled
+            features, as timm's `num_classes=0`).
         input_shape: fixed NHWC input shape without batch (default: any size).
         features_only: return a backbone whose outputs are the list of stage feature maps
             selected by `out_indices` (strides 4, 8, 16, 32), as timm's `features_only=True`;
@@ -77,7 +78,9 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
     Raises:
         ZooError: no step produced the model; the message says what each step found.
     """
-    policy_name(dtype)  # a bad value fails before any lookup
+    policy_name(dtype)  # bad values fail before any lookup
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     folder = locate(name_or_path, revision=revision, hub_org=hub_org, convert=convert)
     return from_folder(folder, include_top=include_top, pooling=pooling, num_classes=num_classes,
                        input_shape=input_shape, features_only=features_only, out_indices=out_indices,
@@ -90,6 +93,9 @@ def locate(name_or_path: str | Path, *, revision: str | None = None, hub_org: st
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return store.open_folder(path)
+    if path.suffix == ".keras" and path.is_file():
+        raise StoreError(f"{name_or_path} is a whole saved Keras model, not a converted folder: "
+                         "`import zoo.model` (it registers the layers), then keras.saving.load_model(path)")
     if path.suffix in (".h5", ".keras") or "/" in str(name_or_path):
         raise StoreError(f"{name_or_path}: no such converted checkpoint folder")
     ckpt = resolve(str(name_or_path), or_folder=True)
@@ -157,7 +163,7 @@ def _from_folder(folder, include_top, pooling, num_classes, input_shape, feature
     if features_only:
         return keras.Model(model.input, [model.get_layer(n).output for n in outputs],
                            name=f"{model.name}_features")
-    if not include_top:
+    if not include_top or num_classes == 0:
         features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
         return keras.Model(model.input, features, name=f"{model.name}_features")
     if num_classes is not None and num_classes != config["num_classes"]:
