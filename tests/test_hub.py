@@ -22,7 +22,10 @@ import converters.pipeline as pipeline
 import zoo
 from checkpoints import hub as hub_module
 from checkpoints import store
+from converters.reference import random_state_dict
+from safetensors.numpy import save as save_bytes
 from tests.support.hub import local_hub, set_faults
+from tests.support.hub_cache import add_file
 
 TOKEN = "hf_zooTESTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
@@ -305,6 +308,22 @@ def test_load_reports_every_step_when_nothing_has_the_model(tmp_path):
     for step in ("local store: no", "Hub: testorg/convnext_tiny.fb_in1k is not in the local Hub cache",
                  "conversion: needs torch and timm", "zoo convert"):
         assert step in proc.stderr, step
+
+
+def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(small_tiny, isolated_home, caplog):
+    ckpt = zoo.resolve("convnext_tiny_1k")
+    source = save_bytes(random_state_dict(small_tiny, ckpt.num_classes, seed=5))
+    add_file(isolated_home / "hub", ckpt.hf_hub_id, "model.safetensors", source)
+    with caplog.at_level("WARNING"):
+        model = zoo.load("convnext_tiny_1k")
+    assert f"{NAME}: not in the store nor on the Hub; converting from {ckpt.hf_hub_id}" in caplog.text
+    folder = store.open_folder(store.store_path(NAME))
+    assert folder.parity["passed"] and folder.config["source"]["sha256"] == hashlib.sha256(source).hexdigest()
+    caplog.clear()
+    again = zoo.load("convnext_tiny_1k")  # from the store this time
+    assert "converting" not in caplog.text
+    x = np.random.default_rng(4).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(model(x)))
 
 
 def test_new_head_and_headless_loading(converted, caplog, tmp_path):
