@@ -199,6 +199,65 @@ def test_manifest_listing_a_file_the_repo_lacks(published, isolated_home):
     assert snapshot_names(isolated_home) == set()
 
 
+# --- source weights from timm's repos ----------------------------------------------------------------
+
+SOURCE = "timm/convnext_tiny.fb_in1k"
+
+
+def host_source(url: str, filename: str = "model.safetensors", seed: int = 21) -> bytes:
+    """Perturbed random weights of SMALL_V1 in timm's layout, uploaded as `SOURCE/filename`."""
+    import torch
+    from safetensors.numpy import save as save_bytes
+
+    from converters.reference import random_state_dict
+
+    state = random_state_dict(SMALL_V1, 1000, seed)
+    if filename.endswith(".bin"):
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, buffer)
+        data = buffer.getvalue()
+    else:
+        data = save_bytes(state)
+    api(url).create_repo(SOURCE, exist_ok=True)
+    api(url).upload_file(path_or_fileobj=data, path_in_repo=filename, repo_id=SOURCE)
+    return data
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_convert_downloads_the_source_from_timms_repo(hub, small_tiny, tmp_path, filename):
+    import hashlib
+
+    from converters import pipeline
+
+    data = host_source(hub, filename)
+    out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
+    assert report.passed
+    source = store.open_folder(out).config["source"]
+    assert {k: source[k] for k in ("repo_id", "revision", "filename", "sha256")} == {"repo_id": SOURCE, "revision": api(hub).model_info(SOURCE).sha, "filename": filename,
+                      "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub, small_tiny, tmp_path,
+                                                                            isolated_home):
+    from converters import pipeline
+    from zoo.errors import SourceError
+
+    host_source(hub)
+    set_faults(hub, {"corrupt": ["model.safetensors"]})  # one byte flipped, same size and ETag
+    with pytest.raises(SourceError, match="does not match the id the Hub gave it") as failure:
+        pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
+    assert SOURCE in str(failure.value) and "\n" not in str(failure.value)
+    assert not (tmp_path / "out").exists()
+    blobs = list((isolated_home / "hub").rglob("blobs/*"))
+    assert all(zoo_hub.matches_cache_name(b) for b in blobs), blobs  # the corrupt bytes are not kept
+
+    set_faults(hub, {})
+    out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
+    assert report.passed
+
+
 # --- publishing -----------------------------------------------------------------------------------
 
 def remote_files(url: str, revision: str | None = None) -> set[str]:
