@@ -49,6 +49,9 @@ def test_list_json():
     assert "convnext_tiny_1k" in tiny["aliases"]
     assert tiny["classes"] == 1000 and tiny["input"] == 224 and tiny["converted"] is False
     assert len(rows) == len(set(by_name)) > 10
+    # a bare architecture name means timm's default tag, which is not always fb_in1k
+    assert by_name["convnext_tiny.in12k_ft_in1k"]["default_for"] == "convnext_tiny"
+    assert by_name["convnext_tiny.fb_in1k"]["default_for"] is None
 
 
 def test_list_pattern_filters():
@@ -149,6 +152,28 @@ def test_convert_offline_without_cache_says_so(isolated_home, tmp_path):
     assert not store.store_path("convnext_tiny.fb_in1k").exists()
     assert list(tmp_path.iterdir()) == [] and list(hub.iterdir()) == []
     assert "local Hub cache" in errors[0], errors[0]
+
+
+def test_convert_that_fails_parity_exits_1_shows_the_table_once_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = zoo("convert", "convnext_atto", "--random-weights", "--out", str(out),
+                 "--atol", "1e-9", "--rtol", "1e-12", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: parity check failed at logits: max abs error"), errors
+    assert result.stderr.count("\npre_logits ") == 1  # the comparison table, once
+    assert_no_traceback(result)
+    assert list(tmp_path.iterdir()) == [] and store_is_empty()
+
+
+def test_installed_entry_point():
+    script = Path(sys.executable).with_name("zoo")
+    assert script.exists(), "the project is not installed (pip install '.[dev]')"
+    result = subprocess.run([str(script), "list", "convnext_atto", "--json"], capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["convnext_atto.d2_in1k"]["default_for"] == "convnext_atto"
 
 
 # --- verify -------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .errors import ZooError
+from .errors import ParityError, ZooError
 
 # TensorFlow's C++ start-up chatter is not for users; set before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,7 +45,10 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ZooError as e:
-            click.echo(f"error: {e}", err=True)
+            message = str(e)
+            if isinstance(e, ParityError) and e.report is not None:
+                message = message.splitlines()[0]  # its table was shown as the parity step ended
+            click.echo(f"error: {message}", err=True)
             sys.exit(1)
     return wrapper
 
