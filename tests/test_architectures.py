@@ -22,7 +22,8 @@ PUBLISHED = {
 HUGE = {"convnext_xxlarge", "convnextv2_huge"}
 # every row with the 1000-class head; other heads (21841, 11821, none) on the rows that have them
 HEADS = [(n, 1000) for n in sorted(ARCHITECTURES)] + [
-    ("convnext_tiny", 21841), ("convnext_xlarge", 21841), ("convnext_nano", 11821), ("convnext_tiny_hnf", 0),
+    *[(n, 21841) for n in ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge")],
+    ("convnext_nano", 11821), ("convnext_tiny_hnf", 0),
     ("convnext_large_mlp", 0), ("convnext_zepto_rms", 0), ("convnextv2_atto", 0), ("convnext_base", 0)]
 CASES = [pytest.param(n, c, marks=pytest.mark.slow) if n in HUGE else (n, c) for n, c in HEADS]
 NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n in sorted(ARCHITECTURES)]

@@ -69,6 +69,38 @@ def test_every_problem_is_listed_at_once_and_nothing_is_assigned():
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_a_layer_or_variable_without_a_rule_is_refused():
+    import keras
+
+    from converters import mapping
+
+    class DenseWithExtra(keras.layers.Dense):  # a Dense rule feeds kernel and bias, nothing feeds `extra`
+        def build(self, input_shape):
+            super().build(input_shape)
+            self.extra = self.add_weight(shape=(3,), name="extra")
+
+    inputs = keras.Input((8, 8, 3))
+    odd = keras.Model(inputs, keras.layers.BatchNormalization(name="stem.bn")(inputs))
+    with pytest.raises(MappingError, match="no mapping rule for layer 'stem.bn' of type BatchNormalization"):
+        mapping.plan(odd)
+    orphan = keras.Model(inputs, DenseWithExtra(4, name="head.fc")(inputs))
+    with pytest.raises(MappingError, match="Keras variables without a mapping rule:.*extra"):
+        mapping.plan(orphan)
+
+
+def test_a_variable_fed_twice_is_refused(monkeypatch):
+    from converters import mapping
+
+    model = build_model(SMALL_V1, num_classes=10)
+    state = random_state_dict(SMALL_V1, 10, seed=1)
+    planned = mapping.plan(model)
+    twice = [*planned, mapping.Assignment(planned[1].key, planned[0].variable, planned[0].rule)]
+    monkeypatch.setattr(mapping, "plan", lambda m: twice)
+    monkeypatch.setattr(mapping, "check", lambda s, a: None)
+    with pytest.raises(MappingError, match=f"variable {planned[0].variable.path} would be assigned twice"):
+        mapping.values(state, model)
+
+
 def test_wrong_head_width_is_a_shape_mismatch():
     state = random_state_dict(SMALL_V1, 21841)
     with pytest.raises(MappingError, match=r"head\.fc\.weight: checkpoint \(21841, 32\), model expects \(1000, 32\)"):
