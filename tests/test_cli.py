@@ -190,6 +190,16 @@ def test_verify_an_empty_folder_exits_1(tmp_path):
     assert store_is_empty()
 
 
+def test_tensorflow_start_up_lines_are_hidden_unless_asked_for(tmp_path):
+    (tmp_path / "empty").mkdir()
+    quiet = zoo("verify", str(tmp_path / "empty"))
+    assert quiet.returncode == 1 and quiet.stderr.splitlines() == [
+        f"-> check {tmp_path / 'empty'} against its manifest ...",
+        f"error: {tmp_path / 'empty'} has no manifest.json: not a converted checkpoint folder"], quiet.stderr
+    loud = zoo("verify", str(tmp_path / "empty"), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert loud.returncode == 1 and "oneDNN" in loud.stderr  # the user's choice is honoured
+
+
 def test_verify_a_missing_folder_exits_2(tmp_path):
     result = zoo("verify", str(tmp_path / "missing"))
     assert result.returncode == 2

@@ -59,6 +59,23 @@ def main():
     """Official PyTorch ConvNeXt checkpoints as Keras models, proven equal to the originals."""
 
 
+def _tensorflow(fn):
+    """Import TensorFlow first, its start-up lines hidden unless `TF_CPP_MIN_LOG_LEVEL` < 2
+    asks for them (runs once the arguments are parsed: `--help` and usage errors skip it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            quiet = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")) >= 2
+        except ValueError:
+            quiet = True
+        if quiet:
+            from .runtime import import_tensorflow_quietly
+
+            import_tensorflow_quietly()
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -115,6 +132,7 @@ def list_command(pattern, as_json):
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
+@_tensorflow
 def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, atol, rtol,
             publish_after, repo_id):
     """Convert checkpoint NAME, prove parity with timm, and save it.
@@ -189,6 +207,7 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Compare against this local source file instead of re-fetching the recorded one.")
 @_user_errors
+@_tensorflow
 def verify(folder, checkpoint):
     """Re-check a converted FOLDER: file hashes, then parity against timm."""
     from converters.pipeline import verify as run
@@ -242,6 +261,7 @@ PREDICT_BATCH = 16
               help="Machine-readable output: a list of {image, predictions: [{index, label, probability}]}.")
 @_DTYPE
 @_user_errors
+@_tensorflow
 def predict(images, model_name, top, as_json, dtype):
     """Classify IMAGE files: the top classes and their probabilities.
 
@@ -334,6 +354,7 @@ def _load_name(name, dtype="float32"):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_DTYPE
 @_user_errors
+@_tensorflow
 def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, as_json, dtype):
     """Top-1/top-5 accuracy on a labelled image folder with the checkpoint's official preprocessing."""
     from .evaluation import evaluate
@@ -359,6 +380,7 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
 @click.option("--rtol", type=TOLERANCE, default=1e-5, show_default=True,
               help="fp32 bound: max abs logit error / max |reference logit|.")
 @_user_errors
+@_tensorflow
 def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, rtol):
     """Export a converted NAME_OR_DIR as a SavedModel, a TFLite file or a .keras file.
 

@@ -40,6 +40,35 @@ def prefer_onednn() -> None:
     os.environ.setdefault(ONEDNN_VAR, "1")
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and let it look for devices with its native start-up lines kept off stderr.
+
+    TensorFlow logs those lines (oneDNN on, no CUDA driver, ...) before its logging reads
+    `TF_CPP_MIN_LOG_LEVEL`, so the variable cannot hide them; they are caught on file
+    descriptor 2 and shown only if the import fails. For the command line, before any work.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the device probe logs too (a missing CUDA driver)
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def onednn_enabled() -> bool | None:
     """Whether this TensorFlow runs with oneDNN's rewrites (None where it cannot tell)."""
     try:
