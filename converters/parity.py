@@ -198,7 +198,8 @@ def _forward_spec(arch: Architecture, num_classes: int, source: Path, inputs: np
 def _reference_spec(arch: Architecture, num_classes: int, source: Path, head_norm_affine: bool,
                     workdir: Path, extra: dict) -> Path:
     spec = {"arch": arch.to_config(), "num_classes": num_classes, "source": str(source),
-            "head_norm_affine": head_norm_affine, "outputs": str(workdir / "reference.npz"), **extra}
+            "head_norm_affine": head_norm_affine, "outputs": str(workdir / "reference.npz"),
+            "versions": str(workdir / "reference-versions.json"), **extra}
     (workdir / "spec.json").write_text(json.dumps(spec))
     return workdir / "spec.json"
 
@@ -291,11 +292,14 @@ def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np
     return {k: np.asarray(v) for k, v in outputs.items()}
 
 
-def _versions() -> dict:
+def _versions(spec: Path) -> dict:
+    """The frameworks on each side of a comparison: ours, and those the reference reported."""
     import keras
     import tensorflow as tf
 
-    return {"keras": keras.__version__, "tensorflow": tf.__version__}
+    reference = Path(json.loads(spec.read_text())["versions"])
+    theirs = json.loads(reference.read_text()) if reference.exists() else {}
+    return {"keras": keras.__version__, "tensorflow": tf.__version__, **theirs}
 
 
 @contextlib.contextmanager
@@ -333,4 +337,4 @@ class PendingCheck:
         ours = keras_outputs(model, self.arch, self.inputs)
         self.run.wait()
         return compare(ours, _reference_results(self.spec), atol=atol, rtol=rtol, stage_rtol=stage_rtol,
-                       versions=_versions())
+                       versions=_versions(self.spec))

@@ -189,6 +189,8 @@ def _forward_command(spec_path: Path) -> None:
         else:
             outputs = forward(model, inputs)
     np.savez(spec["outputs"], **outputs)
+    if "versions" in spec:  # what the reference ran on, for the parity report
+        Path(spec["versions"]).write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__}))
 
 
 def _random_command(args) -> None:
