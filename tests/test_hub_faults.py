@@ -334,3 +334,25 @@ def test_repo_that_moves_between_look_and_commit_refuses(hub, converted, monkeyp
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "moved while publishing" in errors[0] and REPO in errors[0], result.stderr
     assert remote_files(hub) == {".gitattributes", "NOTES.md"}  # none of ours
+
+
+def test_weights_edited_while_publishing_are_not_committed(hub, converted, tmp_path, monkeypatch):
+    """The folder is checked against its manifest, then its weights change before the upload:
+    what the client would send is compared with the manifest, and nothing is committed."""
+    import shutil
+
+    folder = tmp_path / "folder"
+    shutil.copytree(converted, folder)
+    card = zoo_hub.model_card
+
+    def card_while_someone_edits_the_weights(*args, **kwargs):  # runs after the check, before the upload
+        data = bytearray((folder / store.WEIGHTS).read_bytes())
+        data[-100] ^= 1
+        (folder / store.WEIGHTS).write_bytes(bytes(data))
+        return card(*args, **kwargs)
+
+    monkeypatch.setattr(zoo_hub, "model_card", card_while_someone_edits_the_weights)
+    with pytest.raises(HubError, match=f"{store.WEIGHTS} changed after it was checked against the manifest") as e:
+        zoo_hub.publish(folder, REPO, allow_random=True)
+    assert "\n" not in str(e.value)
+    assert remote_files(hub) == {".gitattributes"}  # the repo was created, none of ours committed
