@@ -161,19 +161,18 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     store.open_folder(out)
     shutil.rmtree(out)
     rng = random.Random(0)
-    outcomes, killed = [], []
+    mid_way, killed = 0, []
     for i in range(24):
+        if i % 4 == 0 and out.exists():
+            shutil.rmtree(out)  # some runs write a new folder, the others replace a whole one
         proc = subprocess.Popen(run + (["--seed", "1"] if i % 2 else []), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=dict(os.environ))
         time.sleep(rng.uniform(0.0, full * 1.1))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        mid_way += proc.wait() == -signal.SIGKILL  # (0: it had finished)
         if out.exists():
             folder = store.open_folder(out)  # raises if partial or damaged
             assert folder.parity["passed"]
-            outcomes.append("whole")
-        else:
-            outcomes.append("absent")
         partials = [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
         assert all(p.split(".partial-")[1].split("-")[0].isdigit() for p in partials)
         killed.append(proc.pid)
@@ -182,7 +181,7 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
     store.open_folder(out)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the last run cleared them
-    assert "absent" in outcomes  # the kills did land mid-way
+    assert mid_way >= 12, mid_way  # the kills did land mid-way
 
 
 def _children_of(pids: list[int]) -> list[int]:
