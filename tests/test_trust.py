@@ -155,9 +155,10 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
 
     out = tmp_path / "converted"
     run = [sys.executable, "-m", "zoo.cli", "convert", "convnext_atto", "--random-weights", "--out", str(out)]
-    start = time.perf_counter()
-    subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
-    full = time.perf_counter() - start
+    for _ in range(2):  # the second run's time: warm caches, as in the runs below
+        start = time.perf_counter()
+        subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
+        full = time.perf_counter() - start
     store.open_folder(out)
     shutil.rmtree(out)
     rng = random.Random(0)
@@ -181,7 +182,7 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
     store.open_folder(out)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the last run cleared them
-    assert mid_way >= 12, mid_way  # the kills did land mid-way
+    assert mid_way >= 8, mid_way  # the kills did land mid-way (~20 expected)
 
 
 def _children_of(pids: list[int]) -> list[int]:
