@@ -327,7 +327,9 @@ def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(small
 
 
 def test_new_head_and_headless_loading(converted, caplog, tmp_path):
-    full = zoo.load(converted)
+    with caplog.at_level("WARNING"):
+        full = zoo.load(converted)
+    assert "holds seeded random weights (converted with --random-weights), not a pretrained model" in caplog.text
     x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
     features = zoo.load(converted, include_top=False)
     np.testing.assert_array_equal(np.asarray(features(x)), np.asarray(

@@ -154,6 +154,9 @@ def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, 
 def _from_folder(folder, include_top, pooling, num_classes, input_shape, features_only, out_indices,
                  drop_path_rate) -> keras.Model:
     config = folder.config
+    if not config.get("pretrained", True):
+        log.warning("%s: %s holds seeded random weights (converted with --random-weights), not a pretrained "
+                    "model", config["name"], folder.path)
     arch = Architecture.from_config(config["architecture"])
     outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
     model = build_model(arch, num_classes=config["num_classes"], name=config["name"],
