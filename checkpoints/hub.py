@@ -126,10 +126,22 @@ def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> 
     except EntryNotFoundError:
         raise HubError(f"cannot fetch {repo_id}: {name} is missing from the repo at {revision or 'main'}") from None
     except _http_errors() as e:
-        raise HubError(f"cannot fetch {repo_id}: {name}: {_short(e)}") from None
+        raise HubError(f"cannot fetch {repo_id}: {not_found(repo_id, revision, e) or f'{name}: {_short(e)}'}") from None
     if not (isinstance(before, str) and Path(before) == path):
         added.append(path)
     return path
+
+
+def not_found(repo_id: str, revision: str | None, error: Exception) -> str | None:
+    """What a Hub client error means when the repo or the revision is not there (else None):
+    the Hub answers 401 for a repo that does not exist, as for a private one."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, RevisionNotFoundError):
+        return f"the repo has no revision {revision!r}"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repo on the Hub (or it is private and HF_TOKEN cannot read it)"
+    return None
 
 
 def matches_cache_name(path: Path, sha256: str | None = None) -> bool:

@@ -77,7 +77,8 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
             errors.append(f"{name} is not in the repo")
             continue
         except (HfHubHTTPError, OSError, ValueError) as e:
-            raise SourceError(f"cannot download {repo_id}/{name}: {e}") from None
+            why = hub.not_found(repo_id, revision, e) or str(e).splitlines()[0]
+            raise SourceError(f"cannot download {repo_id}/{name}: {why}") from None
         digest = sha256_file(local)
         if not hub.matches_cache_name(local, digest):
             hub.evict(local)

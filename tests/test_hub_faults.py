@@ -356,3 +356,18 @@ def test_weights_edited_while_publishing_are_not_committed(hub, converted, tmp_p
         zoo_hub.publish(folder, REPO, allow_random=True)
     assert "\n" not in str(e.value)
     assert remote_files(hub) == {".gitattributes"}  # the repo was created, none of ours committed
+
+
+def test_a_missing_repo_or_revision_is_named(published, small_tiny, tmp_path):
+    from converters import pipeline
+    from zoo.errors import SourceError
+
+    with pytest.raises(StoreError, match=r"testorg/convnext_atto\.d2_in1k: no such repo on the Hub \(or it is "
+                                         r"private and HF_TOKEN cannot read it\)"):
+        zoo.load("convnext_atto", convert=False)
+    with pytest.raises(StoreError, match=f"{REPO}: the repo has no revision 'nope'"):
+        zoo.load(NAME, revision="nope", convert=False)
+    host_source(published)
+    with pytest.raises(SourceError, match=f"{SOURCE}/model.safetensors: the repo has no revision 'nope'"):
+        pipeline.convert("convnext_tiny_1k", revision="nope", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
