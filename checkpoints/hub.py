@@ -53,7 +53,7 @@ def evict(path: Path) -> None:
             pass
 
 
-def _http_errors() -> tuple[type[Exception], ...]:
+def http_errors() -> tuple[type[Exception], ...]:
     """Errors the Hub client lets through from its HTTP library (a reset connection, a body cut short).
 
     huggingface_hub 2.x sends with httpx2, 1.x with httpx, whose errors are no OSError; older
@@ -125,7 +125,7 @@ def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> 
         raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached") from None
     except EntryNotFoundError:
         raise HubError(f"cannot fetch {repo_id}: {name} is missing from the repo at {revision or 'main'}") from None
-    except _http_errors() as e:
+    except http_errors() as e:
         raise HubError(f"cannot fetch {repo_id}: {not_found(repo_id, revision, e) or f'{name}: {_short(e)}'}") from None
     if not (isinstance(before, str) and Path(before) == path):
         added.append(path)
@@ -297,11 +297,11 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
             raise HubError(f"the Hub refused to let this token write to {repo_id} ({_short(e)}); set HF_TOKEN "
                            "to a token with write access (or run `hf auth login`)") from None
         raise HubError(f"publishing to {repo_id} failed: {_short(e)}; {RETRY}") from None
-    except (RuntimeError, *_http_errors()) as e:  # an LFS upload that failed is a RuntimeError
+    except (RuntimeError, *http_errors()) as e:  # an LFS upload that failed is a RuntimeError
         raise HubError(f"publishing to {repo_id} failed: {_cause(e)}; {RETRY}") from None
     try:
         _check_remote(api, repo_id, info.oid, sent, expected)
-    except _http_errors() as e:
+    except http_errors() as e:
         raise HubError(f"{repo_id}@{info.oid[:12]}: committed, but reading it back failed ({_short(e)}); "
                        f"{RETRY}") from None
     return info.oid, info.oid != parent  # the client also skips a commit that would change nothing

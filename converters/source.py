@@ -76,7 +76,7 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
         except EntryNotFoundError:
             errors.append(f"{name} is not in the repo")
             continue
-        except (HfHubHTTPError, OSError, ValueError) as e:
+        except (HfHubHTTPError, *hub.http_errors()) as e:  # (a body cut short is no OSError)
             why = hub.not_found(repo_id, revision, e) or str(e).splitlines()[0]
             raise SourceError(f"cannot download {repo_id}/{name}: {why}") from None
         digest = sha256_file(local)

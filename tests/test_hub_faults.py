@@ -258,6 +258,23 @@ def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub
     assert report.passed
 
 
+def test_truncated_source_download_is_one_error_and_a_later_one_works(hub, small_tiny, tmp_path, isolated_home):
+    from converters import pipeline
+    from zoo.errors import SourceError
+
+    host_source(hub)
+    set_faults(hub, {"truncate": ["model.safetensors"]})  # every try cut short, Content-Length intact
+    with pytest.raises(SourceError, match=f"cannot download {SOURCE}/model.safetensors") as failure:
+        pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
+    assert "\n" not in str(failure.value)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in (isolated_home / "hub").rglob("*") if p.name.endswith(".incomplete")]
+
+    set_faults(hub, {})
+    out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
+    assert report.passed
+
+
 # --- publishing -----------------------------------------------------------------------------------
 
 def remote_files(url: str, revision: str | None = None) -> set[str]:
