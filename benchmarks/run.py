@@ -121,6 +121,7 @@ def _without_parity(steps: dict) -> float:
 
 def bench_convert_and_load(args) -> list[dict]:
     from converters.pipeline import random_source
+    from converters.reference_process import Network
     from zoo.catalogue import resolve
 
     rows = []
@@ -128,7 +129,7 @@ def bench_convert_and_load(args) -> list[dict]:
         ckpt = resolve(f"convnext_{arch_name}")
         with tempfile.TemporaryDirectory(prefix="zoo-bench-") as tmp:
             tmp = Path(tmp)
-            src = random_source(ckpt.arch, ckpt.num_classes, 0, tmp)  # stands in for the download
+            src = random_source(Network.of_entry(ckpt), 0, tmp)  # stands in for the download
             size_mb = src.path.stat().st_size / 2**20
             floors, convs, alones = [], [], []
             for turn in range(args.convert_rounds):  # alternating, new files each time: the disk's state drifts

@@ -50,8 +50,8 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, 3)).astype("float32")
     if framework.startswith("timm"):
-        import torch
         import timm
+        import torch
 
         torch.set_num_threads(threads)
         net = timm.create_model(f"convnext_{model}", pretrained=False).eval()
@@ -82,8 +82,8 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
 
 def infer(framework: str, threads: int) -> None:
     if framework.startswith("timm"):
-        import torch  # noqa: F401  (first, whatever else is imported later)
         import timm  # noqa: F401
+        import torch  # noqa: F401  (first, whatever else is imported later)
     key, run = None, None
     for line in sys.stdin:
         request = json.loads(line)
@@ -201,12 +201,12 @@ def precision(folder: Path) -> dict:
 
     import zoo
     from converters.images import parity_batch
-    from converters.parity import topk_hits
+    from zoo.folder_config import FolderConfig
+    from zoo.reports import topk_hits
 
-    cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
-    size = cfg["input_size"][-1]
-    sets = {"parity": parity_batch(size, cfg["mean"], cfg["std"]),
-            "natural": parity_batch(size, cfg["mean"], cfg["std"], natural=96, noise=0, seed=11)}
+    config = FolderConfig.read(folder)
+    sets = {"parity": parity_batch(config.input_size, config.mean, config.std),
+            "natural": parity_batch(config.input_size, config.mean, config.std, natural=96, noise=0, seed=11)}
     models = {dtype: zoo.load(folder, dtype=dtype) for dtype in ("float32", "bfloat16")}
     out = {}
     for name, x in sets.items():

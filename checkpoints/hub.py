@@ -15,8 +15,11 @@ import os
 from pathlib import Path
 
 from zoo.errors import HubError, IntegrityError
+from zoo.reports import ParityReport
 
-from . import store
+from . import converted
+from .converted import CONTENT_FILES, FORMAT, MANIFEST, ConvertedFolder
+from .fs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ def http_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
-def download(repo_id: str, revision: str | None = None) -> store.ConvertedCheckpoint:
+def download(repo_id: str, revision: str | None = None) -> ConvertedFolder:
     """Fetch a published folder into the Hub cache, pinned to one commit, every file checked.
 
     All or nothing: if any file cannot be had or is wrong, the snapshot files this call added
@@ -83,20 +86,20 @@ def download(repo_id: str, revision: str | None = None) -> store.ConvertedCheckp
     """
     added: list[Path] = []
     try:
-        manifest_path = _fetch(repo_id, store.MANIFEST, revision, added)
+        manifest_path = _fetch(repo_id, MANIFEST, revision, added)
         commit = manifest_path.parent.name  # snapshots/<commit>/manifest.json
         if not matches_cache_name(manifest_path):
             evict(manifest_path)
-            raise IntegrityError(f"{repo_id}@{commit}: downloaded {store.MANIFEST} does not match the id the Hub "
+            raise IntegrityError(f"{repo_id}@{commit}: downloaded {MANIFEST} does not match the id the Hub "
                                  "gave it (corrupted in transit or in the cache); it was discarded, retry")
         try:
             files = _published_files(repo_id, manifest_path)
         except HubError:
             evict(manifest_path)  # not kept: a later fetch of a repaired repo must not reuse it
             raise
-        for name in store.CONTENT_FILES:
+        for name in CONTENT_FILES:
             path = _fetch(repo_id, name, commit, added)
-            if store.sha256_file(path) != files[name]["sha256"]:
+            if sha256_file(path) != files[name]["sha256"]:
                 evict(path)
                 raise IntegrityError(f"{repo_id}@{commit}: downloaded {name} does not match the published "
                                      "sha256 (corrupted in transit or in the cache); it was discarded, retry")
@@ -104,7 +107,7 @@ def download(repo_id: str, revision: str | None = None) -> store.ConvertedCheckp
         for path in added:
             path.unlink(missing_ok=True)  # the link only: a blob that passed its check may serve a retry
         raise
-    return store.open_folder(manifest_path.parent)
+    return converted.open_folder(manifest_path.parent)
 
 
 def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> Path:
@@ -150,7 +153,7 @@ def matches_cache_name(path: Path, sha256: str | None = None) -> bool:
     another form, which this cannot check, passes). `sha256`: the file's, if already known."""
     etag = path.resolve().name
     if len(etag) == 64:
-        return (sha256 or store.sha256_file(path)) == etag
+        return (sha256 or sha256_file(path)) == etag
     if len(etag) == 40:
         return _digests(path)[1] == etag
     return True
@@ -161,12 +164,12 @@ def _published_files(repo_id: str, manifest_path: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
-        raise HubError(f"cannot fetch {repo_id}: {store.MANIFEST} is unreadable ({_short(e)})") from None
+        raise HubError(f"cannot fetch {repo_id}: {MANIFEST} is unreadable ({_short(e)})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if (not isinstance(files, dict) or manifest.get("format") != store.FORMAT
-            or sorted(files) != sorted(store.CONTENT_FILES)
+    if (not isinstance(files, dict) or manifest.get("format") != FORMAT
+            or sorted(files) != sorted(CONTENT_FILES)
             or not all(isinstance(files[n], dict) and "sha256" in files[n] for n in files)):
-        raise HubError(f"{repo_id} does not hold a converted checkpoint of format {store.FORMAT}")
+        raise HubError(f"{repo_id} does not hold a converted checkpoint of format {FORMAT}")
     return files
 
 
@@ -175,19 +178,18 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def model_card(folder: store.ConvertedCheckpoint, repo_id: str) -> str:
+def model_card(folder: ConvertedFolder, repo_id: str) -> str:
     """The README.md published with a converted checkpoint (Hub metadata + parity figures)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     config, report = folder.config, folder.parity
-    name, cfg = config["name"], config["pretrained_cfg"]
+    name, cfg = config.name, config.pretrained_cfg
     logits = next(c for c in report["comparisons"] if c["name"] == "logits")
-    tag = cfg.get("tag") or ""
-    base = cfg.get("hf_hub_id") or None
+    tag, base = config.tag, config.base_model
     metrics = [("max_abs_logit_error", logits["max_abs"]), ("relative_logit_error", logits["rel"]),
                ("top1_agreement", report["top1_agreement"])]
     data = ModelCardData(
-        library_name="keras", license=cfg.get("license") or "other",
+        library_name="keras", license=config.license or "other",
         tags=["convnext", "image-classification", "timm", "keras"],
         base_model=base, datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
         model_name=name,
@@ -196,7 +198,7 @@ def model_card(folder: store.ConvertedCheckpoint, repo_id: str) -> str:
                                               f"{report['input_size']}px) vs timm",
                                  metric_type=m, metric_value=v) for m, v in metrics],
     )
-    warning = "" if config.get("pretrained", True) else (
+    warning = "" if config.pretrained else (
         "\n> **Not pretrained.** These are seeded random weights used to test the conversion "
         "pipeline; they carry no learned features.\n")
     rows = "\n".join(f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |"
@@ -207,8 +209,8 @@ def model_card(folder: store.ConvertedCheckpoint, repo_id: str) -> str:
 
 # {name} for Keras 3
 {warning}
-`{name}` ({config['architecture']['name']}, {config.get('params') or 0:,} parameters) converted from
-`{base or config['source'].get('url') or 'a local file'}` by convnext-zoo. The Keras model was run
+`{name}` ({config.architecture.name}, {config.params or 0:,} parameters) converted from
+`{base or config.source.url or 'a local file'}` by convnext-zoo. The Keras model was run
 side by side with timm on the same weights and passed the parity gate (logits max abs error
 <= {report['atol']:g}, relative <= {report['rtol']:g}):
 
@@ -228,8 +230,8 @@ model = zoo.load("{name}")   # downloads {repo_id}, checks every sha256
 logits = model(images)       # NHWC float32, resized/cropped/normalised as in config.json
 ```
 
-Preprocessing: input {cfg['input_size'][-1]}px, crop_pct {cfg['crop_pct']}, {cfg['crop_mode']} crop,
-{cfg['interpolation']} interpolation, mean {cfg['mean']}, std {cfg['std']}.
+Preprocessing: input {config.input_size}px, crop_pct {cfg['crop_pct']}, {cfg['crop_mode']} crop,
+{cfg['interpolation']} interpolation, mean {list(config.mean)}, std {list(config.std)}.
 """
 
 
@@ -261,14 +263,14 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    folder = store.open_folder(path)
+    folder = converted.open_folder(path)
     report = _publishable(folder, allow_random)
     api = HfApi(token=token)
     branch = revision or "main"
     card = model_card(folder, repo_id).encode()
-    sent = {**{n: folder.path / n for n in store.CONTENT_FILES}, store.MANIFEST: folder.manifest, CARD: card}
+    sent = {**{n: folder.path / n for n in CONTENT_FILES}, MANIFEST: folder.manifest, CARD: card}
     expected = {n: meta["sha256"] for n, meta in folder.files.items()}  # what parity was run on
-    expected.update({n: hashlib.sha256(sent[n]).hexdigest() for n in (store.MANIFEST, CARD)})
+    expected.update({n: hashlib.sha256(sent[n]).hexdigest() for n in (MANIFEST, CARD)})
     parent = expect_parent
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -287,7 +289,7 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
                            "checked against the manifest; nothing was published")
         info = api.create_commit(
             repo_id, operations, revision=branch, parent_commit=parent,
-            commit_message=f"{folder.config['name']}: parity {report.summary()}")
+            commit_message=f"{folder.config.name}: parity {report.summary()}")
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status == 412:
@@ -310,11 +312,9 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
 RETRY = "run the same publish again (files already there are not committed twice)"
 
 
-def _publishable(folder: store.ConvertedCheckpoint, allow_random: bool):
+def _publishable(folder: ConvertedFolder, allow_random: bool) -> ParityReport:
     """The folder's parity report, if it passed for exactly these weights (else HubError)."""
-    from converters.parity import ParityReport
-
-    if not folder.config.get("pretrained", True) and not allow_random:
+    if not folder.config.pretrained and not allow_random:
         raise HubError(f"refusing to publish {folder.path}: it holds random weights, not a pretrained model; "
                        "pass --allow-random to publish it anyway")
     try:
@@ -323,7 +323,7 @@ def _publishable(folder: store.ConvertedCheckpoint, allow_random: bool):
         raise HubError(f"refusing to publish {folder.path}: its parity report is invalid ({e})") from None
     if not report.passed:
         raise HubError(f"refusing to publish {folder.path}: its parity check failed ({report.failure})")
-    if folder.parity.get("weights_sha256") != folder.files[store.WEIGHTS]["sha256"]:
+    if folder.parity.get("weights_sha256") != folder.files[converted.WEIGHTS]["sha256"]:
         raise HubError(f"refusing to publish {folder.path}: the weights changed after the parity report; "
                        "run `zoo verify` or convert again")
     return report

@@ -5,33 +5,22 @@ fetched again and checked against the sha256 recorded at conversion.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from checkpoints.store import work_dir
-from zoo.architectures import Architecture
+from checkpoints.fs import work_dir
+from zoo.folder_config import FolderConfig
 
-from .parity import reference_classify, reference_outputs
 from .pipeline import recorded_source
+from .reference_process import Network, reference_classify, reference_outputs
 
 
-@contextmanager
-def _reference(config: dict, checkpoint: str | Path | None):
-    """(common arguments of the reference calls, work folder) for a converted folder's config."""
-    arch = Architecture.from_config(config["architecture"])
-    with work_dir("zoo-reference-") as work:
-        src = recorded_source(config, work, checkpoint)
-        yield dict(arch=arch, num_classes=config["num_classes"], source=src.path, workdir=work,
-                   head_norm_affine=config.get("head_norm_affine", True))
-
-
-def pytorch_logits(config: dict, inputs: np.ndarray, *, checkpoint: str | Path | None = None) -> np.ndarray:
+def pytorch_logits(config: FolderConfig, inputs: np.ndarray, *, checkpoint: str | Path | None = None) -> np.ndarray:
     """timm's logits on `inputs` (normalised NHWC) for a converted folder's source weights.
 
     Args:
-        config: the folder's `config.json` content.
+        config: the folder's config.
         inputs: the batch to classify.
         checkpoint: compare against this local source file instead of fetching the recorded one
             (it must still have the recorded sha256).
@@ -41,15 +30,17 @@ def pytorch_logits(config: dict, inputs: np.ndarray, *, checkpoint: str | Path |
         IntegrityError: the source is not the file the folder was converted from.
         ReferenceRunError: torch/timm missing or the reference process failed.
     """
-    with _reference(config, checkpoint) as args:
-        return reference_outputs(inputs=inputs, **args)["logits"]
+    with work_dir("zoo-source-") as work:
+        src = recorded_source(config, work, checkpoint)
+        return reference_outputs(Network.of_folder(config), src.path, inputs)["logits"]
 
 
-def pytorch_classify(config: dict, files: list[Path], *, checkpoint: str | Path | None = None) -> np.ndarray:
+def pytorch_classify(config: FolderConfig, files: list[Path], *, checkpoint: str | Path | None = None) -> np.ndarray:
     """timm's logits for image files, each prepared by timm's own eval transform.
 
     Raises:
         as `pytorch_logits`.
     """
-    with _reference(config, checkpoint) as args:
-        return reference_classify(files=files, pretrained_cfg=config["pretrained_cfg"], **args)
+    with work_dir("zoo-source-") as work:
+        src = recorded_source(config, work, checkpoint)
+        return reference_classify(Network.of_folder(config), src.path, files, config.pretrained_cfg)

@@ -1,4 +1,4 @@
-"""The whole conversion, top to bottom: name -> source -> port -> parity -> saved folder."""
+"""The whole conversion, top to bottom: name -> source -> read and map -> write -> parity -> saved folder."""
 from __future__ import annotations
 
 import json
@@ -7,21 +7,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from checkpoints import store
-from zoo.architectures import Architecture
-from zoo.catalogue import Checkpoint, resolve
-from zoo.errors import IntegrityError, SourceError
+from checkpoints import converted, store
+from checkpoints.fs import check_writable, work_dir, write_json_atomic
+from zoo.catalogue import CatalogueEntry, resolve
+from zoo.errors import IntegrityError, SourceError, ZooError
+from zoo.folder_config import PARITY, WEIGHTS, FolderConfig, SourceRecord
+from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport
 from zoo.steps import Echo, step
+from zoo.version import __version__
 
-from . import mapping, parity, source
+from . import mapping, parity, reading, source
+from .reference_process import Network, run_reference_process
 
 log = logging.getLogger(__name__)
 
 
 def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path | None = None,
             random_seed: int | None = None, revision: str | None = None, from_url: bool = False,
-            atol: float = parity.DEFAULT_ATOL, rtol: float = parity.DEFAULT_RTOL,
-            echo: Echo = log.info) -> tuple[Path, parity.ParityReport]:
+            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+            echo: Echo = log.info) -> tuple[Path, ParityReport]:
     """Convert one catalogued checkpoint and write it only if parity passes.
 
     Args:
@@ -41,19 +45,18 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     Raises:
         ZooError: any failure; nothing is written then.
     """
-    ckpt = resolve(name)
-    arch = ckpt.arch
-    out = store.check_destination(out if out else store.store_path(ckpt.name))  # before the slow work
-    with store.work_dir("zoo-convert-") as work:
+    entry = resolve(name)
+    network = Network.of_entry(entry)
+    out = store.check_destination(out if out else store.store_path(entry.name))  # before the slow work
+    with work_dir("zoo-convert-") as work:
         with step(echo, "source weights"):
-            src = _source(ckpt, arch, checkpoint, random_seed, revision, from_url, work)
-        with parity.started(arch, src.path, num_classes=ckpt.num_classes, input_size=ckpt.input_size[-1],
-                            mean=ckpt.mean, std=ckpt.std, head_norm_affine=ckpt.head_norm_affine) as pending:
+            src = _source(entry, network, checkpoint, random_seed, revision, from_url, work)
+        with parity.started(network, src.path) as pending:
             # timm imports, loads the source and runs the parity batch in its own process meanwhile
-            with step(echo, f"read {src.path.name} and build {arch.name}"):
-                state, src, model = _read_and_build(src, ckpt)
+            with step(echo, f"read {src.path.name} and build {network.arch.name}"):
+                state, src, model = _read_and_build(src, network)
             with store.writing(out, model) as folder:
-                with step(echo, f"write {store.WEIGHTS}"):
+                with step(echo, f"write {WEIGHTS}"):
                     folder.save_weights(model, mapping.values(state, model))
                     del state
                 with step(echo, "load the written weights"):
@@ -63,24 +66,23 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
                 echo(report.table())
                 report.assert_passed()
                 with step(echo, f"finish {folder.out}"):
-                    folder.commit({**_config(ckpt, arch, src, random_seed), "params": model.count_params()},
-                                  report.to_json())
+                    folder.commit(_config(entry, src, random_seed, model.count_params()), report.to_json())
     return folder.out, report
 
 
-def _read_and_build(src: source.SourceFile, ckpt: Checkpoint):
+def _read_and_build(src: source.SourceWeights, network: Network):
     """(state dict, `src` with its sha256, model): the file is read and hashed on other
     threads while this one builds the Keras model (building is Python, reading and hashing
     release the GIL)."""
     with ThreadPoolExecutor(1) as reader:
-        reading = reader.submit(source.read_source, src, conv_mlp=ckpt.arch.conv_mlp)
-        model = build(ckpt.arch, ckpt.num_classes, ckpt.head_norm_affine)
-        state, src = reading.result()
+        reading_ = reader.submit(reading.read_source, src, conv_mlp=network.arch.conv_mlp)
+        model = empty_model(network)
+        state, src = reading_.result()
     return state, src, model
 
 
 def verify(path: str | Path, *, checkpoint: str | Path | None = None,
-           echo: Echo = log.info) -> parity.ParityReport:
+           echo: Echo = log.info) -> ParityReport:
     """Re-run parity on a converted folder against its recorded source weights.
 
     The folder's files are checked against the manifest, the source is fetched again (or
@@ -91,21 +93,16 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
     Raises:
         ZooError: integrity or source problems (a failed comparison is in the report).
     """
-    from zoo.loading import from_folder
-    from zoo.model import dtype_policy
-
     with step(echo, f"check {path} against its manifest"):
-        folder = store.open_folder(path)
-    config = folder.config
-    arch = Architecture.from_config(config["architecture"])
-    with store.work_dir("zoo-verify-") as work:
+        folder = converted.open_folder(path)
+    network = Network.of_folder(folder.config)
+    with work_dir("zoo-verify-") as work:
         with step(echo, "source weights"):
-            src = recorded_source(config, work, checkpoint)
-        cfg = config["pretrained_cfg"]
-        with parity.started(arch, src.path, num_classes=config["num_classes"], input_size=cfg["input_size"][-1],
-                            mean=cfg["mean"], std=cfg["std"], head_norm_affine=config["head_norm_affine"]) as pending:
-            with step(echo, "load the converted weights"), dtype_policy("float32"):
-                model = from_folder(folder)
+            src = recorded_source(folder.config, work, checkpoint)
+        with parity.started(network, src.path) as pending:
+            with step(echo, "load the converted weights"):
+                model = empty_model(network)
+                model.load_weights(folder.weights)
             stored = folder.parity
             with step(echo, "parity against timm (separate process)"):
                 report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
@@ -113,7 +110,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
     return report
 
 
-def recorded_source(config: dict, work: Path, checkpoint: str | Path | None = None) -> source.SourceFile:
+def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | None = None) -> source.SourceWeights:
     """The source weights a converted folder was made from, checked against its recorded sha256.
 
     Fetched again from where the folder's config says (Hub commit, release URL, file, or the
@@ -123,90 +120,81 @@ def recorded_source(config: dict, work: Path, checkpoint: str | Path | None = No
         SourceError: the source cannot be fetched.
         IntegrityError: it is not the file the folder was converted from.
     """
-    recorded = config["source"]
+    recorded = config.source
     if checkpoint is not None:
         src = source.local(checkpoint)
-    elif recorded["kind"] == "random":
-        src = random_source(Architecture.from_config(config["architecture"]), config["num_classes"],
-                            recorded["seed"], work, config["head_norm_affine"])
-    elif recorded["kind"] == "hub":
-        src = source.fetch(recorded["repo_id"], recorded["filename"], revision=recorded["revision"])
-    elif recorded["kind"] == "url":
-        src = source.fetch_url(recorded["url"], expected_sha256=recorded["sha256"])
+    elif recorded.kind == "random":
+        src = random_source(Network.of_folder(config), recorded.seed, work)
+    elif recorded.kind == "hub":
+        src = source.fetch(recorded.repo_id, recorded.filename, revision=recorded.revision)
+    elif recorded.kind == "url":
+        src = source.fetch_url(recorded.url, expected_sha256=recorded.sha256)
     else:
-        src = source.local(recorded["path"])
-    if src.sha256 != recorded["sha256"]:
+        src = source.local(recorded.path)
+    if src.sha256 != recorded.sha256:
         raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
-                             f"recorded {recorded['sha256']})")
+                             f"recorded {recorded.sha256})")
     return src
 
 
-def build(arch: Architecture, num_classes: int, head_norm_affine: bool = True):
-    """The float32 Keras model for `arch`, whatever dtype policy is set globally.
+def empty_model(network: Network):
+    """The float32 Keras model for `network`, whatever dtype policy is set globally.
 
     Its kernels start at zero, not random: every variable is assigned from the source next.
     """
     from zoo.model import build_model, dtype_policy
 
     with dtype_policy("float32"):
-        return build_model(arch, num_classes=num_classes, head_norm_affine=head_norm_affine, initialize=False)
+        return build_model(network.arch, num_classes=network.num_classes,
+                           head_norm_affine=network.head_norm_affine, initialize=False)
 
 
-def _source(ckpt: Checkpoint, arch: Architecture, checkpoint, random_seed, revision, from_url, work: Path):
+def _source(entry: CatalogueEntry, network: Network, checkpoint, random_seed, revision, from_url, work: Path):
     if checkpoint is not None and random_seed is not None:
         raise SourceError("give either a checkpoint file or random weights, not both")
     if checkpoint is not None:
         return source.local(checkpoint, hashed=False)  # hashed as it is read
     if random_seed is not None:
-        return random_source(arch, ckpt.num_classes, random_seed, work, ckpt.head_norm_affine, hashed=False)
-    if from_url or not ckpt.hf_hub_id:
-        if not ckpt.url:
-            raise SourceError(f"{ckpt.name} has no original release URL; convert it from the Hub")
-        return source.fetch_url(ckpt.url)
-    return source.fetch(ckpt.hf_hub_id, ckpt.hf_hub_filename, revision=revision)
+        return random_source(network, random_seed, work, hashed=False)
+    if from_url or not entry.hf_hub_id:
+        if not entry.url:
+            raise SourceError(f"{entry.name} has no original release URL; convert it from the Hub")
+        return source.fetch_url(entry.url)
+    return source.fetch(entry.hf_hub_id, entry.hf_hub_filename, revision=revision)
 
 
-def random_source(arch: Architecture, num_classes: int, seed: int, work: Path,
-                  head_norm_affine: bool = True, *, hashed: bool = True) -> source.SourceFile:
+def random_source(network: Network, seed: int, work: Path, *, hashed: bool = True) -> source.SourceWeights:
     """Perturbed random weights in timm's layout, written by timm itself (separate process).
 
-    `hashed=False` leaves the sha256 to `source.read_source` (see `source.local`).
+    `hashed=False` leaves the sha256 to `reading.read_source` (see `source.local`).
     """
     path = work / f"random-seed{seed}.safetensors"
-    parity.run_reference_process(["random", "--arch", json.dumps(arch.to_config()),
-                                  "--num-classes", str(num_classes), "--seed", str(seed), "--out", str(path)]
-                                 + ([] if head_norm_affine else ["--no-head-norm"]))
+    run_reference_process(["random", "--arch", json.dumps(network.arch.to_config()),
+                           "--num-classes", str(network.num_classes), "--seed", str(seed), "--out", str(path)]
+                          + ([] if network.head_norm_affine else ["--no-head-norm"]))
     return source.local(path, hashed=hashed)
 
 
-def _config(ckpt: Checkpoint, arch: Architecture, src: source.SourceFile, random_seed) -> dict:
-    from zoo import __version__
-
+def _config(entry: CatalogueEntry, src: source.SourceWeights, random_seed: int | None, params: int) -> FolderConfig:
     if random_seed is not None:
-        origin = {"kind": "random", "seed": random_seed, "sha256": src.sha256,
-                  "note": "perturbed random weights in timm's layout; NOT pretrained"}
+        origin = SourceRecord("random", src.sha256, seed=random_seed,
+                              note="perturbed random weights in timm's layout; NOT pretrained")
     elif src.url is not None:
-        origin = {"kind": "url", **src.to_json()}
+        origin = src.record("url")
     elif src.repo_id is None:
-        origin = {"kind": "file", "path": str(src.path), **src.to_json()}
+        origin = src.record("file", path=str(src.path))
     else:
-        origin = {"kind": "hub", **src.to_json(), "url": ckpt.url}
-    return {
-        "name": ckpt.name,
-        "pretrained": random_seed is None,
-        "architecture": arch.to_config(),
-        "num_classes": ckpt.num_classes,
-        "head_norm_affine": ckpt.head_norm_affine,
-        "pretrained_cfg": ckpt.pretrained_cfg(),
-        "top1": ckpt.top1,
-        "source": origin,
-        "converter": {"convnext_zoo": __version__},
-    }
+        origin = src.record("hub", url=entry.url)
+    return FolderConfig(
+        name=entry.name, architecture=entry.arch, num_classes=entry.num_classes,
+        pretrained_cfg=entry.pretrained_cfg(), source=origin, pretrained=random_seed is None,
+        head_norm_affine=entry.head_norm_affine, top1=entry.top1, converter={"convnext_zoo": __version__},
+        params=params)
 
 
 def convert_all(names: list[str], *, out_root: str | Path | None = None, force: bool = False,
                 random_seed: int | None = None, from_url: bool = False,
-                atol: float = parity.DEFAULT_ATOL, rtol: float = parity.DEFAULT_RTOL,
+                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                 keep_weights: bool = True, echo: Echo = log.info) -> tuple[list[dict], Path]:
     """Convert many checkpoints; one failure does not stop the rest.
 
@@ -221,10 +209,8 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
     """
     from tqdm.auto import tqdm
 
-    from zoo.errors import ZooError
-
     root = Path(out_root) if out_root else store.store_root()
-    store.check_writable(root)  # before the first conversion, not after it
+    check_writable(root)  # before the first conversion, not after it
     summary = root / "summary.json"
     rows = []
     for name in tqdm(names, desc="convert", unit="ckpt", disable=None):
@@ -235,13 +221,13 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
             done = None if force else _passed(out, keep_weights)
             if done is not None:
                 config, report = done
-                row.update(status="skipped (done)", params=config.get("params"))
+                row.update(status="skipped (done)", params=config.params)
             else:
                 path, report = convert(name, out=out, random_seed=random_seed, from_url=from_url,
                                        atol=atol, rtol=rtol, echo=echo)
-                row.update(status="ok", params=json.loads((path / store.CONFIG).read_text()).get("params"))
+                row.update(status="ok", params=FolderConfig.read(path).params)
                 if not keep_weights:
-                    (path / store.WEIGHTS).unlink()
+                    (path / WEIGHTS).unlink()
             c = report.logits
             row.update(max_abs=c.max_abs, rel=c.rel, top1_agreement=report.top1_agreement)
         except ZooError as e:
@@ -249,27 +235,25 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
             echo(f"FAILED {name}: {row['error']}")
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        store.write_json_atomic(summary, {"rows": rows})  # a crash keeps the rows so far
+        write_json_atomic(summary, {"rows": rows})  # a crash keeps the rows so far
     return rows, summary
 
 
-def _passed(out: Path, whole: bool) -> tuple[dict, parity.ParityReport] | None:
+def _passed(out: Path, whole: bool) -> tuple[FolderConfig, ParityReport] | None:
     """(config, report) of the conversion at `out` if its report passed, else None.
 
     `whole`: the folder must also be intact against its manifest (weights included).
     """
-    from zoo.errors import ZooError
-
     try:
         if whole:
-            folder = store.open_folder(out)
+            folder = converted.open_folder(out)
             config, report = folder.config, folder.parity
         else:
-            config = json.loads((out / store.CONFIG).read_text())
-            report = json.loads((out / store.PARITY).read_text())
+            config = FolderConfig.read(out)
+            report = json.loads((out / PARITY).read_text())
     except (ZooError, OSError, ValueError):
         return None
-    return (config, parity.ParityReport.from_json(report)) if report.get("passed") else None
+    return (config, ParityReport.from_json(report)) if report.get("passed") else None
 
 
 def summary_table(rows: list[dict]) -> str:

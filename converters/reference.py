@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402,I001  (torch and timm first, never after tensorflow)
 import timm  # noqa: E402
 
-from converters.source import is_fb_layout, read_state_dict  # noqa: E402
+from converters.layouts import is_fb_layout  # noqa: E402
+from converters.reading import read_state_dict  # noqa: E402
 from zoo.architectures import Architecture  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")

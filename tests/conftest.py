@@ -18,24 +18,24 @@ import pytest  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from converters.reference import random_state_dict  # noqa: E402
+from tests.support.archs import SMALL, SMALL_V1  # noqa: E402
 from zoo.architectures import ARCHITECTURES  # noqa: E402
 
-# Small rows of real architectures: every code path of the full network, a fraction of the cost.
-SMALL_V1 = ARCHITECTURES["convnext_tiny"].replace(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
-SMALL_CONV_MLP = ARCHITECTURES["convnext_atto"].replace(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
-_SHAPE = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
-SMALL = {
-    "linear_mlp": SMALL_V1,
-    "conv_mlp": SMALL_CONV_MLP,
-    "v2_grn": ARCHITECTURES["convnextv2_tiny"].replace(**_SHAPE),
-    "v2_grn_conv_mlp": ARCHITECTURES["convnextv2_atto"].replace(**_SHAPE),
-    "simplenorm_overlap_act": ARCHITECTURES["convnext_zepto_rms_ols"].replace(**_SHAPE),
-    "overlap_tiered": ARCHITECTURES["convnext_atto_ols"].replace(**_SHAPE),
-    "overlap": ARCHITECTURES["convnext_nano_ols"].replace(**_SHAPE),
-    "head_norm_first": ARCHITECTURES["convnext_tiny_hnf"].replace(**_SHAPE),
-    "head_mlp": ARCHITECTURES["convnext_large_mlp"].replace(**_SHAPE, head_hidden_size=40),
-    "eps_1e-5": ARCHITECTURES["convnext_xxlarge"].replace(**_SHAPE),
-}
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each holds TensorFlow, torch and timm, and starts
+    reference processes of its own)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Tests that share what a module-scoped fixture made once (a conversion) run on one worker
+    (`--dist loadgroup`), so that it is made once; the others are spread one by one."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ def timm_shapes(name: str, num_classes: int) -> dict[str, tuple]:
 @pytest.mark.parametrize("name, num_classes", CASES)
 def test_same_network_as_timm(name, num_classes):
     arch = ARCHITECTURES[name]
-    model = build_model(arch, num_classes=num_classes)
+    model = build_model(arch, num_classes=num_classes, initialize=False)  # shapes only: no random init
     reference = timm_shapes(name, num_classes)
     assert model.count_params() == sum(math.prod(s) for s in reference.values())
     # the Keras weight set is exactly the mapped timm key set, shapes included
@@ -73,7 +73,7 @@ def test_row_matches_timm_entrypoint(name):
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnext_atto_ols", "convnext_zepto_rms_ols",
                                   "convnext_tiny_hnf", "convnext_large_mlp", "convnextv2_atto"])
 def test_every_layer_with_weights_is_named_after_a_timm_module(name):
-    model = build_model(ARCHITECTURES[name])
+    model = build_model(ARCHITECTURES[name], initialize=False)
     timm_modules = {k.rsplit(".", 1)[0] for k in timm_shapes(name, 1000)}
     for layer in model.layers:
         if layer.weights:

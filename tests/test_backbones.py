@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import zoo
-from checkpoints import store
+from checkpoints.converted import open_folder
 from converters.images import parity_batch
-from converters.parity import DEFAULT_STAGE_RTOL, Comparison, reference_outputs
 from converters.pipeline import recorded_source
-from tests.conftest import SMALL
+from converters.reference_process import Network, reference_outputs
+from tests.support.archs import SMALL
 from tests.support.converted import convert_small
-from zoo.architectures import Architecture
+from zoo.reports import DEFAULT_STAGE_RTOL, Comparison
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +29,16 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, out_indices", [("overlap_tiered", (0, 1, 2, 3)), ("head_norm_first", (1, 3))])
 def test_features_only_equals_timms_features_only(converted, kind, out_indices, tmp_path):
-    folder = store.open_folder(converted(kind))
-    arch = Architecture.from_config(folder.config["architecture"])
+    folder = open_folder(converted(kind))
+    arch = folder.config.architecture
     backbone = zoo.load(folder.path, features_only=True, out_indices=out_indices)
 
     # any size divisible by 32, not square: strides 4, 8, 16, 32 exactly
-    x = parity_batch(224, folder.config["pretrained_cfg"]["mean"], folder.config["pretrained_cfg"]["std"],
+    x = parity_batch(224, folder.config.mean, folder.config.std,
                      natural=2, noise=1, seed=5)[:, :96, :160]
     ours = [np.asarray(t) for t in backbone(x)]
     source = recorded_source(folder.config, tmp_path)
-    theirs = reference_outputs(arch, folder.config["num_classes"], source.path, x, tmp_path,
-                               out_indices=out_indices)
+    theirs = reference_outputs(Network.of_folder(folder.config), source.path, x, out_indices=out_indices)
     assert len(ours) == len(out_indices) == len(theirs)
     for i, feature in zip(out_indices, ours):
         stride = 2 ** (i + 2)
@@ -102,9 +101,9 @@ def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_pat
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
 def test_conversion_and_verify_run_in_float32_under_a_mixed_policy(converted, policy):
-    from converters.pipeline import build, verify
+    from converters.pipeline import empty_model, verify
 
-    model = build(SMALL["linear_mlp"], 10)
+    model = empty_model(Network(SMALL["linear_mlp"], 10, True, 224, (0.5,) * 3, (0.5,) * 3))
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     assert verify(converted("linear_mlp")).passed
     assert keras.config.dtype_policy().name == policy  # the user's policy is back
@@ -112,10 +111,10 @@ def test_conversion_and_verify_run_in_float32_under_a_mixed_policy(converted, po
 
 @pytest.mark.parametrize("dtype, bound", [("bfloat16", 0.03), ("float16", 0.005)])
 def test_reduced_precision_tracks_float32(converted, dtype, bound):
-    folder = store.open_folder(converted("v2_grn"))
-    cfg = folder.config["pretrained_cfg"]
-    x = np.concatenate([parity_batch(64, cfg["mean"], cfg["std"]),
-                        parity_batch(64, cfg["mean"], cfg["std"], natural=24, noise=0, seed=9)])
+    folder = open_folder(converted("v2_grn"))
+    config = folder.config
+    x = np.concatenate([parity_batch(64, config.mean, config.std),
+                        parity_batch(64, config.mean, config.std, natural=24, noise=0, seed=9)])
     exact = np.asarray(zoo.load(folder.path, dtype="float32")(x))
     model = zoo.load(folder.path, dtype=dtype)
     assert keras.config.dtype_policy().name == "float32"  # the global policy is untouched

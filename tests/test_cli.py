@@ -1,4 +1,5 @@
-"""The `zoo` command line, run as users run it (a subprocess), without converting anything.
+"""The `zoo` command line, run as users run it (a subprocess), without converting anything; the
+refusals of arguments run in-process (click's runner).
 
 Every command runs with the test's isolated store and Hub cache (`isolated_home`) and offline,
 in an empty working directory (`--random-weights` writes its default `--out` there).
@@ -13,23 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import store
+from checkpoints import converted, store
+from tests.support.cli import assert_no_traceback, error_lines, zoo_cli, zoo_inline
 
 TIMEOUT = 120
-
-
-def zoo(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
-                          env=env if env is not None else os.environ, cwd=cwd, timeout=TIMEOUT)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "Traceback" not in result.stdout, result.stdout
 
 
 def store_is_empty(root: Path | None = None) -> bool:
@@ -40,7 +28,7 @@ def store_is_empty(root: Path | None = None) -> bool:
 # --- list -------------------------------------------------------------------------------------
 
 def test_list_json():
-    result = zoo("list", "--json")
+    result = zoo_cli("list", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     by_name = {row["name"]: row for row in rows}
@@ -55,7 +43,7 @@ def test_list_json():
 
 
 def test_list_pattern_filters():
-    result = zoo("list", "22k_1k_384", "--json")
+    result = zoo_cli("list", "22k_1k_384", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert rows
@@ -65,7 +53,7 @@ def test_list_pattern_filters():
                                               "convnext_base.fb_in22k_ft_in1k_384"}
     assert "convnext_tiny.fb_in1k" not in {row["name"] for row in rows}
     # the table form lists the same checkpoints, one per line after the header
-    table = zoo("list", "22k_1k_384")
+    table = zoo_cli("list", "22k_1k_384")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
     assert lines[0].startswith("name")
@@ -73,7 +61,7 @@ def test_list_pattern_filters():
 
 
 def test_list_no_match_exits_1():
-    result = zoo("list", "nosuchthing")
+    result = zoo_cli("list", "nosuchthing")
     assert result.returncode == 1
     assert len(error_lines(result.stderr)) == 1
     assert_no_traceback(result)
@@ -82,17 +70,18 @@ def test_list_no_match_exits_1():
 def test_list_marks_converted_checkpoints():
     folder = store.store_path("convnext_tiny.fb_in1k")
     folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps({"format": store.FORMAT, "files": {}}))
-    rows = {row["name"]: row for row in json.loads(zoo("list", "convnext_tiny", "--json").stdout)}
+    (folder / "manifest.json").write_text(json.dumps({"format": converted.FORMAT, "files": {}}))
+    rows = {row["name"]: row for row in json.loads(zoo_cli("list", "convnext_tiny", "--json").stdout)}
     assert rows["convnext_tiny.fb_in1k"]["converted"] is True
     assert rows["convnext_tiny.fb_in22k"]["converted"] is False
 
 
 # --- convert: bad input ------------------------------------------------------------------------------
 
-def test_convert_unknown_name_suggests_the_close_one(tmp_path):
-    result = zoo("convert", "convnext_tny_1k", cwd=tmp_path)
-    assert result.returncode == 1, result.stderr
+def test_convert_unknown_name_suggests_the_close_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = zoo_inline("convert", "convnext_tny_1k")
+    assert result.exit_code == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1, result.stderr
     assert "convnext_tny_1k" in errors[0] and "convnext_tiny_1k" in errors[0]
@@ -110,28 +99,29 @@ def test_convert_unknown_name_suggests_the_close_one(tmp_path):
     ["frobnicate"],
 ], ids=["negative-atol", "zero-atol", "text-rtol", "bogus-flag", "no-name", "no-command"])
 def test_usage_errors_exit_2(args):
-    result = zoo(*args)
-    assert result.returncode == 2, result.stderr
+    result = zoo_inline(*args)
+    assert result.exit_code == 2, result.stderr
     assert "Usage:" in result.stderr
     assert_no_traceback(result)
     assert store_is_empty()
 
 
 def test_convert_missing_checkpoint_file_exits_2(tmp_path):
-    result = zoo("convert", "convnext_tiny_1k", "--checkpoint", str(tmp_path / "nonexistent.safetensors"))
-    assert result.returncode == 2
+    result = zoo_inline("convert", "convnext_tiny_1k", "--checkpoint", str(tmp_path / "nonexistent.safetensors"))
+    assert result.exit_code == 2
     assert "nonexistent.safetensors" in result.stderr
     assert_no_traceback(result)
     assert store_is_empty()
 
 
-def test_random_weights_and_checkpoint_exclude_each_other(tmp_path):
+def test_random_weights_and_checkpoint_exclude_each_other(tmp_path, monkeypatch):
     existing = tmp_path / "weights.safetensors"
     existing.write_bytes(b"not really weights")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    result = zoo("convert", "convnext_tiny_1k", "--random-weights", "--checkpoint", str(existing), cwd=cwd)
-    assert result.returncode != 0
+    monkeypatch.chdir(cwd)
+    result = zoo_inline("convert", "convnext_tiny_1k", "--random-weights", "--checkpoint", str(existing))
+    assert result.exit_code != 0
     assert "--random-weights" in result.stderr and "--checkpoint" in result.stderr
     assert_no_traceback(result)
     assert store_is_empty()
@@ -142,7 +132,7 @@ def test_convert_offline_without_cache_says_so(isolated_home, tmp_path):
     hub = isolated_home / "empty-hub"
     hub.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
-    result = zoo("convert", "convnext_tiny_1k", env=env, cwd=tmp_path)
+    result = zoo_cli("convert", "convnext_tiny_1k", env=env, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1, result.stderr
@@ -154,11 +144,12 @@ def test_convert_offline_without_cache_says_so(isolated_home, tmp_path):
     assert "local Hub cache" in errors[0], errors[0]
 
 
-def test_convert_that_fails_parity_exits_1_shows_the_table_once_and_writes_nothing(tmp_path):
+def test_convert_that_fails_parity_exits_1_shows_the_table_once_and_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    result = zoo("convert", "convnext_atto", "--random-weights", "--out", str(out),
-                 "--atol", "1e-9", "--rtol", "1e-12", cwd=tmp_path)
-    assert result.returncode == 1, result.stderr
+    monkeypatch.chdir(tmp_path)
+    result = zoo_inline("convert", "convnext_atto", "--random-weights", "--out", str(out),
+                        "--atol", "1e-9", "--rtol", "1e-12")
+    assert result.exit_code == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: parity check failed at logits: max abs error"), errors
     assert result.stderr.count("\npre_logits ") == 1  # the comparison table, once
@@ -178,11 +169,12 @@ def test_installed_entry_point():
 
 # --- verify -------------------------------------------------------------------------------------------
 
-def test_verify_an_empty_folder_exits_1(tmp_path):
+def test_verify_an_empty_folder_exits_1(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = zoo("verify", str(empty), cwd=tmp_path)
-    assert result.returncode == 1, result.stderr
+    monkeypatch.chdir(tmp_path)
+    result = zoo_inline("verify", str(empty))
+    assert result.exit_code == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "manifest" in errors[0], result.stderr
     assert_no_traceback(result)
@@ -192,15 +184,15 @@ def test_verify_an_empty_folder_exits_1(tmp_path):
 
 def test_tensorflow_start_up_lines_are_hidden_unless_asked_for(tmp_path):
     (tmp_path / "empty").mkdir()
-    quiet = zoo("verify", str(tmp_path / "empty"))
+    quiet = zoo_cli("verify", str(tmp_path / "empty"))
     assert quiet.returncode == 1 and quiet.stderr.splitlines() == [
         f"-> check {tmp_path / 'empty'} against its manifest ...",
         f"error: {tmp_path / 'empty'} has no manifest.json: not a converted checkpoint folder"], quiet.stderr
-    loud = zoo("verify", str(tmp_path / "empty"), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    loud = zoo_cli("verify", str(tmp_path / "empty"), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert loud.returncode == 1 and "oneDNN" in loud.stderr  # the user's choice is honoured
 
 
 def test_verify_a_missing_folder_exits_2(tmp_path):
-    result = zoo("verify", str(tmp_path / "missing"))
+    result = zoo_cli("verify", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert_no_traceback(result)

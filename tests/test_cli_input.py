@@ -7,15 +7,10 @@ and `notimage.png` (text). Nothing may be written anywhere by any case.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from click.testing import CliRunner
 
 from checkpoints import store
-from zoo.cli import main
+from tests.support.cli import zoo_cli, zoo_inline
 
 DECOYS = {"afile", "emptydir", "notimage.png"}
 TINY = "convnext_tiny_1k"
@@ -113,14 +108,6 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def invoke(args: list[str]):
-    result = CliRunner().invoke(main, args)
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        f"an exception escaped (a traceback for a user): {result.exc_info!r}"
-    assert "Traceback" not in result.output
-    return result
-
-
 def assert_nothing_written(workdir) -> None:
     assert {p.name for p in workdir.iterdir()} == DECOYS
     assert not any((workdir / "emptydir").iterdir())
@@ -134,7 +121,7 @@ def case_id(case) -> str:
 
 @pytest.mark.parametrize("args, says", USAGE, ids=[case_id(c) for c in USAGE])
 def test_usage_errors_exit_2_with_a_short_message(workdir, args, says):
-    result = invoke(args)
+    result = zoo_inline(*args)
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     assert says in result.stderr, result.stderr
@@ -146,7 +133,7 @@ def test_usage_errors_exit_2_with_a_short_message(workdir, args, says):
 
 @pytest.mark.parametrize("args, says", FAILURES, ids=[case_id(c) for c in FAILURES])
 def test_failures_exit_1_with_one_error_line(workdir, args, says):
-    result = invoke(args)
+    result = zoo_inline(*args)
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -156,8 +143,7 @@ def test_failures_exit_1_with_one_error_line(workdir, args, says):
 
 def test_the_installed_command_shows_no_traceback_for_a_bad_value(workdir):
     """The real entry point, once: a negative seed used to escape as a ValueError traceback."""
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "convert", TINY, "--random-weights", "--seed", "-1"],
-                          capture_output=True, text=True, env=os.environ, timeout=120)
+    proc = zoo_cli("convert", TINY, "--random-weights", "--seed", "-1")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "--seed" in proc.stderr

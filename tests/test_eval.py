@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints import store
+from checkpoints import converted
 from converters.images import natural_images
-from tests.conftest import SMALL
+from tests.support.archs import SMALL
 from tests.support.converted import convert_small
 from zoo.errors import DatasetError
 from zoo.evaluation import evaluate, samples
@@ -42,7 +42,7 @@ def image_folder(tmp_path_factory):
 
 def expected_accuracy(folder_path, paths, labels, k):
     """Top-k computed independently: preprocess + the Keras model, image by image."""
-    model = from_folder(store.open_folder(folder_path))
+    model = from_folder(converted.open_folder(folder_path))
     logits = np.concatenate([np.asarray(model(preprocess([p], folder_path))) for p in paths])
     top = np.argsort(-logits, axis=-1)[:, :k]
     return float(np.mean([label in row for label, row in zip(labels, top)]))
@@ -65,7 +65,7 @@ def test_accuracy_and_agreement_with_timm(folder, image_folder):
 def test_labels_file_and_limit(folder, image_folder, tmp_path):
     # relabel so every image's label is the model's own top-1: accuracy must read 100%
     found, _ = samples(image_folder, 1000)
-    model = from_folder(store.open_folder(folder))
+    model = from_folder(converted.open_folder(folder))
     predicted = [int(np.argmax(model(preprocess([s.path], folder)))) for s in found]
     lines = [f"{s.path.relative_to(image_folder)},{p}" for s, p in zip(found, predicted)]
     labels = tmp_path / "labels.csv"

@@ -2,6 +2,7 @@
 against Keras and PyTorch, fp32 meets the parity gate, and an export that differs is refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,12 +18,13 @@ import converters.pipeline as pipeline
 import zoo.export
 import zoo.loading
 from converters.images import parity_batch
-from converters.parity import DEFAULT_ATOL, DEFAULT_RTOL
 from converters.reference import create, forward, random_state_dict
-from tests.conftest import SMALL_V1
-from tests.test_no_torch import BLOCK
-from zoo.architectures import ARCHITECTURES, Architecture
+from tests.support.archs import SMALL_V1
+from tests.support.cli import BLOCK_TORCH, zoo_cli
+from zoo.architectures import ARCHITECTURES
 from zoo.export import ExportError, bounds_for, export, read_report, report_path
+from zoo.export_formats import FORMATS
+from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL
 
 MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224  # convnext_tiny.fb_in1k's
 
@@ -50,9 +52,9 @@ def timm_in_process(monkeypatch):
     The real separate-process path runs in the CLI test.
     """
     def pytorch_logits(config, inputs, checkpoint=None):
-        arch = Architecture.from_config(config["architecture"])
-        state = random_state_dict(arch, config["num_classes"], config["source"]["seed"])
-        model = create(arch, config["num_classes"])
+        arch = config.architecture
+        state = random_state_dict(arch, config.num_classes, config.source.seed)
+        model = create(arch, config.num_classes)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         return forward(model, inputs)["logits"]
 
@@ -67,7 +69,7 @@ def _assert_fp32_report(report, fmt):
     assert report.num_images == 8 and report.input_size == SIZE
 
 
-SAVEDMODEL_ALONE = BLOCK + textwrap.dedent("""
+SAVEDMODEL_ALONE = BLOCK_TORCH + textwrap.dedent("""
     for _name in ("zoo", "converters", "checkpoints", "keras"):
         sys.modules[_name] = None  # nothing of the project (nor Keras) is needed to serve it
     import json
@@ -163,8 +165,9 @@ def test_an_export_that_differs_is_refused_and_the_earlier_one_kept(folder, timm
     out = export(folder, "keras", out=tmp_path / "m.keras")
     before = out.read_bytes(), report_path(out).read_bytes()
 
-    write = zoo.export._WRITERS["keras"]  # the written file holds a weight 1% off
-    monkeypatch.setitem(zoo.export._WRITERS, "keras", lambda model, *a: write(_perturb(model), *a))
+    keras_format = FORMATS["keras"]  # the written file holds a weight 1% off
+    monkeypatch.setitem(FORMATS, "keras", dataclasses.replace(
+        keras_format, write=lambda model, *a: keras_format.write(_perturb(model), *a)))
     with pytest.raises(ExportError, match="refused: vs keras") as refused:
         export(folder, "keras", out=out)
     assert refused.value.report.vs_pytorch.max_abs > DEFAULT_ATOL
@@ -206,9 +209,6 @@ def test_refuses_bad_options_and_paths_that_are_not_exports(folder, tmp_path):
                                                           "other.tflite.parity.json"]
 
 
-def zoo_cli(*args):
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=300)
 
 
 def test_cli_exports_tflite_compared_with_pytorch_in_its_own_process(folder, tmp_path):
@@ -226,7 +226,7 @@ def test_cli_exports_tflite_compared_with_pytorch_in_its_own_process(folder, tmp
     assert "Traceback" not in proc.stderr
 
 
-WITHOUT_TORCH = BLOCK + textwrap.dedent("""
+WITHOUT_TORCH = BLOCK_TORCH + textwrap.dedent("""
     import json
     from zoo.export import ExportError, export, read_report
 

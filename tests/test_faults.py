@@ -16,12 +16,13 @@ import pytest
 from safetensors.numpy import save as save_bytes
 
 import converters.pipeline as pipeline
-from checkpoints import store
+from checkpoints import converted, fs, store, weights
 from converters.reference import random_state_dict
+from tests.support.cli import one_line_error, zoo_cli, zoo_inline
 from tests.support.faults import WRITE_STEPS, dead_pid, fail_nth_write, fill, mounted, read_only_view
+from tests.support.folders import folder_config as small_config
+from tests.support.folders import small_model
 from tests.support.hub_cache import add_file
-from tests.test_store import config as small_config
-from tests.test_store import small_model
 from zoo.architectures import ARCHITECTURES
 from zoo.catalogue import resolve
 from zoo.errors import StoreError
@@ -54,23 +55,6 @@ def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def zoo_cli(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `zoo ARGS` in a child process with this test's environment; returns it and its seconds."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=timeout)
-    return proc, time.perf_counter() - start
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The CLI failed as users should see it: exit 1, no traceback, one `error:` line last."""
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr[-3000:]
-    return last
-
-
 def before_any_work(proc: subprocess.CompletedProcess) -> bool:
     """No step of the conversion (fetching or generating the source weights first) started."""
     return "-> source weights" not in proc.stderr
@@ -94,7 +78,7 @@ def test_disk_full_at_any_write_step_leaves_nothing(step, previous, tmp_path, mo
     assert names(out.parent) == (["ckpt"] if previous else [])
     if previous:
         assert snapshot(out) == before
-        store.open_folder(out)
+        converted.open_folder(out)
 
 
 def test_disk_full_during_a_conversion_leaves_nothing(small_tiny, tmp_path, work_tmp, monkeypatch):
@@ -114,21 +98,21 @@ def test_disk_full_on_a_real_tmpfs_keeps_the_previous_output(tmp_path, work_tmp)
     with mounted(tmp_path / "disk", "-o", "size=8m") as disk:
         out = disk / "ckpt"
         before = good_folder(out)
-        proc, _ = zoo_cli("convert", *ATTO, "--out", str(out))
+        proc = zoo_cli("convert", *ATTO, "--out", str(out))
         line = one_line_error(proc)
         assert "no space left" in line.lower() and str(disk) in line, line
         assert "-> parity" not in proc.stderr  # the size is known before the slowest step
         assert names(disk) == ["ckpt"] and snapshot(out) == before
-        store.open_folder(out)
+        converted.open_folder(out)
     assert names(work_tmp) == []
 
 
 WRITE_WITHOUT_SPACE_CHECK = """
 import sys
 import keras
-from checkpoints import store
+from checkpoints import fs, store
 from zoo.errors import StoreError
-store.check_space = lambda *args: None  # the disk fills up after the check, as another writer can make it
+fs.check_space = lambda *args: None  # the disk fills up after the check, as another writer can make it
 inputs = keras.Input((4,))
 model = keras.Model(inputs, keras.layers.Dense(1000)(keras.layers.Dense(3000)(inputs)))  # 12 MB of weights
 try:
@@ -159,7 +143,7 @@ def test_full_temporary_folder_is_a_clear_error(tmp_path, monkeypatch):
     with mounted(tmp_path / "tmpdir", "-o", "size=2m") as small_tmp:
         monkeypatch.setenv("TMPDIR", str(small_tmp))
         out = tmp_path / "out"
-        proc, _ = zoo_cli("convert", *ATTO, "--out", str(out))
+        proc = zoo_cli("convert", *ATTO, "--out", str(out))
         line = one_line_error(proc)
         assert "no space left" in line.lower() and str(small_tmp) in line, line
         assert names(small_tmp) == [] and not out.exists()
@@ -170,7 +154,7 @@ def test_full_temporary_folder_is_a_clear_error(tmp_path, monkeypatch):
 def test_output_under_a_regular_file_is_refused_up_front(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
-    proc, seconds = zoo_cli("convert", *ATTO, "--out", str(blocker / "sub" / "out"))
+    proc = zoo_inline("convert", *ATTO, "--out", str(blocker / "sub" / "out"))
     line = one_line_error(proc)
     assert str(blocker) in line and "not a folder" in line, line
     assert before_any_work(proc), proc.stderr
@@ -183,7 +167,7 @@ def test_output_on_a_read_only_mount_is_refused_up_front(tmp_path):
     before = good_folder(real / "ckpt")
     with read_only_view(real, tmp_path / "view") as view:
         for out in (view / "ckpt", view / "new" / "deeper"):
-            proc, _ = zoo_cli("convert", *ATTO, "--out", str(out))
+            proc = zoo_inline("convert", *ATTO, "--out", str(out))
             line = one_line_error(proc)
             assert "read-only" in line.lower() and str(out.parent) in line, line
             assert before_any_work(proc), proc.stderr
@@ -215,7 +199,7 @@ def test_a_foreign_folder_at_the_output_is_refused_up_front(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc, _ = zoo_cli("convert", *ATTO, "--out", str(out))
+    proc = zoo_inline("convert", *ATTO, "--out", str(out))
     line = one_line_error(proc)
     assert "not a converted checkpoint folder" in line and before_any_work(proc), proc.stderr
     assert names(out) == ["notes.txt"]
@@ -224,7 +208,7 @@ def test_a_foreign_folder_at_the_output_is_refused_up_front(tmp_path):
 def test_convert_all_into_an_unwritable_root_is_refused_up_front(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
-    proc, _ = zoo_cli("convert", "--all", "convnext_atto", "--random-weights", "--out", str(blocker / "root"))
+    proc = zoo_inline("convert", "--all", "convnext_atto", "--random-weights", "--out", str(blocker / "root"))
     line = one_line_error(proc)
     assert str(blocker) in line and before_any_work(proc), proc.stderr
     assert names(tmp_path) == ["a-file"]
@@ -255,9 +239,9 @@ def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small
     used = []
     real_random_source = pipeline.random_source
 
-    def record(arch, num_classes, seed, work, *args, **kwargs):
+    def record(network, seed, work, *args, **kwargs):
         used.append(work)
-        return real_random_source(arch, num_classes, seed, work, *args, **kwargs)
+        return real_random_source(network, seed, work, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "random_source", record)
     pipeline.convert("convnext_tiny_1k", out=tmp_path / "next", random_seed=0)
@@ -286,13 +270,13 @@ def test_parallel_conversions_all_succeed_and_do_not_interfere(tmp_path, isolate
         assert proc.returncode == 0, err[-3000:]
     assert names(tmp_path) == ["shared", "tmpdir"]  # no partials beside it
     assert names(work_tmp) == []  # nor temporary folders
-    verified, _ = zoo_cli("verify", str(shared))
+    verified = zoo_cli("verify", str(shared))
     assert verified.returncode == 0, verified.stderr[-3000:]
     root = isolated_home / "store"
     assert names(root) == sorted(resolve(n).name for n in others)
     for name in others:
-        folder = store.open_folder(root / resolve(name).name)
-        assert folder.config["name"] == resolve(name).name and folder.parity["passed"]
+        folder = converted.open_folder(root / resolve(name).name)
+        assert folder.config.name == resolve(name).name and folder.parity["passed"]
 
 
 # --- readers during a re-conversion -----------------------------------------------------------------
@@ -323,14 +307,14 @@ def test_loads_in_another_process_never_fail_while_the_folder_is_reconverted(sma
     many loads fall inside the write step): every load succeeds, and it saw both versions."""
     out, stop = tmp_path / "ckpt", tmp_path / "stop"
     sources = [small_weights(small_tiny, seed=seed, name=f"seed{seed}.safetensors")[0] for seed in (0, 1)]
-    real_write_weights = store._write_weights
+    real_write_weights = weights.write_weights
 
     def slow_write_weights(*args, **kwargs):
         real_write_weights(*args, **kwargs)
         time.sleep(1.0)
 
     pipeline.convert("convnext_tiny_1k", out=out, checkpoint=sources[0])
-    monkeypatch.setattr(store, "_write_weights", slow_write_weights)
+    monkeypatch.setattr(store, "write_weights", slow_write_weights)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
@@ -349,7 +333,7 @@ def test_a_folder_swapped_while_it_is_being_checked_opens_whole(tmp_path, monkey
     (on the new folder), not report a mismatch."""
     out = tmp_path / "ckpt"
     good_folder(out, seed=0)
-    real_sha256 = store.sha256_file
+    real_sha256 = fs.sha256_file
     swapped = []
 
     def swap_then_hash(path, *args, **kwargs):
@@ -358,6 +342,6 @@ def test_a_folder_swapped_while_it_is_being_checked_opens_whole(tmp_path, monkey
             good_folder(out, seed=1)
         return real_sha256(path, *args, **kwargs)
 
-    monkeypatch.setattr(store, "sha256_file", swap_then_hash)
-    folder = store.open_folder(out)
-    assert swapped and folder.parity["weights_sha256"] == real_sha256(out / store.WEIGHTS)
+    monkeypatch.setattr(converted, "sha256_file", swap_then_hash)
+    folder = converted.open_folder(out)
+    assert swapped and folder.parity["weights_sha256"] == real_sha256(out / converted.WEIGHTS)

@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from huggingface_hub import HfApi
-
-import converters.pipeline as pipeline
-import zoo
-from checkpoints import hub as hub_module
-from checkpoints import store
-from converters.reference import random_state_dict
 from safetensors.numpy import save as save_bytes
+
+import zoo
+from checkpoints import fs, store
+from checkpoints import hub as hub_module
+from checkpoints.converted import open_folder
+from converters.reference import random_state_dict
+from tests.support.archs import SMALL_V1
+from tests.support.cli import zoo_cli
+from tests.support.converted import convert_small
 from tests.support.hub import local_hub, set_faults
 from tests.support.hub_cache import add_file
 
@@ -40,11 +43,11 @@ def online_in_process(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
-@pytest.fixture
-def converted(small_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("conv") / NAME
-    pipeline.convert(NAME, out=out, random_seed=11)
-    return out
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """One small converted folder (random weights, real parity gate) shared by the module's tests,
+    which only read it."""
+    return convert_small(tmp_path_factory.mktemp("conv") / NAME, SMALL_V1, seed=11, name=NAME)
 
 
 LFS, REGULAR = 1024, 1 << 40  # server thresholds: the weights go through LFS, or every file is 'regular'
@@ -65,8 +68,11 @@ def run(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-def zoo_cli(*args, env):
-    return run([sys.executable, "-m", "zoo.cli", *args], env)
+def zoo_hub(*args, env):
+    """`zoo ARGS` in a child process; the token never shows in its output."""
+    proc = zoo_cli(*args, env=env)
+    assert TOKEN not in proc.stdout + proc.stderr, "the token leaked into the output"
+    return proc
 
 
 LOAD = textwrap.dedent("""
@@ -99,9 +105,9 @@ def test_publish_then_load_by_name_without_torch(converted, threshold, tmp_path)
 
 def _publish_then_load(converted, hub, lfs, tmp_path):
     env = client_env(hub, tmp_path)
-    proc = zoo_cli("publish", str(converted), env=env)
+    proc = zoo_hub("publish", str(converted), env=env)
     assert proc.returncode == 1 and "random weights" in proc.stderr  # never by accident
-    proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
+    proc = zoo_hub("publish", str(converted), "--allow-random", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     commit = proc.stdout.strip()
     assert remote_head(hub) == commit
@@ -112,7 +118,7 @@ def _publish_then_load(converted, hub, lfs, tmp_path):
     weights = tree["model.weights.h5"]
     assert (weights.lfs is not None) == lfs  # the upload path under test was the one taken
     if lfs:
-        assert weights.lfs.sha256 == store.sha256_file(converted / "model.weights.h5")
+        assert weights.lfs.sha256 == fs.sha256_file(converted / "model.weights.h5")
     assert len(api.list_repo_commits(REPO)) == 2  # the repo's initial commit + ours: one commit
     card = Path(api.hf_hub_download(REPO, "README.md", cache_dir=str(tmp_path / "peek"))).read_text()
     for field in ("library_name: keras", "license: apache-2.0", "- convnext", "- image-classification",
@@ -149,7 +155,7 @@ def test_corrupted_download_is_detected_and_discarded(converted, name, threshold
     np.save(tmp_path / "x.npy", x)
     with local_hub(tmp_path / "hub-root", lfs_threshold=threshold) as url:
         env = client_env(url, tmp_path)
-        assert zoo_cli("publish", str(converted), "--allow-random", env=env).returncode == 0
+        assert zoo_hub("publish", str(converted), "--allow-random", env=env).returncode == 0
         set_faults(url, {"corrupt": [name]})
         child = load_in_child(NAME, tmp_path / "x.npy", tmp_path / "y.npy", env)
         assert child.returncode != 0 and "IntegrityError" in child.stderr and "does not match" in child.stderr
@@ -178,27 +184,27 @@ def _resign(folder: Path) -> None:
     """Rewrite the manifest for the files as they are now (a consistent folder, old report)."""
     manifest = json.loads((folder / "manifest.json").read_text())
     for name in manifest["files"]:
-        manifest["files"][name] = {"sha256": store.sha256_file(folder / name), "size": (folder / name).stat().st_size}
+        manifest["files"][name] = {"sha256": fs.sha256_file(folder / name), "size": (folder / name).stat().st_size}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_refusals_upload_nothing(converted, tmp_path):
     with local_hub(tmp_path / "hub-root") as url:
         env = client_env(url, tmp_path)
-        assert zoo_cli("publish", str(converted), "--allow-random", env=env).returncode == 0
+        assert zoo_hub("publish", str(converted), "--allow-random", env=env).returncode == 0
         head = remote_head(url)
 
         # 1. a folder whose parity failed
         failed = tmp_path / "failed"
-        folder = store.open_folder(converted)
+        folder = open_folder(converted)
         report = dict(folder.parity)
         report["comparisons"] = [dict(c, max_abs=1.0, rel=0.1) if c["name"] == "logits" else c
                                  for c in report["comparisons"]]
         report.update(passed=False, failure="logits: max abs error 1 (atol 0.0001), relative 0.1 (rtol 1e-05)")
         report.pop("weights_sha256")
-        config = {k: v for k, v in folder.config.items() if k not in ("format", "weights")}
+        config = folder.config
         store.write(failed, zoo.load(converted), config, report)
-        proc = zoo_cli("publish", str(failed), "--allow-random", env=env)
+        proc = zoo_hub("publish", str(failed), "--allow-random", env=env)
         assert proc.returncode == 1 and "parity check failed" in proc.stderr and "Traceback" not in proc.stderr
         assert remote_head(url) == head
 
@@ -212,7 +218,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         parity["weights_sha256"] = folder.parity["weights_sha256"]
         (changed / "parity.json").write_text(json.dumps(parity))
         _resign(changed)
-        proc = zoo_cli("publish", str(changed), "--allow-random", env=env)
+        proc = zoo_hub("publish", str(changed), "--allow-random", env=env)
         assert proc.returncode == 1 and "weights changed after the parity report" in proc.stderr
         assert remote_head(url) == head
 
@@ -222,7 +228,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         data = bytearray((tampered / "model.weights.h5").read_bytes())
         data[-100] ^= 1
         (tampered / "model.weights.h5").write_bytes(bytes(data))
-        proc = zoo_cli("publish", str(tampered), "--allow-random", env=env)
+        proc = zoo_hub("publish", str(tampered), "--allow-random", env=env)
         assert proc.returncode == 1 and "does not match its manifest" in proc.stderr
         assert remote_head(url) == head
 
@@ -232,12 +238,12 @@ def test_refusals_upload_nothing(converted, tmp_path):
         HfApi(endpoint=url, token=TOKEN).upload_file(path_or_fileobj=b"x", path_in_repo="NOTES.md", repo_id=REPO)
         moved = remote_head(url)
         assert moved != head
-        proc = zoo_cli("publish", str(newer), "--expect-parent", head, "--allow-random", env=env)
+        proc = zoo_hub("publish", str(newer), "--expect-parent", head, "--allow-random", env=env)
         assert proc.returncode == 1 and "moved while publishing" in proc.stderr
         assert remote_head(url) == moved  # nothing was published by any refusal
 
         # the same bytes again: nothing to publish, and nothing published twice
-        proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
+        proc = zoo_hub("publish", str(converted), "--allow-random", env=env)
         assert proc.returncode == 0 and "already published" in proc.stderr
         assert remote_head(url) == moved
 
@@ -245,7 +251,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
 def test_publish_reads_back_what_landed(converted, tmp_path):
     with local_hub(tmp_path / "hub-root", lfs_threshold=REGULAR) as url:
         set_faults(url, {"corrupt_upload": ["model.weights.h5"]})
-        proc = zoo_cli("publish", str(converted), "--allow-random", env=client_env(url, tmp_path))
+        proc = zoo_hub("publish", str(converted), "--allow-random", env=client_env(url, tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the remote model.weights.h5 missing or different from the manifest; do not use that commit" in proc.stderr
 
@@ -254,7 +260,7 @@ def test_publish_needs_a_token_with_write_access(converted, tmp_path):
     with local_hub(tmp_path / "hub-root", token=TOKEN) as url:
         for token in ("", "hf_wrongTOKEN000"):
             env = client_env(url, tmp_path, HF_TOKEN=token, HF_HOME=str(tmp_path / "no-login"))
-            proc = zoo_cli("publish", str(converted), "--allow-random", env=env)
+            proc = zoo_hub("publish", str(converted), "--allow-random", env=env)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
             assert "HF_TOKEN" in proc.stderr and "run the same publish again" not in proc.stderr
             assert token == "" or token not in proc.stderr
@@ -264,7 +270,7 @@ def test_publish_needs_a_token_with_write_access(converted, tmp_path):
 def test_publish_to_a_branch_of_a_private_repo(converted, tmp_path):
     with local_hub(tmp_path / "hub-root", token=TOKEN) as url:
         env = client_env(url, tmp_path)
-        proc = zoo_cli("publish", str(converted), "--allow-random", "--revision", "dev", "--private", env=env)
+        proc = zoo_hub("publish", str(converted), "--allow-random", "--revision", "dev", "--private", env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         api = HfApi(endpoint=url, token=TOKEN)
         assert api.model_info(REPO).private
@@ -293,7 +299,7 @@ def test_load_by_name_from_the_store_without_torch(converted, tmp_path):
 def test_convert_and_publish_in_one_go(tmp_path):
     with local_hub(tmp_path / "hub-root") as url:
         env = client_env(url, tmp_path)
-        proc = zoo_cli("convert", "convnext_zepto_rms", "--random-weights", "--out", str(tmp_path / "z"),
+        proc = zoo_hub("convert", "convnext_zepto_rms", "--random-weights", "--out", str(tmp_path / "z"),
                        "--publish", "--repo-id", "testorg/zepto", env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "published convnext_zepto_rms.ra4_e3600_r224_in1k to testorg/zepto" in proc.stderr
@@ -310,15 +316,20 @@ def test_load_reports_every_step_when_nothing_has_the_model(tmp_path):
         assert step in proc.stderr, step
 
 
-def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(small_tiny, isolated_home, caplog):
+def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(small_tiny, isolated_home, caplog,
+                                                                           tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     ckpt = zoo.resolve("convnext_tiny_1k")
     source = save_bytes(random_state_dict(small_tiny, ckpt.num_classes, seed=5))
     add_file(isolated_home / "hub", ckpt.hf_hub_id, "model.safetensors", source)
-    with caplog.at_level("WARNING"):
+    with local_hub(tmp_path / "hub-root") as url, caplog.at_level("WARNING"):  # a Hub without the repo
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
         model = zoo.load("convnext_tiny_1k")
     assert f"{NAME}: not in the store nor on the Hub; converting from {ckpt.hf_hub_id}" in caplog.text
-    folder = store.open_folder(store.store_path(NAME))
-    assert folder.parity["passed"] and folder.config["source"]["sha256"] == hashlib.sha256(source).hexdigest()
+    folder = open_folder(store.store_path(NAME))
+    assert folder.parity["passed"] and folder.config.source.sha256 == hashlib.sha256(source).hexdigest()
     caplog.clear()
     again = zoo.load("convnext_tiny_1k")  # from the store this time
     assert "converting" not in caplog.text
@@ -326,7 +337,7 @@ def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(small
     np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(model(x)))
 
 
-def test_new_head_and_headless_loading(converted, caplog, tmp_path):
+def test_new_head_and_headless_loading(converted, small_tiny, caplog, tmp_path):
     with caplog.at_level("WARNING"):
         full = zoo.load(converted)
     assert "holds seeded random weights (converted with --random-weights), not a pretrained model" in caplog.text

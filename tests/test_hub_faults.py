@@ -13,22 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from huggingface_hub import HfApi
 
 import zoo
 from checkpoints import hub as zoo_hub
 from checkpoints import store
-from tests.conftest import SMALL_V1
+from checkpoints.converted import open_folder
+from tests.support.archs import SMALL_V1
+from tests.support.cli import zoo_inline
 from tests.support.converted import convert_small
 from tests.support.hub import faults, local_hub, set_faults
-from zoo.cli import main as zoo_main
 from zoo.errors import HubError, StoreError, ZooError
+from zoo.folder_config import CONFIG, MANIFEST, PARITY, WEIGHTS
 
 TOKEN = "hf_zooFAULTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
 REPO = f"testorg/{NAME}"
-PUBLISHED = {store.WEIGHTS, store.CONFIG, store.PARITY, store.MANIFEST, zoo_hub.CARD}
+PUBLISHED = {WEIGHTS, CONFIG, PARITY, MANIFEST, zoo_hub.CARD}
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +106,8 @@ def assert_loads_like_the_folder(expected) -> None:
 
 
 def zoo_cli(*args: str):
-    """`zoo ARGS` in-process; an exception escaping the command is a traceback for a user."""
-    result = CliRunner().invoke(zoo_main, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
-    assert "Traceback" not in result.output
+    """`zoo ARGS` in this process; the token never shows in its output."""
+    result = zoo_inline(*args)
     assert TOKEN not in result.output
     return result
 
@@ -127,7 +126,7 @@ def test_download_rides_out_a_few_503s(published, expected, sleeps):
 
 
 def test_download_503_that_persists_is_one_error_and_leaves_nothing(published, expected, isolated_home):
-    set_faults(published, {"fail": [{"match": f"/resolve/main/{store.MANIFEST}", "status": 503}]})
+    set_faults(published, {"fail": [{"match": f"/resolve/main/{MANIFEST}", "status": 503}]})
     with pytest.raises(StoreError) as failure:
         zoo.load(NAME, convert=False)
     assert_one_line_naming_repo(failure.value)
@@ -135,11 +134,11 @@ def test_download_503_that_persists_is_one_error_and_leaves_nothing(published, e
     assert snapshot_names(isolated_home) == set()
 
     # the weights fail instead: the files fetched before them are not left as a partial snapshot
-    set_faults(published, {"fail": [{"match": f"/{store.WEIGHTS}", "status": 503}]})
+    set_faults(published, {"fail": [{"match": f"/{WEIGHTS}", "status": 503}]})
     with pytest.raises(HubError) as failure:
         zoo_hub.download(REPO)
     assert_one_line_naming_repo(failure.value)
-    assert store.WEIGHTS in str(failure.value)
+    assert WEIGHTS in str(failure.value)
     assert snapshot_names(isolated_home) == set()
     assert not any(store.store_root().rglob("*"))  # nothing in the local store either
 
@@ -160,11 +159,11 @@ def test_cli_reports_a_hub_outage_in_one_line(published, tmp_path):
 
 
 def test_truncated_download_is_detected_not_kept_and_a_later_one_works(published, expected, isolated_home):
-    set_faults(published, {"truncate": [store.WEIGHTS]})  # every try cut short, Content-Length intact
+    set_faults(published, {"truncate": [WEIGHTS]})  # every try cut short, Content-Length intact
     with pytest.raises(HubError) as failure:
         zoo_hub.download(REPO)
     assert_one_line_naming_repo(failure.value)
-    assert store.WEIGHTS in str(failure.value)
+    assert WEIGHTS in str(failure.value)
     assert not [p for p in cache_files(isolated_home) if p.name.endswith(".incomplete")]
     assert snapshot_names(isolated_home) == set()
 
@@ -173,29 +172,29 @@ def test_truncated_download_is_detected_not_kept_and_a_later_one_works(published
 
 
 def test_one_truncated_response_is_resumed_and_checked(published, expected):
-    set_faults(published, {"truncate": {store.WEIGHTS: 1}})
+    set_faults(published, {"truncate": {WEIGHTS: 1}})
     assert_loads_like_the_folder(expected)
-    assert faults(published)["truncate"][store.WEIGHTS] == 0  # the fault did fire
+    assert faults(published)["truncate"][WEIGHTS] == 0  # the fault did fire
 
 
 @pytest.mark.parametrize("status", [404, 503])
 def test_a_file_that_will_not_come_is_named_and_nothing_is_kept(published, expected, isolated_home, status):
-    set_faults(published, {"status": {store.PARITY: status}})
+    set_faults(published, {"status": {PARITY: status}})
     with pytest.raises(HubError) as failure:
         zoo_hub.download(REPO)
     assert_one_line_naming_repo(failure.value)
-    assert store.PARITY in str(failure.value)
+    assert PARITY in str(failure.value)
     assert snapshot_names(isolated_home) == set()
     set_faults(published, {})
     assert_loads_like_the_folder(expected)
 
 
 def test_manifest_listing_a_file_the_repo_lacks(published, isolated_home):
-    api(published).delete_file(store.WEIGHTS, REPO)
+    api(published).delete_file(WEIGHTS, REPO)
     with pytest.raises(StoreError) as failure:
         zoo.load(NAME, convert=False)
     assert_one_line_naming_repo(failure.value)
-    assert f"{store.WEIGHTS} is missing from the repo" in str(failure.value)
+    assert f"{WEIGHTS} is missing from the repo" in str(failure.value)
     assert snapshot_names(isolated_home) == set()
 
 
@@ -234,7 +233,7 @@ def test_convert_downloads_the_source_from_timms_repo(hub, small_tiny, tmp_path,
     data = host_source(hub, filename)
     out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
     assert report.passed
-    source = store.open_folder(out).config["source"]
+    source = open_folder(out).config.source.to_json()
     assert {k: source[k] for k in ("repo_id", "revision", "filename", "sha256")} == {"repo_id": SOURCE, "revision": api(hub).model_info(SOURCE).sha, "filename": filename,
                       "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -363,13 +362,13 @@ def test_weights_edited_while_publishing_are_not_committed(hub, converted, tmp_p
     card = zoo_hub.model_card
 
     def card_while_someone_edits_the_weights(*args, **kwargs):  # runs after the check, before the upload
-        data = bytearray((folder / store.WEIGHTS).read_bytes())
+        data = bytearray((folder / WEIGHTS).read_bytes())
         data[-100] ^= 1
-        (folder / store.WEIGHTS).write_bytes(bytes(data))
+        (folder / WEIGHTS).write_bytes(bytes(data))
         return card(*args, **kwargs)
 
     monkeypatch.setattr(zoo_hub, "model_card", card_while_someone_edits_the_weights)
-    with pytest.raises(HubError, match=f"{store.WEIGHTS} changed after it was checked against the manifest") as e:
+    with pytest.raises(HubError, match=f"{WEIGHTS} changed after it was checked against the manifest") as e:
         zoo_hub.publish(folder, REPO, allow_random=True)
     assert "\n" not in str(e.value)
     assert remote_files(hub) == {".gitattributes"}  # the repo was created, none of ours committed

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from converters import source
+from checkpoints import weights
+from converters import layouts, reading, source
 from converters.mapping import expected_keys, port
 from converters.reference import create, forward, random_state_dict
-from tests.conftest import SMALL_V1
+from tests.support.archs import SMALL_V1
 from tests.support.fb_layout import to_fb_layout
 from zoo.errors import MappingError, SourceError
 from zoo.model import build_model
@@ -124,7 +125,7 @@ def test_fb_layout_converts_to_the_same_weights(small_arch, tmp_path):
     assert list(fb)[0].startswith("downsample_layers.")  # order differs from timm's
     torch.save({"model": {k: torch.from_numpy(v) for k, v in fb.items()}}, tmp_path / "fb.pth")
     from_fb = build_model(small_arch, num_classes=10)
-    port(source.load_source(tmp_path / "fb.pth", conv_mlp=small_arch.conv_mlp), from_fb)
+    port(reading.load_source(tmp_path / "fb.pth", conv_mlp=small_arch.conv_mlp), from_fb)
     from_timm = build_model(small_arch, num_classes=10)
     port(state, from_timm)
     a, b = weights_of(from_fb), weights_of(from_timm)
@@ -135,7 +136,7 @@ def test_fb_grn_is_flattened():
     fb = {"downsample_layers.0.0.weight": np.zeros((8, 3, 4, 4), np.float32),
           "stages.0.0.grn.gamma": np.ones((1, 1, 1, 32), np.float32),
           "stages.0.0.grn.beta": np.ones((1, 1, 1, 32), np.float32)}
-    out = source.normalise_keys(fb)
+    out = layouts.normalise_keys(fb)
     assert out["stages.0.blocks.0.mlp.grn.weight"].shape == (32,)
     assert out["stages.0.blocks.0.mlp.grn.bias"].shape == (32,)
     assert "stem.0.weight" in out
@@ -145,7 +146,7 @@ def test_half_precision_sources_are_widened(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"w": np.arange(4, dtype=np.float16)}, str(tmp_path / "h.safetensors"))
-    out = source.read_state_dict(tmp_path / "h.safetensors")
+    out = reading.read_state_dict(tmp_path / "h.safetensors")
     assert out["w"].dtype == np.float32 and out["w"].tolist() == [0, 1, 2, 3]
 
 
@@ -155,7 +156,7 @@ def test_unreadable_files_are_source_errors(tmp_path, content):
         path = tmp_path / f"bad{suffix}"
         path.write_bytes(content)
         with pytest.raises(SourceError):
-            source.read_state_dict(path)
+            reading.read_state_dict(path)
 
 
 def test_integer_tensors_are_refused(tmp_path):
@@ -163,7 +164,7 @@ def test_integer_tensors_are_refused(tmp_path):
 
     save_file({"w": np.arange(4, dtype=np.int64)}, str(tmp_path / "i.safetensors"))
     with pytest.raises(SourceError, match="dtype int64"):
-        source.read_state_dict(tmp_path / "i.safetensors")
+        reading.read_state_dict(tmp_path / "i.safetensors")
 
 
 def test_bfloat16_sources_are_widened_exactly(tmp_path):
@@ -171,7 +172,7 @@ def test_bfloat16_sources_are_widened_exactly(tmp_path):
 
     values = torch.tensor([1.5, -2.25, 3e-3, 65504.0, -0.0], dtype=torch.bfloat16)
     save_torch({"b": values, "f": torch.arange(3, dtype=torch.float16)}, str(tmp_path / "bf.safetensors"))
-    out = source.read_state_dict(tmp_path / "bf.safetensors")
+    out = reading.read_state_dict(tmp_path / "bf.safetensors")
     assert out["b"].dtype == np.float32 and out["f"].dtype == np.float32
     np.testing.assert_array_equal(out["b"], values.float().numpy())
     np.testing.assert_array_equal(out["f"], [0, 1, 2])
@@ -185,7 +186,7 @@ def test_bfloat16_without_ml_dtypes_in_a_fresh_process(tmp_path):
     from safetensors.torch import save_file as save_torch
 
     save_torch({"b": torch.tensor([1.5, -2.25], dtype=torch.bfloat16)}, str(tmp_path / "bf.safetensors"))
-    code = ("import sys; from converters.source import read_state_dict; "
+    code = ("import sys; from converters.reading import read_state_dict; "
             "print(read_state_dict(sys.argv[1])['b'].tolist(), 'ml_dtypes' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bf.safetensors")],
                           capture_output=True, text=True)
@@ -222,7 +223,6 @@ def test_weights_written_from_the_mapped_values_are_the_file_keras_writes(small_
     """The converter writes `model.weights.h5` straight from the state dict: byte for byte the
     datasets, groups and attributes `save_weights` gives after porting, and the model it was
     laid out from is left untouched."""
-    from checkpoints import store
     from converters.mapping import values
 
     state = random_state_dict(small_arch, 10)
@@ -231,7 +231,7 @@ def test_weights_written_from_the_mapped_values_are_the_file_keras_writes(small_
     ported.save_weights(tmp_path / "keras.weights.h5")
     untouched = build_model(small_arch, num_classes=10)
     before = weights_of(untouched)
-    store._write_weights(tmp_path / "direct.weights.h5", untouched, values(state, untouched))
+    weights.write_weights(tmp_path / "direct.weights.h5", untouched, values(state, untouched))
     _assert_same_h5(tmp_path / "keras.weights.h5", tmp_path / "direct.weights.h5")
     after = weights_of(untouched)
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -243,7 +243,6 @@ def test_a_keras_whose_saving_code_differs_gets_the_same_file_the_slow_way(tmp_p
     through the variables and `save_weights` instead."""
     from keras.src.saving import saving_lib
 
-    from checkpoints import store
     from converters.mapping import values
 
     state = random_state_dict(SMALL_V1, 10)
@@ -254,9 +253,9 @@ def test_a_keras_whose_saving_code_differs_gets_the_same_file_the_slow_way(tmp_p
     real = saving_lib._save_state
     # Keras' own save_weights calls it with keywords and keeps working; the direct write's store gets nothing
     monkeypatch.setattr(saving_lib, "_save_state", lambda *args, **kwargs: real(*args, **kwargs) if kwargs else None)
-    assert not store._write_values(target, ported, values(state, ported)) and not target.exists()
+    assert not weights._write_values(target, ported, values(state, ported)) and not target.exists()
     model = build_model(SMALL_V1, num_classes=10)
-    store._write_weights(target, model, values(state, model))
+    weights.write_weights(target, model, values(state, model))
     _assert_same_h5(tmp_path / "keras.weights.h5", target)
 
 
@@ -265,7 +264,7 @@ def test_the_source_is_hashed_as_it_is_read(tmp_path):
     file that no longer has the sha256 it was checked with is refused."""
     from dataclasses import replace
 
-    from checkpoints.store import sha256_file
+    from checkpoints.fs import sha256_file
 
     state = random_state_dict(SMALL_V1, 10)
     save_file_path = tmp_path / "w.safetensors"
@@ -276,8 +275,8 @@ def test_the_source_is_hashed_as_it_is_read(tmp_path):
     for path in (save_file_path, tmp_path / "w.pth"):
         src = source.local(path, hashed=False)
         assert src.sha256 is None
-        read, hashed = source.read_source(src)
+        read, hashed = reading.read_source(src)
         assert hashed.sha256 == sha256_file(path) == source.local(path).sha256
         assert read.keys() == state.keys() and all(np.array_equal(read[k], state[k]) for k in state)
         with pytest.raises(SourceError, match="changed after it was checked"):
-            source.read_source(replace(src, sha256="0" * 64))
+            reading.read_source(replace(src, sha256="0" * 64))

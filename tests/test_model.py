@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL, SMALL_CONV_MLP, SMALL_V1
+from tests.support.archs import SMALL, SMALL_CONV_MLP, SMALL_V1
 from zoo.model import DropPath, LayerScale, PointwiseDense, build_model, drop_path_rates, stage_names
 
 

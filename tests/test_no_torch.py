@@ -8,9 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import SMALL_V1
-
-BLOCK = "import sys\nfor _name in ('torch', 'timm'):\n    sys.modules[_name] = None  # `import torch` raises\n"
+from tests.support.archs import SMALL_V1
+from tests.support.cli import BLOCK_TORCH
 
 CODE = textwrap.dedent("""
     import json, sys
@@ -24,13 +23,14 @@ CODE = textwrap.dedent("""
     import zoo
     from checkpoints import store
     from zoo.architectures import Architecture
+    from zoo.folder_config import FolderConfig, SourceRecord
     from zoo.model import build_model
 
     arch = Architecture.from_config(arch_config)
     model = build_model(arch, num_classes=10)
-    config = {"name": "convnext_tiny.fb_in1k", "pretrained": False, "architecture": arch.to_config(),
-              "num_classes": 10, "pretrained_cfg": zoo.resolve("convnext_tiny.fb_in1k").pretrained_cfg(),
-              "source": {"kind": "random", "seed": 0, "sha256": "0" * 64}}
+    config = FolderConfig(name="convnext_tiny.fb_in1k", architecture=arch, num_classes=10,
+                          pretrained_cfg=zoo.resolve("convnext_tiny.fb_in1k").pretrained_cfg(),
+                          source=SourceRecord("random", "0" * 64, seed=0), pretrained=False)
     store.write(out, model, config, {"passed": True})
     loaded = zoo.load(out)
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
@@ -53,7 +53,7 @@ def run(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_build_write_load_without_torch(tmp_path):
     out = tmp_path / "ckpt"
-    result = run(BLOCK + CODE, json.dumps(SMALL_V1.to_config()), str(out))
+    result = run(BLOCK_TORCH + CODE, json.dumps(SMALL_V1.to_config()), str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"torch_blocked": True, "leaked": [], "keras": True}
@@ -63,7 +63,7 @@ def test_build_write_load_without_torch(tmp_path):
 
 def test_the_block_works():
     """The test above can fail: in such a process importing torch or timm raises."""
-    code = BLOCK + textwrap.dedent("""
+    code = BLOCK_TORCH + textwrap.dedent("""
         for name in ("torch", "timm"):
             try:
                 __import__(name)

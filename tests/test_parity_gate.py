@@ -12,21 +12,22 @@ import pytest
 
 import converters.mapping as mapping
 import converters.pipeline as pipeline
-import converters.source as source
 import zoo.model
-from converters.parity import Comparison, ParityReport, compare
+from converters import reading
+from converters.parity import compare
 from zoo.errors import MappingError, ParityError
+from zoo.reports import Comparison, ParityReport
 
 
 def converter_reads(monkeypatch, mutate):
     """Make the converter (not the reference) see a mutated state dict."""
-    real = source.read_source
+    real = reading.read_source
 
     def read_source(src, conv_mlp=False):
         state, src = real(src, conv_mlp)
         return mutate(state), src
 
-    monkeypatch.setattr(source, "read_source", read_source)
+    monkeypatch.setattr(reading, "read_source", read_source)
 
 
 def swap_fc(state):
@@ -147,7 +148,7 @@ def test_grn_over_the_wrong_axes_is_rejected(small_weights, tmp_path, monkeypatc
     map) the shapes still broadcast, only the values are wrong."""
     from keras import ops
 
-    from tests.conftest import SMALL
+    from tests.support.archs import SMALL
     from zoo.architectures import ARCHITECTURES
 
     arch = SMALL["v2_grn"]
@@ -211,7 +212,7 @@ def test_an_error_beside_the_reference_process_ends_it_at_once(tmp_path, monkeyp
     import signal
     import subprocess
 
-    from converters import parity
+    from converters import reference_process
 
     children = []
     real_popen = subprocess.Popen
@@ -220,10 +221,10 @@ def test_an_error_beside_the_reference_process_ends_it_at_once(tmp_path, monkeyp
         children.append(real_popen(*args, **kwargs))
         return children[-1]
 
-    monkeypatch.setattr(parity.subprocess, "Popen", popen)
+    monkeypatch.setattr(reference_process.subprocess, "Popen", popen)
     spec = tmp_path / "spec.json"
     spec.write_text("{}")
     with pytest.raises(RuntimeError, match="the Keras side failed"):
-        with parity.reference_process(["forward", str(spec)]):
+        with reference_process.reference_process(["forward", str(spec)]):
             raise RuntimeError("the Keras side failed")
     assert len(children) == 1 and children[0].returncode == -signal.SIGKILL

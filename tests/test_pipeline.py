@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import keras
@@ -13,25 +12,21 @@ import pytest
 import tensorflow as tf
 import timm
 import torch
+from safetensors.numpy import save as save_bytes
 
 import converters.pipeline as pipeline
 import zoo
-from checkpoints import store
+from checkpoints import converted, store
 from converters.images import parity_batch
 from converters.reference import create, forward, random_state_dict
-from safetensors.numpy import save as save_bytes
+from converters.reference_process import Network
+from tests.support.archs import SMALL_V1
+from tests.support.cli import zoo_cli, zoo_inline
+from tests.support.converted import convert_small
 from tests.support.hub_cache import add_file
 from zoo.architectures import ARCHITECTURES
 from zoo.catalogue import representatives
 from zoo.errors import IntegrityError
-
-
-def zoo_cli(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
-                          env=env or dict(os.environ))
-    if check and proc.returncode != 0:
-        raise AssertionError(f"zoo {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.mark.parametrize("name, canonical", [("convnext_tiny_1k", "convnext_tiny.fb_in1k"),
@@ -45,6 +40,7 @@ def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
 
     out = tmp_path / "converted"
     proc = zoo_cli("convert", name, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(out)
 
     report = json.loads((out / "parity.json").read_text())
@@ -67,40 +63,44 @@ def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
-def test_verify_passes_then_catches_changed_weights(small_tiny, tmp_path):
-    out = tmp_path / "converted"
-    pipeline.convert("convnext_tiny_1k", out=out, random_seed=3)
-    assert zoo_cli("verify", str(out)).returncode == 0
+@pytest.fixture(scope="module")
+def small_converted(tmp_path_factory):
+    """A small convnext_tiny.fb_in1k converted once (random weights, seed 3); tests edit copies."""
+    return convert_small(tmp_path_factory.mktemp("verify") / "converted", SMALL_V1, seed=3)
+
+
+def test_verify_passes_then_catches_changed_weights(small_converted, tmp_path):
+    out = Path(shutil.copytree(small_converted, tmp_path / "converted"))
+    assert zoo_inline("verify", out).exit_code == 0
 
     # a re-signed folder with different weights: integrity holds, parity must not
     model = zoo.load(out)
     layer = model.get_layer("stages.1.blocks.0.mlp.fc2")
     layer.kernel.assign(np.asarray(layer.kernel) * 1.01)
-    folder = store.open_folder(out)
-    store.write(out, model, {k: v for k, v in folder.config.items() if k not in ("format", "weights")},
-                {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
-    proc = zoo_cli("verify", str(out), check=False)
-    assert proc.returncode == 1 and "failed at stages.1" in proc.stderr and "Traceback" not in proc.stderr
+    folder = converted.open_folder(out)
+    store.write(out, model, folder.config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
+    proc = zoo_inline("verify", out)
+    assert proc.exit_code == 1 and "failed at stages.1" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_verify_detects_an_edited_file(small_tiny, tmp_path):
-    out = tmp_path / "converted"
-    pipeline.convert("convnext_tiny_1k", out=out, random_seed=3)
+def test_verify_detects_an_edited_file(small_converted, tmp_path):
+    out = Path(shutil.copytree(small_converted, tmp_path / "converted"))
     data = bytearray((out / "model.weights.h5").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / "model.weights.h5").write_bytes(bytes(data))
     with pytest.raises(IntegrityError):
         pipeline.verify(out)
-    proc = zoo_cli("verify", str(out), check=False)
-    assert proc.returncode == 1 and "manifest" in proc.stderr
+    proc = zoo_inline("verify", out)
+    assert proc.exit_code == 1 and "manifest" in proc.stderr
 
 
 def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
     a, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "a", random_seed=5)
     config = json.loads((a / "config.json").read_text())
     assert config["pretrained"] is False and "NOT pretrained" in config["source"]["note"]
-    b, _ = pipeline.convert("convnext_tiny_1k", out=tmp_path / "b", random_seed=5)
-    assert json.loads((b / "config.json").read_text())["source"]["sha256"] == config["source"]["sha256"]
+    # the same seed gives the same bytes again (as `verify` regenerates them)
+    again = pipeline.random_source(Network.of_entry(zoo.resolve("convnext_tiny_1k")), 5, tmp_path)
+    assert again.sha256 == config["source"]["sha256"]
 
 
 @pytest.mark.parametrize("name, arch, filename", [
@@ -109,7 +109,7 @@ def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
     ("convnextv2_atto_1k", "convnextv2_atto", "convnextv2_atto_1k_224_ema.pt"),
 ])
 def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, filename, tmp_path, monkeypatch):
-    from tests.conftest import SMALL
+    from tests.support.archs import SMALL
     from tests.support.fb_layout import to_fb_layout
 
     small = ARCHITECTURES[arch].replace(**{k: SMALL["linear_mlp"].__dict__[k] for k in ("depths", "dims")})

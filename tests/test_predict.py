@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,15 +15,14 @@ from checkpoints import store
 from converters.images import natural_images
 from converters.mapping import port
 from converters.reference import create, random_state_dict
-from tests.conftest import SMALL_V1
+from tests.support.archs import SMALL_V1
+from tests.support.cli import zoo_cli, zoo_inline
+from tests.support.folders import folder_config
 
 NAME = "convnext_tiny.fb_in1k"
 TIMEOUT = 180
 
 
-def zoo_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=TIMEOUT)
 
 
 def write_folder(out, name: str, num_classes: int, state: dict | None = None):
@@ -36,10 +32,7 @@ def write_folder(out, name: str, num_classes: int, state: dict | None = None):
     model = build_model(SMALL_V1, num_classes=num_classes, name=name)
     if state is not None:
         port(state, model)
-    config = {"name": name, "pretrained": False, "architecture": SMALL_V1.to_config(), "num_classes": num_classes,
-              "head_norm_affine": True, "pretrained_cfg": zoo.resolve(name).pretrained_cfg(),
-              "source": {"kind": "random", "seed": 0, "sha256": "0" * 64}}
-    return store.write(out, model, config, {"passed": True})
+    return store.write(out, model, folder_config(name, SMALL_V1, num_classes), {"passed": True})
 
 
 @pytest.fixture(scope="module")
@@ -127,17 +120,17 @@ def test_user_errors_exit_1_with_a_message(tmp_path, classifier):
         (["predict", images[0], "--model", str(features)], "feature checkpoint without a classifier head"),
         (["predict", images[0], "--model", "convnext_tny"], "did you mean"),
     ]
-    for args, message in cases:
-        result = zoo_cli(*args)
-        assert result.returncode == 1, (args, result.stderr[-3000:])
+    for args, message in cases:  # refusals of arguments: in-process
+        result = zoo_inline(*args)
+        assert result.exit_code == 1, (args, result.stderr[-3000:])
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
         assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_help_names_the_default_model():
-    result = zoo_cli("predict", "--help")
-    assert result.returncode == 0 and "convnext_tiny.fb_in1k" in result.stdout
+    result = zoo_inline("predict", "--help")
+    assert result.exit_code == 0 and "convnext_tiny.fb_in1k" in result.stdout
 
 
 @pytest.mark.parametrize("num_classes, subset", [(1000, "imagenet-1k"), (11821, "imagenet-12k"),

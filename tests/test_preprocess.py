@@ -15,11 +15,18 @@ import zoo
 from converters.images import natural_images
 from converters.mapping import port
 from converters.reference import random_state_dict
-from tests.conftest import SMALL_V1
+from tests.support.archs import SMALL_V1
 from zoo.catalogue import catalogue
 from zoo.errors import ImageError, UnknownModelError, ZooError
-from zoo.preprocessing import (LAYER_MAX_ABS, LAYER_MEAN_ABS, Preprocessing, as_preprocessing, pictures,
-                               preprocess, with_preprocessing)
+from zoo.preprocessing import (
+    LAYER_MAX_ABS,
+    LAYER_MEAN_ABS,
+    Preprocessing,
+    as_preprocessing,
+    pictures,
+    preprocess,
+    with_preprocessing,
+)
 
 # crop 0.875 (1k), 0.95 (12k head), 1.0 at 256 with CLIP's mean/std, 0.9 with mean 0.5, squash 384
 CASES = ["convnext_tiny.fb_in1k", "convnext_nano.in12k", "convnext_base.clip_laion2b_augreg_ft_in1k",

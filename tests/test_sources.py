@@ -5,18 +5,17 @@ import dataclasses
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.numpy import save as save_bytes
 
 import converters.pipeline as pipeline
 from converters import source
 from converters.reference import random_state_dict
-from safetensors.numpy import save as save_bytes
-from tests.conftest import SMALL_V1
+from tests.support.archs import SMALL_V1
+from tests.support.cli import zoo_inline
 from tests.support.fb_layout import to_fb_layout
 from tests.support.http_files import serve
 from tests.support.hub_cache import add_file
@@ -100,13 +99,10 @@ def test_convert_all_is_resumable_and_survives_failures(small_tiny, tmp_path):
 
 
 def test_cli_convert_all_exit_code_and_table(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "convert", "--all", "convnext_zepto_rms.",
-                           "--random-weights", "--out", str(tmp_path / "all")],
-                          capture_output=True, text=True, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = zoo_inline("convert", "--all", "convnext_zepto_rms.", "--random-weights", "--out", tmp_path / "all")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
     assert "convnext_zepto_rms.ra4_e3600_r224_in1k" in proc.stdout and " ok" in proc.stdout
     rows = json.loads((tmp_path / "all" / "summary.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok"]
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "convert", "--all", "no_such_thing"],
-                          capture_output=True, text=True, env=dict(os.environ))
-    assert proc.returncode == 1 and "no checkpoint matches" in proc.stderr
+    proc = zoo_inline("convert", "--all", "no_such_thing")
+    assert proc.exit_code == 1 and "no checkpoint matches" in proc.stderr

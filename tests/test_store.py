@@ -12,42 +12,19 @@ import pytest
 
 import zoo
 import zoo.loading
-from checkpoints import store
-from tests.conftest import SMALL_V1
-from zoo.catalogue import resolve
+from checkpoints import converted, store
+from tests.support.archs import SMALL_V1
+from tests.support.folders import NAME, PARITY, folder_config, small_model
 from zoo.errors import IntegrityError, StoreError
+from zoo.folder_config import FolderConfig
 from zoo.model import build_model
 
-NAME = "convnext_tiny.fb_in1k"
 FILES = ("model.weights.h5", "config.json", "parity.json", "manifest.json")
 
 
-def small_model(seed: int = 0) -> keras.Model:
-    """SMALL_V1 with 10 classes and every weight moved off its (partly constant) initial value."""
-    model = build_model(SMALL_V1, num_classes=10)
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        value = keras.ops.convert_to_numpy(variable)
-        variable.assign((value + rng.normal(0.0, 0.2, value.shape)).astype(value.dtype))
-    return model
-
-
-def config() -> dict:
-    """A config.json as converters.pipeline._config writes it, for the small row."""
-    ckpt = resolve(NAME)
-    return {
-        "name": NAME,
-        "pretrained": False,
-        "architecture": SMALL_V1.to_config(),
-        "num_classes": 10,
-        "pretrained_cfg": {**ckpt.pretrained_cfg(), "num_classes": 10},
-        "top1": None,
-        "source": {"kind": "random", "seed": 0, "sha256": "0" * 64, "note": "test weights"},
-        "converter": {"convnext_zoo": zoo.__version__},
-    }
-
-
-PARITY = {"passed": True, "atol": 1e-4, "rtol": 1e-5, "stage_rtol": 1e-4, "comparisons": []}
+def config() -> FolderConfig:
+    """A config as converters.pipeline writes it, for the small row."""
+    return folder_config()
 
 
 def write(out: Path, model: keras.Model | None = None) -> tuple[Path, keras.Model]:
@@ -98,7 +75,7 @@ def test_folder_layout_and_manifest(pristine):
     assert out.is_absolute() and out.name == "ckpt"
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == store.FORMAT
+    assert manifest["format"] == converted.FORMAT
     assert set(manifest["files"]) == {"model.weights.h5", "config.json", "parity.json"}
     for name, meta in manifest["files"].items():
         data = (out / name).read_bytes()
@@ -113,15 +90,15 @@ def test_folder_layout_and_manifest(pristine):
     assert parity["weights_sha256"] == weights_sha and parity["atol"] == PARITY["atol"]
     # nothing but the folder itself is left in its parent
     assert [p.name for p in out.parent.iterdir()] == ["ckpt"]
-    assert store.is_converted_folder(out)
+    assert converted.is_converted_folder(out)
 
 
 def test_open_folder_returns_config_and_parity(pristine):
     out = pristine["path"]
-    folder = store.open_folder(out)
+    folder = converted.open_folder(out)
     assert folder.path == out
     assert folder.weights == out / "model.weights.h5"
-    assert folder.config["name"] == NAME
+    assert folder.config.name == NAME
     assert folder.parity["passed"] is True
 
 
@@ -149,7 +126,7 @@ def test_load_headless(pristine):
 
 # --- integrity ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("opener", [store.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
+@pytest.mark.parametrize("opener", [converted.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
 def test_one_changed_byte_in_the_weights_is_caught(ckpt, opener):
     out = ckpt
     size = (out / "model.weights.h5").stat().st_size
@@ -159,7 +136,7 @@ def test_one_changed_byte_in_the_weights_is_caught(ckpt, opener):
         opener(out)
 
 
-@pytest.mark.parametrize("opener", [store.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
+@pytest.mark.parametrize("opener", [converted.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
 @pytest.mark.parametrize("name", ["config.json", "parity.json"])
 def test_an_edited_json_file_is_caught(ckpt, opener, name):
     out = ckpt
@@ -177,7 +154,7 @@ def test_a_deleted_file_is_caught(ckpt, name):
     out = ckpt
     (out / name).unlink()
     with pytest.raises((StoreError, IntegrityError)):
-        store.open_folder(out)
+        converted.open_folder(out)
     with pytest.raises((StoreError, IntegrityError)):
         zoo.load(out)
 
@@ -185,9 +162,9 @@ def test_a_deleted_file_is_caught(ckpt, name):
 def test_a_folder_without_manifest_is_not_a_converted_folder(ckpt, tmp_path):
     out = ckpt
     (out / "manifest.json").unlink()
-    assert not store.is_converted_folder(out)
+    assert not converted.is_converted_folder(out)
     with pytest.raises(StoreError, match="manifest"):
-        store.open_folder(out)
+        converted.open_folder(out)
     with pytest.raises(StoreError):
         zoo.load(out)
     empty = tmp_path / "empty"
@@ -202,12 +179,12 @@ def test_a_manifest_that_omits_a_file_is_caught(ckpt):
     del manifest["files"]["parity.json"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError):
-        store.open_folder(out)
+        converted.open_folder(out)
 
 
 def test_missing_paths_raise_store_error(tmp_path):
     with pytest.raises(StoreError):
-        store.open_folder(tmp_path / "nope")
+        converted.open_folder(tmp_path / "nope")
     with pytest.raises(StoreError):
         zoo.load(tmp_path / "nope")
     with pytest.raises(StoreError):
@@ -334,7 +311,7 @@ def test_readers_never_see_a_missing_or_partial_folder_while_it_is_replaced(tmp_
     def read():
         while not stop.is_set():
             try:
-                seen.append(store.open_folder(out).config["name"])
+                seen.append(converted.open_folder(out).config.name)
             except Exception as e:  # noqa: BLE001  (any failure is the finding)
                 errors.append(repr(e))
 
@@ -357,8 +334,8 @@ def test_concurrent_writers_of_one_folder_all_succeed(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         done = list(pool.map(lambda m: write(tmp_path / "ckpt", m)[0], models))
     assert done == [tmp_path / "ckpt"] * 4
-    folder = store.open_folder(tmp_path / "ckpt")  # one whole, valid folder: one writer's
-    assert folder.parity["weights_sha256"] == folder.config["weights"]["sha256"]
+    folder = converted.open_folder(tmp_path / "ckpt")  # one whole, valid folder: one writer's
+    assert folder.parity["weights_sha256"] == folder.config.weights_sha256
     assert leftovers(tmp_path) == []
 
 

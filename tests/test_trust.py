@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from converters.source import read_state_dict
+from checkpoints import converted
+from converters.reading import read_state_dict
+from tests.support.cli import zoo_cli
 from zoo.errors import SourceError
 
 
@@ -50,8 +52,7 @@ def test_cli_refuses_the_gadget_and_writes_nothing(gadget, tmp_path):
     path, marker = gadget
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     out = tmp_path / "converted"
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "convert", "convnext_tiny_1k", "--checkpoint", str(path),
-                           "--out", str(out)], capture_output=True, text=True, env=env)
+    proc = zoo_cli("convert", "convnext_tiny_1k", "--checkpoint", path, "--out", out, env=env)
     assert proc.returncode == 1 and "cannot be loaded safely" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not marker.exists() and not out.exists()
@@ -66,7 +67,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.numpy import save as save_bytes  # noqa: E402
 
-from converters.source import normalise_keys  # noqa: E402
+from converters.layouts import normalise_keys  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402
 
 VALID = save_bytes({"stem.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
@@ -151,7 +152,6 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     import signal
     import time
 
-    from checkpoints import store
 
     out = tmp_path / "converted"
     run = [sys.executable, "-m", "zoo.cli", "convert", "convnext_atto", "--random-weights", "--out", str(out)]
@@ -159,7 +159,7 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
         start = time.perf_counter()
         subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
         full = time.perf_counter() - start
-    store.open_folder(out)
+    converted.open_folder(out)
     shutil.rmtree(out)
     rng = random.Random(0)
     mid_way, killed = 0, []
@@ -172,7 +172,7 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
         proc.send_signal(signal.SIGKILL)
         mid_way += proc.wait() == -signal.SIGKILL  # (0: it had finished)
         if out.exists():
-            folder = store.open_folder(out)  # raises if partial or damaged
+            folder = converted.open_folder(out)  # raises if partial or damaged
             assert folder.parity["passed"]
         partials = [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
         assert all(p.split(".partial-")[1].split("-")[0].isdigit() for p in partials)
@@ -180,7 +180,7 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     time.sleep(1.0)
     assert _children_of(killed) == []  # the PyTorch reference processes died with their parents
     subprocess.run(run, check=True, capture_output=True, env=dict(os.environ))
-    store.open_folder(out)
+    converted.open_folder(out)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the last run cleared them
     assert mid_way >= 8, mid_way  # the kills did land mid-way (~20 expected)
 

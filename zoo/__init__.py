@@ -1,59 +1,62 @@
 """convnext-zoo: the official PyTorch ConvNeXt checkpoints as Keras 3 models, proven equal.
 
-`import zoo` is cheap: tensorflow is imported on the first call that builds a model, and torch
-never (only the converter's separate reference process uses it). Importing zoo before
-tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.runtime`).
+`import zoo` is cheap: its names are resolved on first use, tensorflow is imported on the first
+call that builds a model, and torch never (only the converter's separate reference process uses
+it). Importing zoo before tensorflow also turns on oneDNN's fused CPU kernels (see
+`zoo.runtime`). This facade is the top of the user layer: modules below it import the modules
+they need (`zoo.errors`, `zoo.catalogue`, ...), never `zoo` itself.
 """
 from __future__ import annotations
 
+import importlib
+
 from . import runtime as _runtime
+from .version import __version__
 
 _runtime.prefer_onednn()  # before anything imports tensorflow
 
-__version__ = "0.1.0"
+from .architectures import ARCHITECTURES, Architecture, get_architecture  # noqa: E402  (ground: cheap)
+from .catalogue import CatalogueEntry, catalogue, resolve, search  # noqa: E402
+from .errors import (  # noqa: E402
+    HubError,
+    ImageError,
+    IntegrityError,
+    MappingError,
+    ParityError,
+    ReferenceRunError,
+    SourceError,
+    StoreError,
+    UnknownModelError,
+    ZooError,
+)
+from .folder_config import FolderConfig  # noqa: E402
 
-from .architectures import ARCHITECTURES, Architecture, get_architecture
-from .catalogue import Checkpoint, catalogue, resolve, search
-from .errors import (HubError, ImageError, IntegrityError, MappingError, ParityError, ReferenceRunError,
-                     SourceError, StoreError, UnknownModelError, ZooError)
-
-
-def load(name_or_path, **kwargs):
-    """A converted ConvNeXt as a `keras.Model`: local store, then the Hub, then conversion.
-
-    See `zoo.loading.load` for the arguments.
-    """
-    from .loading import load as _load
-
-    return _load(name_or_path, **kwargs)
-
-
-def preprocess(images, name):
-    """Images -> the normalised NHWC batch checkpoint `name` expects, equal to timm's eval transform.
-
-    See `zoo.preprocessing.preprocess` for the arguments.
-    """
-    from .preprocessing import preprocess as _preprocess
-
-    return _preprocess(images, name)
+# Resolved on first use: these import Keras (so TensorFlow), PIL, or the layers above.
+_LAZY = {  # public name -> (module, attribute in it)
+    "preprocess": ("preprocessing", "preprocess"),
+    "freeze_stages": ("model", "freeze_stages"),
+    "load": ("loading", "load"),
+    "build": ("loading", "build_untrained"),
+}
 
 
-def freeze_stages(model, num_stages):
-    """Freeze the stem and the first `num_stages` stages for fine-tuning (see `zoo.model.freeze_stages`)."""
-    from .model import freeze_stages as _freeze
+def __getattr__(name: str):
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'zoo' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value  # resolved once
+    return value
 
-    return _freeze(model, num_stages)
 
-
-def build(name, **kwargs):
-    """An uninitialised ConvNeXt for a checkpoint or architecture name (see `zoo.loading.build`)."""
-    from .loading import build as _build
-
-    return _build(name, **kwargs)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "Checkpoint", "HubError", "ImageError", "IntegrityError", "MappingError",
-    "ParityError", "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError", "build",
-    "catalogue", "freeze_stages", "get_architecture", "load", "preprocess", "resolve", "search",
+    "ARCHITECTURES", "Architecture", "CatalogueEntry", "FolderConfig", "HubError", "ImageError", "IntegrityError",
+    "MappingError", "ParityError", "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError",
+    "__version__", "build", "catalogue", "freeze_stages", "get_architecture", "load", "preprocess", "resolve",
+    "search",
 ]

@@ -14,7 +14,7 @@ from .errors import UnknownModelError
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class CatalogueEntry:
     """One pretrained checkpoint: where its weights live and how its inputs are prepared.
 
     Attributes:
@@ -82,7 +82,7 @@ class Checkpoint:
         }
 
     @classmethod
-    def from_json(cls, row: dict) -> "Checkpoint":
+    def from_json(cls, row: dict) -> "CatalogueEntry":
         """Build from a catalogue.json row."""
         values = dict(row)
         for key in ("aliases", "input_size", "test_input_size", "mean", "std"):
@@ -92,11 +92,11 @@ class Checkpoint:
 
 
 @functools.lru_cache(maxsize=1)
-def catalogue() -> dict[str, Checkpoint]:
+def catalogue() -> dict[str, CatalogueEntry]:
     """Every catalogued checkpoint by canonical name, in catalogue order."""
     text = resources.files("checkpoints").joinpath("catalogue.json").read_text()
     rows = json.loads(text)["checkpoints"]
-    return {row["name"]: Checkpoint.from_json(row) for row in rows}
+    return {row["name"]: CatalogueEntry.from_json(row) for row in rows}
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,7 +112,7 @@ def _names() -> dict[str, str]:
     return names
 
 
-def resolve(name: str, *, or_folder: bool = False) -> Checkpoint:
+def resolve(name: str, *, or_folder: bool = False) -> CatalogueEntry:
     """The checkpoint a user means by `name`.
 
     Accepts the canonical `arch.tag`, an official FB alias (`convnext_tiny_1k`), or a bare
@@ -135,7 +135,7 @@ def resolve(name: str, *, or_folder: bool = False) -> Checkpoint:
     raise UnknownModelError(f"unknown model {name!r}; {hint}`zoo list` shows all{folder}")
 
 
-def search(pattern: str | None = None) -> list[Checkpoint]:
+def search(pattern: str | None = None) -> list[CatalogueEntry]:
     """Checkpoints whose name or alias matches a glob (or a substring when no glob chars)."""
     if not pattern:
         return list(catalogue().values())
@@ -145,7 +145,7 @@ def search(pattern: str | None = None) -> list[Checkpoint]:
             if any(fnmatch.fnmatchcase(n, pattern) for n in (c.name, *c.aliases))]
 
 
-def representatives(pattern: str | None = None) -> list[Checkpoint]:
+def representatives(pattern: str | None = None) -> list[CatalogueEntry]:
     """One checkpoint per distinct (architecture, classes, head norm, input size), in order.
 
     Every catalogue entry converts exactly like its representative: the sweep and the tests

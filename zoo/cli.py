@@ -3,12 +3,28 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from .errors import ParityError, ZooError
+from checkpoints import hub, store
+from checkpoints.converted import is_converted_folder, open_folder
+
+from .catalogue import resolve, search
+from .errors import ExportError, ParityError, ZooError
+from .export_formats import check_options
+from .labels import label_names
+from .prediction import predict as top_classes
+from .preprocessing import Preprocessing, preprocess
+from .reports import DEFAULT_ATOL, DEFAULT_RTOL
+from .runtime import import_tensorflow_quietly
+
+# Modules that import Keras (so TensorFlow: seconds) are imported in the commands that need
+# them, once their arguments are known to be good: converters.pipeline, zoo.loading, zoo.export,
+# zoo.evaluation.
 
 # TensorFlow's C++ start-up chatter is not for users; set before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,8 +43,6 @@ class _Tolerance(click.FloatRange):
         super().__init__(min=0, min_open=True)
 
     def convert(self, value, param, ctx):
-        import math
-
         rv = super().convert(value, param, ctx)
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number", param, ctx)
@@ -36,6 +50,16 @@ class _Tolerance(click.FloatRange):
 
 
 TOLERANCE = _Tolerance()
+
+
+def _tolerances(what: str):
+    """The --atol/--rtol options, defaulting to the parity gate's tolerances."""
+    def decorate(fn):
+        fn = click.option("--rtol", type=TOLERANCE, default=DEFAULT_RTOL, show_default=True,
+                          help=f"{what}: max abs logit error / max |reference logit|.")(fn)
+        return click.option("--atol", type=TOLERANCE, default=DEFAULT_ATOL, show_default=True,
+                            help=f"{what}: max abs logit error.")(fn)
+    return decorate
 
 
 def _user_errors(fn):
@@ -69,8 +93,6 @@ def _tensorflow(fn):
         except ValueError:
             quiet = True
         if quiet:
-            from .runtime import import_tensorflow_quietly
-
             import_tensorflow_quietly()
         return fn(*args, **kwargs)
     return wrapper
@@ -82,17 +104,13 @@ def _tensorflow(fn):
 @_user_errors
 def list_command(pattern, as_json):
     """List catalogued checkpoints (PATTERN: glob or substring of names and aliases)."""
-    from checkpoints.store import is_converted_folder, store_path
-
-    from .catalogue import search
-
     rows = []
     for c in search(pattern):
         rows.append({
             "name": c.name, "architecture": c.architecture, "tag": c.tag, "aliases": list(c.aliases),
             "default_for": c.architecture if c.default else None, "params": c.params,
             "classes": c.num_classes, "input": c.input_size[-1], "license": c.license, "top1": c.top1,
-            "source": c.hf_hub_id or c.url, "converted": is_converted_folder(store_path(c.name)),
+            "source": c.hf_hub_id or c.url, "converted": is_converted_folder(store.store_path(c.name)),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -125,10 +143,7 @@ def list_command(pattern, as_json):
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
 @click.option("--from-url", is_flag=True,
               help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy.")
-@click.option("--atol", type=TOLERANCE, default=1e-4, show_default=True,
-              help="Parity gate: max abs logit error.")
-@click.option("--rtol", type=TOLERANCE, default=1e-5, show_default=True,
-              help="Parity gate: max abs logit error / max |reference logit|.")
+@_tolerances("Parity gate")
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
@@ -156,8 +171,7 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
         return
     if not name:
         raise click.UsageError("missing NAME (or --all)")
-    from converters.pipeline import convert as run
-    from .catalogue import resolve
+    from converters.pipeline import convert as run  # imports Keras: only once the arguments are good
 
     ckpt = resolve(name)
     if random_weights:
@@ -171,9 +185,7 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
 
 
 def _publish(path, repo_id, private, branch, expect_parent, allow_random=False):
-    from checkpoints import hub, store
-
-    name = store.open_folder(path).config["name"]
+    name = open_folder(path).config.name
     repo_id = repo_id or hub.repo_id_for(name)
     commit, new = hub.publish(path, repo_id, private=private, revision=branch, expect_parent=expect_parent,
                               allow_random=allow_random)
@@ -186,7 +198,6 @@ def _publish(path, repo_id, private, branch, expect_parent, allow_random=False):
 
 def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
     from converters.pipeline import convert_all, summary_table
-    from .catalogue import search
 
     names = [c.name for c in search(pattern)]
     if not names:
@@ -232,11 +243,6 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
     Refused unless its parity report passed for exactly the weights being uploaded. The token
     comes from HF_TOKEN or `hf auth login` and is never printed.
     """
-    from pathlib import Path
-
-    from checkpoints import store
-    from .catalogue import resolve
-
     path = Path(name_or_dir)
     if not path.is_dir():
         path = store.store_path(resolve(name_or_dir, or_folder=True).name)
@@ -249,7 +255,6 @@ DEFAULT_PREDICT_MODEL = "convnext_tiny.fb_in1k"
 _DTYPE = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                       show_default=True, help="Compute precision (bfloat16: ~2x faster on CPUs with AVX-512 BF16 "
                                               "or AMX; float16 for GPUs).")
-PREDICT_BATCH = 16
 
 
 @main.command()
@@ -270,11 +275,6 @@ def predict(images, model_name, top, as_json, dtype):
     heads of 11821 (ImageNet-12k) and 21841 (ImageNet-22k) classes are named too, other heads
     show class indices. Feature checkpoints (0 classes) cannot predict.
     """
-    import numpy as np
-
-    from .labels import label_names
-    from .preprocessing import preprocess
-
     name, num_classes, preprocessing, load = _classifier(model_name)
     if num_classes == 0:
         raise ZooError(f"{name} is a feature checkpoint without a classifier head: it has no classes to predict. "
@@ -285,41 +285,26 @@ def predict(images, model_name, top, as_json, dtype):
     if names is None:
         _echo(f"note: {name} has a {num_classes}-way head without a label set (only the 1000-, 11821- and "
               f"21841-class ImageNet heads are named); showing class indices")
-    model = load(dtype=dtype)
-    logits = np.concatenate([np.asarray(model(batch[i:i + PREDICT_BATCH], training=False))
-                             for i in range(0, len(batch), PREDICT_BATCH)]).astype(np.float64)
-    probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probabilities /= probabilities.sum(axis=-1, keepdims=True)
-    results = []
-    for image, p in zip(images, probabilities):
-        best = np.argsort(-p, kind="stable")[:top]
-        results.append({"image": image, "predictions": [
-            {"index": int(i), "label": names[i] if names else None, "probability": float(p[i])} for i in best]})
+    predictions = top_classes(load(dtype=dtype), batch, top=top, names=names)
     if as_json:
-        click.echo(json.dumps(results, indent=1))
+        click.echo(json.dumps([{"image": image, "predictions": [p.to_json() for p in best]}
+                               for image, best in zip(images, predictions)], indent=1))
         return
-    for n, result in enumerate(results):
-        click.echo(("\n" if n else "") + result["image"])
+    for n, (image, best) in enumerate(zip(images, predictions)):
+        click.echo(("\n" if n else "") + image)
         click.echo(f"  {'rank':>4}  {'probability':>11}  {'index':>5}" + ("  label" if names else ""))
-        for rank, row in enumerate(result["predictions"], 1):
-            label = f"  {row['label']}" if names else ""
-            click.echo(f"  {rank:>4}  {row['probability']:>11.2%}  {row['index']:>5}{label}")
+        for rank, p in enumerate(best, 1):
+            label = f"  {p.label}" if names else ""
+            click.echo(f"  {rank:>4}  {p.probability:>11.2%}  {p.index:>5}{label}")
 
 
 def _classifier(model_name):
     """(name, classes, preprocessing, loader) of a converted folder or a catalogue name, loading nothing."""
-    from pathlib import Path
-
-    from .catalogue import resolve
-    from .preprocessing import Preprocessing
-
     path = Path(model_name).expanduser()
     if path.is_dir():
-        from checkpoints import store
-
-        folder = store.open_folder(path)
+        folder = open_folder(path)
         config = folder.config
-        return (config["name"], config["num_classes"], Preprocessing.from_pretrained_cfg(config["pretrained_cfg"]),
+        return (config.name, config.num_classes, Preprocessing.from_pretrained_cfg(config.pretrained_cfg),
                 functools.partial(_load_folder, folder))
     ckpt = resolve(model_name, or_folder=True)
     return ckpt.name, ckpt.num_classes, Preprocessing.from_checkpoint(ckpt), functools.partial(_load_name, ckpt.name)
@@ -375,10 +360,7 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
               help="Compare with timm on the recorded source weights: when possible, always, or never.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Local source file for the PyTorch comparison instead of fetching the recorded one.")
-@click.option("--atol", type=TOLERANCE, default=1e-4, show_default=True,
-              help="fp32 bound: max abs logit error.")
-@click.option("--rtol", type=TOLERANCE, default=1e-5, show_default=True,
-              help="fp32 bound: max abs logit error / max |reference logit|.")
+@_tolerances("fp32 bound")
 @_user_errors
 @_tensorflow
 def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, rtol):
@@ -388,8 +370,10 @@ def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, r
     (timm on the recorded source weights); it is kept, with its report beside it, only if it
     meets its bounds. Prints the export's path; the report table goes to stderr.
     """
-    if quantize != "none" and fmt != "tflite":
-        raise click.UsageError(f"--quantize {quantize} applies to tflite exports only; drop it for {fmt}")
+    try:
+        check_options(fmt, quantize)
+    except ExportError as e:
+        raise click.UsageError(str(e)) from None
     from .export import export, report_path
 
     path = export(name_or_dir, fmt, out=out, quantize=quantize, pytorch=pytorch, checkpoint=checkpoint,

@@ -6,6 +6,14 @@ class ZooError(Exception):
     """Base class of every error a user can cause or fix (bad name, bad file, failed parity)."""
 
 
+class ReportedError(ZooError):
+    """An error that carries the report of the check that failed (`.report`, or None)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
 class UnknownModelError(ZooError, KeyError):
     """A name that is neither a catalogue entry, an alias, nor an architecture."""
 
@@ -21,12 +29,8 @@ class MappingError(ZooError):
     """The source state dict does not match the Keras model exactly."""
 
 
-class ParityError(ZooError):
+class ParityError(ReportedError):
     """The Keras model and the PyTorch reference disagree beyond tolerance."""
-
-    def __init__(self, message: str, report=None):
-        super().__init__(message)
-        self.report = report
 
 
 class IntegrityError(ZooError):
@@ -53,9 +57,5 @@ class DatasetError(ZooError):
     """An evaluation image set or its labels cannot be used."""
 
 
-class ExportError(ZooError):
+class ExportError(ReportedError):
     """An export failed or missed its bounds (nothing was written at the destination then)."""
-
-    def __init__(self, message: str, report=None):
-        super().__init__(message)
-        self.report = report

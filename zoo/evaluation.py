@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .folder_config import FolderConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,12 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
 
     folder = locate(model_name)
     config = folder.config
-    num_classes = config["num_classes"]
+    num_classes = config.num_classes
     if not num_classes:
-        raise DatasetError(f"{config['name']} is a feature checkpoint without a classifier: "
+        raise DatasetError(f"{config.name} is a feature checkpoint without a classifier: "
                            "evaluate a checkpoint with a classification head")
     found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
-    prepare = Preprocessing.from_pretrained_cfg(config["pretrained_cfg"])
+    prepare = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     model = from_folder(folder, dtype=dtype)
     start = time.perf_counter()
     chunks = []
@@ -172,7 +173,7 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
         chunks.append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
     logits = np.concatenate(chunks)
     labels = np.array([s.label for s in found])
-    report = EvalReport(model=config["name"], data=str(data), labels=how, num_images=len(found),
+    report = EvalReport(model=config.name, data=str(data), labels=how, num_images=len(found),
                         top1=float(_topk_hits(logits, labels, 1).mean()),
                         top5=float(_topk_hits(logits, labels, 5).mean()),
                         seconds=round(time.perf_counter() - start, 2), dtype=dtype)
@@ -185,7 +186,7 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     return report
 
 
-def _torch_logits(config: dict, files: list[Path]) -> np.ndarray:
+def _torch_logits(config: FolderConfig, files: list[Path]) -> np.ndarray:
     from converters.exports import pytorch_classify
 
     return pytorch_classify(config, files)

@@ -1,23 +1,24 @@
 """The last step: a converted folder (or a name in the local store) back into a Keras model."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import keras
 
-from checkpoints import store
+from checkpoints import hub, store
+from checkpoints.converted import ConvertedFolder, open_folder
+
 from .architectures import Architecture
 from .catalogue import resolve
 from .errors import HubError, StoreError, ZooError
 from .model import build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
-from .runtime import policy_name
+from .runtime import installed, policy_name
 
 log = logging.getLogger(__name__)
 
 
-def build(name: str | Architecture, *, num_classes: int | None = None, include_top: bool = True,
+def build_untrained(name: str | Architecture, *, num_classes: int | None = None, include_top: bool = True,
           pooling: str | None = "avg", drop_path_rate: float = 0.0,
           input_shape: tuple = (None, None, 3), dtype: str | None = None) -> keras.Model:
     """An uninitialised model for a checkpoint name, alias, architecture name or row.
@@ -88,11 +89,11 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
 
 
 def locate(name_or_path: str | Path, *, revision: str | None = None, hub_org: str | None = None,
-           convert: bool = True) -> store.ConvertedCheckpoint:
+           convert: bool = True) -> ConvertedFolder:
     """The verified converted folder `load` would build from (same lookup, same errors)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return store.open_folder(path)
+        return open_folder(path)
     if path.suffix == ".keras" and path.is_file():
         raise StoreError(f"{name_or_path} is a whole saved Keras model, not a converted folder: "
                          "`import zoo.model` (it registers the layers), then keras.saving.load_model(path)")
@@ -102,27 +103,25 @@ def locate(name_or_path: str | Path, *, revision: str | None = None, hub_org: st
     return _find(ckpt, revision, hub_org, convert)
 
 
-def _find(ckpt, revision, hub_org, convert) -> store.ConvertedCheckpoint:
-    from checkpoints import hub
-
+def _find(ckpt, revision, hub_org, convert) -> ConvertedFolder:
     tried = []
     where = store.store_path(ckpt.name)
     if where.is_dir():
-        return store.open_folder(where)  # a damaged store copy is an error, not a fallback
+        return open_folder(where)  # a damaged store copy is an error, not a fallback
     tried.append(f"local store: no {where}")
     repo_id = hub.repo_id_for(ckpt.name, hub_org)
     try:
         return hub.download(repo_id, revision=revision)
     except HubError as e:
         tried.append(f"Hub: {e}")
-    if convert and _installed("torch") and _installed("timm"):
+    if convert and installed("torch") and installed("timm"):
         from converters.pipeline import convert as run
 
         log.warning("%s: not in the store nor on the Hub; converting from %s", ckpt.name,
                     ckpt.hf_hub_id or ckpt.url)
         try:
             path, _ = run(ckpt.name, out=where)
-            return store.open_folder(path)
+            return open_folder(path)
         except ZooError as e:
             tried.append(f"conversion: {str(e).splitlines()[0]}")
     else:
@@ -132,14 +131,7 @@ def _find(ckpt, revision, hub_org, convert) -> store.ConvertedCheckpoint:
                      f". Run `zoo convert {ckpt.name}` where the source weights are reachable.")
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
-        return False
-
-
-def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, pooling: str | None = "avg",
+def from_folder(folder: ConvertedFolder, *, include_top: bool = True, pooling: str | None = "avg",
                 num_classes: int | None = None, input_shape: tuple | None = None, features_only: bool = False,
                 out_indices: tuple[int, ...] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
                 dtype: str | None = None) -> keras.Model:
@@ -154,13 +146,13 @@ def from_folder(folder: store.ConvertedCheckpoint, *, include_top: bool = True, 
 def _from_folder(folder, include_top, pooling, num_classes, input_shape, features_only, out_indices,
                  drop_path_rate) -> keras.Model:
     config = folder.config
-    if not config.get("pretrained", True):
+    if not config.pretrained:
         log.warning("%s: %s holds seeded random weights (converted with --random-weights), not a pretrained "
-                    "model", config["name"], folder.path)
-    arch = Architecture.from_config(config["architecture"])
+                    "model", config.name, folder.path)
+    arch = config.architecture
     outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
-    model = build_model(arch, num_classes=config["num_classes"], name=config["name"],
-                        head_norm_affine=config.get("head_norm_affine", True), drop_path_rate=drop_path_rate,
+    model = build_model(arch, num_classes=config.num_classes, name=config.name,
+                        head_norm_affine=config.head_norm_affine, drop_path_rate=drop_path_rate,
                         input_shape=input_shape or (None, None, 3), initialize=False)
     model.load_weights(folder.weights)
     if features_only:
@@ -169,13 +161,12 @@ def _from_folder(folder, include_top, pooling, num_classes, input_shape, feature
     if not include_top or num_classes == 0:
         features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
         return keras.Model(model.input, features, name=f"{model.name}_features")
-    if num_classes is not None and num_classes != config["num_classes"]:
+    if num_classes is not None and num_classes != config.num_classes:
         log.warning("%s: new %d-class head initialised fresh (the checkpoint's has %d classes); "
-                    "the backbone and head norm are pretrained", config["name"], num_classes,
-                    config["num_classes"])
+                    "the backbone and head norm are pretrained", config.name, num_classes, config.num_classes)
         head = classifier(num_classes)(pre_logits(model))
         return keras.Model(model.input, head, name=model.name)
     return model
 
 
-__all__ = ["build", "from_folder", "load", "locate"]
+__all__ = ["build_untrained", "from_folder", "load", "locate"]

@@ -7,7 +7,6 @@ layer `Preprocess` does the same inside a graph, closely but not bit for bit.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .catalogue import Checkpoint, resolve
+from .catalogue import CatalogueEntry, resolve
 from .errors import ImageError
+from .folder_config import CONFIG, FolderConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,7 +73,7 @@ class Preprocessing:
             raise ValueError(f"mean and std need 3 channels and std > 0, got {self.mean}, {self.std}")
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> "Preprocessing":
+    def from_checkpoint(cls, ckpt: CatalogueEntry) -> "Preprocessing":
         """The eval preprocessing of a catalogue entry."""
         return cls(ckpt.input_size[-2:], ckpt.crop_pct, ckpt.crop_mode, ckpt.interpolation, ckpt.mean, ckpt.std)
 
@@ -223,21 +223,23 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
 
 
 def as_preprocessing(spec) -> Preprocessing:
-    """A `Preprocessing` from itself, a `Checkpoint`, a `pretrained_cfg` dict, a name or alias,
-    or a converted folder (its `config.json`).
+    """A `Preprocessing` from itself, a `CatalogueEntry`, a `pretrained_cfg` dict, a name or alias,
+    a converted folder (its `config.json`) or its `FolderConfig`.
 
     Raises:
         UnknownModelError: a name that is not in the catalogue (and no such folder).
     """
     if isinstance(spec, Preprocessing):
         return spec
-    if isinstance(spec, Checkpoint):
+    if isinstance(spec, CatalogueEntry):
         return Preprocessing.from_checkpoint(spec)
     if isinstance(spec, dict):
         return Preprocessing.from_pretrained_cfg(spec)
+    if isinstance(spec, FolderConfig):
+        return Preprocessing.from_pretrained_cfg(spec.pretrained_cfg)
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return Preprocessing.from_pretrained_cfg(json.loads((path / "config.json").read_text())["pretrained_cfg"])
+    if path.is_dir() and (path / CONFIG).is_file():
+        return Preprocessing.from_pretrained_cfg(FolderConfig.read(path).pretrained_cfg)
     return Preprocessing.from_checkpoint(resolve(str(spec)))
 
 
@@ -247,7 +249,7 @@ def preprocess(images, name) -> np.ndarray:
     Args:
         images: one or a list of file paths, PIL images or uint8 HWC arrays (any sizes), or a
             uint8 NHWC batch.
-        name: a checkpoint name or alias, a `Checkpoint`, a `Preprocessing`, or a converted
+        name: a checkpoint name or alias, a `CatalogueEntry`, a `Preprocessing`, or a converted
             folder.
 
     Returns:
@@ -270,7 +272,7 @@ def with_preprocessing(model, preprocessing):
     Args:
         model: a Keras model taking normalised NHWC images.
         preprocessing: anything `preprocess` accepts as `name` (a `Preprocessing`, checkpoint
-            name, `Checkpoint`, `pretrained_cfg` dict or converted folder).
+            name, `CatalogueEntry`, `pretrained_cfg` dict or converted folder).
     """
     import keras
 

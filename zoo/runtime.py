@@ -10,6 +10,7 @@ import, so it only takes effect when zoo is imported first.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -33,6 +34,14 @@ PRECISIONS = {
     "mixed_bfloat16": "mixed_bfloat16",
     "mixed_float16": "mixed_float16",
 }
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here (found, and not blocked in `sys.modules`)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return False
 
 
 def prefer_onednn() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import store
+from checkpoints import converted, fs, store, weights
 
 WRITE_STEPS = ("weights", "config", "parity", "manifest", "fsync")
 
@@ -40,9 +40,9 @@ def fail_nth_write(n: int, setattr_=setattr, err: int = errno.ENOSPC) -> list[st
             raise OSError(err, os.strerror(err), str(path or ""))
         return faulty
 
-    setattr_(store, "_write_weights", wrap(store._write_weights, lambda a: a[0]))
-    setattr_(store, "_write_json", wrap(store._write_json, lambda a: a[0]))
-    setattr_(store, "_fsync_tree", wrap(store._fsync_tree, lambda a: None))
+    setattr_(store, "write_weights", wrap(weights.write_weights, lambda a: a[0]))
+    setattr_(converted, "write_json", wrap(fs.write_json, lambda a: a[0]))
+    setattr_(converted, "fsync_tree", wrap(fs.fsync_tree, lambda a: None))
     return steps
 
 

@@ -1,0 +1,136 @@
+"""The converted-checkpoint folder on disk: how it is assembled, and how it is opened (every file
+checked against the manifest first).
+
+A folder holds `model.weights.h5` (Keras weights), `config.json` (architecture, head,
+preprocessing, provenance: `zoo.folder_config.FolderConfig`), `parity.json` (the parity report)
+and `manifest.json` (sha256 and size of every other file).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoo.errors import IntegrityError, StoreError
+from zoo.folder_config import CONFIG, CONTENT_FILES, FORMAT, MANIFEST, PARITY, WEIGHTS, FolderConfig
+
+from .fs import fsync_file, fsync_tree, sha256_file, write_json
+
+
+@dataclass(frozen=True)
+class ConvertedFolder:
+    """A converted folder whose files matched their manifest when opened."""
+
+    path: Path
+    config: FolderConfig
+    parity: dict
+    manifest: bytes  # the manifest the files were checked against, as read
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def files(self) -> dict:
+        """The manifest's {file name: {"sha256", "size"}}."""
+        return json.loads(self.manifest)["files"]
+
+
+def is_converted_folder(path: Path) -> bool:
+    """A folder of this format (it has a manifest of our format)."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
+    """Write a folder's other files beside its weights and flush them all to disk.
+
+    The weights' sha256 goes into the config and the parity report (binding both to exactly
+    these bytes) and into the manifest, which lists every other file.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        flushed = pool.submit(fsync_file, folder / WEIGHTS)  # the disk writes while the weights are hashed
+        weights_sha = sha256_file(folder / WEIGHTS)
+        flushed.result()
+    write_json(folder / CONFIG, config.with_weights(weights_sha).to_json())
+    write_json(folder / PARITY, {**parity, "weights_sha256": weights_sha})
+    files = {name: {"sha256": weights_sha if name == WEIGHTS else sha256_file(folder / name),
+                    "size": (folder / name).stat().st_size}
+             for name in CONTENT_FILES}  # the weights are hashed once (0.6 s for convnext_large)
+    write_json(folder / MANIFEST, {"format": FORMAT, "files": files})
+    fsync_tree(folder)
+
+
+_READ_ATTEMPTS = 5
+
+
+def open_folder(path: str | Path) -> ConvertedFolder:
+    """Open a converted folder after checking every file against the manifest.
+
+    A writer may swap a new version in while the files are read, so that the manifest is the
+    old one's and a file the new one's; a check that fails while the folder at `path` changed
+    is therefore made again on what is there now, rather than reported.
+
+    Raises:
+        StoreError: not a converted folder, or files missing.
+        IntegrityError: a file's sha256 or size differs from the manifest, or the config
+            cannot be read.
+    """
+    path = Path(path).expanduser()
+    for _ in range(_READ_ATTEMPTS - 1):
+        before = _identity(path)
+        try:
+            return _open_once(path)
+        except (StoreError, IntegrityError, OSError):
+            if _identity(path) == before:
+                raise
+    return _open_once(path)
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells one version of a folder from the next: a swapped-in folder is another inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _open_once(path: Path) -> ConvertedFolder:
+    """One reading of the folder and its checks (see `open_folder`)."""
+    if not path.is_dir():
+        raise StoreError(f"{path} is not a folder")
+    try:
+        raw = (path / MANIFEST).read_bytes()
+        manifest = json.loads(raw)
+    except FileNotFoundError:
+        raise StoreError(f"{path} has no {MANIFEST}: not a converted checkpoint folder") from None
+    except ValueError as e:
+        raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path / MANIFEST} is not a manifest (a JSON object)")
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    listed = manifest.get("files", {})
+    if sorted(listed) != sorted(CONTENT_FILES):
+        raise IntegrityError(f"{path / MANIFEST} lists {sorted(listed)}, expected {sorted(CONTENT_FILES)}")
+    for name, meta in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise StoreError(f"{path} is incomplete: {name} is missing")
+        if file.stat().st_size != meta["size"] or sha256_file(file) != meta["sha256"]:
+            raise IntegrityError(f"{file} does not match its manifest sha256: the file was modified "
+                                 f"or corrupted; convert again")
+    try:
+        config = FolderConfig.from_json(json.loads((path / CONFIG).read_text()))
+    except ValueError as e:
+        raise IntegrityError(f"{path / CONFIG} is not a converted folder's config ({e}); convert again") from None
+    parity = json.loads((path / PARITY).read_text())
+    if config.weights_sha256 != listed[WEIGHTS]["sha256"]:
+        raise IntegrityError(f"{path / CONFIG} names other weights than {WEIGHTS}")
+    return ConvertedFolder(path, config, parity, raw)

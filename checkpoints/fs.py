@@ -1,0 +1,273 @@
+"""File-system helpers of the store and the exports: hashes, atomic writes and swaps, staging
+folders, locks, temporary work folders and the checks run before writing anything.
+
+Everything here is written whole or not at all: new content is assembled in a staging sibling
+of its destination (named with the writer's process id, so that the next writer removes what a
+killed one left) and renamed into place under a lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from zoo.errors import StoreError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; writes stay atomic, concurrent ones may fail
+    fcntl = None
+
+NO_SPACE_REMEDY = "free some space or choose another --out"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: dict, *, indent: int = 2, fsync: bool = False) -> None:
+    """Write a JSON file (indented, newline-terminated), flushed to disk with `fsync`."""
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=indent) + "\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace a JSON file whole (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to disk."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fsync_file(path)
+    for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def nearest(path: Path) -> Path:
+    """`path`, or the nearest existing folder above it."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(nearest(path)).free
+    except OSError:
+        return None
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def reason(error: OSError, where: Path, remedy: str = NO_SPACE_REMEDY) -> str:
+    """One line saying why a write under `where` failed (h5py's messages span lines)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(where)
+        return (f"no space left on the disk holding {nearest(where)}"
+                + (f" ({megabytes(free)} free)" if free is not None else "") + f"; {remedy}")
+    text = error.strerror or str(error) or type(error).__name__
+    return text.strip().splitlines()[0]
+
+
+def check_writable(folder: str | Path) -> None:
+    """Check that `folder` (existing, or to be created) can take new entries.
+
+    Probed by creating and removing an empty folder in the nearest existing folder on the
+    way: permission bits do not stop root, and read-only mounts, quotas or ACLs only show
+    when tried.
+
+    Raises:
+        StoreError: naming the folder and the reason, in one line.
+    """
+    folder = Path(folder).expanduser().absolute()
+    try:
+        existing = nearest(folder)
+        if not existing.is_dir():
+            raise StoreError(f"cannot write to {folder}: {existing} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=f".zoo-probe-{os.getpid()}-", dir=existing))
+    except OSError as e:
+        raise StoreError(f"cannot write to {folder}: {reason(e, folder)}") from None
+
+
+def check_space(out: str | Path, needed: int) -> None:
+    """Refuse to start writing `needed` bytes at `out` where its disk has too little room.
+
+    Raises:
+        StoreError: with the space needed and free, in one line.
+    """
+    out = Path(out).expanduser().absolute()
+    free = free_bytes(out.parent)
+    if free is not None and free < needed:
+        raise StoreError(f"cannot write {out}: no space left on the disk holding {nearest(out.parent)} "
+                         f"(about {megabytes(needed)} needed, {megabytes(free)} free); {NO_SPACE_REMEDY}")
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A new empty folder `.<name>.partial-<pid>-*` beside `out`, removed when the block ends.
+
+    What the block builds there is put at `out` by `swap_into_place` (the folder itself) or by
+    renames out of it; whatever is left is removed. Staging folders of writers that were killed
+    are removed first.
+
+    Raises:
+        StoreError: the folder cannot be made, in one line.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out.parent, f".{out.name}.partial-")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the store is an ordinary folder
+    except OSError as e:
+        raise StoreError(f"cannot write to {out.parent}: {reason(e, out.parent)}") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Serialise the final step of writers in one folder across processes.
+
+    The lock is the parent directory itself: no lock file is left behind, and the step it
+    guards (renames) takes microseconds.
+    """
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def swap_into_place(new: Path, out: Path) -> None:
+    """Put the finished folder `new` at `out`, replacing a previous one; call under `locked(out)`.
+
+    Readers see the previous folder or the new one, never neither: the two are exchanged in
+    one step where the system allows (else the old one moves aside just before).
+    """
+    if not out.exists():
+        os.replace(new, out)
+    elif _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # now the previous folder
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str):
+    """A temporary folder `<prefix><pid>-<random>` in $TMPDIR, removed when the block ends.
+
+    SIGKILL runs no clean-up, so the owner's process id is in the name: each new one removes
+    the folders of `prefix` whose process is gone, and never a live process's.
+
+    Raises:
+        StoreError: the folder cannot be created (full or read-only $TMPDIR), in one line.
+    """
+    parent = Path(tempfile.gettempdir()).absolute()
+    remove_stale(parent, prefix)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    except OSError as e:
+        why = reason(e, parent, remedy="free some space there or set TMPDIR to another folder")
+        raise StoreError(f"cannot create a temporary folder in {parent} ($TMPDIR): {why}") from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Remove `<prefix><pid>-*` entries of `parent` whose process is gone (killed mid-way).
+
+    Names without a process id (older versions, other tools) are left alone: nobody can
+    tell whether their owner still runs.
+    """
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
+        pid, sep, _ = path.name[len(prefix):].partition("-")
+        if sep and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

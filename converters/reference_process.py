@@ -1,0 +1,182 @@
+"""The PyTorch reference, seen from the converter: `python -m converters.reference` run in a clean
+child process on a spec file, and its outputs read back.
+
+The child imports torch and timm only: TensorFlow imported before them in one process
+crashes timm's forward pass. `Network` is what both sides of a comparison build and feed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from checkpoints.converted import FolderConfig
+from checkpoints.fs import work_dir
+from zoo.architectures import Architecture
+from zoo.catalogue import CatalogueEntry
+from zoo.errors import ReferenceRunError, StoreError
+
+from .images import parity_batch
+
+
+@dataclass(frozen=True)
+class Network:
+    """What both sides of a comparison build and feed: an architecture, its head and its input.
+
+    Built from a catalogue entry (conversion) or from a converted folder's config (verify,
+    exports, evaluation), so that every check describes its network the same way.
+    """
+
+    arch: Architecture
+    num_classes: int
+    head_norm_affine: bool
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of_entry(cls, entry: CatalogueEntry) -> "Network":
+        return cls(entry.arch, entry.num_classes, entry.head_norm_affine, entry.input_size[-1], entry.mean, entry.std)
+
+    @classmethod
+    def of_folder(cls, config: FolderConfig) -> "Network":
+        return cls(config.architecture, config.num_classes, config.head_norm_affine, config.input_size,
+                   config.mean, config.std)
+
+    def parity_batch(self) -> np.ndarray:
+        """The fixed parity inputs for this network, normalised as its checkpoint expects."""
+        return parity_batch(self.input_size, self.mean, self.std)
+
+
+def write_spec(network: Network, source: Path, workdir: Path, *, inputs: np.ndarray | None = None,
+               out_indices: tuple[int, ...] | None = None, files: list[Path] | None = None,
+               pretrained_cfg: dict | None = None) -> Path:
+    """The spec file of one reference run: `network` loaded from `source`, run on `inputs`
+    (every compared tensor, or timm's `features_only` maps for `out_indices`) or on image
+    `files` prepared by timm's transform for `pretrained_cfg`."""
+    spec = {"arch": network.arch.to_config(), "num_classes": network.num_classes, "source": str(source),
+            "head_norm_affine": network.head_norm_affine, "outputs": str(workdir / "reference.npz"),
+            "versions": str(workdir / "reference-versions.json")}
+    if inputs is not None:
+        np.save(workdir / "inputs.npy", inputs)
+        spec["inputs"] = str(workdir / "inputs.npy")
+    if out_indices is not None:
+        spec["out_indices"] = list(out_indices)
+    if files is not None:
+        spec.update(files=[str(f) for f in files], pretrained_cfg=pretrained_cfg)
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    return workdir / "spec.json"
+
+
+def results(spec: Path) -> dict[str, np.ndarray]:
+    """The outputs the reference wrote for `spec`."""
+    with np.load(json.loads(spec.read_text())["outputs"]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def versions(spec: Path) -> dict:
+    """The frameworks the reference reported running on for `spec` (torch, timm)."""
+    reported = Path(json.loads(spec.read_text())["versions"])
+    return json.loads(reported.read_text()) if reported.exists() else {}
+
+
+def reference_outputs(network: Network, source: Path, inputs: np.ndarray,
+                      out_indices: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+    """Run timm on `inputs` in a separate process and return its outputs (NHWC).
+
+    With `out_indices`, the outputs are timm's `features_only=True` maps, `features.{i}`.
+
+    Raises:
+        ReferenceRunError: torch/timm missing or the process failed.
+    """
+    with work_dir("zoo-reference-") as work:
+        return _run_forward(write_spec(network, source, work, inputs=inputs, out_indices=out_indices))
+
+
+def reference_classify(network: Network, source: Path, files: list[Path], pretrained_cfg: dict) -> np.ndarray:
+    """timm's logits for image files, each prepared by timm's own eval transform (separate process).
+
+    Raises:
+        ReferenceRunError: torch/timm missing or the process failed.
+    """
+    with work_dir("zoo-reference-") as work:
+        return _run_forward(write_spec(network, source, work, files=files, pretrained_cfg=pretrained_cfg))["logits"]
+
+
+def _run_forward(spec: Path) -> dict[str, np.ndarray]:
+    run_reference_process(["forward", str(spec)])
+    return results(spec)
+
+
+def run_reference_process(args: list[str]) -> None:
+    """`python -m converters.reference ARGS` in a clean child process, to its end."""
+    with reference_process(args):
+        pass
+
+
+class ReferenceRun:
+    """A running `python -m converters.reference ARGS` child (see `reference_process`)."""
+
+    def __init__(self, args: list[str]):
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
+        self._proc = subprocess.Popen([sys.executable, "-m", "converters.reference", *args],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self._drain = ThreadPoolExecutor(1)  # a full pipe would stall the child
+        self._stderr = self._drain.submit(self._proc.communicate)
+
+    def wait(self) -> None:
+        """Wait for the child to end.
+
+        Raises:
+            ReferenceRunError: torch/timm missing or the process failed.
+            StoreError: $TMPDIR filled up under the child.
+        """
+        stderr = self._stderr.result()[1]
+        self._drain.shutdown()
+        if self._proc.returncode != 0:
+            _raise_reference_failure(self._proc.returncode, stderr)
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._stderr.result()
+        self._drain.shutdown()
+
+
+@contextlib.contextmanager
+def reference_process(args: list[str]):
+    """`python -m converters.reference ARGS` running in a clean child process during the block.
+
+    Yields the `ReferenceRun`; the child is waited for when the block ends (`wait` raises if
+    it failed), and killed if the block raises.
+    """
+    run = ReferenceRun(args)
+    try:
+        yield run
+    except BaseException:
+        run.kill()
+        raise
+    run.wait()
+
+
+def _raise_reference_failure(returncode: int, stderr: str) -> None:
+    tail = "\n".join(stderr.strip().splitlines()[-15:])
+    if "No module named 'torch'" in stderr or "No module named 'timm'" in stderr:
+        raise ReferenceRunError(
+            "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
+    if "No space left on device" in stderr or "os error 28" in stderr:
+        # the child writes random weights and its outputs under $TMPDIR: one line, not its traceback
+        where = Path(tempfile.gettempdir()).absolute()
+        raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
+                         f"files; free some space there or set TMPDIR to another folder")
+    raise ReferenceRunError(f"the PyTorch reference process failed (exit {returncode}):\n{tail}")

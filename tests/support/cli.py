@@ -1,0 +1,58 @@
+"""The `zoo` command line as the tests drive it: in a child process, as users run it, or in this
+process (click's CliRunner) where only the handling of the arguments is under test."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner, Result
+
+# Prepended to a child's code: importing torch or timm there raises, as where the `convert`
+# extra is not installed.
+BLOCK_TORCH = "import sys\nfor _name in ('torch', 'timm'):\n    sys.modules[_name] = None  # `import torch` raises\n"
+
+
+def zoo_cli(*args, env: dict | None = None, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`zoo ARGS` in a child process with this test's environment (or `env`)."""
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ if env is None else env), cwd=cwd, timeout=timeout)
+
+
+def zoo_inline(*args) -> Result:
+    """`zoo ARGS` in this process; an exception escaping the command is a traceback for a user."""
+    from zoo.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    assert "Traceback" not in result.output
+    return result
+
+
+def exit_code(result: subprocess.CompletedProcess | Result) -> int:
+    return result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess | Result) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def one_line_error(result: subprocess.CompletedProcess | Result) -> str:
+    """The CLI failed as users should see it: exit 1, no traceback, one `error:` line last."""
+    assert exit_code(result) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    return last
+
+
+def usage_error(result: subprocess.CompletedProcess | Result) -> str:
+    """The CLI refused its arguments as click does: exit 2, a usage line, no traceback."""
+    assert exit_code(result) == 2, result.stderr[-3000:]
+    assert_no_traceback(result)
+    return result.stderr

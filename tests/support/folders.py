@@ -1,0 +1,48 @@
+"""Converted folders written straight by the store (no conversion): a small model and its config."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from checkpoints import store
+from tests.support.archs import SMALL_V1
+from zoo.architectures import Architecture
+from zoo.catalogue import resolve
+from zoo.folder_config import FolderConfig, SourceRecord
+from zoo.model import build_model
+from zoo.version import __version__
+
+NAME = "convnext_tiny.fb_in1k"
+PARITY = {"passed": True, "atol": 1e-4, "rtol": 1e-5, "stage_rtol": 1e-4, "comparisons": []}
+
+
+def small_model(seed: int = 0, arch: Architecture = SMALL_V1, num_classes: int = 10, **kwargs) -> keras.Model:
+    """`arch` with every weight moved off its (partly constant) initial value."""
+    model = build_model(arch, num_classes=num_classes, **kwargs)
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        value = keras.ops.convert_to_numpy(variable)
+        variable.assign((value + rng.normal(0.0, 0.2, value.shape)).astype(value.dtype))
+    return model
+
+
+def folder_config(name: str = NAME, arch: Architecture = SMALL_V1, num_classes: int = 10,
+                  **changes) -> FolderConfig:
+    """A config as `converters.pipeline` writes it, for catalogue entry `name` on a small row."""
+    ckpt = resolve(name)
+    config = FolderConfig(
+        name=ckpt.name, architecture=arch, num_classes=num_classes,
+        pretrained_cfg={**ckpt.pretrained_cfg(), "num_classes": num_classes},
+        source=SourceRecord("random", "0" * 64, seed=0, note="test weights"), pretrained=False,
+        converter={"convnext_zoo": __version__})
+    return dataclasses.replace(config, **changes)
+
+
+def write_folder(out: Path, model: keras.Model, config: FolderConfig | None = None,
+                 parity: dict | None = None) -> Path:
+    """`model` written as a converted folder (the default config: catalogue entry NAME)."""
+    return store.write(out, model, config or folder_config(num_classes=model.output_shape[-1]),
+                       dict(PARITY if parity is None else parity))

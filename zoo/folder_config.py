@@ -1,0 +1,172 @@
+"""The typed schema of a converted folder's `config.json`: the only code that reads or writes its fields.
+
+Ground layer: the store writes it, the converters fill it, loading, export and evaluation read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .architectures import Architecture
+
+FORMAT = "convnext-zoo/1"
+WEIGHTS = "model.weights.h5"
+CONFIG = "config.json"
+PARITY = "parity.json"
+MANIFEST = "manifest.json"
+CONTENT_FILES = (WEIGHTS, CONFIG, PARITY)
+SOURCE_KINDS = ("hub", "url", "file", "random")
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where a folder's source weights came from, and the sha256 of the bytes converted.
+
+    Attributes:
+        kind: `hub` (a Hub repo at a commit), `url` (an original release file), `file` (a local
+            file) or `random` (seeded perturbed random weights, regenerated from `seed`).
+        sha256: of the source file as converted.
+        repo_id, revision, filename: the Hub repo, commit and file (`hub`); `filename` also
+            names the file of the other kinds.
+        url: the release URL (`url`; for `hub`, the original release's, if any).
+        path: the local file (`file`).
+        seed: the seed of `random` weights.
+        note: a remark shown with the record (`random`: not pretrained).
+    """
+
+    kind: str
+    sha256: str
+    repo_id: str | None = None
+    revision: str | None = None
+    filename: str | None = None
+    url: str | None = None
+    path: str | None = None
+    seed: int | None = None
+    note: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"unknown source kind {self.kind!r}")
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k in _KEPT[self.kind]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SourceRecord":
+        return cls(**data)
+
+
+# Keys written even when None, as each kind has always recorded them.
+_KEPT = {"hub": ("repo_id", "revision", "filename", "url"), "url": ("repo_id", "revision", "filename", "url"),
+         "file": ("repo_id", "revision", "filename", "path"), "random": ()}
+
+
+@dataclass(frozen=True)
+class FolderConfig:
+    """A converted folder's `config.json`: what the weights are, for which network, from where.
+
+    Attributes:
+        name: the catalogue name the folder was converted as (`convnext_tiny.fb_in1k`).
+        architecture: the network's architecture row.
+        num_classes: classifier width (0: no classifier).
+        pretrained_cfg: preprocessing and head facts in the shape of timm's `pretrained_cfg`.
+        source: where the source weights came from (`SourceRecord`).
+        pretrained: False for seeded random weights (`--random-weights`).
+        head_norm_affine: the head norm has weights (FCMAE pre-training has none).
+        top1: ImageNet-1k top-1 (%) published with the weights, if any.
+        converter: the converter's name and version.
+        params: number of parameters of the Keras model.
+        weights_sha256: the sha256 of `model.weights.h5` (set when the folder is written).
+    """
+
+    name: str
+    architecture: Architecture
+    num_classes: int
+    pretrained_cfg: dict
+    source: SourceRecord
+    pretrained: bool = True
+    head_norm_affine: bool = True
+    top1: float | None = None
+    converter: dict = field(default_factory=dict)
+    params: int | None = None
+    weights_sha256: str | None = None
+
+    @property
+    def input_size(self) -> int:
+        """The square input resolution the checkpoint was evaluated at."""
+        return int(self.pretrained_cfg["input_size"][-1])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.pretrained_cfg["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.pretrained_cfg["std"])
+
+    @property
+    def license(self) -> str | None:
+        return self.pretrained_cfg.get("license")
+
+    @property
+    def tag(self) -> str:
+        return self.pretrained_cfg.get("tag") or ""
+
+    @property
+    def base_model(self) -> str | None:
+        """The Hub repo the weights came from, when they came from one."""
+        return self.pretrained_cfg.get("hf_hub_id") or None
+
+    def with_weights(self, sha256: str) -> "FolderConfig":
+        return dataclasses.replace(self, weights_sha256=sha256)
+
+    def to_json(self) -> dict:
+        """`config.json`'s content."""
+        out = {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "architecture": self.architecture.to_config(),
+            "num_classes": self.num_classes,
+            "head_norm_affine": self.head_norm_affine,
+            "pretrained_cfg": self.pretrained_cfg,
+            "top1": self.top1,
+            "source": self.source.to_json(),
+            "converter": self.converter,
+            "params": self.params,
+            "format": FORMAT,
+        }
+        if self.weights_sha256 is not None:
+            out["weights"] = {"file": WEIGHTS, "sha256": self.weights_sha256}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FolderConfig":
+        """Read `config.json`'s content.
+
+        Raises:
+            ValueError: a field is missing or malformed.
+        """
+        try:
+            weights = data.get("weights")
+            return cls(
+                name=data["name"], architecture=Architecture.from_config(data["architecture"]),
+                num_classes=int(data["num_classes"]), pretrained_cfg=dict(data["pretrained_cfg"]),
+                source=SourceRecord.from_json(data["source"]), pretrained=bool(data["pretrained"]),
+                head_norm_affine=bool(data["head_norm_affine"]), top1=data.get("top1"),
+                converter=dict(data.get("converter") or {}), params=data.get("params"),
+                weights_sha256=weights["sha256"] if isinstance(weights, dict) else None)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"missing or malformed field {e}") from None
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "FolderConfig":
+        """The config of the folder at `folder`, read as it is (`checkpoints.converted.open_folder`
+        checks the folder's files first; this does not).
+
+        Raises:
+            OSError: no readable config file.
+            ValueError: not a converted folder's config.
+        """
+        return cls.from_json(json.loads((Path(folder) / CONFIG).read_text()))

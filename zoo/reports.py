@@ -1,0 +1,126 @@
+"""The parity report: what a comparison of Keras with PyTorch found, as written to `parity.json`.
+
+Ground layer: the store and the Hub read these reports, the converters make them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import ParityError
+
+COMPARED = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
+DEFAULT_ATOL = 1e-4  # logits max abs error
+DEFAULT_RTOL = 1e-5  # logits max abs error / max |reference logit|
+# Intermediate outputs pass through up to 36 blocks of float32 arithmetic whose rounding
+# differs between oneDNN and ATen; a mapping bug moves them by O(1) relative, rounding by
+# O(1e-6). The bound sits between, with a wide margin to both.
+DEFAULT_STAGE_RTOL = 1e-4
+
+
+@dataclass
+class Comparison:
+    """Agreement of one compared tensor."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_ref: float
+    rel: float
+    finite: bool
+
+    @classmethod
+    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> "Comparison":
+        ours64, ref64 = ours.astype(np.float64), ref.astype(np.float64)
+        finite = bool(np.isfinite(ours64).all() and np.isfinite(ref64).all())
+        if ours.shape != ref.shape:
+            return cls(name, list(ref.shape), float("inf"), float("nan"), float("inf"), finite)
+        max_abs = float(np.max(np.abs(ours64 - ref64))) if finite else float("inf")
+        max_ref = float(np.max(np.abs(ref64))) if finite else float("nan")
+        rel = max_abs / max_ref if finite and max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+        return cls(name, list(ref.shape), max_abs, max_ref, rel, finite)
+
+
+@dataclass
+class ParityReport:
+    """The machine-readable result of a parity check (written as `parity.json`)."""
+
+    comparisons: list[Comparison]
+    top1_agreement: float
+    top5_agreement: float
+    atol: float
+    rtol: float
+    stage_rtol: float
+    num_images: int
+    input_size: int
+    passed: bool = False
+    failure: str | None = None
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.failure = self._first_failure()
+        self.passed = self.failure is None
+
+    def by_name(self, name: str) -> Comparison:
+        return next(c for c in self.comparisons if c.name == name)
+
+    def _first_failure(self) -> str | None:
+        for c in self.comparisons:
+            if not c.finite:
+                return f"{c.name}: non-finite values"
+            if c.name == "logits":
+                if c.max_abs > self.atol or c.rel > self.rtol:
+                    return (f"logits: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
+                            f"relative {c.rel:.3g} (rtol {self.rtol:g})")
+            elif c.rel > self.stage_rtol:
+                return f"{c.name}: relative error {c.rel:.3g} > {self.stage_rtol:g} (max abs {c.max_abs:.3g})"
+        return None
+
+    @property
+    def logits(self) -> Comparison:
+        return self.by_name("logits")
+
+    def summary(self) -> str:
+        c = self.logits
+        return (f"logits max abs {c.max_abs:.2e}, relative {c.rel:.2e}; "
+                f"top-1 agreement {self.top1_agreement:.0%}, top-5 {self.top5_agreement:.0%}")
+
+    def table(self) -> str:
+        rows = [f"{'output':<11} {'shape':<20} {'max abs':>10} {'relative':>10}"]
+        rows += [f"{c.name:<11} {str(tuple(c.shape)):<20} {c.max_abs:>10.2e} {c.rel:>10.2e}"
+                 for c in self.comparisons]
+        return "\n".join(rows)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ParityReport":
+        data = dict(data)
+        data.pop("weights_sha256", None)  # added by the store: binds the report to the weights file
+        data["comparisons"] = [Comparison(**c) for c in data["comparisons"]]
+        stored_pass, stored_failure = data.pop("passed", None), data.pop("failure", None)
+        report = cls(**data)
+        if stored_pass is not None and stored_pass != report.passed:
+            raise ValueError(f"parity report says passed={stored_pass} but its figures say "
+                             f"{report.passed} ({stored_failure or report.failure})")
+        return report
+
+    def assert_passed(self) -> None:
+        """Raise `ParityError` naming the first output that diverged."""
+        if not self.passed:
+            raise ParityError(f"parity check failed at {self.failure}\n{self.table()}", report=self)
+
+
+def topk_hits(ours: np.ndarray, ref: np.ndarray, k: int) -> int:
+    """On how many rows the two sets of top-k classes are the same."""
+    k = min(k, ref.shape[-1])
+    top_ours = np.argsort(-ours, axis=-1, kind="stable")[:, :k]
+    top_ref = np.argsort(-ref, axis=-1, kind="stable")[:, :k]
+    return int(sum(set(a) == set(b) for a, b in zip(top_ours, top_ref)))
+
+
+def topk_agreement(ours: np.ndarray, ref: np.ndarray, k: int) -> float:
+    """The fraction of rows whose two sets of top-k classes are the same."""
+    return topk_hits(ours, ref, k) / len(ref)
