@@ -73,18 +73,20 @@ def _our_versions() -> dict:
 
 
 @contextlib.contextmanager
-def started(network: Network, source: Path) -> Iterator["PendingCheck"]:
+def started(network: Network, source: Path, *, random_seed: int | None = None) -> Iterator["PendingCheck"]:
     """A parity check whose PyTorch side starts now, in its own process.
 
     timm imports, loads `source` and runs the parity batch while the block prepares the
-    Keras model and calls `check(model)` on the `PendingCheck` yielded. The child is killed
-    if the block raises.
+    Keras model and calls `check(model)` on the `PendingCheck` yielded. With `random_seed`,
+    the child first writes `source` (perturbed random weights; `PendingCheck.source_written`
+    waits for it), saving a second process and its imports. The child is killed if the block
+    raises.
     """
     inputs = network.parity_batch()
     with work_dir("zoo-parity-") as tmp:  # named with our PID: cleared by the next run if we are killed
-        spec = write_spec(network, source, tmp, inputs=inputs)
+        spec = write_spec(network, source, tmp, inputs=inputs, random_seed=random_seed)
         with reference_process(["forward", str(spec)]) as run:
-            yield PendingCheck(network.arch, inputs, run, spec)
+            yield PendingCheck(network.arch, inputs, run, spec, source)
 
 
 @dataclass
@@ -95,6 +97,15 @@ class PendingCheck:
     inputs: np.ndarray
     run: ReferenceRun
     spec: Path
+    source: Path
+
+    def source_written(self) -> None:
+        """Wait until the PyTorch side has written the random source weights (see `started`).
+
+        Raises:
+            ReferenceRunError: it failed first.
+        """
+        self.run.wait_for(self.source)
 
     def check(self, model, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
               stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:

@@ -6,6 +6,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from checkpoints import converted, store
 from checkpoints.fs import check_writable, work_dir, write_json_atomic
@@ -50,11 +51,13 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     out = store.check_destination(out if out else store.store_path(entry.name))  # before the slow work
     with work_dir("zoo-convert-") as work:
         with step(echo, "source weights"):
-            src = _source(entry, network, checkpoint, random_seed, revision, from_url, work)
-        with parity.started(network, src.path) as pending:
-            # timm imports, loads the source and runs the parity batch in its own process meanwhile
+            src = _source(entry, checkpoint, random_seed, revision, from_url, work)
+        with parity.started(network, src.path, random_seed=random_seed) as pending:
+            # timm imports, loads the source (random weights: writes them first) and runs the
+            # parity batch in its own process meanwhile
             with step(echo, f"read {src.path.name} and build {network.arch.name}"):
-                state, src, model = _read_and_build(src, network)
+                ready = pending.source_written if random_seed is not None else None
+                state, src, model = _read_and_build(src, network, ready)
             with store.writing(out, model) as folder:
                 with step(echo, f"write {WEIGHTS}"):
                     folder.save_weights(model, mapping.values(state, model))
@@ -70,12 +73,17 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
     return folder.out, report
 
 
-def _read_and_build(src: source.SourceWeights, network: Network):
+def _read_and_build(src: source.SourceWeights, network: Network, ready: Callable[[], None] | None = None):
     """(state dict, `src` with its sha256, model): the file is read and hashed on other
-    threads while this one builds the Keras model (building is Python, reading and hashing
-    release the GIL)."""
+    threads (once `ready` returns, when given: the file is still being written) while this one
+    builds the Keras model (building is Python, reading and hashing release the GIL)."""
+    def read():
+        if ready is not None:
+            ready()
+        return reading.read_source(src, conv_mlp=network.arch.conv_mlp)
+
     with ThreadPoolExecutor(1) as reader:
-        reading_ = reader.submit(reading.read_source, src, conv_mlp=network.arch.conv_mlp)
+        reading_ = reader.submit(read)
         model = empty_model(network)
         state, src = reading_.result()
     return state, src, model
@@ -149,13 +157,14 @@ def empty_model(network: Network):
                            head_norm_affine=network.head_norm_affine, initialize=False)
 
 
-def _source(entry: CatalogueEntry, network: Network, checkpoint, random_seed, revision, from_url, work: Path):
+def _source(entry: CatalogueEntry, checkpoint, random_seed, revision, from_url, work: Path):
     if checkpoint is not None and random_seed is not None:
         raise SourceError("give either a checkpoint file or random weights, not both")
     if checkpoint is not None:
         return source.local(checkpoint, hashed=False)  # hashed as it is read
-    if random_seed is not None:
-        return random_source(network, random_seed, work, hashed=False)
+    if random_seed is not None:  # written by the parity check's reference process, then read here
+        path = _random_path(work, random_seed)
+        return source.SourceWeights(path, None, filename=path.name)
     if from_url or not entry.hf_hub_id:
         if not entry.url:
             raise SourceError(f"{entry.name} has no original release URL; convert it from the Hub")
@@ -163,16 +172,20 @@ def _source(entry: CatalogueEntry, network: Network, checkpoint, random_seed, re
     return source.fetch(entry.hf_hub_id, entry.hf_hub_filename, revision=revision)
 
 
-def random_source(network: Network, seed: int, work: Path, *, hashed: bool = True) -> source.SourceWeights:
+def random_source(network: Network, seed: int, work: Path) -> source.SourceWeights:
     """Perturbed random weights in timm's layout, written by timm itself (separate process).
 
-    `hashed=False` leaves the sha256 to `reading.read_source` (see `source.local`).
+    A conversion has the parity check's reference process write them instead (one process).
     """
-    path = work / f"random-seed{seed}.safetensors"
+    path = _random_path(work, seed)
     run_reference_process(["random", "--arch", json.dumps(network.arch.to_config()),
                            "--num-classes", str(network.num_classes), "--seed", str(seed), "--out", str(path)]
                           + ([] if network.head_norm_affine else ["--no-head-norm"]))
-    return source.local(path, hashed=hashed)
+    return source.local(path)
+
+
+def _random_path(work: Path, seed: int) -> Path:
+    return work / f"random-seed{seed}.safetensors"
 
 
 def _config(entry: CatalogueEntry, src: source.SourceWeights, random_seed: int | None, params: int) -> FolderConfig:

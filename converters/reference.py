@@ -179,6 +179,9 @@ def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
 def _forward_command(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     arch = Architecture.from_config(spec["arch"])
+    if "random_seed" in spec:  # the source is random weights this process writes first
+        write_random(arch, spec["num_classes"], spec["random_seed"], Path(spec["source"]),
+                     spec.get("head_norm_affine", True))
     inputs = np.load(spec["inputs"]) if "inputs" in spec else None
     if "out_indices" in spec:
         outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
@@ -194,14 +197,22 @@ def _forward_command(spec_path: Path) -> None:
         Path(spec["versions"]).write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__}))
 
 
-def _random_command(args) -> None:
+def write_random(arch: Architecture, num_classes: int, seed: int, out: Path, head_norm_affine: bool = True) -> None:
+    """`random_state_dict` as a safetensors file at `out`, which appears whole (written beside it,
+    then renamed): a process waiting for the file never reads it half-written."""
     from safetensors.numpy import save_file
 
-    arch = Architecture.from_config(json.loads(args.arch))
-    state = random_state_dict(arch, args.num_classes, args.seed, not args.no_head_norm)
+    state = random_state_dict(arch, num_classes, seed, head_norm_affine)
+    partial = out.with_name(out.name + ".partial")
     # One metadata key only: safetensors writes metadata from a hash map whose order varies
     # between processes, and the file's sha256 must be a function of the seed.
-    save_file(state, args.out, metadata={"format": "pt"})
+    save_file(state, str(partial), metadata={"format": "pt"})
+    os.replace(partial, out)
+
+
+def _random_command(args) -> None:
+    write_random(Architecture.from_config(json.loads(args.arch)), args.num_classes, args.seed, Path(args.out),
+                 not args.no_head_norm)
 
 
 def main(argv=None) -> int:

@@ -7,11 +7,13 @@ crashes timm's forward pass. `Network` is what both sides of a comparison build 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoints.converted import FolderConfig
-from checkpoints.fs import work_dir
+from checkpoints.fs import reason, work_dir
 from zoo.architectures import Architecture
 from zoo.catalogue import CatalogueEntry
 from zoo.errors import ReferenceRunError, StoreError
@@ -58,21 +60,33 @@ class Network:
 
 def write_spec(network: Network, source: Path, workdir: Path, *, inputs: np.ndarray | None = None,
                out_indices: tuple[int, ...] | None = None, files: list[Path] | None = None,
-               pretrained_cfg: dict | None = None) -> Path:
+               pretrained_cfg: dict | None = None, random_seed: int | None = None) -> Path:
     """The spec file of one reference run: `network` loaded from `source`, run on `inputs`
     (every compared tensor, or timm's `features_only` maps for `out_indices`) or on image
-    `files` prepared by timm's transform for `pretrained_cfg`."""
+    `files` prepared by timm's transform for `pretrained_cfg`. With `random_seed`, the
+    reference first writes `source` itself: perturbed random weights in timm's layout."""
     spec = {"arch": network.arch.to_config(), "num_classes": network.num_classes, "source": str(source),
             "head_norm_affine": network.head_norm_affine, "outputs": str(workdir / "reference.npz"),
             "versions": str(workdir / "reference-versions.json")}
+    files_written = {}
     if inputs is not None:
-        np.save(workdir / "inputs.npy", inputs)
+        buffer = io.BytesIO()
+        np.save(buffer, inputs)
+        files_written["inputs.npy"] = buffer.getvalue()
         spec["inputs"] = str(workdir / "inputs.npy")
     if out_indices is not None:
         spec["out_indices"] = list(out_indices)
     if files is not None:
         spec.update(files=[str(f) for f in files], pretrained_cfg=pretrained_cfg)
-    (workdir / "spec.json").write_text(json.dumps(spec))
+    if random_seed is not None:
+        spec["random_seed"] = random_seed
+    files_written["spec.json"] = json.dumps(spec).encode()
+    try:
+        for name, data in files_written.items():
+            (workdir / name).write_bytes(data)  # (numpy's own writer reports a full disk without errno)
+    except OSError as e:
+        why = reason(e, workdir, remedy="free some space there or set TMPDIR to another folder")
+        raise StoreError(f"cannot write the PyTorch reference's files in {workdir} ($TMPDIR): {why}") from None
     return workdir / "spec.json"
 
 
@@ -146,6 +160,18 @@ class ReferenceRun:
         self._drain.shutdown()
         if self._proc.returncode != 0:
             _raise_reference_failure(self._proc.returncode, stderr)
+
+    def wait_for(self, path: Path, poll: float = 0.02) -> None:
+        """Wait until the child has written `path` (a file it renames into place).
+
+        Raises:
+            as `wait`, if the child ends without writing it.
+        """
+        while not path.exists():
+            if self._proc.poll() is not None:
+                self.wait()  # raises what went wrong
+                raise ReferenceRunError(f"the PyTorch reference process ended without writing {path.name}")
+            time.sleep(poll)
 
     def kill(self) -> None:
         self._proc.kill()

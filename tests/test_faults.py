@@ -237,13 +237,13 @@ def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small
         path.mkdir()
         (path / "random-seed0.safetensors").write_bytes(b"half")
     used = []
-    real_random_source = pipeline.random_source
+    real_started = pipeline.parity.started
 
-    def record(network, seed, work, *args, **kwargs):
-        used.append(work)
-        return real_random_source(network, seed, work, *args, **kwargs)
+    def record(network, source, **kwargs):  # where the random source weights are written
+        used.append(source.parent)
+        return real_started(network, source, **kwargs)
 
-    monkeypatch.setattr(pipeline, "random_source", record)
+    monkeypatch.setattr(pipeline.parity, "started", record)
     pipeline.convert("convnext_tiny_1k", out=tmp_path / "next", random_seed=0)
     assert used[0].parent == work_tmp and used[0].name.startswith(f"zoo-convert-{os.getpid()}-")
     assert names(work_tmp) == sorted(p.name for p in (live, unowned, other))
