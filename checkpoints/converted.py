@@ -127,7 +127,7 @@ def _open_once(path: Path) -> ConvertedFolder:
             raise IntegrityError(f"{file} does not match its manifest sha256: the file was modified "
                                  f"or corrupted; convert again")
     try:
-        config = FolderConfig.from_json(json.loads((path / CONFIG).read_text()))
+        config = FolderConfig.read(path)
     except ValueError as e:
         raise IntegrityError(f"{path / CONFIG} is not a converted folder's config ({e}); convert again") from None
     parity = json.loads((path / PARITY).read_text())

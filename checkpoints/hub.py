@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 
 from zoo.errors import HubError, IntegrityError
+from zoo.folder_config import CONTENT_FILES, FORMAT, MANIFEST, WEIGHTS
 from zoo.reports import ParityReport
 
 from . import converted
-from .converted import CONTENT_FILES, FORMAT, MANIFEST, ConvertedFolder
+from .converted import ConvertedFolder
 from .fs import sha256_file
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ def _publishable(folder: ConvertedFolder, allow_random: bool) -> ParityReport:
         raise HubError(f"refusing to publish {folder.path}: its parity report is invalid ({e})") from None
     if not report.passed:
         raise HubError(f"refusing to publish {folder.path}: its parity check failed ({report.failure})")
-    if folder.parity.get("weights_sha256") != folder.files[converted.WEIGHTS]["sha256"]:
+    if folder.parity.get("weights_sha256") != folder.files[WEIGHTS]["sha256"]:
         raise HubError(f"refusing to publish {folder.path}: the weights changed after the parity report; "
                        "run `zoo verify` or convert again")
     return report

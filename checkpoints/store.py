@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Iterator
 
 from zoo.errors import StoreError
+from zoo.folder_config import WEIGHTS, FolderConfig
 
 from . import fs
-from .converted import WEIGHTS, FolderConfig, assemble, is_converted_folder
+from .converted import assemble, is_converted_folder
 from .weights import Values, release_failed, size_estimate, write_weights
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from typing import Callable
+
 import keras
 import numpy as np
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints.converted import FolderConfig
 from checkpoints.fs import reason, work_dir
 from zoo.architectures import Architecture
 from zoo.catalogue import CatalogueEntry
 from zoo.errors import ReferenceRunError, StoreError
+from zoo.folder_config import FolderConfig
 
 from .images import parity_batch
 

@@ -1,10 +1,11 @@
 """convnext-zoo: the official PyTorch ConvNeXt checkpoints as Keras 3 models, proven equal.
 
-`import zoo` is cheap: its names are resolved on first use, tensorflow is imported on the first
-call that builds a model, and torch never (only the converter's separate reference process uses
-it). Importing zoo before tensorflow also turns on oneDNN's fused CPU kernels (see
-`zoo.runtime`). This facade is the top of the user layer: modules below it import the modules
-they need (`zoo.errors`, `zoo.catalogue`, ...), never `zoo` itself.
+`import zoo` is cheap: the names that need Keras (load, build, freeze_stages) or PIL
+(preprocess) are resolved on first use, tensorflow is imported on the first call that builds a
+model, and torch never (only the converter's separate reference process uses it). Importing
+zoo before tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.runtime`). This
+facade is the top of the user layer: modules below it import the modules they need
+(`zoo.errors`, `zoo.catalogue`, ...), never `zoo` itself.
 """
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from .errors import UnknownModelError
 
-
 STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
 NORMS = ("layernorm", "simplenorm")
 
