@@ -8,7 +8,6 @@ pre-logits are compared into a `ParityReport` (`zoo.reports`). Parity is an asse
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,8 +28,6 @@ from zoo.reports import (
 )
 
 from .reference_process import Network, ReferenceRun, reference_process, results, versions, write_spec
-
-log = logging.getLogger(__name__)
 
 
 def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL,

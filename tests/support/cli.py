@@ -49,10 +49,3 @@ def one_line_error(result: subprocess.CompletedProcess | Result) -> str:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), result.stderr[-3000:]
     return last
-
-
-def usage_error(result: subprocess.CompletedProcess | Result) -> str:
-    """The CLI refused its arguments as click does: exit 2, a usage line, no traceback."""
-    assert exit_code(result) == 2, result.stderr[-3000:]
-    assert_no_traceback(result)
-    return result.stderr

@@ -1,13 +1,12 @@
-"""Converted folders written straight by the store (no conversion): a small model and its config."""
+"""What tests write as converted folders straight through the store (no conversion): a small model
+with non-trivial weights and the config `converters.pipeline` would write for it."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import keras
 import numpy as np
 
-from checkpoints import store
 from tests.support.archs import SMALL_V1
 from zoo.architectures import Architecture
 from zoo.catalogue import resolve
@@ -39,10 +38,3 @@ def folder_config(name: str = NAME, arch: Architecture = SMALL_V1, num_classes: 
         source=SourceRecord("random", "0" * 64, seed=0, note="test weights"), pretrained=False,
         converter={"convnext_zoo": __version__})
     return dataclasses.replace(config, **changes)
-
-
-def write_folder(out: Path, model: keras.Model, config: FolderConfig | None = None,
-                 parity: dict | None = None) -> Path:
-    """`model` written as a converted folder (the default config: catalogue entry NAME)."""
-    return store.write(out, model, config or folder_config(num_classes=model.output_shape[-1]),
-                       dict(PARITY if parity is None else parity))
