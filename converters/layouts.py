@@ -1,54 +1,216 @@
 """Key layouts of PyTorch ConvNeXt checkpoints, renamed to timm's module paths by name (never by position).
 
-Numpy only (this module also runs inside the PyTorch reference process).
+Each layout is data: a key that only it has, the framework that runs it, and an ordered table
+of renames to timm's keys. Numpy only (this module also runs inside the PyTorch reference process).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from zoo.errors import SourceError
 
-_FB_RULES = [  # official FB layout -> timm's module paths (order matters)
-    (re.compile(r"^downsample_layers\.0\."), "stem."),
-    (re.compile(r"^downsample_layers\.(\d+)\."), r"stages.\1.downsample."),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\."), r"stages.\1.blocks.\2."),
-    (re.compile(r"\.dwconv\."), ".conv_dw."),
-    (re.compile(r"\.pwconv(\d)\."), r".mlp.fc\1."),
-    (re.compile(r"\.grn\.gamma$"), ".mlp.grn.weight"),
-    (re.compile(r"\.grn\.beta$"), ".mlp.grn.bias"),
-    (re.compile(r"^norm\."), "head.norm."),
-    (re.compile(r"^head\.(weight|bias)$"), r"head.fc.\1"),
-]
+
+def _rules(*pairs: tuple[str, str]) -> tuple[tuple[re.Pattern, str], ...]:
+    return tuple((re.compile(pattern), repl) for pattern, repl in pairs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way PyTorch code names a ConvNeXt's tensors.
+
+    Attributes:
+        name: `timm`, `fb`, `transformers` or `torchvision`.
+        framework: the library whose own model class runs checkpoints of this layout (the
+            parity reference): timm, transformers or torchvision.
+        signature: matches a key that only this layout has.
+        rules: renames to timm's keys, applied in order to every key (`re.sub`).
+    """
+
+    name: str
+    framework: str
+    signature: re.Pattern
+    rules: tuple[tuple[re.Pattern, str], ...]
+
+    def timm_key(self, key: str) -> str:
+        for pattern, repl in self.rules:
+            key = pattern.sub(repl, key)
+        return key
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
+    Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), ()),
+    # the official releases (facebookresearch/ConvNeXt, ConvNeXt-V2)
+    Layout("fb", "timm", re.compile(r"^downsample_layers\.0\.0\.weight$"), _rules(
+        (r"^downsample_layers\.0\.", "stem."),
+        (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+        (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+        (r"\.dwconv\.", ".conv_dw."),
+        (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+        (r"\.grn\.gamma$", ".mlp.grn.weight"),
+        (r"\.grn\.beta$", ".mlp.grn.bias"),
+        (r"^norm\.", "head.norm."),
+        (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    )),
+    # Hugging Face transformers ConvNext/ConvNextV2 (ForImageClassification, or the bare Model
+    # without the `convnext.` prefix); its final LayerNorm's eps is the config's layer_norm_eps
+    Layout("transformers", "transformers",
+           re.compile(r"^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$"), _rules(
+               (r"^convnext(v2)?\.", ""),
+               (r"^embeddings\.patch_embeddings\.", "stem.0."),
+               (r"^embeddings\.layernorm\.", "stem.1."),
+               (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
+               (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2."),
+               (r"\.dwconv\.", ".conv_dw."),
+               (r"\.blocks\.(\d+)\.layernorm\.", r".blocks.\1.norm."),
+               (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+               (r"\.layer_scale_parameter$", ".gamma"),
+               (r"\.grn\.", ".mlp.grn."),
+               (r"^layernorm\.", "head.norm."),
+               (r"^classifier\.", "head.fc."),
+           )),
+    # torchvision.models.convnext_*: features.0 stem, odd features stages, even ones downsample
+    Layout("torchvision", "torchvision", re.compile(r"^features\.0\.0\.weight$"), _rules(
+        (r"^features\.0\.", "stem."),
+        (r"^features\.1\.(\d+)\.", r"stages.0.blocks.\1."),
+        (r"^features\.2\.", "stages.1.downsample."),
+        (r"^features\.3\.(\d+)\.", r"stages.1.blocks.\1."),
+        (r"^features\.4\.", "stages.2.downsample."),
+        (r"^features\.5\.(\d+)\.", r"stages.2.blocks.\1."),
+        (r"^features\.6\.", "stages.3.downsample."),
+        (r"^features\.7\.(\d+)\.", r"stages.3.blocks.\1."),
+        (r"\.block\.0\.", ".conv_dw."),
+        (r"\.block\.2\.", ".norm."),
+        (r"\.block\.3\.", ".mlp.fc1."),
+        (r"\.block\.5\.", ".mlp.fc2."),
+        (r"\.layer_scale$", ".gamma"),
+        (r"^classifier\.0\.", "head.norm."),
+        (r"^classifier\.2\.", "head.fc."),
+    )),
+)}
+
+# Every key a timm ConvNeXt can hold: what a layout must rename a key into.
+TIMM_KEY = re.compile(
+    r"^(stem\.\d+|stages\.\d+\.downsample\.\d+|norm_pre|head\.(norm|fc|pre_logits\.fc)"
+    r"|stages\.\d+\.blocks\.\d+\.(conv_dw|norm|mlp\.fc[12]|mlp\.grn))\.(weight|bias)$"
+    r"|^stages\.\d+\.blocks\.\d+\.gamma$"
+)
+# Wrappers whose prefix every key of a saved model carries: DDP, torch.compile, Lightning-style
+# modules, detection backbones.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
+# Parameters timm holds as vectors that other layouts store with extra unit axes: LayerScale
+# (torchvision: (C, 1, 1)) and GRN (FB, transformers: (1, 1, 1, C)).
+_VECTORS = re.compile(r"(\.gamma|\.mlp\.grn\.(weight|bias))$")
+
+
+def strip_prefix(state_dict: dict) -> tuple[dict, str]:
+    """Remove wrapper prefixes (`module.`, `model.`, ...) that every key shares.
+
+    Returns:
+        The state dict and the prefix removed (`""` for none).
+    """
+    removed = ""
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        removed += prefix
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict, removed
+
+
+def detect(keys, hint: str | None = None) -> Layout:
+    """The layout of a state dict's keys (prefixes already stripped).
+
+    Args:
+        keys: the state dict's keys.
+        hint: the layout a config file next to the weights names (`transformers`, `timm`); the
+            keys must agree with it.
+
+    Raises:
+        SourceError: no layout matches; the message names the closest and its first differences.
+    """
+    keys = list(keys)
+    found = [layout for layout in LAYOUTS.values() if any(layout.signature.match(k) for k in keys)]
+    if len(found) > 1:
+        raise SourceError(f"the checkpoint mixes the {' and '.join(f.name for f in found)} key layouts")
+    if found and hint is not None and found[0].name != hint:
+        raise SourceError(f"its config file says the {hint} layout but the keys are in the {found[0].name} layout")
+    if found:
+        unknown = [k for k in keys if not TIMM_KEY.match(found[0].timm_key(k))]
+        if not unknown:
+            return found[0]
+        raise SourceError(f"{len(unknown)} of {len(keys)} keys have no place in a ConvNeXt of the {found[0].name} "
+                          f"layout:\n{_listed(unknown)}")
+    closest, unknown = _closest(keys)
+    raise SourceError(
+        f"not a ConvNeXt checkpoint in a known layout (timm, fb, transformers, torchvision); the closest is "
+        f"{closest.name}, where {len(unknown)} of {len(keys)} keys have no place:\n{_listed(unknown)}")
+
+
+def _listed(keys: list[str], shown: int = 8) -> str:
+    more = f"\n  ... and {len(keys) - shown} more" if len(keys) > shown else ""
+    return "\n".join(f"  {k}" for k in keys[:shown]) + more
+
+
+def _closest(keys: list[str]) -> tuple[Layout, list[str]]:
+    """The layout whose names the keys use most (keys it renames or places), and the keys it cannot place."""
+    def score(layout: Layout) -> tuple[int, int]:
+        renamed = [layout.timm_key(k) for k in keys]
+        used = sum(new != k or bool(TIMM_KEY.match(new)) for k, new in zip(keys, renamed))
+        return used, sum(bool(TIMM_KEY.match(new)) for new in renamed)
+
+    best = max(LAYOUTS.values(), key=score)
+    return best, [k for k in keys if not TIMM_KEY.match(best.timm_key(k))]
+
+
+def to_timm(state_dict: dict[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
+    """Rename a state dict of `layout` to timm's keys; vectors stored with unit axes become `(C,)`.
+
+    Raises:
+        SourceError: two keys map to one, or a vector parameter has an impossible shape.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        new = layout.timm_key(key)
+        if _VECTORS.search(new) and value.ndim != 1:
+            if value.ndim == 0 or value.size != max(value.shape):
+                raise SourceError(f"{key}: a per-channel parameter of shape {value.shape}; expected (C,) "
+                                  "or C with unit axes")
+            value = value.reshape(-1)
+        if new in out:
+            raise SourceError(f"two {layout.name} keys map to {new!r}")
+        out[new] = value
+    return out
+
+
+def fit_mlp(state_dict: dict[str, np.ndarray], conv_mlp: bool) -> dict[str, np.ndarray]:
+    """The MLP weights in the form the architecture holds them: `(out, in, 1, 1)` convs for
+    timm's `conv_mlp` rows, `(out, in)` linears otherwise (the same numbers either way)."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if re.search(r"\.mlp\.fc\d\.weight$", key):
+            if conv_mlp and value.ndim == 2:
+                out[key] = value.reshape(*value.shape, 1, 1)
+            elif not conv_mlp and value.ndim == 4 and value.shape[2:] == (1, 1):
+                out[key] = value.reshape(value.shape[:2])
+    return out
 
 
 def is_fb_layout(state_dict: dict) -> bool:
     """True for the official FB key layout (`downsample_layers.*`, `stages.i.j.*`)."""
-    return any(k.startswith("downsample_layers.") for k in state_dict)
+    return any(LAYOUTS["fb"].signature.match(k) for k in state_dict)
 
 
 def normalise_keys(state_dict: dict[str, np.ndarray], conv_mlp: bool = False) -> dict[str, np.ndarray]:
-    """Rename an official FB state dict to timm's keys, by name (never by position).
+    """Rename a state dict in any known layout to timm's keys, MLP weights shaped for `conv_mlp`.
 
-    timm-layout input is returned unchanged. GRN parameters, stored by FB as `(1, 1, 1, C)`,
-    are flattened to timm's `(C,)`; with `conv_mlp` (timm holds the MLP as 1x1 convs) FB's
-    linear MLP weights `(out, in)` become `(out, in, 1, 1)`.
+    Wrapper prefixes every key shares are removed first; timm-layout input keeps its keys.
+
+    Raises:
+        SourceError: no known layout, or keys that collide.
     """
-    if not is_fb_layout(state_dict):
-        return dict(state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _FB_RULES:
-            new = pattern.sub(repl, new)
-        if ".mlp.grn." in new:
-            if value.ndim == 0 or value.size != value.shape[-1]:
-                raise SourceError(f"{key}: a GRN parameter of shape {value.shape}; expected (C,) or (1, 1, 1, C)")
-            value = value.reshape(value.shape[-1])
-        elif conv_mlp and re.search(r"\.mlp\.fc\d\.weight$", new) and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)
-        if new in out:
-            raise SourceError(f"two FB keys map to {new!r}")
-        out[new] = value
-    return out
+    state_dict, _ = strip_prefix(dict(state_dict))
+    return fit_mlp(to_timm(state_dict, detect(state_dict)), conv_mlp)

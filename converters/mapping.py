@@ -102,8 +102,12 @@ def expected_keys(model: keras.Model) -> dict[str, tuple]:
     return {a.key: a.rule.torch_shape(tuple(a.variable.shape)) for a in plan(model)}
 
 
-def check(state_dict: dict[str, np.ndarray], assignments: list[Assignment]) -> None:
-    """Raise one error listing every missing key, unexpected key and shape mismatch."""
+LISTED = 12  # differences an error lists by default: a wrong layout would list hundreds
+
+
+def check(state_dict: dict[str, np.ndarray], assignments: list[Assignment], listed: int | None = LISTED) -> None:
+    """Raise one error naming the missing keys, unexpected keys and shape mismatches (every one
+    of them with `listed=None`, else the first `listed` and how many more)."""
     wanted = {a.key: a for a in assignments}
     missing = sorted(set(wanted) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(wanted))
@@ -116,13 +120,16 @@ def check(state_dict: dict[str, np.ndarray], assignments: list[Assignment]) -> N
     if missing or unexpected or mismatched:
         lines = [f"the checkpoint does not match the model ({len(missing)} missing, "
                  f"{len(unexpected)} unexpected, {len(mismatched)} shape mismatches):"]
-        lines += [f" - in model, not in checkpoint: {k}" for k in missing]
-        lines += [f" + in checkpoint, not in model: {k}" for k in unexpected]
-        lines += [f" ~ shape mismatch: {m}" for m in mismatched]
-        raise MappingError("\n".join(lines))
+        found = [f" - in model, not in checkpoint: {k}" for k in missing]
+        found += [f" + in checkpoint, not in model: {k}" for k in unexpected]
+        found += [f" ~ shape mismatch: {m}" for m in mismatched]
+        if listed is not None and len(found) > listed:
+            found = found[:listed] + [f" ... and {len(found) - listed} more (--verbose lists them all)"]
+        raise MappingError("\n".join(lines + found))
 
 
-def values(state_dict: dict[str, np.ndarray], model: keras.Model) -> dict[int, Callable[[], np.ndarray]]:
+def values(state_dict: dict[str, np.ndarray], model: keras.Model,
+           listed: int | None = LISTED) -> dict[int, Callable[[], np.ndarray]]:
     """The value of every Keras variable of `model` in the Keras layout, keyed by `id(variable)`.
 
     Every check runs first: a mismatch raises before any value exists. Each value is computed
@@ -134,7 +141,7 @@ def values(state_dict: dict[str, np.ndarray], model: keras.Model) -> dict[int, C
             variable fed twice.
     """
     assignments = plan(model)
-    check(state_dict, assignments)
+    check(state_dict, assignments, listed)
     out: dict[int, Callable[[], np.ndarray]] = {}
     for a in assignments:
         if id(a.variable) in out:

@@ -3,21 +3,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from checkpoints import converted, store
 from checkpoints.fs import check_writable, work_dir, write_json_atomic
+from zoo.architectures import ARCHITECTURES, get_architecture
 from zoo.catalogue import CatalogueEntry, resolve
-from zoo.errors import IntegrityError, SourceError, ZooError
+from zoo.errors import IntegrityError, MappingError, SourceError, ZooError
 from zoo.folder_config import PARITY, WEIGHTS, FolderConfig, SourceRecord
 from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport
 from zoo.steps import Echo, step
 from zoo.version import __version__
 
-from . import mapping, parity, reading, source
+from . import inference, mapping, parity, reading, source
+from .inference import Inferred
+from .layouts import LAYOUTS, fit_mlp
+from .metadata import SourceMetadata, default_preprocessing, read_metadata
+from .reading import PLAIN_KEYS
 from .reference_process import Network, run_reference_process
 
 log = logging.getLogger(__name__)
@@ -53,40 +60,196 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
         with step(echo, "source weights"):
             src = _source(entry, checkpoint, random_seed, revision, from_url, work)
         with parity.started(network, src.path, random_seed=random_seed) as pending:
-            # timm imports, loads the source (random weights: writes them first) and runs the
-            # parity batch in its own process meanwhile
+            # the source framework imports, loads the source (random weights: writes them first)
+            # and runs the parity batch in its own process meanwhile
             with step(echo, f"read {src.path.name} and build {network.arch.name}"):
                 ready = pending.source_written if random_seed is not None else None
                 state, src, model = _read_and_build(src, network, ready)
-            with store.writing(out, model) as folder:
-                with step(echo, f"write {WEIGHTS}"):
-                    folder.save_weights(model, mapping.values(state, model))
-                    del state
-                with step(echo, "load the written weights"):
-                    model.load_weights(folder.weights)  # parity judges the bytes written, as zoo.load reads them
-                with step(echo, "parity against timm (separate process)"):
-                    report = pending.check(model, atol=atol, rtol=rtol)
-                echo(report.table())
-                report.assert_passed()
-                with step(echo, f"finish {folder.out}"):
-                    folder.commit(_config(entry, src, random_seed, model.count_params()), report.to_json())
+            try:
+                return _write_checked(out, model, state, pending, _framework(src),
+                                      lambda params: _config(entry, src, random_seed, params), atol, rtol, echo)
+            except MappingError as e:
+                if checkpoint is None:
+                    raise
+                raise MappingError(f"{e}\n(a fine-tune of {entry.name} with another head converts without the "
+                                   "catalogue name: zoo convert --checkpoint FILE --out DIR)") from None
+
+
+def _write_checked(out: Path, model, state: dict, pending: parity.PendingCheck, framework: str,
+                   config: Callable[[int], FolderConfig], atol: float, rtol: float,
+                   echo: Echo, verbose: bool = False) -> tuple[Path, ParityReport]:
+    """Write `state` into `model`'s weights file at `out`, check the bytes written against the
+    source framework, and commit the folder only if parity passed."""
+    with store.writing(out, model) as folder:
+        with step(echo, f"write {WEIGHTS}"):
+            folder.save_weights(model, mapping.values(state, model, None if verbose else mapping.LISTED))
+            del state
+        with step(echo, "load the written weights"):
+            model.load_weights(folder.weights)  # parity judges the bytes written, as zoo.load reads them
+        with step(echo, f"parity against {framework} (separate process)"):
+            report = pending.check(model, atol=atol, rtol=rtol)
+        echo(report.table())
+        report.assert_passed()
+        with step(echo, f"finish {folder.out}"):
+            folder.commit(config(model.count_params()), report.to_json())
     return folder.out, report
 
 
 def _read_and_build(src: source.SourceWeights, network: Network, ready: Callable[[], None] | None = None):
-    """(state dict, `src` with its sha256, model): the file is read and hashed on other
+    """(state dict, `src` with its sha256 and layout, model): the file is read and hashed on other
     threads (once `ready` returns, when given: the file is still being written) while this one
     builds the Keras model (building is Python, reading and hashing release the GIL)."""
     def read():
         if ready is not None:
             ready()
-        return reading.read_source(src, conv_mlp=network.arch.conv_mlp)
+        state, read_src = reading.read_source(src, use_ema=network.use_ema)
+        return fit_mlp(state, network.arch.conv_mlp), read_src
 
     with ThreadPoolExecutor(1) as reader:
         reading_ = reader.submit(read)
         model = empty_model(network)
         state, src = reading_.result()
     return state, src, model
+
+
+def _framework(src: source.SourceWeights) -> str:
+    return LAYOUTS[src.layout].framework if src.layout else "timm"
+
+
+def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None, name: str | None = None,
+                       arch: str | None = None, input_size: int | None = None,
+                       mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+                       labels: list[str] | None = None, use_ema: bool = True, revision: str | None = None,
+                       atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, verbose: bool = False,
+                       echo: Echo = log.info) -> tuple[Path, ParityReport]:
+    """Convert any PyTorch ConvNeXt checkpoint, its architecture and head read from its tensors.
+
+    Takes timm, FB, transformers (ConvNext, ConvNextV2) and torchvision layouts, in safetensors
+    or pickle containers (training checkpoints: EMA weights first, as timm), wrapper prefixes
+    (`module.`) removed, from a file, a `save_pretrained`/timm repo folder, or `hf://ORG/REPO`.
+    The parity check runs the checkpoint in the framework it came from.
+
+    Args:
+        checkpoint: a file, a folder, or `hf://ORG/REPO[@REVISION]`.
+        out: destination folder (default: the local store under `name`).
+        name: the converted model's name (default: the repo's, folder's or file's).
+        arch: a timm architecture name the tensors must be (checked, not trusted).
+        input_size, mean, std: preprocessing where the source's config does not say it.
+        labels: a name per class, where the source's config does not name them.
+        use_ema: take a training checkpoint's EMA weights when it has them.
+        revision: Hub revision, for `hf://` sources.
+        atol, rtol: logits tolerances of the parity gate.
+        verbose: a mismatch lists every key, not the first few.
+        echo: receives one line per step.
+
+    Returns:
+        The written folder and the parity report.
+
+    Raises:
+        ZooError: any failure; nothing is written then.
+    """
+    with work_dir("zoo-convert-"):
+        with step(echo, "source weights"):
+            src = source.open_checkpoint(checkpoint, revision=revision)
+        name = name or default_name(checkpoint, src)
+        out = store.check_destination(out if out else store.store_path(name))  # before the slow work
+        meta = read_metadata(src.path)
+        with step(echo, f"read {src.path.name}"):
+            state, src = reading.read_source(src, use_ema=use_ema, hint=meta.layout)
+        found = _infer(state, src, meta, arch)
+        state = fit_mlp(state, found.arch.conv_mlp)
+        preprocessing = _preprocessing(meta, input_size, mean, std, echo)
+        names = _labels(labels, meta, found.num_classes, echo)
+        network = Network(found.arch, found.num_classes, found.head_norm_affine, int(preprocessing["input_size"][-1]),
+                          tuple(preprocessing["mean"]), tuple(preprocessing["std"]), src.state_key not in PLAIN_KEYS)
+        echo(_describe(src, found))
+        with parity.started(network, src.path) as pending:
+            with step(echo, f"build {found.arch.name}"):
+                model = empty_model(network)
+            return _write_checked(out, model, state, pending, _framework(src),
+                                  lambda params: _own_config(name, src, found, preprocessing, names, params),
+                                  atol, rtol, echo, verbose)
+
+
+def _infer(state: dict, src: source.SourceWeights, meta: SourceMetadata, named: str | None) -> Inferred:
+    """The network in the tensors, checked against the config beside them and a named architecture."""
+    layout = LAYOUTS[src.layout]
+    found = inference.infer(state, mlp_form_known=layout.name == "timm", head_norm_eps=meta.head_norm_eps)
+    if meta.head_norm_eps is not None and meta.head_norm_eps == found.arch.norm_eps:
+        found = replace(found, arch=found.arch.replace(head_norm_eps=None))
+    if meta.num_classes is not None and found.num_classes and meta.num_classes != found.num_classes:
+        raise SourceError(f"config.json says {meta.num_classes} classes; the classifier has {found.num_classes}")
+    if meta.shape and all(meta.shape) and meta.shape != (found.arch.depths, found.arch.dims):
+        raise SourceError(f"config.json says depths {list(meta.shape[0])}, widths {list(meta.shape[1])}; "
+                          f"the tensors have {list(found.arch.depths)}, {list(found.arch.dims)}")
+    if meta.architecture and meta.architecture in ARCHITECTURES:
+        named = named or meta.architecture
+    if named:
+        row = get_architecture(named)
+        inference.check_named(row, found.arch, mlp_form_known=layout.name == "timm")
+        found = replace(found, arch=found.arch.replace(name=row.name, norm_eps=row.norm_eps))
+    return found
+
+
+def _preprocessing(meta: SourceMetadata, input_size: int | None, mean, std, echo: Echo) -> dict:
+    if meta.preprocessing is not None:
+        cfg = dict(meta.preprocessing)
+    else:
+        cfg = default_preprocessing(input_size or 224)
+        if input_size is None or mean is None or std is None:
+            echo("note: the source says nothing of its preprocessing: ImageNet mean/std, bicubic resize, "
+                 "crop 0.875 at 224 assumed (--input-size/--mean/--std to change)")
+    if input_size is not None:
+        cfg.update(default_preprocessing(input_size) if meta.preprocessing is None else {})
+        cfg["input_size"] = [3, input_size, input_size]
+    if mean is not None:
+        cfg["mean"] = list(mean)
+    if std is not None:
+        cfg["std"] = list(std)
+    return cfg
+
+
+def _labels(given: list[str] | None, meta: SourceMetadata, num_classes: int, echo: Echo) -> tuple[str, ...] | None:
+    names = tuple(given) if given is not None else meta.labels
+    if names is not None and len(names) != num_classes:
+        raise SourceError(f"{len(names)} class names for a {num_classes}-class head")
+    if names is None and num_classes and num_classes not in (1000, 11821, 21841):
+        echo(f"note: no class names for the {num_classes} classes (--labels FILE names them, one per line)")
+    return names
+
+
+def default_name(checkpoint: str | Path, src: source.SourceWeights) -> str:
+    """The repo's name, the folder's, or the file's without its suffixes (`model_best.pth.tar`: `model_best`)."""
+    text = str(checkpoint).rstrip("/")
+    if text.startswith(source.HF_SCHEME):
+        base = source.parse_hf(text)[0].split("/")[-1]
+    elif Path(text).expanduser().is_dir():
+        base = Path(text).expanduser().resolve().name
+    else:
+        base = src.path.name.split(".")[0]
+    return re.sub(r"[^\w.-]", "_", base) or "converted"
+
+
+def _describe(src: source.SourceWeights, found: Inferred) -> str:
+    a = found.arch
+    parts = [f"{src.layout} layout"]
+    if src.prefix:
+        parts.append(f"prefix {src.prefix!r} removed")
+    if src.state_key:
+        parts.append(f"weights from {src.state_key!r}")
+    head = f"{found.num_classes} classes" if found.num_classes else "no classifier"
+    return (f"{', '.join(parts)}: {'ConvNeXt-V2' if a.use_grn else 'ConvNeXt'} like {a.name}, depths "
+            f"{list(a.depths)}, widths {list(a.dims)}, {head}")
+
+
+def _own_config(name: str, src: source.SourceWeights, found: Inferred, preprocessing: dict,
+                labels: tuple[str, ...] | None, params: int) -> FolderConfig:
+    origin = src.record("hub") if src.repo_id else src.record("file", path=str(src.path))
+    cfg = {"architecture": found.arch.name, "tag": "", "hf_hub_id": src.repo_id, "num_classes": found.num_classes,
+           "test_input_size": None, "test_crop_pct": None, **preprocessing, "license": None}
+    return FolderConfig(name=name, architecture=found.arch, num_classes=found.num_classes, pretrained_cfg=cfg,
+                        source=origin, head_norm_affine=found.head_norm_affine,
+                        converter={"convnext_zoo": __version__}, params=params, labels=labels)
 
 
 def verify(path: str | Path, *, checkpoint: str | Path | None = None,
@@ -112,7 +275,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
                 model = empty_model(network)
                 model.load_weights(folder.weights)
             stored = folder.parity
-            with step(echo, "parity against timm (separate process)"):
+            with step(echo, f"parity against {_framework(src)} (separate process)"):
                 report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
     echo(report.table())
     return report
@@ -134,7 +297,7 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
     elif recorded.kind == "random":
         src = random_source(Network.of_folder(config), recorded.seed, work)
     elif recorded.kind == "hub":
-        src = source.fetch(recorded.repo_id, recorded.filename, revision=recorded.revision)
+        src = source.fetch_repo(recorded.repo_id, recorded.revision, recorded.filename)
     elif recorded.kind == "url":
         src = source.fetch_url(recorded.url, expected_sha256=recorded.sha256)
     else:
@@ -142,7 +305,7 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
     if src.sha256 != recorded.sha256:
         raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
                              f"recorded {recorded.sha256})")
-    return src
+    return replace(src, layout=recorded.layout, state_key=recorded.state_key, prefix=recorded.prefix or "")
 
 
 def empty_model(network: Network):

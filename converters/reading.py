@@ -13,42 +13,68 @@ import numpy as np
 
 from zoo.errors import SourceError
 
-from .layouts import normalise_keys
+from .layouts import detect, normalise_keys, strip_prefix, to_timm
 from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SourceWeights
 
 
-def read_source(src: SourceWeights, conv_mlp: bool = False) -> tuple[dict[str, np.ndarray], SourceWeights]:
-    """`load_source`, hashing the file's bytes as they are read (one pass over the file).
+def read_source(src: SourceWeights, *, use_ema: bool = True,
+                hint: str | None = None) -> tuple[dict[str, np.ndarray], SourceWeights]:
+    """Read a source checkpoint in any known layout, renamed to timm's keys, hashing the file's
+    bytes as they are read (one pass over the file).
+
+    Args:
+        src: the source file.
+        use_ema: take the EMA weights of a training checkpoint when it holds them (as timm's
+            `load_checkpoint` does); else its plain weights.
+        hint: the layout a config file beside the weights names; the keys must agree.
 
     Returns:
-        The timm-keyed state dict, and `src` with the sha256 of exactly the bytes it holds.
+        The timm-keyed state dict (MLP weights as stored: `layouts.fit_mlp` shapes them), and
+        `src` with the sha256 of exactly the bytes it holds, its layout, the container entry read
+        and the wrapper prefix removed.
 
     Raises:
-        SourceError: unreadable file, or one whose bytes differ from the sha256 `src` carries
-            (the file changed after it was checked).
+        SourceError: unreadable file, no known layout, or bytes that differ from the sha256
+            `src` carries (the file changed after it was checked).
     """
     digest = hashlib.sha256()
-    state = normalise_keys(read_state_dict(src.path, digest), conv_mlp=conv_mlp)
+    raw, key = read_checkpoint(src.path, digest, use_ema=use_ema)
+    raw, prefix = strip_prefix(raw)
+    layout = detect(raw, hint)
+    state = to_timm(raw, layout)
     if src.sha256 is not None and digest.hexdigest() != src.sha256:
         raise SourceError(f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
                           f"expected {src.sha256}); fetch it again")
-    return state, replace(src, sha256=digest.hexdigest())
+    return state, replace(src, sha256=digest.hexdigest(), layout=layout.name, state_key=key, prefix=prefix)
 
 
-def read_state_dict(path: Path, digest=None) -> dict[str, np.ndarray]:
+def read_state_dict(path: Path, digest=None, *, use_ema: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint file as float32 numpy, keys as stored (see `read_checkpoint`)."""
+    return read_checkpoint(path, digest, use_ema=use_ema)[0]
+
+
+def read_checkpoint(path: Path, digest=None, *, use_ema: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
     """Read every tensor of a checkpoint file as float32 numpy, keys as stored.
 
-    `.safetensors` is read without torch. `.pth/.pt/.bin` go through
-    `torch.load(weights_only=True)`, which refuses pickled code.
+    `.safetensors` is read without torch. The pickle containers (`.pth/.pt/.bin/.pth.tar/.ckpt`)
+    go through `torch.load(weights_only=True)`, which refuses pickled code, with only
+    `argparse.Namespace` allowed besides (timm's training checkpoints carry one). A dict that
+    holds its weights under a key is opened as timm's `load_checkpoint` opens it: `state_dict_ema`
+    or `model_ema` first (unless not `use_ema`), then `state_dict`, then `model`.
 
     Args:
         path: the checkpoint file.
         digest: a `hashlib` object fed every byte of the file, as it is read.
+        use_ema: prefer the EMA weights of a training checkpoint.
+
+    Returns:
+        The tensors, and the container key they were under (None: the file is the state dict).
 
     Raises:
         SourceError: unreadable file, or a non-float tensor where weights are expected.
     """
     path = Path(path)
+    key = None
     if path.name.endswith(SAFETENSORS_SUFFIXES):
         raw = _read_safetensors(path, digest)
     elif path.name.endswith(PICKLE_SUFFIXES):
@@ -56,10 +82,10 @@ def read_state_dict(path: Path, digest=None) -> dict[str, np.ndarray]:
             with open(path, "rb") as f:
                 while block := f.read(1 << 22):
                     digest.update(block)
-        raw = _read_torch(path)
+        raw, key = _read_torch(path, use_ema)
     else:
         raise SourceError(f"{path.name}: unsupported checkpoint type")
-    return {key: _as_float32(key, value) for key, value in raw.items()}
+    return {k: _as_float32(k, value) for k, value in raw.items()}, key
 
 
 # safetensors dtype -> numpy (little-endian, as the format stores them); BF16 is widened by hand
@@ -114,8 +140,15 @@ def _read_safetensors(path: Path, digest=None) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
+# Where checkpoints keep their weights, in the order timm's `load_checkpoint` looks (EMA first).
+EMA_KEYS = ("state_dict_ema", "model_ema")
+PLAIN_KEYS = ("state_dict", "model")
+
+
+def _read_torch(path: Path, use_ema: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
     try:
+        import argparse
+
         import torch
     except ImportError:
         raise SourceError(
@@ -123,17 +156,23 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             "or convert the file to .safetensors"
         ) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise SourceError(f"{path.name} cannot be loaded safely (weights_only=True): {e}") from None
-    for wrapper in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SourceError(f"{path.name} does not hold a state dict of tensors")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{path.name} cannot be loaded safely (weights_only=True): {first}") from None
+    key = None
+    if isinstance(obj, dict):
+        order = (EMA_KEYS if use_ema else ()) + PLAIN_KEYS
+        key = next((k for k in order if isinstance(obj.get(k), dict)), None)
+        if key is not None:
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        held = ", ".join(map(repr, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+        raise SourceError(f"{path.name} does not hold a state dict of tensors (it holds {held}); weights are "
+                          f"read from the file itself or from its {', '.join(EMA_KEYS + PLAIN_KEYS)} entry")
     return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
-            for k, v in obj.items()}
+            for k, v in obj.items()}, key
 
 
 def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
@@ -149,5 +188,6 @@ def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
 
 
 def load_source(path: Path, conv_mlp: bool = False) -> dict[str, np.ndarray]:
-    """Read a checkpoint and return it with timm's keys: the converter's input."""
+    """Read a checkpoint in any known layout and return it with timm's keys, MLP weights
+    shaped for `conv_mlp`: the converter's input."""
     return normalise_keys(read_state_dict(path), conv_mlp=conv_mlp)

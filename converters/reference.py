@@ -2,8 +2,9 @@
 
 TensorFlow imported before torch+timm in one process crashes the timm forward pass, so the
 reference never shares a process with Keras: the parent writes inputs to disk, this process
-builds timm's model from the same architecture row, loads the same weights, and writes every
-compared tensor back as NHWC numpy.
+runs the checkpoint in the framework it came from (timm, transformers or torchvision: told
+apart by its keys, each loaded by its own model class and checkpoint loader, never by the
+converter's key map), and writes every compared tensor back as NHWC numpy.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402,I001  (torch and timm first, never after tensorflow)
 import timm  # noqa: E402
 
-from converters.layouts import is_fb_layout  # noqa: E402
-from converters.reading import read_state_dict  # noqa: E402
+from converters.layouts import detect, is_fb_layout, strip_prefix  # noqa: E402
+from converters.metadata import TRANSFORMERS_TYPES  # noqa: E402
+from converters.reading import read_checkpoint, read_state_dict  # noqa: E402
 from zoo.architectures import Architecture  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
@@ -56,7 +58,7 @@ def create(arch: Architecture, num_classes: int, device: str = "cpu") -> torch.n
 
 
 def loaded(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True) -> torch.nn.Module:
-    """timm's model for `arch` holding the checkpoint at `path` (see `load_weights`).
+    """timm's model for `arch` holding the timm- or FB-layout safetensors file at `path` (see `load_weights`).
 
     With every parameter in the checkpoint, the model is created without storage and takes the
     checkpoint's tensors as its parameters (convnext_large: 1.8 s of random initialisation and
@@ -70,47 +72,182 @@ def loaded(arch: Architecture, num_classes: int, path: Path, head_norm_affine: b
     return model
 
 
-def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = True) -> None:
+def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = True, use_ema: bool = True) -> None:
     """Load a checkpoint strictly; FB-layout files go through timm's own key remapping.
 
     Using timm's `checkpoint_filter_fn` here (not the converter's `normalise_keys`) makes the
     parity check an independent test of the converter's FB renaming. Checkpoints without
     head-norm weights (FCMAE) load as timm loads them: that norm keeps its identity init.
-    A model on the `meta` device takes the checkpoint's tensors as its own.
+    A model on the `meta` device takes the checkpoint's tensors as its own. A wrapper prefix
+    timm's loader does not remove (`model.`, `backbone.`) is removed here.
     """
     from timm.models.convnext import checkpoint_filter_fn
 
-    arrays = read_state_dict(path)
+    arrays, _ = strip_prefix(read_state_dict(path, use_ema=use_ema))
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     if is_fb_layout(arrays):
         state = checkpoint_filter_fn(state, model)
     on_meta = any(p.is_meta for p in model.parameters())
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
+    _strict(model.load_state_dict(state, strict=False, assign=on_meta), head_norm_affine, "timm")
+
+
+def _strict(result, head_norm_affine: bool, framework: str) -> None:
+    missing, unexpected = result
     allowed = set() if head_norm_affine else set(HEAD_NORM_KEYS)
     if set(missing) - allowed or unexpected or (allowed and set(missing) != allowed):
-        raise RuntimeError(f"timm refused the checkpoint: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"{framework} refused the checkpoint: missing {missing}, unexpected {unexpected}")
 
 
-@torch.inference_mode()
-def forward(model: torch.nn.Module, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor for an NHWC batch, returned NHWC."""
+class Reference:
+    """A loaded source model and how to read every compared tensor out of it.
+
+    Attributes:
+        model: the framework's own module, in eval mode.
+        framework: `timm`, `transformers` or `torchvision`.
+        layout: the checkpoint's key layout, as this process detected it.
+        version: the framework's version.
+    """
+
+    def __init__(self, model, framework: str, layout: str, version: str):
+        self.model, self.framework, self.layout, self.version = model, framework, layout, version
+
+    @torch.inference_mode()
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every compared tensor (NCHW maps) for an NCHW batch."""
+        return _OUTPUTS[self.framework](self.model, x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(x)
+        return out if isinstance(out, torch.Tensor) else _transformers_logits(out)
+
+
+def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True,
+              use_ema: bool = True) -> Reference:
+    """The checkpoint at `path` in the framework its keys belong to.
+
+    timm and FB layouts: timm's model (timm's `load_checkpoint` for training checkpoints:
+    its EMA choice and `module.` stripping). transformers: `from_pretrained` on the folder when a
+    transformers `config.json` sits beside the weights, else the model class built from `arch`.
+    torchvision: its `ConvNeXt` class built from `arch`, strictly loaded.
+    """
+    raw, key = read_checkpoint(path, use_ema=use_ema)
+    raw, prefix = strip_prefix(raw)
+    layout = detect(raw)
+    if layout.framework == "transformers":
+        return Reference(_transformers(arch, num_classes, path, raw, key, prefix), "transformers", layout.name,
+                         _version("transformers"))
+    if layout.framework == "torchvision":
+        return Reference(_torchvision(arch, num_classes, raw), "torchvision", layout.name, _version("torchvision"))
+    del raw
+    if path.name.endswith(".safetensors") and not prefix:
+        model = loaded(arch, num_classes, path, head_norm_affine)
+    elif prefix not in ("", "module.", "_orig_mod."):  # a wrapper timm's loader leaves in place
+        model = create(arch, num_classes)
+        load_weights(model, path, head_norm_affine, use_ema)
+    else:  # timm's own loader: EMA first, `module.` removed, FB keys remapped
+        from timm.models import load_checkpoint
+        from timm.models.convnext import checkpoint_filter_fn
+
+        model = create(arch, num_classes)
+        _strict(load_checkpoint(model, str(path), use_ema=use_ema, strict=False, filter_fn=checkpoint_filter_fn),
+                head_norm_affine, "timm")
+    return Reference(model.eval(), "timm", layout.name, timm.__version__)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _transformers(arch: Architecture, num_classes: int, path: Path, raw: dict, key, prefix: str):
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError("No module named 'transformers': converting a transformers checkpoint checks it "
+                           "against transformers (pip install transformers)") from None
+    v2 = arch.use_grn
+    family = "ConvNextV2" if v2 else "ConvNext"
+    headed = any(k.startswith(("convnext.", "convnextv2.")) for k in raw)
+    cls = getattr(transformers, f"{family}ForImageClassification" if headed else f"{family}Model")
+    config_file = path.parent / "config.json"
+    folder_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if folder_config.get("model_type") in TRANSFORMERS_TYPES and key is None and not prefix:
+        # as users load it: the folder, its config and the framework's own weights loader
+        model, info = cls.from_pretrained(path.parent, output_loading_info=True, dtype=torch.float32)
+        problems = {k: v for k, v in info.items() if v}
+        if problems:
+            raise RuntimeError(f"transformers refused the checkpoint: {problems}")
+        return model.eval()
+    config = getattr(transformers, f"{family}Config")(
+        depths=list(arch.depths), hidden_sizes=list(arch.dims), num_labels=num_classes,
+        layer_scale_init_value=1e-6 if arch.layer_scale else 0.0, layer_norm_eps=arch.head_eps, drop_path_rate=0.0)
+    model = cls(config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in raw.items()}, strict=True)
+    return model.eval()
+
+
+def _torchvision(arch: Architecture, num_classes: int, raw: dict):
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    settings = [CNBlockConfig(arch.dims[i], arch.dims[i + 1] if i < 3 else None, arch.depths[i]) for i in range(4)]
+    model = ConvNeXt(settings, stochastic_depth_prob=0.0, layer_scale=1e-6, num_classes=num_classes)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in raw.items()}, strict=True)
+    return model.eval()
+
+
+def forward(model, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every compared tensor for an NHWC batch, returned NHWC (`model`: a `Reference`, or timm's module)."""
+    ref = model if isinstance(model, Reference) else Reference(model, "timm", "timm", timm.__version__)
+    captured = ref.outputs(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))))
+    return {name: (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy().copy()
+            for name, t in captured.items()}
+
+
+def _hooked(model, x, stem, stages, head_in, run) -> dict[str, torch.Tensor]:
+    """`run(model, x)` (the logits) with the stem's and each stage's output and the classifier's input captured."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name):
         return lambda _module, _args, output: captured.__setitem__(name, output)
 
-    hooks = [model.stem.register_forward_hook(keep("stem"))]
-    hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(model.stages)]
-    hooks.append(model.head.fc.register_forward_pre_hook(
-        lambda _module, args: captured.__setitem__("pre_logits", args[0])))
+    hooks = [stem.register_forward_hook(keep("stem"))]
+    hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(stages)]
+    if head_in is not None:
+        hooks.append(head_in.register_forward_pre_hook(lambda _module, args: captured.__setitem__("pre_logits", args[0])))
     try:
-        x = torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2)))
-        captured["logits"] = model(x)
+        captured["logits"] = run(model, x)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy().copy()
-            for name, t in captured.items()}
+    if head_in is None:  # no classifier: the pooled, normalised features are the output
+        captured["pre_logits"] = captured["logits"]
+    return captured
+
+
+def _timm_outputs(model, x):
+    return _hooked(model, x, model.stem, model.stages, model.head.fc, lambda m, x: m(x))
+
+
+def _torchvision_outputs(model, x):
+    f = model.features  # [stem, stage 0, downsample, stage 1, downsample, stage 2, downsample, stage 3]
+    return _hooked(model, x, f[0], [f[1], f[3], f[5], f[7]], model.classifier[2], lambda m, x: m(x))
+
+
+def _transformers_logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+def _transformers_outputs(model, x):
+    base = getattr(model, "convnext", None) or getattr(model, "convnextv2", None) or model
+    head = getattr(model, "classifier", None)
+    return _hooked(model, x, base.embeddings, base.encoder.stages,
+                   head if isinstance(head, torch.nn.Linear) else None,
+                   lambda m, x: _transformers_logits(m(pixel_values=x)))
+
+
+_OUTPUTS = {"timm": _timm_outputs, "torchvision": _torchvision_outputs, "transformers": _transformers_outputs}
 
 
 def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, out_indices,
@@ -129,7 +266,7 @@ def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndar
     return {f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy() for i, t in zip(out_indices, maps)}
 
 
-def classify(model: torch.nn.Module, files: list[str], pretrained_cfg: dict, batch_size: int = 16) -> np.ndarray:
+def classify(model: Reference, files: list[str], pretrained_cfg: dict, batch_size: int = 16) -> np.ndarray:
     """Logits for image files prepared by timm's own eval transform for `pretrained_cfg`."""
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
@@ -142,7 +279,7 @@ def classify(model: torch.nn.Module, files: list[str], pretrained_cfg: dict, bat
             for f in files[i:i + batch_size]:
                 with Image.open(f) as image:  # timm's ImageDataset loader: RGB
                     batch.append(transform(image.convert("RGB")))
-            out.append(model(torch.stack(batch)).float().numpy())
+            out.append(model.logits(torch.stack(batch)).float().numpy())
     return np.concatenate(out)
 
 
@@ -187,14 +324,19 @@ def _forward_command(spec_path: Path) -> None:
         outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
                            spec.get("head_norm_affine", True))
     else:
-        model = loaded(arch, spec["num_classes"], Path(spec["source"]), spec.get("head_norm_affine", True))
+        model = reference(arch, spec["num_classes"], Path(spec["source"]), spec.get("head_norm_affine", True),
+                          spec.get("use_ema", True))
+        ran = {"torch": torch.__version__, model.framework: model.version, "reference": model.framework,
+               "layout": model.layout}
         if "files" in spec:
             outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
         else:
             outputs = forward(model, inputs)
     np.savez(spec["outputs"], **outputs)
     if "versions" in spec:  # what the reference ran on, for the parity report
-        Path(spec["versions"]).write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__}))
+        if "out_indices" in spec:
+            ran = {"torch": torch.__version__, "timm": timm.__version__, "reference": "timm"}
+        Path(spec["versions"]).write_text(json.dumps(ran))
 
 
 def write_random(arch: Architecture, num_classes: int, seed: int, out: Path, head_norm_affine: bool = True) -> None:

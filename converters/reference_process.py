@@ -43,6 +43,7 @@ class Network:
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    use_ema: bool = True  # which weights of a training checkpoint the source framework loads
 
     @classmethod
     def of_entry(cls, entry: CatalogueEntry) -> "Network":
@@ -51,7 +52,7 @@ class Network:
     @classmethod
     def of_folder(cls, config: FolderConfig) -> "Network":
         return cls(config.architecture, config.num_classes, config.head_norm_affine, config.input_size,
-                   config.mean, config.std)
+                   config.mean, config.std, config.source.use_ema)
 
     def parity_batch(self) -> np.ndarray:
         """The fixed parity inputs for this network, normalised as its checkpoint expects."""
@@ -66,7 +67,8 @@ def write_spec(network: Network, source: Path, workdir: Path, *, inputs: np.ndar
     `files` prepared by timm's transform for `pretrained_cfg`. With `random_seed`, the
     reference first writes `source` itself: perturbed random weights in timm's layout."""
     spec = {"arch": network.arch.to_config(), "num_classes": network.num_classes, "source": str(source),
-            "head_norm_affine": network.head_norm_affine, "outputs": str(workdir / "reference.npz"),
+            "head_norm_affine": network.head_norm_affine, "use_ema": network.use_ema,
+            "outputs": str(workdir / "reference.npz"),
             "versions": str(workdir / "reference-versions.json")}
     files_written = {}
     if inputs is not None:

@@ -27,7 +27,7 @@ from zoo.folder_config import SourceRecord
 log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 FALLBACK_FILENAME = "pytorch_model.bin"  # timm falls back to it when a repo has no safetensors
 
 
@@ -43,6 +43,10 @@ class SourceWeights:
         revision: Hub commit it was downloaded at (None for a local file).
         filename: file name inside the repo (or the local file name).
         url: the release URL it was downloaded from (None otherwise).
+        layout: its key layout (`timm`, `fb`, `transformers`, `torchvision`), once read.
+        state_key: the entry of a training checkpoint its weights were read from
+            (`state_dict_ema`, ...; None: the file is the state dict), once read.
+        prefix: the wrapper prefix every key carried (`module.`), removed when read.
     """
 
     path: Path
@@ -51,12 +55,16 @@ class SourceWeights:
     revision: str | None = None
     filename: str | None = None
     url: str | None = None
+    layout: str | None = None
+    state_key: str | None = None
+    prefix: str = ""
 
     def record(self, kind: str, **extra) -> SourceRecord:
         """What a converted folder records of these weights (`kind`: hub, url or file)."""
         return SourceRecord(kind, self.sha256, **{"repo_id": self.repo_id, "revision": self.revision,
                                                   "filename": self.filename or self.path.name, "url": self.url,
-                                                  **extra})
+                                                  "layout": self.layout, "state_key": self.state_key,
+                                                  "prefix": self.prefix or None, **extra})
 
 
 def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | None = None) -> SourceWeights:
@@ -100,6 +108,62 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
             "(offline); run once with network access, or pass --checkpoint PATH"
         )
     raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
+
+
+HF_SCHEME = "hf://"
+CONFIG_FILES = ("config.json", "preprocessor_config.json")  # read beside the weights (converters.metadata)
+
+
+def parse_hf(spec: str) -> tuple[str, str | None]:
+    """`hf://ORG/REPO[@REVISION]` -> (repo id, revision).
+
+    Raises:
+        SourceError: not of that form.
+    """
+    rest = spec[len(HF_SCHEME):]
+    repo_id, _, revision = rest.partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or (_ and not revision):
+        raise SourceError(f"{spec!r}: expected hf://ORG/REPO or hf://ORG/REPO@REVISION")
+    return repo_id, revision or None
+
+
+def fetch_repo(repo_id: str, revision: str | None = None, filename: str = "model.safetensors") -> SourceWeights:
+    """A Hub repo's weights (`model.safetensors`, else `pytorch_model.bin`) with its config files
+    beside them in the Hub cache, all at one commit.
+
+    Raises:
+        SourceError: as `fetch`; config files the repo does not have are skipped.
+    """
+    weights = fetch(repo_id, filename, revision=revision)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    for name in CONFIG_FILES:
+        try:
+            hf_hub_download(repo_id, name, revision=weights.revision)
+        except LocalEntryNotFoundError:  # offline and not cached: the conversion says what it used
+            continue
+        except EntryNotFoundError:
+            continue
+        except (HfHubHTTPError, *hub.http_errors()) as e:
+            raise SourceError(f"cannot download {repo_id}/{name}: {str(e).splitlines()[0]}") from None
+    return weights
+
+
+def open_checkpoint(spec: str | Path, revision: str | None = None) -> SourceWeights:
+    """A source given by the user: `hf://ORG/REPO[@REVISION]`, a folder, or a checkpoint file.
+
+    Local files are hashed as they are read (`reading.read_source`).
+    """
+    text = str(spec)
+    if text.startswith(HF_SCHEME):
+        repo_id, at = parse_hf(text)
+        if at and revision and at != revision:
+            raise SourceError(f"two revisions given: @{at} and --revision {revision}")
+        return fetch_repo(repo_id, at or revision)
+    if revision:
+        raise SourceError("--revision goes with a Hub source (hf://ORG/REPO), not a local checkpoint")
+    return local(spec, hashed=False)
 
 
 def fetch_url(url: str, expected_sha256: str | None = None, timeout: float = 60.0) -> SourceWeights:
@@ -152,15 +216,36 @@ def fetch_url(url: str, expected_sha256: str | None = None, timeout: float = 60.
 
 
 def local(path: str | Path, *, hashed: bool = True) -> SourceWeights:
-    """A source checkpoint given as a local file (`--checkpoint PATH`).
+    """A source checkpoint given as a local file or folder (`--checkpoint PATH`).
 
+    A folder is a `save_pretrained` folder (transformers) or a timm Hub repo's files: its
+    weights file is `model.safetensors`, else `pytorch_model.bin`, else its only checkpoint file;
+    its `config.json` is read beside it (`converters.metadata`).
     `hashed=False` leaves its sha256 to `reading.read_source`, which hashes the bytes as it reads them.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        path = _weights_in(path)
+    elif not path.is_file():
         raise SourceError(f"checkpoint file not found: {path}")
     if not path.name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
         raise SourceError(
-            f"{path.name}: unsupported checkpoint type; expected .safetensors, .pth, .pt or .bin"
+            f"{path.name}: unsupported checkpoint type; expected .safetensors, .pth, .pt, .bin, .pth.tar or .ckpt"
         )
     return SourceWeights(path.resolve(), sha256_file(path) if hashed else None, filename=path.name)
+
+
+WEIGHTS_FILENAMES = ("model.safetensors", FALLBACK_FILENAME)  # save_pretrained's and timm's, in that order
+
+
+def _weights_in(folder: Path) -> Path:
+    for name in WEIGHTS_FILENAMES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise SourceError(f"{folder} holds no checkpoint file (model.safetensors, pytorch_model.bin, .pth, ...)")
+    raise SourceError(f"{folder} holds {len(found)} checkpoint files ({', '.join(p.name for p in found[:5])}); "
+                      "pass the one to convert")

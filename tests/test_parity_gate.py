@@ -23,8 +23,8 @@ def converter_reads(monkeypatch, mutate):
     """Make the converter (not the reference) see a mutated state dict."""
     real = reading.read_source
 
-    def read_source(src, conv_mlp=False):
-        state, src = real(src, conv_mlp)
+    def read_source(src, **kwargs):
+        state, src = real(src, **kwargs)
         return mutate(state), src
 
     monkeypatch.setattr(reading, "read_source", read_source)

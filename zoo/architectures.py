@@ -32,6 +32,9 @@ class Architecture:
         conv_bias: convolutions and linears carry a bias.
         mlp_ratio: MLP expansion.
         norm: `layernorm`, or timm's `simplenorm` (RMS-style: no centring, no bias).
+        head_norm_eps: the head norm's epsilon when it differs from `norm_eps` (transformers'
+            final LayerNorm uses its config's `layer_norm_eps`, 1e-12 by default); timm cannot
+            build such a network, transformers can.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Architecture:
     conv_bias: bool = True
     mlp_ratio: int = 4
     norm: str = "layernorm"
+    head_norm_eps: float | None = None
 
     def __post_init__(self):
         if len(self.depths) != 4 or len(self.dims) != 4:
@@ -68,8 +72,20 @@ class Architecture:
         """A copy with some fields changed (small test variants, experiments)."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def head_eps(self) -> float:
+        """The head norm's epsilon."""
+        return self.norm_eps if self.head_norm_eps is None else self.head_norm_eps
+
     def timm_kwargs(self) -> dict:
-        """Keyword arguments that make `timm.create_model(self.name, **kw)` this exact network."""
+        """Keyword arguments that make `timm.create_model(self.name, **kw)` this exact network.
+
+        Raises:
+            ValueError: timm cannot build it (a head-norm epsilon of its own).
+        """
+        if self.head_norm_eps is not None:
+            raise ValueError(f"timm has no ConvNeXt with a head-norm epsilon ({self.head_norm_eps}) "
+                             f"other than the blocks' ({self.norm_eps})")
         return {
             "depths": list(self.depths),
             "dims": list(self.dims),
@@ -89,6 +105,8 @@ class Architecture:
         """JSON-ready fields, the inverse of `Architecture.from_config`."""
         config = dataclasses.asdict(self)
         config["depths"], config["dims"] = list(self.depths), list(self.dims)
+        if self.head_norm_eps is None:  # folders of timm's networks keep their fields
+            del config["head_norm_eps"]
         return config
 
     @classmethod

@@ -128,6 +128,32 @@ def list_command(pattern, as_json):
                    f"{(r['license'] or '-')[:12]:<12} {'yes' if r['converted'] else '-':<5} {where:<8} {aliases}")
 
 
+def _floats3(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers) or (param.name == "std" and min(numbers) <= 0):
+        raise click.BadParameter(f"{value!r}: three numbers, one per RGB channel (e.g. 0.485,0.456,0.406)")
+    return numbers
+
+
+def _label_file(ctx, param, value):
+    if value is None:
+        return None
+    names = [line.strip() for line in Path(value).read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names or not all(names):
+        raise click.BadParameter(f"{value}: one class name per line, in class index order, no blank lines")
+    return names
+
+
+_INFERRED = ("name", "arch", "input_size", "mean", "std", "labels", "no_ema", "verbose")
+
+
 @main.command()
 @click.argument("name", required=False)
 @click.option("--all", "convert_all", is_flag=True,
@@ -135,31 +161,55 @@ def list_command(pattern, as_json):
 @click.option("--force", is_flag=True, help="With --all: convert again entries already done.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output folder (default: the local store); with --all, the folder of folders.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="Convert this local file (.safetensors, or .pth/.pt/.bin) instead of the Hub's.")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="A PyTorch ConvNeXt file or folder to convert: timm, FB, transformers or torchvision layout; "
+                   ".safetensors, .pth/.pt/.bin/.pth.tar/.ckpt, or a save_pretrained folder. With NAME: that "
+                   "catalogue checkpoint's weights from this file.")
 @click.option("--random-weights", is_flag=True,
               help="Use seeded, perturbed random weights in timm's layout: runs offline, NOT pretrained.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
 @click.option("--from-url", is_flag=True,
               help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy.")
+@click.option("--name", "model_name", help="Name of the converted model (default: the file's, folder's or repo's).")
+@click.option("--arch", help="timm architecture the checkpoint must be (checked against its tensors).")
+@click.option("--input-size", type=click.IntRange(min=32), help="Input resolution, where the source does not say.")
+@click.option("--mean", callback=_floats3, help="Normalisation mean per channel, where the source does not say.")
+@click.option("--std", callback=_floats3, help="Normalisation std per channel, where the source does not say.")
+@click.option("--labels", "labels", type=click.Path(exists=True, dir_okay=False), callback=_label_file,
+              help="Class names, one per line in index order, where the source does not name them.")
+@click.option("--no-ema", is_flag=True, help="Of a training checkpoint, take the plain weights, not the EMA ones.")
+@click.option("--verbose", is_flag=True, help="List every key of a checkpoint that does not match, not the first few.")
 @_tolerances("Parity gate")
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
 @_tensorflow
-def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, atol, rtol,
-            publish_after, repo_id):
-    """Convert checkpoint NAME, prove parity with timm, and save it.
+def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, model_name, arch,
+            input_size, mean, std, labels, no_ema, verbose, atol, rtol, publish_after, repo_id):
+    """Convert a checkpoint, prove parity with its PyTorch framework, and save it.
 
     NAME is a catalogue name (convnext_tiny.fb_in1k), an official alias (convnext_tiny_1k)
     or an architecture (convnext_tiny: timm's default tag). With --all, NAME is an optional
     pattern (`zoo convert --all 'convnextv2_*'`).
+
+    Your own ConvNeXt: `zoo convert --checkpoint FILE_OR_FOLDER --out DIR`, or
+    `zoo convert hf://ORG/REPO[@REVISION] --out DIR`. The architecture, head and layout are read
+    from the tensors, and parity runs against the framework the checkpoint came from.
     """
     if random_weights and checkpoint:
         raise click.UsageError("--random-weights and --checkpoint exclude each other")
     if repo_id and not publish_after:
         raise click.UsageError("--repo-id names where --publish sends the result; add --publish or drop it")
+    own = bool(name and name.startswith("hf://")) or (checkpoint is not None and not name)
+    options = {"name": model_name, "arch": arch, "input_size": input_size, "mean": mean, "std": std,
+               "labels": labels, "no_ema": no_ema or None, "verbose": verbose or None}
+    if not own and any(options[o] is not None for o in _INFERRED):
+        given = ", ".join("--" + o.replace("_", "-") for o in _INFERRED if options[o] is not None)
+        raise click.UsageError(f"{given}: only for your own checkpoints (--checkpoint FILE without NAME, or hf://...)")
+    if own and (convert_all or random_weights or from_url or (checkpoint and name)):
+        raise click.UsageError("hf://... and --checkpoint name one checkpoint: no --all, --random-weights, "
+                               "--from-url, or a second source")
     if random_weights:
         _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
     if convert_all:
@@ -169,15 +219,23 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
             raise click.UsageError("--checkpoint and --revision name one checkpoint; they do not go with --all")
         _convert_many(name, out, force, seed if random_weights else None, from_url, atol, rtol)
         return
-    if not name:
-        raise click.UsageError("missing NAME (or --all)")
-    from converters.pipeline import convert as run  # imports Keras: only once the arguments are good
+    if own:
+        from converters.pipeline import convert_checkpoint  # imports Keras: only once the arguments are good
 
-    ckpt = resolve(name)
-    if random_weights:
-        out = out or f"{ckpt.name}.random-seed{seed}"
-    path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
-                       revision=revision, from_url=from_url, atol=atol, rtol=rtol, echo=_echo)
+        path, report = convert_checkpoint(checkpoint or name, out=out, name=model_name, arch=arch,
+                                          input_size=input_size, mean=mean, std=std, labels=labels,
+                                          use_ema=not no_ema, revision=revision, atol=atol, rtol=rtol,
+                                          verbose=verbose, echo=_echo)
+    else:
+        if not name:
+            raise click.UsageError("missing NAME, --checkpoint FILE, hf://ORG/REPO or --all")
+        from converters.pipeline import convert as run  # imports Keras: only once the arguments are good
+
+        ckpt = resolve(name)
+        if random_weights:
+            out = out or f"{ckpt.name}.random-seed{seed}"
+        path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
+                           revision=revision, from_url=from_url, atol=atol, rtol=rtol, echo=_echo)
     _echo(f"parity passed: {report.summary()}")
     if publish_after:
         _publish(path, repo_id, private=False, branch=None, expect_parent=None, allow_random=random_weights)
@@ -275,16 +333,16 @@ def predict(images, model_name, top, as_json, dtype):
     heads of 11821 (ImageNet-12k) and 21841 (ImageNet-22k) classes are named too, other heads
     show class indices. Feature checkpoints (0 classes) cannot predict.
     """
-    name, num_classes, preprocessing, load = _classifier(model_name)
+    name, num_classes, preprocessing, load, own_names = _classifier(model_name)
     if num_classes == 0:
         raise ZooError(f"{name} is a feature checkpoint without a classifier head: it has no classes to predict. "
                        f"Use a classifier (e.g. --model {DEFAULT_PREDICT_MODEL}; `zoo list` shows the classes), "
                        f"or zoo.load({name!r}, include_top=False) for features")
     batch = preprocess(list(images), preprocessing)  # unreadable images fail before the model loads
-    names = label_names(num_classes)
+    names = list(own_names) if own_names else label_names(num_classes)
     if names is None:
-        _echo(f"note: {name} has a {num_classes}-way head without a label set (only the 1000-, 11821- and "
-              f"21841-class ImageNet heads are named); showing class indices")
+        _echo(f"note: {name} has a {num_classes}-way head without class names (the 1000-, 11821- and "
+              f"21841-class ImageNet heads are named, and conversions given names); showing class indices")
     predictions = top_classes(load(dtype=dtype), batch, top=top, names=names)
     if as_json:
         click.echo(json.dumps([{"image": image, "predictions": [p.to_json() for p in best]}
@@ -299,15 +357,17 @@ def predict(images, model_name, top, as_json, dtype):
 
 
 def _classifier(model_name):
-    """(name, classes, preprocessing, loader) of a converted folder or a catalogue name, loading nothing."""
+    """(name, classes, preprocessing, loader, class names or None) of a converted folder or a
+    catalogue name, loading nothing."""
     path = Path(model_name).expanduser()
     if path.is_dir():
         folder = open_folder(path)
         config = folder.config
         return (config.name, config.num_classes, Preprocessing.from_pretrained_cfg(config.pretrained_cfg),
-                functools.partial(_load_folder, folder))
+                functools.partial(_load_folder, folder), config.labels)
     ckpt = resolve(model_name, or_folder=True)
-    return ckpt.name, ckpt.num_classes, Preprocessing.from_checkpoint(ckpt), functools.partial(_load_name, ckpt.name)
+    return (ckpt.name, ckpt.num_classes, Preprocessing.from_checkpoint(ckpt), functools.partial(_load_name, ckpt.name),
+            None)
 
 
 # Keras (so TensorFlow) is imported only once the inputs are known to be good.

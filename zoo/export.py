@@ -22,6 +22,7 @@ from checkpoints import fs
 from checkpoints.converted import ConvertedFolder
 from converters import exports as pytorch_side
 from converters.images import parity_batch
+from converters.layouts import LAYOUTS
 
 from . import loading
 from .errors import ExportError, StoreError, ZooError
@@ -82,7 +83,8 @@ def export(name_or_path: str | Path, format: str, out: str | Path | None = None,
     with step(echo, f"load {folder.path} and run it"):
         model = loading.from_folder(folder)
         keras_logits = np.asarray(model(inputs, training=False))
-    with step(echo, "PyTorch reference (separate process)") if pytorch != "skip" else nullcontext():
+    framework = LAYOUTS[config.source.layout or "timm"].framework
+    with step(echo, f"PyTorch reference: {framework} (separate process)") if pytorch != "skip" else nullcontext():
         torch_logits, skipped = _pytorch_logits(folder, inputs, pytorch, checkpoint)
     if skipped:
         echo(f"   PyTorch comparison skipped: {skipped}")
@@ -209,8 +211,10 @@ def _details(kind: Format, quantize: str, artefact: Path, out: Path, folder: Con
 
 def _provenance(folder: ConvertedFolder) -> dict:
     config = folder.config
+    layout = config.source.layout or "timm"
     return {"name": config.name, "pretrained": config.pretrained, "folder": str(folder.path),
-            "weights_sha256": config.weights_sha256, "source_sha256": config.source.sha256}
+            "weights_sha256": config.weights_sha256, "source_sha256": config.source.sha256,
+            "source_layout": layout, "pytorch_reference": LAYOUTS[layout].framework}
 
 
 def _versions() -> dict:

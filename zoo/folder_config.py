@@ -34,6 +34,10 @@ class SourceRecord:
         path: the local file (`file`).
         seed: the seed of `random` weights.
         note: a remark shown with the record (`random`: not pretrained).
+        layout: the key layout of the source (`timm`, `fb`, `transformers`, `torchvision`).
+        state_key: the entry of a training checkpoint the weights were read from
+            (`state_dict_ema`, `state_dict`, ...); None when the file is the state dict.
+        prefix: the wrapper prefix every key carried (`module.`), removed.
     """
 
     kind: str
@@ -45,6 +49,14 @@ class SourceRecord:
     path: str | None = None
     seed: int | None = None
     note: str | None = None
+    layout: str | None = None
+    state_key: str | None = None
+    prefix: str | None = None
+
+    @property
+    def use_ema(self) -> bool:
+        """The weights read were a training checkpoint's EMA weights, or it had none."""
+        return self.state_key not in ("state_dict", "model")
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -79,6 +91,8 @@ class FolderConfig:
         converter: the converter's name and version.
         params: number of parameters of the Keras model.
         weights_sha256: the sha256 of `model.weights.h5` (set when the folder is written).
+        labels: a name per class from the source (its config or `--labels`); None: the
+            ImageNet names of a 1000/11821/21841-way head, or indices.
     """
 
     name: str
@@ -92,6 +106,7 @@ class FolderConfig:
     converter: dict = field(default_factory=dict)
     params: int | None = None
     weights_sha256: str | None = None
+    labels: tuple[str, ...] | None = None
 
     @property
     def input_size(self) -> int:
@@ -137,6 +152,8 @@ class FolderConfig:
             "params": self.params,
             "format": FORMAT,
         }
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
         if self.weights_sha256 is not None:
             out["weights"] = {"file": WEIGHTS, "sha256": self.weights_sha256}
         return out
@@ -156,7 +173,8 @@ class FolderConfig:
                 source=SourceRecord.from_json(data["source"]), pretrained=bool(data["pretrained"]),
                 head_norm_affine=bool(data["head_norm_affine"]), top1=data.get("top1"),
                 converter=dict(data.get("converter") or {}), params=data.get("params"),
-                weights_sha256=weights["sha256"] if isinstance(weights, dict) else None)
+                weights_sha256=weights["sha256"] if isinstance(weights, dict) else None,
+                labels=tuple(str(n) for n in data["labels"]) if data.get("labels") is not None else None)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"missing or malformed field {e}") from None
 

@@ -175,11 +175,12 @@ def drop_path_rates(rate: float, depths) -> list[list[float]]:
     return out
 
 
-def _norm(arch: Architecture, name: str, affine: bool = True) -> layers.Layer:
+def _norm(arch: Architecture, name: str, affine: bool = True, eps: float | None = None) -> layers.Layer:
+    eps = arch.norm_eps if eps is None else eps
     if arch.norm == "simplenorm":
-        return SimpleNorm(arch.norm_eps, scale=affine, name=name)
+        return SimpleNorm(eps, scale=affine, name=name)
     # Keras' LayerNormalization default eps is 1e-3; ConvNeXt uses 1e-6 (1e-5 for xxlarge).
-    return layers.LayerNormalization(epsilon=arch.norm_eps, center=affine, scale=affine, name=name)
+    return layers.LayerNormalization(epsilon=eps, center=affine, scale=affine, name=name)
 
 
 def _kernel_init(initialize: bool) -> dict:
@@ -307,7 +308,7 @@ def build_model(
     if include_top or pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="head.global_pool")(x)
         if not arch.head_norm_first:
-            x = _norm(arch, "head.norm", affine=head_norm_affine)(x)
+            x = _norm(arch, "head.norm", affine=head_norm_affine, eps=arch.head_eps)(x)
         if arch.head_hidden_size:
             x = layers.Dense(arch.head_hidden_size, use_bias=True, name="head.pre_logits.fc", **init)(x)
             x = layers.Activation(keras.activations.gelu, name="head.pre_logits.act")(x)

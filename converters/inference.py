@@ -1,0 +1,141 @@
+"""The network a timm-keyed state dict holds: architecture and head, read from the tensors' names and shapes.
+
+Numpy only (this module also runs inside the PyTorch reference process).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from zoo.architectures import ARCHITECTURES, Architecture
+from zoo.errors import SourceError
+
+_BLOCK = re.compile(r"^stages\.(\d)\.blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """What the tensors say: the architecture and the head.
+
+    Attributes:
+        arch: the architecture row (named after the closest timm architecture; its fields are
+            the tensors' own).
+        num_classes: classifier width; 0 without a classifier.
+        head_norm_affine: the head norm has weights (FCMAE and backbone saves have none).
+    """
+
+    arch: Architecture
+    num_classes: int
+    head_norm_affine: bool
+
+
+def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps: float | None = None,
+          head_norm_eps: float | None = None) -> Inferred:
+    """Read depths, widths, V1/V2, MLP form, stem, norms and head from a timm-keyed state dict.
+
+    Args:
+        state: tensors under timm's keys (`converters.layouts.to_timm`).
+        mlp_form_known: the tensors say whether the MLP runs as 1x1 convs (timm's layout);
+            other layouts always store linears, and the closest timm row decides.
+        norm_eps, head_norm_eps: LayerNorm epsilons when a config says them (tensors cannot);
+            otherwise the closest timm row's.
+
+    Raises:
+        SourceError: the tensors are not a ConvNeXt this project can build.
+    """
+    depths = [0, 0, 0, 0]
+    for key in state:
+        m = _BLOCK.match(key)
+        if m and int(m[1]) < 4:
+            depths[int(m[1])] = max(depths[int(m[1])], int(m[2]) + 1)
+    if not all(depths):
+        empty = [i for i, d in enumerate(depths) if not d]
+        raise SourceError(f"not a four-stage ConvNeXt: no blocks in stage(s) {empty}")
+
+    def tensor(key: str) -> np.ndarray:
+        if key not in state:
+            raise SourceError(f"not a ConvNeXt this project can build: no {key}")
+        return state[key]
+
+    dw = [tensor(f"stages.{i}.blocks.0.conv_dw.weight") for i in range(4)]
+    dims = tuple(int(w.shape[0]) for w in dw)
+    if any(w.ndim != 4 or w.shape[1] != 1 or w.shape[2] != w.shape[3] for w in dw):
+        raise SourceError(f"stages.*.blocks.0.conv_dw.weight: shapes {[w.shape for w in dw]} are not depthwise kernels")
+    fc1 = tensor("stages.0.blocks.0.mlp.fc1.weight")
+    stem = _stem_type(state, dims[0])
+    fields = dict(
+        depths=tuple(depths), dims=dims, kernel_size=int(dw[0].shape[-1]),
+        use_grn="stages.0.blocks.0.mlp.grn.weight" in state,
+        layer_scale="stages.0.blocks.0.gamma" in state,
+        conv_mlp=fc1.ndim == 4, mlp_ratio=int(fc1.shape[0]) // dims[0],
+        norm="layernorm" if "stages.0.blocks.0.norm.bias" in state else "simplenorm",
+        conv_bias="stages.0.blocks.0.conv_dw.bias" in state,
+        stem_type=stem, head_norm_first="norm_pre.weight" in state,
+        head_hidden_size=int(state["head.pre_logits.fc.weight"].shape[0]) if "head.pre_logits.fc.weight" in state
+        else None,
+    )
+    if len({int(w.shape[-1]) for w in dw}) != 1:
+        raise SourceError("stages with different depthwise kernel sizes are not supported")
+    if int(fc1.shape[0]) % dims[0]:
+        raise SourceError(f"stages.0.blocks.0.mlp.fc1.weight {fc1.shape}: width not a multiple of {dims[0]}")
+    row = _closest_row(fields)
+    if fields["stem_type"] == "overlap" and row.stem_type == "overlap_tiered" and _tiered_width(dims[0]) == dims[0]:
+        fields["stem_type"] = row.stem_type  # the same network: timm's tiered stem is as wide at this width
+    if not mlp_form_known and row.depths == fields["depths"] and row.dims == fields["dims"]:
+        fields["conv_mlp"] = row.conv_mlp  # the same numbers either way (`layouts.fit_mlp`)
+    arch = row.replace(**fields, **({"norm_eps": norm_eps} if norm_eps is not None else {}))
+    if head_norm_eps is not None and head_norm_eps != arch.norm_eps:
+        arch = arch.replace(head_norm_eps=head_norm_eps)
+    fc = state.get("head.fc.weight")
+    num_classes = int(fc.shape[0]) if fc is not None else 0
+    head_norm = "norm_pre.weight" if fields["head_norm_first"] else "head.norm.weight"
+    return Inferred(arch, num_classes, head_norm in state)
+
+
+def _stem_type(state: dict, width: int) -> str:
+    """timm's stems: `patch` (conv 4x4/4, norm), `overlap` (two 3x3/2 convs, norm), `overlap_tiered`
+    (the first conv half as wide), `overlap_act` (a GELU between the convs: the norm is stem.3)."""
+    first = state.get("stem.0.weight")
+    if first is None or first.ndim != 4:
+        raise SourceError("not a ConvNeXt this project can build: no stem convolution (stem.0.weight)")
+    if "stem.3.weight" in state:
+        return "overlap_act"
+    if "stem.2.weight" in state:
+        return "overlap" if first.shape[0] == width else "overlap_tiered"
+    if first.shape[2:] != (4, 4):
+        raise SourceError(f"stem.0.weight {first.shape}: only 4x4 patch stems (or timm's overlapping stems) are "
+                          "supported")
+    return "patch"
+
+
+def _tiered_width(width: int) -> int:
+    """The first conv's width in timm's tiered stem: `make_divisible(width // 2)` (multiples of 8)."""
+    half = width // 2
+    return max(8, int(half + 4) // 8 * 8) if int(half + 4) // 8 * 8 >= 0.9 * half else max(8, int(half + 4) // 8 * 8) + 8
+
+
+def _closest_row(fields: dict) -> Architecture:
+    """The timm architecture that agrees with the most fields (same shape first): its name
+    builds the PyTorch reference (timm takes every field as an argument)."""
+    def score(row: Architecture) -> tuple:
+        same_shape = row.depths == fields["depths"] and row.dims == fields["dims"]
+        return (same_shape, row.use_grn == fields["use_grn"],
+                sum(getattr(row, k) == v for k, v in fields.items()))
+    return max(ARCHITECTURES.values(), key=score)
+
+
+def check_named(named: Architecture, inferred: Architecture, mlp_form_known: bool = True) -> None:
+    """A named architecture (`--arch`) must be what the tensors hold.
+
+    Raises:
+        SourceError: listing every field that differs.
+    """
+    skip = {"name", "norm_eps", "head_norm_eps"} | (set() if mlp_form_known else {"conv_mlp"})  # not in the tensors
+    diffs = [f"{f.name}: {getattr(named, f.name)} named, {getattr(inferred, f.name)} in the checkpoint"
+             for f in dataclasses.fields(Architecture)
+             if f.name not in skip and getattr(named, f.name) != getattr(inferred, f.name)]
+    if diffs:
+        raise SourceError(f"the checkpoint is not a {named.name}:\n  " + "\n  ".join(diffs))

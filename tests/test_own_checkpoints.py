@@ -1,0 +1,355 @@
+"""Users' own ConvNeXts: every layout and container converts without naming the architecture,
+and parity runs against the framework the checkpoint came from.
+
+The sources are made here by timm, transformers and torchvision themselves (their model classes
+and savers), every tensor perturbed away from its identity init (tests/support/sources.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoints.converted import open_folder
+from converters import inference, layouts, mapping, reading
+from converters.parity import compare, keras_outputs
+from converters.pipeline import empty_model
+from converters.reference_process import Network, reference_outputs
+from converters.source import SourceWeights
+from tests.support import sources
+from tests.support.archs import SMALL
+from tests.support.cli import one_line_error, zoo_cli, zoo_inline
+from tests.support.hub import local_hub
+from zoo.errors import MappingError, SourceError
+
+V1, V1_CONV_MLP, V2 = SMALL["linear_mlp"], SMALL["conv_mlp"], SMALL["v2_grn"]
+LABELS = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """One checkpoint per layout and container, as each framework writes it."""
+    root = tmp_path_factory.mktemp("sources")
+    model = sources.timm_model(V1_CONV_MLP, 10, seed=1)
+    save_file(model.state_dict(), str(root / "finetune10.safetensors"))
+    plain, ema = sources.timm_model(V2, 37, seed=2), sources.timm_model(V2, 37, seed=3)
+    sources.train_checkpoint(plain, ema, root / "model_best.pth.tar", "convnextv2_tiny")
+    sources.ddp_save(sources.timm_model(V1, 10, seed=4), root / "ddp.pth")
+    sources.transformers_model(V1, 3, seed=5, labels=LABELS).save_pretrained(root / "hf_v1")
+    sources.transformers_model(V2, 3, seed=6, labels=LABELS).save_pretrained(root / "hf_v2")
+    sources.transformers_model(V2, 0, seed=7, head=False).save_pretrained(root / "hf_v2_features")
+    torch.save(sources.torchvision_model(V1, 7, seed=8).state_dict(), root / "tv.pth")
+    return root
+
+
+# (source, framework, layout, classes, container entry read, prefix removed, class names)
+CASES = {
+    "timm_finetune_10_classes": ("finetune10.safetensors", "timm", "timm", 10, None, None, None),
+    "timm_train_checkpoint_ema": ("model_best.pth.tar", "timm", "timm", 37, "state_dict_ema", None, None),
+    "ddp_save": ("ddp.pth", "timm", "timm", 10, None, "module.", None),
+    "transformers_convnext": ("hf_v1", "transformers", "transformers", 3, None, None, LABELS),
+    "transformers_convnextv2": ("hf_v2", "transformers", "transformers", 3, None, None, LABELS),
+    "transformers_features_only": ("hf_v2_features", "transformers", "transformers", 0, None, None, None),
+    "torchvision": ("tv.pth", "torchvision", "torchvision", 7, None, None, None),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(src, tmp_path_factory):
+    """Each case converted once through the CLI, as users run it: case -> (folder, stderr)."""
+    done = {}
+
+    def convert(case):
+        if case not in done:
+            out = tmp_path_factory.mktemp("converted") / case
+            result = zoo_inline("convert", "--checkpoint", src / CASES[case][0], "--out", out)
+            assert result.exit_code == 0, result.stderr[-3000:]
+            done[case] = out, result.stderr
+        return done[case]
+    return convert
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converts_without_naming_the_architecture_against_its_own_framework(case, converted):
+    name, framework, layout, classes, state_key, prefix, labels = CASES[case]
+    out, stderr = converted(case)
+    assert f"parity against {framework} (separate process)" in stderr
+    folder = open_folder(out)
+    config, report = folder.config, folder.parity
+    assert report["versions"]["reference"] == framework and report["versions"]["layout"] == layout
+    assert framework in report["versions"] and report["passed"]
+    logits = next(c for c in report["comparisons"] if c["name"] == "logits")
+    assert logits["max_abs"] <= 1e-4 and logits["rel"] <= 1e-5
+    assert config.num_classes == classes and config.head_norm_affine == (classes > 0 or layout != "timm")
+    assert (config.source.layout, config.source.state_key, config.source.prefix) == (layout, state_key, prefix)
+    assert config.labels == (tuple(labels) if labels else None)
+    assert config.architecture.depths == V1.depths and config.architecture.dims == V1.dims
+    if layout == "transformers":  # its final LayerNorm's eps is the config's, not the blocks'
+        assert config.architecture.head_norm_eps == 1e-12
+
+
+def test_named_classes_are_what_predict_prints(converted, tmp_path):
+    from PIL import Image
+
+    out, _ = converted("transformers_convnextv2")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    result = zoo_inline("predict", image, "--model", out, "--top", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(result.stdout)[0]["predictions"]
+    assert sorted(p["label"] for p in shown) == sorted(LABELS)
+    assert all(p["label"] == LABELS[p["index"]] for p in shown)
+
+
+def test_options_where_the_tensors_cannot_know(src, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"class {i}\n" for i in range(7)))
+    out = tmp_path / "out"
+    result = zoo_inline("convert", "--checkpoint", src / "tv.pth", "--out", out, "--name", "my_tv",
+                        "--input-size", "160", "--mean", "0.5,0.5,0.5", "--std", "0.25 0.25 0.25",
+                        "--labels", names, "--arch", "convnext_tiny")
+    assert result.exit_code == 1  # convnext_tiny's depths and widths are not these tensors'
+    assert "the checkpoint is not a convnext_tiny" in result.stderr and "depths" in result.stderr
+    assert not out.exists()
+    result = zoo_inline("convert", "--checkpoint", src / "tv.pth", "--out", out, "--name", "my_tv",
+                        "--input-size", "160", "--mean", "0.5,0.5,0.5", "--std", "0.25 0.25 0.25", "--labels", names)
+    assert result.exit_code == 0, result.stderr[-3000:]
+    config = open_folder(out).config
+    assert config.name == "my_tv" and config.input_size == 160
+    assert config.mean == (0.5,) * 3 and config.std == (0.25,) * 3
+    assert config.labels == tuple(f"class {i}" for i in range(7))
+    assert open_folder(out).parity["input_size"] == 160  # the parity batch was at that size
+
+
+def test_hub_repo_in_transformers_layout_converts_over_http(src, tmp_path, monkeypatch):
+    """`zoo convert hf://ORG/REPO` downloads with huggingface_hub from the local Hub server, and
+    records the commit and the weights' sha256."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # this test's own uploads
+
+    with local_hub(tmp_path / "server") as url:
+        api = HfApi(endpoint=url, token="hf_test")
+        api.create_repo("someone/convnextv2-finetune")
+        commit = api.upload_folder(repo_id="someone/convnextv2-finetune", folder_path=src / "hf_v2").oid
+        env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_test"}
+        env.pop("HF_HUB_OFFLINE")
+        out = tmp_path / "out"
+        proc = zoo_cli("convert", "hf://someone/convnextv2-finetune", "--out", out, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        bad = zoo_cli("convert", "hf://someone/no-such-repo", "--out", tmp_path / "none", env=env)
+    assert "no such repo" in one_line_error(bad) and not (tmp_path / "none").exists()
+    config = open_folder(out).config
+    recorded = config.source
+    assert (recorded.kind, recorded.repo_id, recorded.revision) == ("hub", "someone/convnextv2-finetune", commit)
+    assert recorded.sha256 == hashlib.sha256((src / "hf_v2" / "model.safetensors").read_bytes()).hexdigest()
+    assert config.labels == tuple(LABELS) and config.name == "convnextv2-finetune"
+
+
+def test_export_and_verify_check_against_the_source_framework(converted, tmp_path):
+    out, _ = converted("torchvision")
+    result = zoo_inline("verify", out)
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert "parity against torchvision" in result.stderr
+    result = zoo_inline("export", out, "--format", "tflite", "--out", tmp_path / "model.tflite")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert "torchvision" in (tmp_path / "model.tflite.parity.json").read_text()
+
+
+# --- the parity gate rejects broken key maps of the new layouts --------------------------------
+
+def _broken(layout: str, pattern: str, repl: str):
+    """`layout` with one of its renames replaced (the converter's side only)."""
+    rules = tuple((p, repl if p.pattern == pattern else r) for p, r in layouts.LAYOUTS[layout].rules)
+    assert rules != layouts.LAYOUTS[layout].rules, pattern
+    return layouts.Layout(layout, layouts.LAYOUTS[layout].framework, layouts.LAYOUTS[layout].signature, rules)
+
+
+def _grn_weight_bias_swapped(state):
+    key = next(k for k in state if k.endswith("mlp.grn.weight"))
+    bias = key[:-len("weight")] + "bias"
+    state[key], state[bias] = state[bias], state[key]
+    return state
+
+
+def _block_norm_from_stem(state):
+    return {**state, "stages.0.blocks.0.norm.weight": state["stem.1.weight"],
+            "stages.0.blocks.0.norm.bias": state["stem.1.bias"]}
+
+
+def _gamma_dropped(state):
+    return {**state, "stages.2.blocks.1.gamma": np.ones_like(state["stages.2.blocks.1.gamma"])}
+
+
+MUTATIONS = {  # layout -> {name: (what is broken, how)}
+    "transformers": {
+        "pwconv1_pwconv2_renamed_wrong": ("rule", r"\.pwconv(\d)\.", r".mlp.fc\1x."),
+        "grn_weight_bias_swapped": ("state", _grn_weight_bias_swapped),
+        "block_norm_from_the_stem": ("state", _block_norm_from_stem),
+        "final_norm_eps_keras_default": ("eps", 1e-3),
+    },
+    "torchvision": {
+        "block_3_read_as_fc2": ("rule", r"\.block\.3\.", ".mlp.fc2."),
+        "stages_misnumbered": ("rule", r"^features\.5\.(\d+)\.", r"stages.1.blocks.\1."),
+        "layer_scale_dropped": ("state", _gamma_dropped),
+        "head_norm_eps_keras_default": ("eps", 1e-3),
+    },
+}
+
+
+@pytest.mark.parametrize("layout,source", [("transformers", "hf_v2"), ("torchvision", "tv.pth")])
+def test_parity_rejects_a_broken_key_map(layout, source, src, monkeypatch):
+    """One reference run of the source framework; the unbroken conversion passes against it and
+    every mutation of the converter's side fails (parity, or the strict key check)."""
+    path = src / source if source.endswith(".pth") else src / source / "model.safetensors"
+    state, read = reading.read_source(SourceWeights(path, None), hint=layout)
+    found = inference.infer(state, mlp_form_known=False, head_norm_eps=1e-12 if layout == "transformers" else None)
+    network = Network(found.arch, found.num_classes, found.head_norm_affine, 64, (0.5,) * 3, (0.25,) * 3)
+    inputs = network.parity_batch()
+    reference = reference_outputs(network, path, inputs)
+
+    def converted(state, arch=found.arch):
+        model = empty_model(Network(arch, found.num_classes, found.head_norm_affine, 64, (0.5,) * 3, (0.25,) * 3))
+        mapping.port(layouts.fit_mlp(state, arch.conv_mlp), model)
+        return compare(keras_outputs(model, arch, inputs), reference)
+
+    assert converted(dict(state)).passed, "the control conversion must pass"
+    for name, (kind, *how) in MUTATIONS[layout].items():
+        with monkeypatch.context() as m:
+            if kind == "rule":
+                m.setitem(layouts.LAYOUTS, layout, _broken(layout, *how))
+                try:
+                    mutated, _ = reading.read_source(SourceWeights(path, None), hint=layout)
+                    report = converted(mutated)
+                except (MappingError, SourceError):
+                    continue
+            elif kind == "state":
+                try:
+                    report = converted(how[0](dict(state)))
+                except MappingError:
+                    continue
+            else:
+                report = converted(dict(state), found.arch.replace(head_norm_eps=how[0]))
+        assert not report.passed, f"{layout}: {name} passed parity"
+
+
+# --- reading, detection, inference: quick and fuzzed ------------------------------------------
+
+def test_training_checkpoint_entries_and_the_namespace(src, tmp_path):
+    ema, key = reading.read_checkpoint(src / "model_best.pth.tar")
+    plain, plain_key = reading.read_checkpoint(src / "model_best.pth.tar", use_ema=False)
+    assert (key, plain_key) == ("state_dict_ema", "state_dict")
+    assert not np.array_equal(ema["stem.0.weight"], plain["stem.0.weight"])
+    refused = tmp_path / "gadget.pth.tar"
+
+    class Gadget:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "executed"), "w"))
+
+    torch.save({"state_dict": {"stem.0.weight": torch.zeros(1)}, "args": __import__("argparse").Namespace(a=1),
+                "payload": Gadget()}, refused)
+    with pytest.raises(SourceError, match="cannot be loaded safely"):
+        reading.read_checkpoint(refused)
+    assert not (tmp_path / "executed").exists()
+
+
+def test_wrapper_prefixes_are_removed_and_reported():
+    state = {"module._orig_mod.stem.0.weight": 1, "module._orig_mod.head.fc.bias": 2}
+    assert layouts.strip_prefix(state) == ({"stem.0.weight": 1, "head.fc.bias": 2}, "module._orig_mod.")
+    assert layouts.strip_prefix({"model.a": 1, "b": 2})[1] == ""
+
+
+def test_a_file_in_no_layout_gets_a_short_message_naming_the_closest():
+    vit = [f"encoder.layer.{i}.attention.q.weight" for i in range(300)] + ["embeddings.patch_embeddings.projection.weight"]
+    for keys, says in ((vit, "the closest is transformers"),
+                       (vit + ["embeddings.patch_embeddings.weight"], "301 of 302 keys have no place in a ConvNeXt "
+                                                                      "of the transformers layout")):
+        with pytest.raises(SourceError) as err:
+            layouts.detect(keys)
+        text = str(err.value)
+        assert len(text.splitlines()) <= 15 and says in text and "... and 29" in text
+    with pytest.raises(SourceError, match="config file says the timm layout"):
+        layouts.detect(["features.0.0.weight"], hint="timm")
+
+
+def test_mismatch_lists_are_short_unless_verbose():
+    class Var:
+        def __init__(self, shape):
+            self.shape = shape
+
+    wanted = [mapping.Assignment(f"k{i}", Var((1,)), mapping.Rule("kernel", "")) for i in range(40)]
+    with pytest.raises(MappingError) as err:
+        mapping.check({}, wanted)
+    assert len(str(err.value).splitlines()) == 1 + mapping.LISTED + 1 and "28 more" in str(err.value)
+    with pytest.raises(MappingError) as err:
+        mapping.check({}, wanted, listed=None)
+    assert len(str(err.value).splitlines()) == 41
+
+
+@pytest.mark.parametrize("variant", sorted(SMALL))
+def test_inference_reads_every_architecture_row_back_from_its_tensors(variant):
+    from converters.reference import random_state_dict
+
+    arch = SMALL[variant]
+    found = inference.infer(random_state_dict(arch, 5))
+    assert found.num_classes == 5 and found.head_norm_affine
+    if arch.stem_type == "overlap_tiered" and found.arch.stem_type == "overlap":  # as wide at 8 channels:
+        assert inference._tiered_width(arch.dims[0]) == arch.dims[0]  # the same network
+        arch = arch.replace(stem_type="overlap")
+    assert found.arch.replace(name=arch.name, norm_eps=arch.norm_eps) == arch
+
+
+def test_named_architecture_must_agree_with_the_tensors():
+    from converters.reference import random_state_dict
+
+    found = inference.infer(random_state_dict(V2, 5)).arch
+    with pytest.raises(SourceError, match="use_grn: False named, True in the checkpoint"):
+        inference.check_named(V1, found)
+
+
+def test_fuzzed_keys_give_a_layout_or_one_clear_error():
+    """Random key sets in and around the known layouts: detection, renaming and inference end in a
+    result or a SourceError, never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    parts = st.sampled_from(["stem", "stages", "features", "downsample_layers", "blocks", "0", "1", "3", "weight",
+                             "bias", "gamma", "layer_scale", "module", "convnext", "embeddings",
+                             "patch_embeddings", "encoder", "layers", "grn", "classifier", "head", "fc", "norm"])
+    key = st.lists(parts, min_size=1, max_size=6).map(".".join)
+    shape = st.lists(st.integers(1, 4), min_size=0, max_size=4).map(tuple)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(key, shape, max_size=12))
+    def check(spec):
+        state = {k: np.zeros(s, np.float32) for k, s in spec.items()}
+        try:
+            state, _ = layouts.strip_prefix(state)
+            timm_keyed = layouts.to_timm(state, layouts.detect(state))
+            inference.infer(timm_keyed)
+        except SourceError:
+            pass
+
+    check()
+
+
+def test_convert_usage_errors_are_one_line(tmp_path):
+    result = zoo_inline("convert", "convnext_tiny_1k", "--name", "x")
+    assert result.exit_code == 2 and "--name: only for your own checkpoints" in result.stderr
+    result = zoo_inline("convert", "--checkpoint", tmp_path, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "holds no checkpoint file" in result.stderr
+    bad = tmp_path / "names.txt"
+    bad.write_text("a\n\nb\n")
+    empty = tmp_path / "empty.safetensors"
+    save_file({"x": torch.zeros(1)}, str(empty))
+    result = zoo_inline("convert", "--checkpoint", empty, "--labels", bad)
+    assert result.exit_code == 2 and "no blank lines" in result.stderr
+    result = zoo_inline("convert", "--checkpoint", empty, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "not a ConvNeXt checkpoint in a known layout" in result.stderr
+    assert not (tmp_path / "o").exists()
+
