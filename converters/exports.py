@@ -1,6 +1,7 @@
-"""The PyTorch side of checks on a converted folder (exports, evaluation): timm on its source weights.
+"""The PyTorch side of checks on a converted folder (exports, evaluation): its source framework on its
+source weights.
 
-Runs timm in its own process (as the parity gate does) on the recorded source weights,
+Runs the source framework in its own process (as the parity gate does) on the recorded source weights,
 fetched again and checked against the sha256 recorded at conversion.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from checkpoints.fs import work_dir
 from zoo.folder_config import FolderConfig
 
-from .pipeline import recorded_source
+from .pipeline import recorded_reference
 from .reference_process import Network, reference_classify, reference_outputs
 
 
@@ -30,9 +31,8 @@ def pytorch_logits(config: FolderConfig, inputs: np.ndarray, *, checkpoint: str 
         IntegrityError: the source is not the file the folder was converted from.
         ReferenceRunError: torch/timm missing or the reference process failed.
     """
-    with work_dir("zoo-source-") as work:
-        src = recorded_source(config, work, checkpoint)
-        return reference_outputs(Network.of_folder(config), src.path, inputs)["logits"]
+    with work_dir("zoo-source-") as work, recorded_reference(config, work, checkpoint) as (src, seed):
+        return reference_outputs(Network.of_folder(config), src.path, inputs, random_seed=seed)["logits"]
 
 
 def pytorch_classify(config: FolderConfig, files: list[Path], *, checkpoint: str | Path | None = None) -> np.ndarray:
@@ -41,6 +41,5 @@ def pytorch_classify(config: FolderConfig, files: list[Path], *, checkpoint: str
     Raises:
         as `pytorch_logits`.
     """
-    with work_dir("zoo-source-") as work:
-        src = recorded_source(config, work, checkpoint)
-        return reference_classify(Network.of_folder(config), src.path, files, config.pretrained_cfg)
+    with work_dir("zoo-source-") as work, recorded_reference(config, work, checkpoint) as (src, seed):
+        return reference_classify(Network.of_folder(config), src.path, files, config.pretrained_cfg, random_seed=seed)

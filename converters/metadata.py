@@ -7,7 +7,6 @@ No torch and no tensorflow: this module also runs inside the PyTorch reference p
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ class SourceMetadata:
         labels: a name per class (transformers' `id2label`, timm's `label_names`).
         preprocessing: `input_size`, `crop_pct`, `crop_mode`, `interpolation`, `mean`, `std`
             in the shape of timm's `pretrained_cfg`.
+        norm_eps: the blocks' LayerNorm epsilon (a timm repo's `model_args`).
         head_norm_eps: transformers' final LayerNorm epsilon (its config's `layer_norm_eps`).
         architecture: timm's architecture name (a timm repo's config).
         shape: (depths, dims) the config says, to check against the tensors.
@@ -40,6 +40,7 @@ class SourceMetadata:
     num_classes: int | None = None
     labels: tuple[str, ...] | None = None
     preprocessing: dict | None = None
+    norm_eps: float | None = None
     head_norm_eps: float | None = None
     architecture: str | None = None
     shape: tuple | None = None
@@ -122,10 +123,15 @@ def _timm(config: dict) -> SourceMetadata:
             "mean": list(cfg.get("mean", IMAGENET_MEAN)),
             "std": list(cfg.get("std", IMAGENET_STD)),
         }
-    labels = config.get("label_names")
+    labels = config.get("label_names") or None
+    if isinstance(labels, dict):  # index -> name, as timm allows
+        labels = [labels[k] for k in sorted(labels, key=int)] if sorted(map(int, labels)) == list(range(len(labels))) \
+            else None
+    eps = (config.get("model_args") or {}).get("norm_eps")
     return SourceMetadata(
-        layout="timm", num_classes=config.get("num_classes"), labels=tuple(labels) if labels else None,
+        layout="timm", num_classes=config.get("num_classes"), labels=tuple(map(str, labels)) if labels else None,
         preprocessing=preprocessing, architecture=str(config["architecture"]),
+        norm_eps=float(eps) if eps is not None else None,
         notes=("classes and preprocessing from config.json (timm)",))
 
 
@@ -135,11 +141,3 @@ def default_preprocessing(input_size: int = 224) -> dict:
             "crop_mode": "center" if input_size < 384 else "squash", "interpolation": "bicubic",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
-
-def crop_pct_for(resize: int, crop: int) -> float:
-    """The crop fraction whose `floor(crop / crop_pct)` is exactly `resize` (torchvision states the
-    resize size; timm and this project the fraction)."""
-    pct = crop / resize
-    while math.floor(crop / pct) < resize:
-        pct = math.nextafter(pct, 0.0)
-    return pct

@@ -1,6 +1,7 @@
 """The whole conversion, top to bottom: name -> source -> read and map -> write -> parity -> saved folder."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -8,10 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from checkpoints import converted, store
-from checkpoints.fs import check_writable, work_dir, write_json_atomic
+from checkpoints.fs import check_writable, sha256_file, work_dir, write_json_atomic
 from zoo.architectures import ARCHITECTURES, get_architecture
 from zoo.catalogue import CatalogueEntry, resolve
 from zoo.errors import IntegrityError, MappingError, SourceError, ZooError
@@ -174,7 +175,8 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
 def _infer(state: dict, src: source.SourceWeights, meta: SourceMetadata, named: str | None) -> Inferred:
     """The network in the tensors, checked against the config beside them and a named architecture."""
     layout = LAYOUTS[src.layout]
-    found = inference.infer(state, mlp_form_known=layout.name == "timm", head_norm_eps=meta.head_norm_eps)
+    found = inference.infer(state, mlp_form_known=layout.name == "timm", norm_eps=meta.norm_eps,
+                            head_norm_eps=meta.head_norm_eps)
     if meta.head_norm_eps is not None and meta.head_norm_eps == found.arch.norm_eps:
         found = replace(found, arch=found.arch.replace(head_norm_eps=None))
     if meta.num_classes is not None and found.num_classes and meta.num_classes != found.num_classes:
@@ -182,12 +184,13 @@ def _infer(state: dict, src: source.SourceWeights, meta: SourceMetadata, named: 
     if meta.shape and all(meta.shape) and meta.shape != (found.arch.depths, found.arch.dims):
         raise SourceError(f"config.json says depths {list(meta.shape[0])}, widths {list(meta.shape[1])}; "
                           f"the tensors have {list(found.arch.depths)}, {list(found.arch.dims)}")
-    if meta.architecture and meta.architecture in ARCHITECTURES:
-        named = named or meta.architecture
     if named:
         row = get_architecture(named)
         inference.check_named(row, found.arch, mlp_form_known=layout.name == "timm")
-        found = replace(found, arch=found.arch.replace(name=row.name, norm_eps=row.norm_eps))
+        found = replace(found, arch=found.arch.replace(name=row.name, norm_eps=meta.norm_eps or row.norm_eps))
+    elif meta.architecture in ARCHITECTURES:  # a timm repo's own name for its network
+        found = replace(found, arch=found.arch.replace(name=meta.architecture,
+                                                       norm_eps=meta.norm_eps or ARCHITECTURES[meta.architecture].norm_eps))
     return found
 
 
@@ -267,10 +270,10 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
     with step(echo, f"check {path} against its manifest"):
         folder = converted.open_folder(path)
     network = Network.of_folder(folder.config)
-    with work_dir("zoo-verify-") as work:
+    with work_dir("zoo-verify-") as work, contextlib.ExitStack() as sourced:
         with step(echo, "source weights"):
-            src = recorded_source(folder.config, work, checkpoint)
-        with parity.started(network, src.path) as pending:
+            src, seed = sourced.enter_context(recorded_reference(folder.config, work, checkpoint))
+        with parity.started(network, src.path, random_seed=seed) as pending:
             with step(echo, "load the converted weights"):
                 model = empty_model(network)
                 model.load_weights(folder.weights)
@@ -279,6 +282,32 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
                 report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
     echo(report.table())
     return report
+
+
+@contextlib.contextmanager
+def recorded_reference(config: FolderConfig, work: Path,
+                       checkpoint: str | Path | None = None) -> Iterator[tuple[source.SourceWeights, int | None]]:
+    """The source of a converted folder for a reference run during the block, and the seed its
+    reference process writes it from (random weights: one process, not two), else None.
+
+    Random weights are checked against the recorded sha256 when the block ends; every other
+    source before it starts (`recorded_source`).
+
+    Raises:
+        as `recorded_source`.
+    """
+    recorded = config.source
+    if checkpoint is not None or recorded.kind != "random":
+        yield recorded_source(config, work, checkpoint), None
+        return
+    path = _random_path(work, recorded.seed)
+    yield source.SourceWeights(path, None, filename=path.name), recorded.seed
+    _check_recorded(sha256_file(path), recorded.sha256)
+
+
+def _check_recorded(sha256: str, recorded: str) -> None:
+    if sha256 != recorded:
+        raise IntegrityError(f"the source weights changed since conversion (sha256 {sha256}, recorded {recorded})")
 
 
 def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | None = None) -> source.SourceWeights:
@@ -302,9 +331,7 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
         src = source.fetch_url(recorded.url, expected_sha256=recorded.sha256)
     else:
         src = source.local(recorded.path)
-    if src.sha256 != recorded.sha256:
-        raise IntegrityError(f"the source weights changed since conversion (sha256 {src.sha256}, "
-                             f"recorded {recorded.sha256})")
+    _check_recorded(src.sha256, recorded.sha256)
     return replace(src, layout=recorded.layout, state_key=recorded.state_key, prefix=recorded.prefix or "")
 
 

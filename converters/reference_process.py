@@ -105,26 +105,30 @@ def versions(spec: Path) -> dict:
 
 
 def reference_outputs(network: Network, source: Path, inputs: np.ndarray,
-                      out_indices: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+                      out_indices: tuple[int, ...] | None = None, random_seed: int | None = None) -> dict[str, np.ndarray]:
     """Run timm on `inputs` in a separate process and return its outputs (NHWC).
 
-    With `out_indices`, the outputs are timm's `features_only=True` maps, `features.{i}`.
+    With `out_indices`, the outputs are timm's `features_only=True` maps, `features.{i}`. With
+    `random_seed`, the process first writes `source` (perturbed random weights in timm's layout).
 
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
     with work_dir("zoo-reference-") as work:
-        return _run_forward(write_spec(network, source, work, inputs=inputs, out_indices=out_indices))
+        return _run_forward(write_spec(network, source, work, inputs=inputs, out_indices=out_indices,
+                                       random_seed=random_seed))
 
 
-def reference_classify(network: Network, source: Path, files: list[Path], pretrained_cfg: dict) -> np.ndarray:
+def reference_classify(network: Network, source: Path, files: list[Path], pretrained_cfg: dict,
+                       random_seed: int | None = None) -> np.ndarray:
     """timm's logits for image files, each prepared by timm's own eval transform (separate process).
 
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
     with work_dir("zoo-reference-") as work:
-        return _run_forward(write_spec(network, source, work, files=files, pretrained_cfg=pretrained_cfg))["logits"]
+        return _run_forward(write_spec(network, source, work, files=files, pretrained_cfg=pretrained_cfg,
+                                       random_seed=random_seed))["logits"]
 
 
 def _run_forward(spec: Path) -> dict[str, np.ndarray]:

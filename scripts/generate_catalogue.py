@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -135,6 +136,39 @@ def fb_only_entry(name: str) -> dict:
     return row
 
 
+# torchvision's own ImageNet-1k training of ConvNeXt (not FB's weights): timm has no tag for them,
+# so they take timm's name for torchvision weights, `ARCH.tv_in1k`. Their eval transform resizes
+# the shorter side to `resize_size` (bilinear, antialiased) and crops `crop_size`.
+TORCHVISION = {"convnext_tiny": "ConvNeXt_Tiny_Weights", "convnext_small": "ConvNeXt_Small_Weights",
+               "convnext_base": "ConvNeXt_Base_Weights", "convnext_large": "ConvNeXt_Large_Weights"}
+TORCHVISION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification#convnext"
+
+
+def crop_pct_for(resize: int, crop: int) -> float:
+    """The crop fraction whose `floor(crop / crop_pct)` is exactly `resize` (timm's preprocessing
+    takes the fraction, torchvision states the resize size)."""
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
+def torchvision_entry(arch: str) -> dict:
+    import torchvision.models as tvm
+
+    weights = getattr(tvm, TORCHVISION[arch]).IMAGENET1K_V1
+    transform = weights.transforms()
+    resize, crop = transform.resize_size[0], transform.crop_size[0]
+    row = entry(next(n for n in timm.list_pretrained(arch) if n.endswith("fb_in1k")), is_default=False)
+    row.update(name=f"{arch}.tv_in1k", tag="tv_in1k", aliases=[], hf_hub_id=None, hf_hub_filename=None,
+               url=weights.url, input_size=[3, crop, crop], test_input_size=None,
+               crop_pct=crop_pct_for(resize, crop), test_crop_pct=None, crop_mode="center",
+               interpolation=transform.interpolation.value, mean=list(transform.mean), std=list(transform.std),
+               license="bsd-3-clause", top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+               origin_url=TORCHVISION_RECIPE, params=weights.meta["num_params"])
+    return row
+
+
 def build() -> dict:
     entries = []
     for arch in ARCHITECTURES:
@@ -144,8 +178,11 @@ def build() -> dict:
         for tag in pretrained:
             entries.append(entry(f"{arch}.{tag}", is_default=tag == pretrained[0]))
         entries += [fb_only_entry(n) for n in FB_ONLY if n.split(".")[0] == arch]
+        if arch in TORCHVISION:
+            entries.append(torchvision_entry(arch))
     for e in entries:
-        e["top1"] = OFFICIAL_TOP1.get(e["name"])
+        if not e["name"].endswith(".tv_in1k"):  # torchvision's weights state their own
+            e["top1"] = OFFICIAL_TOP1.get(e["name"])
     missing = set(OFFICIAL_TOP1) - {e["name"] for e in entries}
     if missing:
         raise SystemExit(f"top-1 given for unknown checkpoints: {sorted(missing)}")

@@ -97,7 +97,7 @@ def test_a_variable_fed_twice_is_refused(monkeypatch):
     planned = mapping.plan(model)
     twice = [*planned, mapping.Assignment(planned[1].key, planned[0].variable, planned[0].rule)]
     monkeypatch.setattr(mapping, "plan", lambda m: twice)
-    monkeypatch.setattr(mapping, "check", lambda s, a: None)
+    monkeypatch.setattr(mapping, "check", lambda s, a, *_: None)
     with pytest.raises(MappingError, match=f"variable {planned[0].variable.path} would be assigned twice"):
         mapping.values(state, model)
 

@@ -35,8 +35,11 @@ LABELS = ["cat", "dog", "bird"]
 def src(tmp_path_factory):
     """One checkpoint per layout and container, as each framework writes it."""
     root = tmp_path_factory.mktemp("sources")
-    model = sources.timm_model(V1_CONV_MLP, 10, seed=1)
-    save_file(model.state_dict(), str(root / "finetune10.safetensors"))
+    import timm
+
+    timm.models.save_for_hf(sources.timm_model(V1_CONV_MLP, 10, seed=1), root / "timm_repo", safe_serialization=True,
+                            model_config={"label_names": [f"class_{i}" for i in range(10)]},
+                            data_config={"input_size": (3, 192, 192), "crop_pct": 0.9})
     plain, ema = sources.timm_model(V2, 37, seed=2), sources.timm_model(V2, 37, seed=3)
     sources.train_checkpoint(plain, ema, root / "model_best.pth.tar", "convnextv2_tiny")
     sources.ddp_save(sources.timm_model(V1, 10, seed=4), root / "ddp.pth")
@@ -49,7 +52,7 @@ def src(tmp_path_factory):
 
 # (source, framework, layout, classes, container entry read, prefix removed, class names)
 CASES = {
-    "timm_finetune_10_classes": ("finetune10.safetensors", "timm", "timm", 10, None, None, None),
+    "timm_repo_folder": ("timm_repo", "timm", "timm", 10, None, None, [f"class_{i}" for i in range(10)]),
     "timm_train_checkpoint_ema": ("model_best.pth.tar", "timm", "timm", 37, "state_dict_ema", None, None),
     "ddp_save": ("ddp.pth", "timm", "timm", 10, None, "module.", None),
     "transformers_convnext": ("hf_v1", "transformers", "transformers", 3, None, None, LABELS),
@@ -91,6 +94,9 @@ def test_converts_without_naming_the_architecture_against_its_own_framework(case
     assert config.architecture.depths == V1.depths and config.architecture.dims == V1.dims
     if layout == "transformers":  # its final LayerNorm's eps is the config's, not the blocks'
         assert config.architecture.head_norm_eps == 1e-12
+    if case == "timm_repo_folder":  # timm's config.json: its name for the network, its preprocessing
+        assert config.architecture.name == "convnext_atto" and config.architecture.conv_mlp
+        assert (config.input_size, config.pretrained_cfg["crop_pct"]) == (192, 0.9)
 
 
 def test_named_classes_are_what_predict_prints(converted, tmp_path):
@@ -159,6 +165,53 @@ def test_export_and_verify_check_against_the_source_framework(converted, tmp_pat
     result = zoo_inline("export", out, "--format", "tflite", "--out", tmp_path / "model.tflite")
     assert result.exit_code == 0, result.stderr[-3000:]
     assert "torchvision" in (tmp_path / "model.tflite.parity.json").read_text()
+
+
+TORCHVISION = {  # entry -> (file, top-1, resize before the 224 crop), from torchvision's weights metadata
+    "convnext_tiny.tv_in1k": ("convnext_tiny-983f1562.pth", 82.52, 236),
+    "convnext_small.tv_in1k": ("convnext_small-0c510722.pth", 83.616, 230),
+    "convnext_base.tv_in1k": ("convnext_base-6075fbad.pth", 84.062, 232),
+    "convnext_large.tv_in1k": ("convnext_large-ea097f82.pth", 84.414, 232),
+}
+
+
+def test_torchvision_imagenet_weights_are_catalogue_entries():
+    import zoo
+    from zoo.preprocessing import Preprocessing
+
+    for name, (filename, top1, resize) in TORCHVISION.items():
+        entry = zoo.resolve(name)
+        assert entry.url == f"https://download.pytorch.org/models/{filename}" and entry.hf_hub_id is None
+        assert entry.top1 == top1 and entry.interpolation == "bilinear" and entry.num_classes == 1000
+        assert Preprocessing.from_checkpoint(entry).scale_size() == (resize, resize)  # torchvision's resize_size
+
+
+def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
+    """`zoo convert convnext_tiny.tv_in1k` downloads torchvision's file (served here over HTTP) and
+    checks it against torchvision's own model class."""
+    import dataclasses
+    import io
+
+    from huggingface_hub import constants
+
+    import converters.pipeline as pipeline
+    from tests.support.http_files import serve
+    from zoo.architectures import ARCHITECTURES
+    from zoo.catalogue import catalogue
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setitem(ARCHITECTURES, "convnext_tiny", V1)
+    buffer = io.BytesIO()
+    torch.save(sources.torchvision_model(V1, 1000, seed=9).state_dict(), buffer)
+    name = "convnext_tiny.tv_in1k"
+    with serve({"/models/convnext_tiny-983f1562.pth": buffer.getvalue()}) as (base, requests):
+        entry = catalogue()[name]
+        monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=f"{base}/models/convnext_tiny-983f1562.pth"))
+        out, report = pipeline.convert(name, out=tmp_path / "out")
+    assert report.passed and report.versions["reference"] == "torchvision" and len(requests) == 1
+    config = open_folder(out).config
+    assert (config.source.kind, config.source.layout) == ("url", "torchvision") and config.top1 == 82.52
 
 
 # --- the parity gate rejects broken key maps of the new layouts --------------------------------

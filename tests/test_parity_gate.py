@@ -85,7 +85,7 @@ def skipped_linear_transpose(monkeypatch):
 
 def keras_default_eps(monkeypatch):
     import keras
-    monkeypatch.setattr(zoo.model, "_norm", lambda arch, name, affine=True: keras.layers.LayerNormalization(
+    monkeypatch.setattr(zoo.model, "_norm", lambda arch, name, affine=True, eps=None: keras.layers.LayerNormalization(
         name=name, center=affine, scale=affine))
 
 

@@ -47,8 +47,9 @@ def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     logits = next(c for c in report["comparisons"] if c["name"] == "logits")
     assert report["passed"] and logits["max_abs"] <= 1e-4 and logits["rel"] <= 1e-5
     assert report["top1_agreement"] == 1.0
-    assert report["versions"] == {"keras": keras.__version__, "tensorflow": tf.__version__,
-                                  "torch": torch.__version__, "timm": timm.__version__}  # both sides named
+    assert report["versions"] == {"keras": keras.__version__, "tensorflow": tf.__version__,  # both sides named
+                                  "torch": torch.__version__, "timm": timm.__version__,
+                                  "reference": "timm", "layout": "timm"}
     config = json.loads((out / "config.json").read_text())
     assert config["source"]["repo_id"] == ckpt.hf_hub_id and config["pretrained"] is True
     assert len(config["source"]["revision"]) == 40
