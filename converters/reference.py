@@ -44,6 +44,7 @@ from converters.reading import read_checkpoint, read_state_dict  # noqa: E402
 from zoo.architectures import Architecture  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
+TIMM_PREFIXES = ("", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.")  # timm's loader removes them
 OUTPUTS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
 
 
@@ -81,9 +82,12 @@ def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = Tr
     A model on the `meta` device takes the checkpoint's tensors as its own. A wrapper prefix
     timm's loader does not remove (`model.`, `backbone.`) is removed here.
     """
+    _load_arrays(model, strip_prefix(read_state_dict(path, use_ema=use_ema))[0], head_norm_affine)
+
+
+def _load_arrays(model: torch.nn.Module, arrays: dict, head_norm_affine: bool) -> None:
     from timm.models.convnext import checkpoint_filter_fn
 
-    arrays, _ = strip_prefix(read_state_dict(path, use_ema=use_ema))
     state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     if is_fb_layout(arrays):
         state = checkpoint_filter_fn(state, model)
@@ -131,27 +135,39 @@ def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine
     transformers `config.json` sits beside the weights, else the model class built from `arch`.
     torchvision: its `ConvNeXt` class built from `arch`, strictly loaded.
     """
-    raw, key = read_checkpoint(path, use_ema=use_ema)
-    raw, prefix = strip_prefix(raw)
-    layout = detect(raw)
+    header_only = path.name.endswith(".safetensors")
+    if header_only:  # the layout from the header: the tensors are read once, below
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            names, key = dict.fromkeys(f.keys()), None
+    else:
+        names, key = read_checkpoint(path, use_ema=use_ema)
+    names, prefix = strip_prefix(names)
+    layout = detect(names)
+
+    def arrays() -> dict:
+        return strip_prefix(read_state_dict(path))[0] if header_only else names
+
     if layout.framework == "transformers":
-        return Reference(_transformers(arch, num_classes, path, raw, key, prefix), "transformers", layout.name,
+        return Reference(_transformers(arch, num_classes, path, names, arrays, key, prefix), "transformers", layout.name,
                          _version("transformers"))
     if layout.framework == "torchvision":
-        return Reference(_torchvision(arch, num_classes, raw), "torchvision", layout.name, _version("torchvision"))
-    del raw
-    if path.name.endswith(".safetensors") and not prefix:
-        model = loaded(arch, num_classes, path, head_norm_affine)
-    elif prefix not in ("", "module.", "_orig_mod."):  # a wrapper timm's loader leaves in place
-        model = create(arch, num_classes)
-        load_weights(model, path, head_norm_affine, use_ema)
-    else:  # timm's own loader: EMA first, `module.` removed, FB keys remapped
+        return Reference(_torchvision(arch, num_classes, arrays()), "torchvision", layout.name, _version("torchvision"))
+    if not header_only and prefix in TIMM_PREFIXES:
+        # timm's own loader: its choice of entry (EMA first), its prefix removal, its FB remapping
         from timm.models import load_checkpoint
         from timm.models.convnext import checkpoint_filter_fn
 
+        del names
         model = create(arch, num_classes)
         _strict(load_checkpoint(model, str(path), use_ema=use_ema, strict=False, filter_fn=checkpoint_filter_fn),
                 head_norm_affine, "timm")
+    elif header_only and not prefix:
+        model = loaded(arch, num_classes, path, head_norm_affine)
+    else:
+        model = create(arch, num_classes)
+        _load_arrays(model, arrays(), head_norm_affine)
     return Reference(model.eval(), "timm", layout.name, timm.__version__)
 
 
@@ -161,7 +177,7 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def _transformers(arch: Architecture, num_classes: int, path: Path, raw: dict, key, prefix: str):
+def _transformers(arch: Architecture, num_classes: int, path: Path, names, arrays, key, prefix: str):
     try:
         import transformers
     except ImportError:
@@ -169,7 +185,7 @@ def _transformers(arch: Architecture, num_classes: int, path: Path, raw: dict, k
                            "against transformers (pip install transformers)") from None
     v2 = arch.use_grn
     family = "ConvNextV2" if v2 else "ConvNext"
-    headed = any(k.startswith(("convnext.", "convnextv2.")) for k in raw)
+    headed = any(k.startswith(("convnext.", "convnextv2.")) for k in names)
     cls = getattr(transformers, f"{family}ForImageClassification" if headed else f"{family}Model")
     config_file = path.parent / "config.json"
     folder_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -184,7 +200,7 @@ def _transformers(arch: Architecture, num_classes: int, path: Path, raw: dict, k
         depths=list(arch.depths), hidden_sizes=list(arch.dims), num_labels=num_classes,
         layer_scale_init_value=1e-6 if arch.layer_scale else 0.0, layer_norm_eps=arch.head_eps, drop_path_rate=0.0)
     model = cls(config)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in raw.items()}, strict=True)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays().items()}, strict=True)
     return model.eval()
 
 

@@ -137,24 +137,25 @@ def test_hub_repo_in_transformers_layout_converts_over_http(src, tmp_path, monke
     records the commit and the weights' sha256."""
     from huggingface_hub import HfApi, constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # this test's own uploads
-
     with local_hub(tmp_path / "server") as url:
+        for name, value in (("ENDPOINT", url), ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True),
+                            ("HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")):
+            monkeypatch.setattr(constants, name, value)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
         api = HfApi(endpoint=url, token="hf_test")
         api.create_repo("someone/convnextv2-finetune")
         commit = api.upload_folder(repo_id="someone/convnextv2-finetune", folder_path=src / "hf_v2").oid
-        env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_test"}
-        env.pop("HF_HUB_OFFLINE")
         out = tmp_path / "out"
-        proc = zoo_cli("convert", "hf://someone/convnextv2-finetune", "--out", out, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        bad = zoo_cli("convert", "hf://someone/no-such-repo", "--out", tmp_path / "none", env=env)
-    assert "no such repo" in one_line_error(bad) and not (tmp_path / "none").exists()
+        result = zoo_inline("convert", "hf://someone/convnextv2-finetune", "--out", out)
+        assert result.exit_code == 0, result.stderr[-3000:]
+        bad = zoo_inline("convert", "hf://someone/no-such-repo", "--out", tmp_path / "none")
+    assert bad.exit_code == 1 and "no such repo" in bad.stderr and not (tmp_path / "none").exists()
     config = open_folder(out).config
     recorded = config.source
     assert (recorded.kind, recorded.repo_id, recorded.revision) == ("hub", "someone/convnextv2-finetune", commit)
     assert recorded.sha256 == hashlib.sha256((src / "hf_v2" / "model.safetensors").read_bytes()).hexdigest()
     assert config.labels == tuple(LABELS) and config.name == "convnextv2-finetune"
+    assert open_folder(out).parity["versions"]["reference"] == "transformers"
 
 
 def test_export_and_verify_check_against_the_source_framework(converted, tmp_path):
@@ -183,7 +184,7 @@ def test_torchvision_imagenet_weights_are_catalogue_entries():
         entry = zoo.resolve(name)
         assert entry.url == f"https://download.pytorch.org/models/{filename}" and entry.hf_hub_id is None
         assert entry.top1 == top1 and entry.interpolation == "bilinear" and entry.num_classes == 1000
-        assert Preprocessing.from_checkpoint(entry).scale_size() == (resize, resize)  # torchvision's resize_size
+        assert Preprocessing.from_checkpoint(entry).scale_size == (resize, resize)  # torchvision's resize_size
 
 
 def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
@@ -406,3 +407,19 @@ def test_convert_usage_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "not a ConvNeXt checkpoint in a known layout" in result.stderr
     assert not (tmp_path / "o").exists()
 
+
+
+@pytest.mark.slow
+def test_the_worked_example_gets_the_same_top1_from_timm_keras_and_tflite(tmp_path):
+    """README's worked example: train with timm, convert the training checkpoint, export TFLite."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "own_convnext.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "work")], capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "top-1 agreement with timm: keras 100%, tflite 100% (32 images)" in proc.stdout
+    config = open_folder(tmp_path / "work" / "converted").config
+    assert config.source.state_key == "state_dict_ema" and config.labels[0] == "top left"

@@ -30,7 +30,8 @@ from zoo.errors import IntegrityError
 
 
 @pytest.mark.parametrize("name, canonical", [("convnext_tiny_1k", "convnext_tiny.fb_in1k"),
-                                             ("convnext_atto", "convnext_atto.d2_in1k")])
+                                             pytest.param("convnext_atto", "convnext_atto.d2_in1k",
+                                                          marks=pytest.mark.slow)])
 def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     ckpt = zoo.resolve(name)
     assert ckpt.name == canonical
