@@ -187,16 +187,17 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
     name, cfg = config.name, config.pretrained_cfg
     logits = next(c for c in report["comparisons"] if c["name"] == "logits")
     tag, base = config.tag, config.base_model
+    reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
     metrics = [("max_abs_logit_error", logits["max_abs"]), ("relative_logit_error", logits["rel"]),
                ("top1_agreement", report["top1_agreement"])]
     data = ModelCardData(
         library_name="keras", license=config.license or "other",
-        tags=["convnext", "image-classification", "timm", "keras"],
+        tags=["convnext", "image-classification", *dict.fromkeys(["timm", reference]), "keras"],
         base_model=base, datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
         model_name=name,
         eval_results=[EvalResult(task_type="image-classification", dataset_type="convnext-zoo/parity",
                                  dataset_name=f"parity batch ({report['num_images']} images, "
-                                              f"{report['input_size']}px) vs timm",
+                                              f"{report['input_size']}px) vs {reference}",
                                  metric_type=m, metric_value=v) for m, v in metrics],
     )
     warning = "" if config.pretrained else (
@@ -212,7 +213,7 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
 {warning}
 `{name}` ({config.architecture.name}, {config.params or 0:,} parameters) converted from
 `{base or config.source.url or 'a local file'}` by convnext-zoo. The Keras model was run
-side by side with timm on the same weights and passed the parity gate (logits max abs error
+side by side with {reference} on the same weights and passed the parity gate (logits max abs error
 <= {report['atol']:g}, relative <= {report['rtol']:g}):
 
 | output | shape | max abs error | relative error |

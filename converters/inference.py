@@ -114,7 +114,8 @@ def _stem_type(state: dict, width: int) -> str:
 def _tiered_width(width: int) -> int:
     """The first conv's width in timm's tiered stem: `make_divisible(width // 2)` (multiples of 8)."""
     half = width // 2
-    return max(8, int(half + 4) // 8 * 8) if int(half + 4) // 8 * 8 >= 0.9 * half else max(8, int(half + 4) // 8 * 8) + 8
+    rounded = max(8, int(half + 4) // 8 * 8)
+    return rounded if rounded >= 0.9 * half else rounded + 8
 
 
 def _closest_row(fields: dict) -> Architecture:

@@ -108,6 +108,7 @@ def _processor(p: dict) -> dict:
         "interpolation": _RESAMPLE.get(resample, str(resample)) if isinstance(resample, int) else str(resample),
         "mean": [float(v) for v in p.get("image_mean") or IMAGENET_MEAN],
         "std": [float(v) for v in p.get("image_std") or IMAGENET_STD],
+        "crop_offsets": "floor",  # transformers' center_crop: (margin // 2)
     }
 
 

@@ -189,8 +189,8 @@ def _infer(state: dict, src: source.SourceWeights, meta: SourceMetadata, named: 
         inference.check_named(row, found.arch, mlp_form_known=layout.name == "timm")
         found = replace(found, arch=found.arch.replace(name=row.name, norm_eps=meta.norm_eps or row.norm_eps))
     elif meta.architecture in ARCHITECTURES:  # a timm repo's own name for its network
-        found = replace(found, arch=found.arch.replace(name=meta.architecture,
-                                                       norm_eps=meta.norm_eps or ARCHITECTURES[meta.architecture].norm_eps))
+        row = ARCHITECTURES[meta.architecture]
+        found = replace(found, arch=found.arch.replace(name=row.name, norm_eps=meta.norm_eps or row.norm_eps))
     return found
 
 

@@ -150,8 +150,8 @@ def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine
         return strip_prefix(read_state_dict(path))[0] if header_only else names
 
     if layout.framework == "transformers":
-        return Reference(_transformers(arch, num_classes, path, names, arrays, key, prefix), "transformers", layout.name,
-                         _version("transformers"))
+        model = _transformers(arch, num_classes, path, names, arrays, key, prefix)
+        return Reference(model, "transformers", layout.name, _version("transformers"))
     if layout.framework == "torchvision":
         return Reference(_torchvision(arch, num_classes, arrays()), "torchvision", layout.name, _version("torchvision"))
     if not header_only and prefix in TIMM_PREFIXES:
@@ -231,7 +231,8 @@ def _hooked(model, x, stem, stages, head_in, run) -> dict[str, torch.Tensor]:
     hooks = [stem.register_forward_hook(keep("stem"))]
     hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(stages)]
     if head_in is not None:
-        hooks.append(head_in.register_forward_pre_hook(lambda _module, args: captured.__setitem__("pre_logits", args[0])))
+        hooks.append(head_in.register_forward_pre_hook(
+            lambda _module, args: captured.__setitem__("pre_logits", args[0])))
     try:
         captured["logits"] = run(model, x)
     finally:

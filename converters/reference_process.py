@@ -105,7 +105,8 @@ def versions(spec: Path) -> dict:
 
 
 def reference_outputs(network: Network, source: Path, inputs: np.ndarray,
-                      out_indices: tuple[int, ...] | None = None, random_seed: int | None = None) -> dict[str, np.ndarray]:
+                      out_indices: tuple[int, ...] | None = None,
+                      random_seed: int | None = None) -> dict[str, np.ndarray]:
     """Run timm on `inputs` in a separate process and return its outputs (NHWC).
 
     With `out_indices`, the outputs are timm's `features_only=True` maps, `features.{i}`. With

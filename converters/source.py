@@ -242,7 +242,8 @@ def _weights_in(folder: Path) -> Path:
     for name in WEIGHTS_FILENAMES:
         if (folder / name).is_file():
             return folder / name
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES))
+    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes))
     if len(found) == 1:
         return found[0]
     if not found:

@@ -10,11 +10,14 @@ step runs in its own process, as users run them: training with torch and timm on
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
 
 CLASSES, SIZE, MEAN, STD = 4, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -33,8 +36,8 @@ def images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train(work: Path) -> None:
     """A few steps of timm training; saved as timm's train.py saves `model_best.pth.tar`."""
-    import torch
     import timm
+    import torch
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(0)
@@ -89,10 +92,11 @@ def main() -> None:
         return check(args.work)
     run = [sys.executable, __file__, str(args.work), "--step"]
     zoo = [sys.executable, "-m", "zoo.cli"]
+    work = args.work
     for command in (run + ["train"],
-                    zoo + ["convert", "--checkpoint", args.work / "model_best.pth.tar", "--out", args.work / "converted",
-                           "--input-size", str(SIZE), "--labels", _labels(args.work)],
-                    zoo + ["export", args.work / "converted", "--format", "tflite", "--out", args.work / "model.tflite"],
+                    zoo + ["convert", "--checkpoint", work / "model_best.pth.tar", "--out", work / "converted",
+                           "--input-size", str(SIZE), "--labels", _labels(work)],
+                    zoo + ["export", work / "converted", "--format", "tflite", "--out", work / "model.tflite"],
                     run + ["check"]):
         subprocess.run([str(c) for c in command], check=True)
 

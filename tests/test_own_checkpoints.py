@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints.converted import open_folder
+from checkpoints.hub import model_card
 from converters import inference, layouts, mapping, reading
 from converters.parity import compare, keras_outputs
 from converters.pipeline import empty_model
@@ -23,7 +23,7 @@ from converters.reference_process import Network, reference_outputs
 from converters.source import SourceWeights
 from tests.support import sources
 from tests.support.archs import SMALL
-from tests.support.cli import one_line_error, zoo_cli, zoo_inline
+from tests.support.cli import zoo_inline
 from tests.support.hub import local_hub
 from zoo.errors import MappingError, SourceError
 
@@ -92,6 +92,7 @@ def test_converts_without_naming_the_architecture_against_its_own_framework(case
     assert (config.source.layout, config.source.state_key, config.source.prefix) == (layout, state_key, prefix)
     assert config.labels == (tuple(labels) if labels else None)
     assert config.architecture.depths == V1.depths and config.architecture.dims == V1.dims
+    assert f"side by side with {framework} on the same weights" in model_card(folder, "someone/mine")
     if layout == "transformers":  # its final LayerNorm's eps is the config's, not the blocks'
         assert config.architecture.head_norm_eps == 1e-12
     if case == "timm_repo_folder":  # timm's config.json: its name for the network, its preprocessing
@@ -110,6 +111,42 @@ def test_named_classes_are_what_predict_prints(converted, tmp_path):
     shown = json.loads(result.stdout)[0]["predictions"]
     assert sorted(p["label"] for p in shown) == sorted(LABELS)
     assert all(p["label"] == LABELS[p["index"]] for p in shown)
+
+
+# Measured against transformers' default (torchvision-backed) ConvNextImageProcessor on natural
+# images of odd sizes: max 0.016, mean 0.0013 in normalised units (a pixel level: its resize is
+# torchvision's antialiased bicubic on tensors, not PIL's); bounded with a margin.
+FAST_PROCESSOR_MAX, FAST_PROCESSOR_MEAN = 0.05, 0.005
+
+
+@pytest.mark.parametrize("edge, crop_pct", [(224, 0.875), (224, 0.95), (384, 1.0)])
+def test_preprocessing_of_a_transformers_folder_is_its_image_processor(edge, crop_pct, tmp_path):
+    """`zoo.preprocess` with the preprocessing recorded from `preprocessor_config.json` equals
+    transformers' PIL ConvNextImageProcessor bit for bit on natural images of odd sizes (resize
+    to size/crop_pct and centre crop below 384, a square resize at 384), and its default
+    torchvision-backed processor within the stated bound."""
+    import transformers
+    from PIL import Image
+
+    from converters.images import natural_images
+    from converters.metadata import read_metadata
+    from zoo.preprocessing import Preprocessing
+
+    processors = {kind: getattr(transformers, name)(size={"shortest_edge": edge}, crop_pct=crop_pct, resample=3)
+                  for kind, name in (("pil", "ConvNextImageProcessorPil"), ("default", "ConvNextImageProcessor"))}
+    processors["pil"].save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "convnext"}))
+    ours = Preprocessing.from_pretrained_cfg(read_metadata(tmp_path / "model.safetensors").preprocessing)
+    worst = []
+    for i, (h, w) in enumerate([(301, 257), (257, 301), (480, 640), (231, 999), (97, 411), (1001, 333)]):
+        picture = Image.fromarray(natural_images(1, max(h, w), seed=i)[0][:h, :w])
+        mine = ours(picture)[0]
+        theirs = {k: p(picture, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+                  for k, p in processors.items()}
+        assert np.array_equal(mine, theirs["pil"]), (h, w)
+        worst.append(np.abs(mine - theirs["default"]))
+    assert max(float(d.max()) for d in worst) <= FAST_PROCESSOR_MAX
+    assert max(float(d.mean()) for d in worst) <= FAST_PROCESSOR_MEAN
 
 
 def test_options_where_the_tensors_cannot_know(src, tmp_path):
@@ -187,6 +224,24 @@ def test_torchvision_imagenet_weights_are_catalogue_entries():
         assert Preprocessing.from_checkpoint(entry).scale_size == (resize, resize)  # torchvision's resize_size
 
 
+def test_torchvision_entries_preprocess_as_torchvisions_own_transform():
+    """`zoo.preprocess(image, "convnext_base.tv_in1k")` equals torchvision's `weights.transforms()`
+    (bilinear antialiased resize of the shorter side, centre crop) bit for bit on PIL images."""
+    import torchvision.models as tvm
+    from PIL import Image
+
+    import zoo
+    from converters.images import natural_images
+
+    for name, weights in (("convnext_tiny.tv_in1k", tvm.ConvNeXt_Tiny_Weights), ("convnext_base.tv_in1k",
+                                                                                  tvm.ConvNeXt_Base_Weights)):
+        transform = weights.IMAGENET1K_V1.transforms()
+        for i, (h, w) in enumerate([(301, 257), (480, 640), (231, 999)]):
+            picture = Image.fromarray(natural_images(1, max(h, w), seed=i)[0][:h, :w])
+            theirs = transform(picture).numpy().transpose(1, 2, 0)
+            assert np.array_equal(zoo.preprocess(picture, name)[0], theirs), (name, h, w)
+
+
 def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
     """`zoo convert convnext_tiny.tv_in1k` downloads torchvision's file (served here over HTTP) and
     checks it against torchvision's own model class."""
@@ -208,7 +263,8 @@ def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
     name = "convnext_tiny.tv_in1k"
     with serve({"/models/convnext_tiny-983f1562.pth": buffer.getvalue()}) as (base, requests):
         entry = catalogue()[name]
-        monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=f"{base}/models/convnext_tiny-983f1562.pth"))
+        url = f"{base}/models/convnext_tiny-983f1562.pth"
+        monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=url))
         out, report = pipeline.convert(name, out=tmp_path / "out")
     assert report.passed and report.versions["reference"] == "torchvision" and len(requests) == 1
     config = open_folder(out).config
@@ -319,7 +375,8 @@ def test_wrapper_prefixes_are_removed_and_reported():
 
 
 def test_a_file_in_no_layout_gets_a_short_message_naming_the_closest():
-    vit = [f"encoder.layer.{i}.attention.q.weight" for i in range(300)] + ["embeddings.patch_embeddings.projection.weight"]
+    vit = [f"encoder.layer.{i}.attention.q.weight" for i in range(300)]
+    vit.append("embeddings.patch_embeddings.projection.weight")
     for keys, says in ((vit, "the closest is transformers"),
                        (vit + ["embeddings.patch_embeddings.weight"], "301 of 302 keys have no place in a ConvNeXt "
                                                                       "of the transformers layout")):

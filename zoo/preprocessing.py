@@ -22,6 +22,7 @@ from .folder_config import CONFIG, FolderConfig
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("center", "squash")
+CROP_OFFSETS = ("round", "floor")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # What the Keras layer may differ from timm's transform on natural-looking images, in normalised
@@ -46,6 +47,9 @@ class Preprocessing:
             resizes both sides (ignoring it); both then crop the centre.
         interpolation: PIL resampling, "bicubic" or "bilinear".
         mean, std: per-channel normalisation of pixels scaled to [0, 1].
+        crop_offsets: where an odd margin goes: "round" (torchvision's and timm's CenterCrop,
+            `round(margin / 2)`, half to even) or "floor" (transformers' image processors,
+            `margin // 2`).
     """
 
     input_size: tuple[int, int]
@@ -54,6 +58,7 @@ class Preprocessing:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_offsets: str = "round"
 
     def __post_init__(self):
         size = tuple(int(s) for s in self.input_size)
@@ -69,6 +74,8 @@ class Preprocessing:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
+        if self.crop_offsets not in CROP_OFFSETS:
+            raise ValueError(f"crop_offsets must be one of {CROP_OFFSETS}, got {self.crop_offsets!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 channels and std > 0, got {self.mean}, {self.std}")
 
@@ -86,12 +93,15 @@ class Preprocessing:
         """
         return cls(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct") or 0.875, cfg.get("crop_mode") or "center",
                    cfg.get("interpolation") or "bicubic", cfg.get("mean") or IMAGENET_MEAN,
-                   cfg.get("std") or IMAGENET_STD)
+                   cfg.get("std") or IMAGENET_STD, cfg.get("crop_offsets") or "round")
 
     def to_config(self) -> dict:
         """Plain values (JSON and Keras layer config)."""
-        return {"input_size": list(self.input_size), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
-                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+        config = {"input_size": list(self.input_size), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
+                  "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+        if self.crop_offsets != "round":  # (saved layers of earlier versions have no such key)
+            config["crop_offsets"] = self.crop_offsets
+        return config
 
     @property
     def scale_size(self) -> tuple[int, int]:
@@ -118,7 +128,7 @@ class Preprocessing:
         size = self.resized_size(height, width)
         if size != (height, width):  # torchvision returns the image untouched then
             picture = picture.resize((size[1], size[0]), _RESAMPLE[self.interpolation])
-        pixels = center_crop(np.asarray(picture), self.input_size)
+        pixels = center_crop(np.asarray(picture), self.input_size, self.crop_offsets)
         # ToTensor then Normalize, in float32 and in this order: equal to torchvision's bits
         scaled = pixels.astype(np.float32) / np.float32(255)
         return (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -137,16 +147,20 @@ class Preprocessing:
         return np.stack([self.transform(picture) for picture in pictures(images)])
 
 
-def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """torchvision's CenterCrop on an HWC array: zero padding if smaller, then its offsets."""
+def center_crop(pixels: np.ndarray, size: tuple[int, int], offsets: str = "round") -> np.ndarray:
+    """torchvision's CenterCrop on an HWC array: zero padding if smaller, then its offsets
+    (`offsets="floor"`: transformers' `center_crop`, an odd margin's extra pixel at the end)."""
     height, width = pixels.shape[:2]
     crop_h, crop_w = size
     pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
     if pad_h or pad_w:
         pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
         height, width = pixels.shape[:2]
-    top = int(round((height - crop_h) / 2.0))  # Python's round: half to even, as torchvision
-    left = int(round((width - crop_w) / 2.0))
+    if offsets == "floor":
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    else:
+        top = int(round((height - crop_h) / 2.0))  # Python's round: half to even, as torchvision
+        left = int(round((width - crop_w) / 2.0))
     return pixels[top:top + crop_h, left:left + crop_w]
 
 
@@ -310,14 +324,15 @@ def _layer_class():
         Needs the TensorFlow backend.
 
         Args:
-            input_size, crop_pct, crop_mode, interpolation, mean, std: as `Preprocessing`.
+            input_size, crop_pct, crop_mode, interpolation, mean, std, crop_offsets: as `Preprocessing`.
         """
 
         def __init__(self, input_size, crop_pct=0.875, crop_mode="center", interpolation="bicubic",
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_offsets="round", **kwargs):
             kwargs.setdefault("dtype", "float32")  # sizes and pixel levels need float32
             super().__init__(**kwargs)
-            self.preprocessing = Preprocessing(input_size, crop_pct, crop_mode, interpolation, mean, std)
+            self.preprocessing = Preprocessing(input_size, crop_pct, crop_mode, interpolation, mean, std,
+                                               crop_offsets)
 
         def _resized_size(self, height, width):
             p = self.preprocessing
@@ -347,8 +362,11 @@ def _layer_class():
             height, width = tf.shape(x)[1], tf.shape(x)[2]
             pad_h, pad_w = tf.maximum(crop_h - height, 0), tf.maximum(crop_w - width, 0)
             x = tf.pad(x, [[0, 0], [pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
-            top = tf.cast(tf.round(tf.cast(height + pad_h - crop_h, tf.float64) / 2.0), tf.int32)  # half to even
-            left = tf.cast(tf.round(tf.cast(width + pad_w - crop_w, tf.float64) / 2.0), tf.int32)
+            if p.crop_offsets == "floor":
+                top, left = (height + pad_h - crop_h) // 2, (width + pad_w - crop_w) // 2
+            else:
+                top = tf.cast(tf.round(tf.cast(height + pad_h - crop_h, tf.float64) / 2.0), tf.int32)  # half to even
+                left = tf.cast(tf.round(tf.cast(width + pad_w - crop_w, tf.float64) / 2.0), tf.int32)
             x = tf.slice(x, [0, top, left, 0], [-1, crop_h, crop_w, 3])
             x = x / 255.0
             return (x - tf.constant(p.mean, tf.float32)) / tf.constant(p.std, tf.float32)
