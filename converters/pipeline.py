@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from checkpoints import converted, store
 from checkpoints.fs import check_writable, sha256_file, work_dir, write_json_atomic
 from zoo.architectures import ARCHITECTURES, get_architecture
-from zoo.catalogue import CatalogueEntry, resolve
+from zoo.catalogue import CatalogueEntry, catalogue, resolve
 from zoo.errors import IntegrityError, MappingError, SourceError, ZooError
 from zoo.folder_config import PARITY, WEIGHTS, FolderConfig, SourceRecord
 from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport
@@ -157,6 +157,11 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         meta = read_metadata(src.path)
         with step(echo, f"read {src.path.name}"):
             state, src = reading.read_source(src, use_ema=use_ema, hint=meta.layout)
+        release = known_release(src)
+        if release is not None:
+            echo(f"recognised {release.name}'s release file (sha256 {src.sha256[:8]}...): its preprocessing, "
+                 f"classes and top-1 ({release.top1}) are recorded")
+            meta = _release_metadata(release)
         found = _infer(state, src, meta, arch)
         state = fit_mlp(state, found.arch.conv_mlp)
         preprocessing = _preprocessing(meta, input_size, mean, std, echo)
@@ -168,7 +173,8 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
             with step(echo, f"build {found.arch.name}"):
                 model = empty_model(network)
             return _write_checked(out, model, state, pending, _framework(src),
-                                  lambda params: _own_config(name, src, found, preprocessing, names, params),
+                                  lambda params: _own_config(name, src, found, preprocessing, names, params,
+                                                             release),
                                   atol, rtol, echo, verbose)
 
 
@@ -245,13 +251,32 @@ def _describe(src: source.SourceWeights, found: Inferred) -> str:
             f"{list(a.depths)}, widths {list(a.dims)}, {head}")
 
 
+def known_release(src: source.SourceWeights) -> CatalogueEntry | None:
+    """The catalogue entry whose release file this is: the same file name, whose hash part
+    (torchvision names its files `ARCH-<first 8 hex of the sha256>.pth`) the bytes match."""
+    for entry in catalogue().values():
+        filename = (entry.url or "").rsplit("/", 1)[-1]
+        hashed = re.fullmatch(r".+-([0-9a-f]{8,})\.pth", filename)
+        if hashed and filename == src.path.name and src.sha256 and src.sha256.startswith(hashed[1]):
+            return entry
+    return None
+
+
+def _release_metadata(entry: CatalogueEntry) -> SourceMetadata:
+    cfg = entry.pretrained_cfg()
+    return SourceMetadata(num_classes=entry.num_classes, architecture=entry.architecture,
+                          preprocessing={k: cfg[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation",
+                                                             "mean", "std")})
+
+
 def _own_config(name: str, src: source.SourceWeights, found: Inferred, preprocessing: dict,
-                labels: tuple[str, ...] | None, params: int) -> FolderConfig:
+                labels: tuple[str, ...] | None, params: int, release: CatalogueEntry | None = None) -> FolderConfig:
     origin = src.record("hub") if src.repo_id else src.record("file", path=str(src.path))
-    cfg = {"architecture": found.arch.name, "tag": "", "hf_hub_id": src.repo_id, "num_classes": found.num_classes,
-           "test_input_size": None, "test_crop_pct": None, **preprocessing, "license": None}
+    cfg = {"architecture": found.arch.name, "tag": release.tag if release else "", "hf_hub_id": src.repo_id,
+           "num_classes": found.num_classes, "test_input_size": None, "test_crop_pct": None, **preprocessing,
+           "license": release.license if release else None}
     return FolderConfig(name=name, architecture=found.arch, num_classes=found.num_classes, pretrained_cfg=cfg,
-                        source=origin, head_norm_affine=found.head_norm_affine,
+                        source=origin, head_norm_affine=found.head_norm_affine, top1=release.top1 if release else None,
                         converter={"convnext_zoo": __version__}, params=params, labels=labels)
 
 

@@ -244,9 +244,12 @@ def test_torchvision_entries_preprocess_as_torchvisions_own_transform():
 
 def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
     """`zoo convert convnext_tiny.tv_in1k` downloads torchvision's file (served here over HTTP) and
-    checks it against torchvision's own model class."""
+    checks it against torchvision's own model class; the same file given as `--checkpoint` is
+    recognised by its name and sha256 (torchvision's file names carry its first hex digits), and
+    converts with the entry's preprocessing and top-1; renamed or changed, it is not."""
     import dataclasses
     import io
+    import shutil
 
     from huggingface_hub import constants
 
@@ -260,15 +263,25 @@ def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
     monkeypatch.setitem(ARCHITECTURES, "convnext_tiny", V1)
     buffer = io.BytesIO()
     torch.save(sources.torchvision_model(V1, 1000, seed=9).state_dict(), buffer)
+    data = buffer.getvalue()
+    filename = f"convnext_tiny-{hashlib.sha256(data).hexdigest()[:8]}.pth"  # as torchvision names its files
     name = "convnext_tiny.tv_in1k"
-    with serve({"/models/convnext_tiny-983f1562.pth": buffer.getvalue()}) as (base, requests):
+    with serve({f"/models/{filename}": data}) as (base, requests):
         entry = catalogue()[name]
-        url = f"{base}/models/convnext_tiny-983f1562.pth"
-        monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=url))
+        monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=f"{base}/models/{filename}"))
         out, report = pipeline.convert(name, out=tmp_path / "out")
     assert report.passed and report.versions["reference"] == "torchvision" and len(requests) == 1
     config = open_folder(out).config
     assert (config.source.kind, config.source.layout) == ("url", "torchvision") and config.top1 == 82.52
+
+    shutil.copy(pipeline.recorded_source(config, tmp_path).path, tmp_path / filename)
+    own, _ = pipeline.convert_checkpoint(tmp_path / filename, out=tmp_path / "own")
+    mine = open_folder(own).config
+    assert mine.top1 == 82.52 and mine.pretrained_cfg["interpolation"] == "bilinear"
+    assert mine.pretrained_cfg["crop_pct"] == entry.crop_pct and mine.license == "bsd-3-clause"
+    (tmp_path / "renamed.pth").write_bytes(data)
+    assert pipeline.known_release(SourceWeights(tmp_path / "renamed.pth", hashlib.sha256(data).hexdigest())) is None
+    assert pipeline.known_release(SourceWeights(tmp_path / filename, "0" * 64)) is None
 
 
 # --- the parity gate rejects broken key maps of the new layouts --------------------------------
@@ -464,6 +477,22 @@ def test_convert_usage_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "not a ConvNeXt checkpoint in a known layout" in result.stderr
     assert not (tmp_path / "o").exists()
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_torchvision_full_size_networks_convert_against_torchvision(size, tmp_path):
+    """torchvision's own `convnext_{size}` (its builder, perturbed weights), at full size."""
+    import torchvision.models as tvm
+
+    from converters.pipeline import convert_checkpoint
+
+    model = sources.perturb(getattr(tvm, f"convnext_{size}")(weights=None), seed=3)
+    torch.save(model.state_dict(), tmp_path / f"convnext_{size}.pth")
+    del model
+    out, report = convert_checkpoint(tmp_path / f"convnext_{size}.pth", out=tmp_path / "out")
+    assert report.passed and report.versions["reference"] == "torchvision"
+    assert open_folder(out).config.architecture.name == f"convnext_{size}"
 
 
 @pytest.mark.slow
