@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,15 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
                  f"classes and top-1 ({release.top1}) are recorded")
             meta = _release_metadata(release)
         found = _infer(state, src, meta, arch)
+        if meta.preprocessing is None and src.layout == "torchvision":
+            row = ARCHITECTURES.get(found.arch.name)
+            same = row is not None and (row.depths, row.dims) == (found.arch.depths, found.arch.dims)
+            like = catalogue().get(f"{found.arch.name}.tv_in1k") if same else None
+            like = like or catalogue()["convnext_base.tv_in1k"]  # torchvision's recipe beyond its four sizes
+            echo(f"note: torchvision's eval transform for {like.architecture} assumed (bilinear, resize to "
+                 f"{math.floor(like.input_size[-1] / like.crop_pct)}, crop {like.input_size[-1]}; --input-size/--mean/"
+                 "--std to change)")
+            meta = replace(meta, preprocessing=_release_metadata(like).preprocessing)
         state = fit_mlp(state, found.arch.conv_mlp)
         preprocessing = _preprocessing(meta, input_size, mean, std, echo)
         names = _labels(labels, meta, found.num_classes, echo)

@@ -26,6 +26,7 @@ from tests.support.archs import SMALL
 from tests.support.cli import zoo_inline
 from tests.support.hub import local_hub
 from zoo.errors import MappingError, SourceError
+from zoo.preprocessing import Preprocessing
 
 V1, V1_CONV_MLP, V2 = SMALL["linear_mlp"], SMALL["conv_mlp"], SMALL["v2_grn"]
 LABELS = ["cat", "dog", "bird"]
@@ -95,6 +96,9 @@ def test_converts_without_naming_the_architecture_against_its_own_framework(case
     assert f"side by side with {framework} on the same weights" in model_card(folder, "someone/mine")
     if layout == "transformers":  # its final LayerNorm's eps is the config's, not the blocks'
         assert config.architecture.head_norm_eps == 1e-12
+    if layout == "torchvision":  # no config: torchvision's own eval transform for ConvNeXt (base's: 232 -> 224)
+        assert config.pretrained_cfg["interpolation"] == "bilinear" and "torchvision's eval transform" in stderr
+        assert Preprocessing.from_pretrained_cfg(config.pretrained_cfg).scale_size == (232, 232)
     if case == "timm_repo_folder":  # timm's config.json: its name for the network, its preprocessing
         assert config.architecture.name == "convnext_atto" and config.architecture.conv_mlp
         assert (config.input_size, config.pretrained_cfg["crop_pct"]) == (192, 0.9)
@@ -130,7 +134,6 @@ def test_preprocessing_of_a_transformers_folder_is_its_image_processor(edge, cro
 
     from converters.images import natural_images
     from converters.metadata import read_metadata
-    from zoo.preprocessing import Preprocessing
 
     processors = {kind: getattr(transformers, name)(size={"shortest_edge": edge}, crop_pct=crop_pct, resample=3)
                   for kind, name in (("pil", "ConvNextImageProcessorPil"), ("default", "ConvNextImageProcessor"))}
@@ -215,7 +218,6 @@ TORCHVISION = {  # entry -> (file, top-1, resize before the 224 crop), from torc
 
 def test_torchvision_imagenet_weights_are_catalogue_entries():
     import zoo
-    from zoo.preprocessing import Preprocessing
 
     for name, (filename, top1, resize) in TORCHVISION.items():
         entry = zoo.resolve(name)
