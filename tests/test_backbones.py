@@ -27,7 +27,8 @@ def converted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind, out_indices", [("overlap_tiered", (0, 1, 2, 3)), ("head_norm_first", (1, 3))])
+@pytest.mark.parametrize("kind, out_indices", [("overlap_tiered", (0, 1, 2, 3)),
+                                               pytest.param("head_norm_first", (1, 3), marks=pytest.mark.slow)])
 def test_features_only_equals_timms_features_only(converted, kind, out_indices, tmp_path):
     folder = open_folder(converted(kind))
     arch = folder.config.architecture
@@ -69,8 +70,10 @@ def _synthetic(num_classes=3, n=24, size=64, seed=0):
     return x, labels
 
 
-@pytest.mark.parametrize("policy", ["float32", pytest.param("mixed_float16", marks=pytest.mark.slow), "mixed_bfloat16"],
-                         indirect=True)  # (float16 is for GPUs; bfloat16 covers mixed precision on CPUs)
+# float32 by default; the mixed policies with -m slow (a conversion under mixed_bfloat16 runs by
+# default: test_conversion_and_verify_run_in_float32_under_a_mixed_policy)
+@pytest.mark.parametrize("policy", ["float32", pytest.param("mixed_float16", marks=pytest.mark.slow),
+                                    pytest.param("mixed_bfloat16", marks=pytest.mark.slow)], indirect=True)
 def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_path):
     model = zoo.load(converted("linear_mlp"), num_classes=3, drop_path_rate=0.2)
     assert model.output.shape[-1] == 3

@@ -203,9 +203,10 @@ def test_export_and_verify_check_against_the_source_framework(converted, tmp_pat
     result = zoo_inline("verify", out)
     assert result.exit_code == 0, result.stderr[-3000:]
     assert "parity against torchvision" in result.stderr
-    result = zoo_inline("export", out, "--format", "tflite", "--out", tmp_path / "model.tflite")
+    result = zoo_inline("export", out, "--format", "keras", "--out", tmp_path / "model.keras")
     assert result.exit_code == 0, result.stderr[-3000:]
-    assert "torchvision" in (tmp_path / "model.tflite.parity.json").read_text()
+    report = json.loads((tmp_path / "model.keras.parity.json").read_text())
+    assert report["source"]["pytorch_reference"] == "torchvision" and report["vs_pytorch"] is not None
 
 
 TORCHVISION = {  # entry -> (file, top-1, resize before the 224 crop), from torchvision's weights metadata
