@@ -32,7 +32,9 @@ V1, V1_CONV_MLP, V2 = SMALL["linear_mlp"], SMALL["conv_mlp"], SMALL["v2_grn"]
 LABELS = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(scope="module")
+# Session-scoped (once per xdist worker), not module-scoped: the tests spread over the workers
+# (tests/conftest.py keeps module-scoped users on one), each worker making what its tests need.
+@pytest.fixture(scope="session")
 def src(tmp_path_factory):
     """One checkpoint per layout and container, as each framework writes it."""
     root = tmp_path_factory.mktemp("sources")
@@ -63,7 +65,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def converted(src, tmp_path_factory):
     """Each case converted once through the CLI, as users run it: case -> (folder, stderr)."""
     done = {}
