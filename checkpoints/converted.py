@@ -1,9 +1,11 @@
 """The converted-checkpoint folder on disk: how it is assembled, and how it is opened (every file
 checked against the manifest first).
 
-A folder holds `model.weights.h5` (Keras weights), `config.json` (architecture, head,
-preprocessing, provenance: `zoo.folder_config.FolderConfig`), `parity.json` (the parity report)
-and `manifest.json` (sha256 and size of every other file).
+A folder is a Keras model folder: `config.json` (the serialized Keras model), `metadata.json` and
+`model.weights.h5` (the weights) as Keras' own directory save writes them. Beside them:
+`convnext_zoo.json` (architecture, head, preprocessing, provenance:
+`zoo.folder_config.FolderConfig`), `parity.json` (the parity report) and `manifest.json` (sha256
+and size of every other file).
 """
 from __future__ import annotations
 
@@ -13,7 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.errors import IntegrityError, StoreError
-from zoo.folder_config import CONFIG, CONTENT_FILES, FORMAT, MANIFEST, PARITY, WEIGHTS, FolderConfig
+from zoo.folder_config import (
+    CONTENT_FILES,
+    FORMAT,
+    KERAS_CONFIG,
+    KERAS_METADATA,
+    MANIFEST,
+    OLD_FORMATS,
+    PARITY,
+    RECORD,
+    WEIGHTS,
+    FolderConfig,
+)
 
 from .fs import fsync_file, fsync_tree, sha256_file, write_json
 
@@ -45,11 +58,13 @@ def is_converted_folder(path: Path) -> bool:
         return False
 
 
-def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
+def assemble(folder: Path, config: FolderConfig, parity: dict, keras_files: tuple[str, str]) -> None:
     """Write a folder's other files beside its weights and flush them all to disk.
 
-    The weights' sha256 goes into the config and the parity report (binding both to exactly
-    these bytes) and into the manifest, which lists every other file.
+    `keras_files` are Keras' `config.json` and `metadata.json` for the model
+    (`checkpoints.weights.keras_model_files`). The weights' sha256 goes into the record and the
+    parity report (binding both to exactly these bytes) and into the manifest, which lists every
+    other file.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -57,7 +72,9 @@ def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
         flushed = pool.submit(fsync_file, folder / WEIGHTS)  # the disk writes while the weights are hashed
         weights_sha = sha256_file(folder / WEIGHTS)
         flushed.result()
-    write_json(folder / CONFIG, config.with_weights(weights_sha).to_json())
+    for name, text in zip((KERAS_CONFIG, KERAS_METADATA), keras_files):
+        (folder / name).write_text(text)
+    write_json(folder / RECORD, config.with_weights(weights_sha).to_json())
     write_json(folder / PARITY, {**parity, "weights_sha256": weights_sha})
     files = {name: {"sha256": weights_sha if name == WEIGHTS else sha256_file(folder / name),
                     "size": (folder / name).stat().st_size}
@@ -114,6 +131,9 @@ def _open_once(path: Path) -> ConvertedFolder:
         raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise IntegrityError(f"{path / MANIFEST} is not a manifest (a JSON object)")
+    if manifest.get("format") in OLD_FORMATS:
+        raise StoreError(f"{path} was written by an earlier convnext-zoo (format {manifest['format']}, which "
+                         f"Keras cannot load by itself); convert it again")
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
     listed = manifest.get("files", {})
@@ -129,8 +149,8 @@ def _open_once(path: Path) -> ConvertedFolder:
     try:
         config = FolderConfig.read(path)
     except ValueError as e:
-        raise IntegrityError(f"{path / CONFIG} is not a converted folder's config ({e}); convert again") from None
+        raise IntegrityError(f"{path / RECORD} is not a converted folder's record ({e}); convert again") from None
     parity = json.loads((path / PARITY).read_text())
     if config.weights_sha256 != listed[WEIGHTS]["sha256"]:
-        raise IntegrityError(f"{path / CONFIG} names other weights than {WEIGHTS}")
+        raise IntegrityError(f"{path / RECORD} names other weights than {WEIGHTS}")
     return ConvertedFolder(path, config, parity, raw)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from zoo.errors import HubError, IntegrityError
-from zoo.folder_config import CONTENT_FILES, FORMAT, MANIFEST, WEIGHTS
+from zoo.folder_config import CONTENT_FILES, FORMAT, MANIFEST, OLD_FORMATS, RECORD, WEIGHTS
 from zoo.reports import ParityReport
 
 from . import converted
@@ -167,6 +167,9 @@ def _published_files(repo_id: str, manifest_path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise HubError(f"cannot fetch {repo_id}: {MANIFEST} is unreadable ({_short(e)})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
+        raise HubError(f"{repo_id} was published by an earlier convnext-zoo (format {manifest['format']}, which "
+                       "Keras cannot load by itself); convert and publish it again")
     if (not isinstance(files, dict) or manifest.get("format") != FORMAT
             or sorted(files) != sorted(CONTENT_FILES)
             or not all(isinstance(files[n], dict) and "sha256" in files[n] for n in files)):
@@ -180,7 +183,9 @@ def _short(error: Exception) -> str:
 
 
 def model_card(folder: ConvertedFolder, repo_id: str) -> str:
-    """The README.md published with a converted checkpoint (Hub metadata + parity figures)."""
+    """The README.md published with a converted checkpoint: Hub metadata (Keras library, task,
+    licence, base model, datasets, the parity figures as evaluation results) and usage snippets
+    that run as they are (the test suite runs them against a Hub server)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     config, report = folder.config, folder.parity
@@ -188,14 +193,16 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
     logits = next(c for c in report["comparisons"] if c["name"] == "logits")
     tag, base = config.tag, config.base_model
     reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
+    classifier = config.num_classes > 0
+    task = "image-classification" if classifier else "image-feature-extraction"
     metrics = [("max_abs_logit_error", logits["max_abs"]), ("relative_logit_error", logits["rel"]),
                ("top1_agreement", report["top1_agreement"])]
     data = ModelCardData(
-        library_name="keras", license=config.license or "other",
-        tags=["convnext", "image-classification", *dict.fromkeys(["timm", reference]), "keras"],
+        library_name="keras", pipeline_tag=task, license=config.license or "other",
+        tags=list(dict.fromkeys(["convnext", task, reference, "keras", "convnext-zoo"])),
         base_model=base, datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
         model_name=name,
-        eval_results=[EvalResult(task_type="image-classification", dataset_type="convnext-zoo/parity",
+        eval_results=[EvalResult(task_type=task, dataset_type="convnext-zoo/parity",
                                  dataset_name=f"parity batch ({report['num_images']} images, "
                                               f"{report['input_size']}px) vs {reference}",
                                  metric_type=m, metric_value=v) for m, v in metrics],
@@ -205,6 +212,19 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
         "pipeline; they carry no learned features.\n")
     rows = "\n".join(f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |"
                      for c in report["comparisons"])
+    path = f"hf://{repo_id}"
+    if classifier:
+        run = ("logits = model.predict(images)  # (1, %d), no softmax\nprint(logits.argmax(-1))" % config.num_classes)
+        cli = f"""
+From the command line, the top classes of an image:
+
+```bash
+zoo predict --model {path} image.jpg
+```
+"""
+    else:
+        run = "features = model.predict(images)  # the pooled features (timm's pre-logits)\nprint(features.shape)"
+        cli = ""
     return f"""---
 {data.to_yaml()}
 ---
@@ -221,16 +241,37 @@ side by side with {reference} on the same weights and passed the parity gate (lo
 {rows}
 
 Top-1 agreement {report['top1_agreement']:.0%}, top-5 {report['top5_agreement']:.0%}.
-`parity.json` has the full report; `manifest.json` the sha256 of every file.
+`parity.json` has the full report, `manifest.json` the sha256 of every file, and
+`{RECORD}` the architecture, the source and its sha256, and the preprocessing.
 
 ## Use
+
+The repo is a Keras model folder (`config.json`, `metadata.json`, `model.weights.h5`); its layers
+are convnext-zoo's, registered with Keras by `import zoo` (`pip install convnext-zoo`). Plain Keras:
+
+```python
+import keras
+import zoo  # registers the ConvNeXt layers with Keras
+
+model = keras.saving.load_model("{path}")
+```
+
+With convnext-zoo (pinned to one commit, every file's sha256 checked against `manifest.json`),
+and the images prepared exactly as {reference} evaluates the source checkpoint:
 
 ```python
 import zoo
 
-model = zoo.load("{name}")   # downloads {repo_id}, checks every sha256
-logits = model(images)       # NHWC float32, resized/cropped/normalised as in config.json
+model = zoo.load("{path}")
+images = zoo.preprocess(["image.jpg"], "{path}")
+{run}
 ```
+{cli}
+Without convnext-zoo installed (or imported), Keras stops at `Could not locate class 'ConvNeXt'`:
+the model class and its layers are convnext-zoo's (`convnext_zoo>ConvNeXt`, ...), and `import zoo`
+registers them. The model runs on Keras' TensorFlow and JAX backends (not on torch: its layer
+names are timm's dotted module paths). SavedModel and TFLite exports:
+`zoo export {path} --format tflite`.
 
 Preprocessing: input {config.input_size}px, crop_pct {cfg['crop_pct']}, {cfg['crop_mode']} crop,
 {cfg['interpolation']} interpolation, mean {list(config.mean)}, std {list(config.std)}.

@@ -15,7 +15,7 @@ from zoo.folder_config import WEIGHTS, FolderConfig
 
 from . import fs
 from .converted import assemble, is_converted_folder
-from .weights import Values, release_failed, size_estimate, write_weights
+from .weights import Values, keras_model_files, release_failed, size_estimate, write_weights
 
 
 def store_root() -> Path:
@@ -73,14 +73,14 @@ def writing(out: str | Path, model) -> Iterator["FolderWriter"]:
     out = check_destination(out)
     fs.check_space(out, size_estimate(model))
     with fs.staging(out) as tmp:
-        yield FolderWriter(out, tmp)
+        yield FolderWriter(out, tmp, model)
 
 
 class FolderWriter:
-    """A folder under construction (see `writing`)."""
+    """A folder under construction (see `writing`): `model`'s weights and Keras config."""
 
-    def __init__(self, out: Path, tmp: Path):
-        self.out, self.tmp = out, tmp
+    def __init__(self, out: Path, tmp: Path, model):
+        self.out, self.tmp, self.model = out, tmp, model
 
     @property
     def weights(self) -> Path:
@@ -94,9 +94,11 @@ class FolderWriter:
             write_weights(self.weights, model, values)
 
     def commit(self, config: FolderConfig, parity: dict) -> None:
-        """Write the other files, flush everything to disk, and put the folder at `out`."""
+        """Write the other files (Keras' serialized model, named `config.name`, among them), flush
+        everything to disk, and put the folder at `out`."""
+        keras_files = keras_model_files(self.model, config.name)
         with self._translated():
-            assemble(self.tmp, config, parity)
+            assemble(self.tmp, config, parity, keras_files)
             with fs.locked(self.out):
                 fs.swap_into_place(self.tmp, self.out)
 

@@ -1,10 +1,13 @@
-"""The Keras weights file of a converted folder (`model.weights.h5`), written straight from the
-mapped values by Keras' own saving code, and let go of cleanly when the disk fills up.
+"""The Keras files of a converted folder: the weights (`model.weights.h5`), written straight from
+the mapped values by Keras' own saving code and let go of cleanly when the disk fills up, and the
+serialized model (`config.json`, `metadata.json`) as Keras' own directory save writes them.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
+import json
 import os
 import sys
 from pathlib import Path
@@ -60,6 +63,28 @@ def _write_values(path: Path, model, values: Values) -> bool:
         path.unlink()
         return False
     return True
+
+
+def keras_model_files(model, name: str) -> tuple[str, str]:
+    """(`config.json`, `metadata.json`) of `model` named `name`, as `model.save(folder)` writes them.
+
+    With those two beside the weights file, `keras.saving.load_model(folder)` (and
+    `"hf://ORG/REPO"` for a published copy) rebuilds the model from the config and loads the
+    weights: the folder is a Keras model folder.
+    """
+    import keras
+
+    try:
+        from keras.src.saving import saving_lib
+
+        config, metadata = saving_lib._serialize_model_as_json(model)  # the very code model.save runs
+    except (ImportError, AttributeError):  # a Keras shaped otherwise: its public pieces
+        config = json.dumps(keras.saving.serialize_keras_object(model))
+        metadata = json.dumps({"keras_version": keras.__version__,
+                               "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")})
+    serialized = json.loads(config)
+    serialized["config"]["name"] = name
+    return json.dumps(serialized), metadata
 
 
 def size_estimate(model) -> int:

@@ -29,6 +29,7 @@ from tests.support.cli import zoo_cli
 from tests.support.converted import convert_small
 from tests.support.hub import local_hub, set_faults
 from tests.support.hub_cache import add_file
+from zoo.folder_config import CONTENT_FILES
 
 TOKEN = "hf_zooTESTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
@@ -114,7 +115,7 @@ def _publish_then_load(converted, hub, lfs, tmp_path):
 
     api = HfApi(endpoint=hub, token=TOKEN)
     tree = {e.path: e for e in api.list_repo_tree(REPO)}
-    assert set(tree) >= {"model.weights.h5", "config.json", "parity.json", "manifest.json", "README.md"}
+    assert set(tree) - {".gitattributes"} == {*CONTENT_FILES, "manifest.json", "README.md"}
     weights = tree["model.weights.h5"]
     assert (weights.lfs is not None) == lfs  # the upload path under test was the one taken
     if lfs:
@@ -123,7 +124,8 @@ def _publish_then_load(converted, hub, lfs, tmp_path):
     card = Path(api.hf_hub_download(REPO, "README.md", cache_dir=str(tmp_path / "peek"))).read_text()
     for field in ("library_name: keras", "license: apache-2.0", "- convnext", "- image-classification",
                   "- timm", "base_model: timm/convnext_tiny.fb_in1k", "datasets:\n- imagenet-1k", "model-index",
-                  "max_abs_logit_error", "Not pretrained", 'zoo.load("convnext_tiny.fb_in1k")'):
+                  "max_abs_logit_error", "Not pretrained", f'zoo.load("hf://{REPO}")',
+                  f'keras.saving.load_model("hf://{REPO}")', "pipeline_tag: image-classification"):
         assert field in card, field
     assert TOKEN not in card
 

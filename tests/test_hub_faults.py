@@ -24,12 +24,12 @@ from tests.support.cli import zoo_inline
 from tests.support.converted import convert_small
 from tests.support.hub import faults, local_hub, set_faults
 from zoo.errors import HubError, StoreError, ZooError
-from zoo.folder_config import CONFIG, MANIFEST, PARITY, WEIGHTS
+from zoo.folder_config import CONTENT_FILES, MANIFEST, PARITY, WEIGHTS
 
 TOKEN = "hf_zooFAULTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
 REPO = f"testorg/{NAME}"
-PUBLISHED = {WEIGHTS, CONFIG, PARITY, MANIFEST, zoo_hub.CARD}
+PUBLISHED = {*CONTENT_FILES, MANIFEST, zoo_hub.CARD}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from tests.support.archs import SMALL_V1
+from zoo.folder_config import CONTENT_FILES, MANIFEST
 from tests.support.cli import BLOCK_TORCH
 
 CODE = textwrap.dedent("""
@@ -57,8 +58,7 @@ def test_build_write_load_without_torch(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"torch_blocked": True, "leaked": [], "keras": True}
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.weights.h5",
-                                                     "parity.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CONTENT_FILES, MANIFEST])
 
 
 def test_the_block_works():

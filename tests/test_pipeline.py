@@ -27,6 +27,7 @@ from tests.support.hub_cache import add_file
 from zoo.architectures import ARCHITECTURES
 from zoo.catalogue import representatives
 from zoo.errors import IntegrityError
+from zoo.folder_config import RECORD
 
 
 @pytest.mark.parametrize("name, canonical", [("convnext_tiny_1k", "convnext_tiny.fb_in1k"),
@@ -51,7 +52,7 @@ def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     assert report["versions"] == {"keras": keras.__version__, "tensorflow": tf.__version__,  # both sides named
                                   "torch": torch.__version__, "timm": timm.__version__,
                                   "reference": "timm", "layout": "timm"}
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / RECORD).read_text())
     assert config["source"]["repo_id"] == ckpt.hf_hub_id and config["pretrained"] is True
     assert len(config["source"]["revision"]) == 40
 
@@ -98,7 +99,7 @@ def test_verify_detects_an_edited_file(small_converted, tmp_path):
 
 def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
     a, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "a", random_seed=5)
-    config = json.loads((a / "config.json").read_text())
+    config = json.loads((a / RECORD).read_text())
     assert config["pretrained"] is False and "NOT pretrained" in config["source"]["note"]
     # the same seed gives the same bytes again (as `verify` regenerates them)
     again = pipeline.random_source(Network.of_entry(zoo.resolve("convnext_tiny_1k")), 5, tmp_path)
@@ -123,7 +124,7 @@ def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, fil
     torch.save({"model": {k: torch.from_numpy(v) for k, v in fb.items()}}, path)
     out, report = pipeline.convert(name, out=tmp_path / "out", checkpoint=path)
     assert report.passed
-    assert json.loads((out / "config.json").read_text())["source"]["kind"] == "file"
+    assert json.loads((out / RECORD).read_text())["source"]["kind"] == "file"
 
 
 # One full-size network per family runs by default: patch stem + conv MLP, RMS norm + overlapping
@@ -147,7 +148,7 @@ def test_catalogue_converts_with_parity(name, tmp_path):
     ckpt = zoo.resolve(name)
     out, report = pipeline.convert(name, out=tmp_path / "out", random_seed=1)
     assert report.passed and report.logits.max_abs <= 1e-4 and report.logits.rel <= 1e-5
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / RECORD).read_text())
     assert config["params"] == zoo.load(out).count_params() == ckpt.params
     width = ckpt.num_classes or (ckpt.arch.head_hidden_size or ckpt.arch.num_features)
     assert report.by_name("logits").shape == [8, width]

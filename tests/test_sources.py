@@ -22,6 +22,7 @@ from tests.support.hub_cache import add_file
 from zoo.architectures import ARCHITECTURES
 from zoo.catalogue import catalogue
 from zoo.errors import SourceError
+from zoo.folder_config import CONTENT_FILES, MANIFEST, RECORD, WEIGHTS
 
 
 def fb_pth_bytes(state) -> bytes:
@@ -47,7 +48,7 @@ def test_fb_only_entry_converts_from_its_release_url(monkeypatch, online, tmp_pa
         monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=f"{base}/convnext/convnext_base_1k_384.pth"))
         out, report = pipeline.convert("convnext_base_1k_384", out=tmp_path / "out")
         assert report.passed and report.input_size == 384
-        recorded = json.loads((out / "config.json").read_text())["source"]
+        recorded = json.loads((out / RECORD).read_text())["source"]
         assert recorded["kind"] == "url" and recorded["url"].endswith("convnext_base_1k_384.pth")
         assert len(requests) == 1
     # the server is gone: verify works from the source cache, checking the recorded sha256
@@ -91,7 +92,8 @@ def test_convert_all_is_resumable_and_survives_failures(small_tiny, tmp_path):
     # a sweep run: forced again, keeping no weights
     forced, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", force=True, keep_weights=False)
     assert forced[0]["status"] == "ok"
-    assert sorted(p.name for p in (tmp_path / "all" / names[0]).iterdir()) == ["config.json", "manifest.json", "parity.json"]
+    assert sorted(p.name for p in (tmp_path / "all" / names[0]).iterdir()) == sorted(
+        {*CONTENT_FILES, MANIFEST} - {WEIGHTS})
     resumed, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", keep_weights=False)
     assert resumed[0]["status"] == "skipped (done)" and resumed[0]["params"] == rows[0]["params"]
     whole, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all")  # weights wanted: redone

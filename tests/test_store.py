@@ -16,10 +16,10 @@ from checkpoints import converted, store
 from tests.support.archs import SMALL_V1
 from tests.support.folders import NAME, PARITY, folder_config, small_model
 from zoo.errors import IntegrityError, StoreError
-from zoo.folder_config import FolderConfig
+from zoo.folder_config import CONTENT_FILES, MANIFEST, RECORD, FolderConfig
 from zoo.model import build_model
 
-FILES = ("model.weights.h5", "config.json", "parity.json", "manifest.json")
+FILES = (*CONTENT_FILES, MANIFEST)
 
 
 def config() -> FolderConfig:
@@ -76,13 +76,13 @@ def test_folder_layout_and_manifest(pristine):
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == converted.FORMAT
-    assert set(manifest["files"]) == {"model.weights.h5", "config.json", "parity.json"}
+    assert set(manifest["files"]) == {"model.weights.h5", "config.json", "metadata.json", RECORD, "parity.json"}
     for name, meta in manifest["files"].items():
         data = (out / name).read_bytes()
         assert meta["sha256"] == hashlib.sha256(data).hexdigest(), name
         assert meta["size"] == len(data), name
     weights_sha = manifest["files"]["model.weights.h5"]["sha256"]
-    written_config = json.loads((out / "config.json").read_text())
+    written_config = json.loads((out / RECORD).read_text())
     assert written_config["weights"] == {"file": "model.weights.h5", "sha256": weights_sha}
     assert written_config["architecture"] == SMALL_V1.to_config()
     assert written_config["name"] == NAME and written_config["num_classes"] == 10
@@ -137,19 +137,20 @@ def test_one_changed_byte_in_the_weights_is_caught(ckpt, opener):
 
 
 @pytest.mark.parametrize("opener", [converted.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
-@pytest.mark.parametrize("name", ["config.json", "parity.json"])
+@pytest.mark.parametrize("name", [RECORD, "parity.json", "config.json"])
 def test_an_edited_json_file_is_caught(ckpt, opener, name):
     out = ckpt
     text = (out / name).read_text()
-    edited = text.replace('"atol": 0.0001', '"atol": 0.0009') if name == "parity.json" \
-        else text.replace("fb_in1k", "fb_in2k", 1)
+    edited = {"parity.json": text.replace('"atol": 0.0001', '"atol": 0.0009'),
+              "config.json": text.replace('"epsilon": 1e-06', '"epsilon": 1e-05', 1)}.get(
+                  name, text.replace("fb_in1k", "fb_in2k", 1))
     assert edited != text and len(edited) == len(text)
     (out / name).write_text(edited)
     with pytest.raises(IntegrityError):
         opener(out)
 
 
-@pytest.mark.parametrize("name", ["model.weights.h5", "config.json", "parity.json"])
+@pytest.mark.parametrize("name", ["model.weights.h5", "config.json", "metadata.json", RECORD, "parity.json"])
 def test_a_deleted_file_is_caught(ckpt, name):
     out = ckpt
     (out / name).unlink()

@@ -2,7 +2,9 @@
 
 `import zoo` is cheap: the names that need Keras (load, build, freeze_stages) or PIL
 (preprocess) are resolved on first use, tensorflow is imported on the first call that builds a
-model, and torch never (only the converter's separate reference process uses it). Importing
+model, and torch never (only the converter's separate reference process uses it). Once Keras
+is imported (before or after zoo), the project's layers are registered with its serialization,
+so `keras.saving.load_model(folder or "hf://ORG/NAME")` reads converted folders. Importing
 zoo before tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.runtime`). This
 facade is the top of the user layer: modules below it import the modules they need
 (`zoo.errors`, `zoo.catalogue`, ...), never `zoo` itself.
@@ -15,6 +17,15 @@ from . import runtime as _runtime
 from .version import __version__
 
 _runtime.prefer_onednn()  # before anything imports tensorflow
+
+
+def _register_layers() -> None:
+    """Register the project's Keras layers (`convnext_zoo>LayerScale`, ...) by importing their modules."""
+    for module in ("model", "preprocessing"):
+        importlib.import_module(f".{module}", __name__)
+
+
+_runtime.after_import("keras", _register_layers)
 
 from .architectures import ARCHITECTURES, Architecture, get_architecture  # noqa: E402  (ground: cheap)
 from .catalogue import CatalogueEntry, catalogue, resolve, search  # noqa: E402
@@ -34,7 +45,7 @@ from .folder_config import FolderConfig  # noqa: E402
 
 # Resolved on first use: these import Keras (so TensorFlow), PIL, or the layers above.
 _LAZY = {  # public name -> (module, attribute in it)
-    "preprocess": ("preprocessing", "preprocess"),
+    "preprocess": ("locating", "preprocess"),
     "freeze_stages": ("model", "freeze_stages"),
     "load": ("loading", "load"),
     "build": ("loading", "build_untrained"),

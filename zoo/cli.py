@@ -17,6 +17,7 @@ from .catalogue import resolve, search
 from .errors import ExportError, ParityError, ZooError
 from .export_formats import check_options
 from .labels import label_names
+from .locating import HF_PREFIX, locate
 from .prediction import predict as top_classes
 from .preprocessing import Preprocessing, preprocess
 from .reports import DEFAULT_ATOL, DEFAULT_RTOL
@@ -318,7 +319,8 @@ _DTYPE = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "floa
 @main.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--model", "model_name", default=DEFAULT_PREDICT_MODEL, show_default=True,
-              help="Checkpoint name or alias (local store, else the Hub, else converted), or a converted folder.")
+              help="Checkpoint name or alias (local store, else the Hub, else converted), a converted folder, "
+                   "or a published repo hf://ORG/NAME.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output: a list of {image, predictions: [{index, label, probability}]}.")
@@ -359,9 +361,8 @@ def predict(images, model_name, top, as_json, dtype):
 def _classifier(model_name):
     """(name, classes, preprocessing, loader, class names or None) of a converted folder or a
     catalogue name, loading nothing."""
-    path = Path(model_name).expanduser()
-    if path.is_dir():
-        folder = open_folder(path)
+    if model_name.startswith(HF_PREFIX) or Path(model_name).expanduser().is_dir():
+        folder = locate(model_name)  # a published repo is fetched and checked, as zoo.load does
         config = folder.config
         return (config.name, config.num_classes, Preprocessing.from_pretrained_cfg(config.pretrained_cfg),
                 functools.partial(_load_folder, folder), config.labels)

@@ -49,6 +49,11 @@ class ReferenceRunError(ZooError):
     """The PyTorch reference process failed (missing `convert` extra, crash)."""
 
 
+class BackendError(ZooError):
+    """The Keras backend this process runs cannot do what was asked (the model on torch, an
+    export on anything but TensorFlow)."""
+
+
 class ImageError(ZooError):
     """An input image cannot be read or has the wrong shape or dtype."""
 

@@ -26,7 +26,7 @@ from converters.layouts import LAYOUTS
 
 from . import loading
 from .errors import ExportError, StoreError, ZooError
-from .export_formats import FORMATS, INPUT_NAME, SIGNATURE, Format, check_options, output_name
+from .export_formats import FORMATS, INPUT_NAME, SIGNATURE, Format, check_backend, check_options, output_name
 from .export_report import REPORT_FORMAT, Agreement, ExportReport, bounds_for
 from .reports import DEFAULT_ATOL, DEFAULT_RTOL
 from .runtime import installed
@@ -49,7 +49,8 @@ def export(name_or_path: str | Path, format: str, out: str | Path | None = None,
         format: `savedmodel` (a folder: signature `serving_default`, input `pixels` of shape
             (batch, height, width, 3) with any batch and size, output `logits`), `tflite` (one
             file, same names, input fixed at the checkpoint's size, any batch) or `keras` (a
-            `.keras` file; loading it needs `import zoo.model`, which registers the layers).
+            `.keras` file; loading it needs `import zoo`, which registers the layers). SavedModel
+            and TFLite exports need Keras' TensorFlow backend.
         out: destination (default: `<folder name>.savedmodel|.tflite|.keras` in the current
             folder, `.fp16.tflite` / `.dynamic.tflite` when quantized). An earlier export there is
             replaced; anything else is refused.
@@ -69,10 +70,12 @@ def export(name_or_path: str | Path, format: str, out: str | Path | None = None,
     Raises:
         ExportError: bad options, a destination that is not an export, a failed conversion or
             missed bounds; nothing is left at `out` then (an earlier export there is kept).
+        BackendError: a SavedModel or TFLite export where Keras runs on another backend.
         ZooError: the checkpoint cannot be found, or (with `pytorch="require"`) compared.
     """
     quantize = quantize or "none"
     kind = check_options(format, quantize)
+    check_backend(kind)
     if pytorch not in PYTORCH_MODES:
         raise ExportError(f"pytorch must be one of {', '.join(PYTORCH_MODES)}, got {pytorch!r}")
     folder = loading.locate(name_or_path, convert=convert)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ExportError
+from .errors import BackendError, ExportError
 from .runtime import installed
 
 INPUT_NAME = "pixels"
@@ -35,6 +35,7 @@ class Format:
         fixed_size: the export takes only the checkpoint's input size (else any size).
         quantizable: takes `quantize` other than `none`.
         what: the format's name in messages.
+        tensorflow_only: written and run by TensorFlow (needs Keras' TensorFlow backend).
     """
 
     name: str
@@ -45,6 +46,7 @@ class Format:
     fixed_size: bool = False
     quantizable: bool = False
     what: str = ""
+    tensorflow_only: bool = True
 
     def default_name(self, folder_name: str, quantize: str = "none") -> str:
         """The export's file or folder name for a converted folder's name."""
@@ -154,7 +156,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "(ai_edge_litert.interpreter or tf.lite)",
            fixed_size=True, quantizable=True, what="tflite"),
     Format("keras", _write_keras, _run_keras,
-           "import zoo.model (registers the ConvNeXt layers), then keras.saving.load_model(path)", what="keras"),
+           "import zoo (it registers the ConvNeXt layers), then keras.saving.load_model(path)", what="keras",
+           tensorflow_only=False),
 )}
 
 
@@ -171,3 +174,17 @@ def check_options(format: str, quantize: str) -> Format:
     if quantize != "none" and not FORMATS[format].quantizable:
         raise ExportError(f"--quantize {quantize} applies to tflite exports only; drop it for {format}")
     return FORMATS[format]
+
+
+def check_backend(kind: Format) -> None:
+    """Refuse a TensorFlow format where Keras runs on another backend (JAX), before any work.
+
+    Raises:
+        BackendError: naming the backend and what to do.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if kind.tensorflow_only and backend != "tensorflow":
+        raise BackendError(f"{kind.what} exports are made by TensorFlow, and Keras runs on {backend} here; run "
+                           "the export with KERAS_BACKEND=tensorflow (the keras format works on any backend)")

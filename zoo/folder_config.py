@@ -1,4 +1,10 @@
-"""The typed schema of a converted folder's `config.json`: the only code that reads or writes its fields.
+"""The typed schema of a converted folder's own record (`convnext_zoo.json`): the only code that
+reads or writes its fields, and the names of the folder's files.
+
+A converted folder is a Keras model folder first: `config.json`, `metadata.json` and
+`model.weights.h5` are exactly what Keras' own directory save writes (so `keras.saving.load_model`
+reads it), and the project's record of what the weights are and where they came from is
+`convnext_zoo.json`, beside `parity.json` and `manifest.json`.
 
 Ground layer: the store writes it, the converters fill it, loading, export and evaluation read it.
 """
@@ -11,12 +17,15 @@ from pathlib import Path
 
 from .architectures import Architecture
 
-FORMAT = "convnext-zoo/1"
-WEIGHTS = "model.weights.h5"
-CONFIG = "config.json"
+FORMAT = "convnext-zoo/2"
+OLD_FORMATS = ("convnext-zoo/1",)  # the project's record in config.json: Keras could not load those folders
+WEIGHTS = "model.weights.h5"  # Keras' weights file
+KERAS_CONFIG = "config.json"  # Keras' serialized model
+KERAS_METADATA = "metadata.json"  # Keras' save metadata (its version, the date)
+RECORD = "convnext_zoo.json"  # this module's `FolderConfig`
 PARITY = "parity.json"
 MANIFEST = "manifest.json"
-CONTENT_FILES = (WEIGHTS, CONFIG, PARITY)
+CONTENT_FILES = (WEIGHTS, KERAS_CONFIG, KERAS_METADATA, RECORD, PARITY)
 SOURCE_KINDS = ("hub", "url", "file", "random")
 
 
@@ -77,7 +86,7 @@ _KEPT = {"hub": ("repo_id", "revision", "filename", "url"), "url": ("repo_id", "
 
 @dataclass(frozen=True)
 class FolderConfig:
-    """A converted folder's `config.json`: what the weights are, for which network, from where.
+    """A converted folder's record (`convnext_zoo.json`): what the weights are, for which network, from where.
 
     Attributes:
         name: the catalogue name the folder was converted as (`convnext_tiny.fb_in1k`).
@@ -132,13 +141,13 @@ class FolderConfig:
     @property
     def base_model(self) -> str | None:
         """The Hub repo the weights came from, when they came from one."""
-        return self.pretrained_cfg.get("hf_hub_id") or None
+        return self.pretrained_cfg.get("hf_hub_id") or (self.source.repo_id if self.source.kind == "hub" else None)
 
     def with_weights(self, sha256: str) -> "FolderConfig":
         return dataclasses.replace(self, weights_sha256=sha256)
 
     def to_json(self) -> dict:
-        """`config.json`'s content."""
+        """The record's content."""
         out = {
             "name": self.name,
             "pretrained": self.pretrained,
@@ -160,7 +169,7 @@ class FolderConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "FolderConfig":
-        """Read `config.json`'s content.
+        """Read the record's content.
 
         Raises:
             ValueError: a field is missing or malformed.
@@ -187,4 +196,4 @@ class FolderConfig:
             OSError: no readable config file.
             ValueError: not a converted folder's config.
         """
-        return cls.from_json(json.loads((Path(folder) / CONFIG).read_text()))
+        return cls.from_json(json.loads((Path(folder) / RECORD).read_text()))

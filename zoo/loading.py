@@ -6,12 +6,11 @@ from pathlib import Path
 
 import keras
 
-from checkpoints import hub, store
-from checkpoints.converted import ConvertedFolder, open_folder
+from checkpoints.converted import ConvertedFolder
 
 from .architectures import Architecture
 from .catalogue import resolve
-from .errors import HubError, StoreError, ZooError
+from .locating import locate
 from .model import build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
 from .runtime import installed, policy_name
 
@@ -44,14 +43,16 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
          convert: bool = True) -> keras.Model:
     """A converted ConvNeXt with its weights.
 
-    A folder path loads that folder. A name (canonical, alias or architecture) is looked up:
+    A folder path loads that folder, `hf://ORG/NAME[@REVISION]` that published repo (every
+    sha256 checked). A name (canonical, alias or architecture) is looked up:
     (1) the local store, (2) the published Hub repo `<org>/<name>` (`ZOO_HUB_ORG`), pinned to
     one commit with every file's sha256 checked, (3) with the `convert` extra installed, a
     conversion from the source weights behind the parity gate, stored for next time. Steps
     (1) and (2) never import torch.
 
     Args:
-        name_or_path: converted folder, or checkpoint name / alias / architecture name.
+        name_or_path: converted folder, `hf://ORG/NAME[@REVISION]`, or checkpoint name / alias /
+            architecture name.
         include_top: keep the classifier. Without it the model returns the trained pooled
             features (pool + the trained head norm, timm's pre-logits) for `pooling="avg"`,
             or the feature map for `pooling=None`.
@@ -86,49 +87,6 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
     return from_folder(folder, include_top=include_top, pooling=pooling, num_classes=num_classes,
                        input_shape=input_shape, features_only=features_only, out_indices=out_indices,
                        drop_path_rate=drop_path_rate, dtype=dtype)
-
-
-def locate(name_or_path: str | Path, *, revision: str | None = None, hub_org: str | None = None,
-           convert: bool = True) -> ConvertedFolder:
-    """The verified converted folder `load` would build from (same lookup, same errors)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return open_folder(path)
-    if path.suffix == ".keras" and path.is_file():
-        raise StoreError(f"{name_or_path} is a whole saved Keras model, not a converted folder: "
-                         "`import zoo.model` (it registers the layers), then keras.saving.load_model(path)")
-    if path.suffix in (".h5", ".keras") or "/" in str(name_or_path):
-        raise StoreError(f"{name_or_path}: no such converted checkpoint folder")
-    ckpt = resolve(str(name_or_path), or_folder=True)
-    return _find(ckpt, revision, hub_org, convert)
-
-
-def _find(ckpt, revision, hub_org, convert) -> ConvertedFolder:
-    tried = []
-    where = store.store_path(ckpt.name)
-    if where.is_dir():
-        return open_folder(where)  # a damaged store copy is an error, not a fallback
-    tried.append(f"local store: no {where}")
-    repo_id = hub.repo_id_for(ckpt.name, hub_org)
-    try:
-        return hub.download(repo_id, revision=revision)
-    except HubError as e:
-        tried.append(f"Hub: {e}")
-    if convert and installed("torch") and installed("timm"):
-        from converters.pipeline import convert as run
-
-        log.warning("%s: not in the store nor on the Hub; converting from %s", ckpt.name,
-                    ckpt.hf_hub_id or ckpt.url)
-        try:
-            path, _ = run(ckpt.name, out=where)
-            return open_folder(path)
-        except ZooError as e:
-            tried.append(f"conversion: {str(e).splitlines()[0]}")
-    else:
-        tried.append("conversion: " + ("disabled" if not convert else
-                                       "needs torch and timm (pip install 'convnext-zoo[convert]')"))
-    raise StoreError(f"cannot load {ckpt.name}: " + "; ".join(tried) +
-                     f". Run `zoo convert {ckpt.name}` where the source weights are reachable.")
 
 
 def from_folder(folder: ConvertedFolder, *, include_top: bool = True, pooling: str | None = "avg",

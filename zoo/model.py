@@ -8,9 +8,35 @@ import numpy as np
 from keras import layers, ops
 
 from .architectures import Architecture
+from .errors import BackendError
 from .runtime import check_onednn
 
-PACKAGE = "convnext_zoo"
+PACKAGE = "convnext_zoo"  # the registered names are `convnext_zoo>LayerScale`, ...
+
+
+def check_backend() -> None:
+    """Refuse Keras' torch backend in one line, before torch fails somewhere inside.
+
+    Keras on torch keeps each layer's variables as torch parameters named after their paths,
+    and torch refuses a parameter name with a dot: this model's layers carry timm's module
+    paths (`stages.0.blocks.0.conv_dw`) as their names, so that every weight maps by name.
+    """
+    if keras.backend.backend() == "torch":
+        raise BackendError("convnext-zoo models run on Keras' TensorFlow or JAX backend, not torch: their layer "
+                           "names are timm's dotted module paths, which torch parameters cannot carry; "
+                           "set KERAS_BACKEND=tensorflow (or jax)")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvNeXt(keras.Model):
+    """The functional ConvNeXt `build_model` returns: a `keras.Model` like any functional one,
+    whose class is registered as `convnext_zoo>ConvNeXt`, so that `keras.saving.load_model`
+    can refuse a backend the model cannot run on before it builds any layer."""
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        check_backend()
+        return super().from_config(config, custom_objects)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -190,6 +216,23 @@ def _kernel_init(initialize: bool) -> dict:
     return {} if initialize else {"kernel_initializer": "zeros"}
 
 
+_INITIALIZERS = ("kernel_initializer", "depthwise_initializer")
+
+
+def _default_initializers(model: keras.Model) -> None:
+    """Give the layers built with zero kernels (`initialize=False`) their classes' default
+    initialisers back, once built: the model's config (the `config.json` of a converted folder)
+    is then that of a model built with Keras' defaults, as anyone re-initialising it expects."""
+    import inspect
+
+    for layer in model.layers:
+        for attribute in _INITIALIZERS:
+            if isinstance(getattr(layer, attribute, None), keras.initializers.Zeros):
+                default = next(p.default for c in type(layer).__mro__  # the class that declares it
+                               for n, p in inspect.signature(c.__init__).parameters.items() if n == attribute)
+                setattr(layer, attribute, keras.initializers.get(default))
+
+
 def _conv(filters: int, size: int, stride: int, padding: int, bias: bool, name: str, init: dict):
     # torch pads symmetrically; Keras' "same" pads the bottom/right more at stride 2
     def apply(x):
@@ -291,6 +334,7 @@ def build_model(
     """
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
+    check_backend()
     check_onednn()
     inputs = keras.Input(shape=input_shape, name="pixels")
     init = _kernel_init(initialize)
@@ -314,7 +358,10 @@ def build_model(
             x = layers.Activation(keras.activations.gelu, name="head.pre_logits.act")(x)
     if include_top and num_classes > 0:
         x = classifier(num_classes, init)(x)
-    return keras.Model(inputs, x, name=name or arch.name)
+    model = ConvNeXt(inputs, x, name=name or arch.name)
+    if not initialize:
+        _default_initializers(model)
+    return model
 
 
 def classifier(num_classes: int, init: dict | None = None) -> layers.Dense:

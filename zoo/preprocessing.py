@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .catalogue import CatalogueEntry, resolve
 from .errors import ImageError
-from .folder_config import CONFIG, FolderConfig
+from .folder_config import RECORD, FolderConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -238,7 +238,7 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
 
 def as_preprocessing(spec) -> Preprocessing:
     """A `Preprocessing` from itself, a `CatalogueEntry`, a `pretrained_cfg` dict, a name or alias,
-    a converted folder (its `config.json`) or its `FolderConfig`.
+    a converted folder (its record) or its `FolderConfig`.
 
     Raises:
         UnknownModelError: a name that is not in the catalogue (and no such folder).
@@ -252,7 +252,7 @@ def as_preprocessing(spec) -> Preprocessing:
     if isinstance(spec, FolderConfig):
         return Preprocessing.from_pretrained_cfg(spec.pretrained_cfg)
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / CONFIG).is_file():
+    if path.is_dir() and (path / RECORD).is_file():
         return Preprocessing.from_pretrained_cfg(FolderConfig.read(path).pretrained_cfg)
     return Preprocessing.from_checkpoint(resolve(str(spec)))
 

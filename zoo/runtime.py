@@ -10,6 +10,7 @@ import, so it only takes effect when zoo is imported first.
 """
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import logging
 import os
@@ -42,6 +43,57 @@ def installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # ValueError: blocked in sys.modules
         return False
+
+
+def after_import(name: str, callback) -> None:
+    """Call `callback()` once the top-level module `name` is imported: now if it already is,
+    else right after its first import has run (a one-shot finder on `sys.meta_path`, which only
+    wraps the loader the other finders give; looking the module up without importing it, as
+    `importlib.util.find_spec` does, leaves the finder in place)."""
+    if name in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        for finder in [f for f in sys.meta_path if f is not self]:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ThenCall(spec.loader, self)
+                return spec
+        return None
+
+
+class _ThenCall(importlib.abc.Loader):
+    """`loader`, then the finder's callback (once), the finder removed."""
+
+    def __init__(self, loader, finder: _AfterImport):
+        self.loader, self.finder = loader, finder
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader  # as if nothing had come between
+        self.loader.exec_module(module)
+        if self.finder not in sys.meta_path:
+            return  # already called
+        sys.meta_path.remove(self.finder)
+        try:
+            self.finder.callback()
+        except Exception as e:  # never break the user's import of the module
+            log.warning("after importing %s: %s: %s", self.finder.name, type(e).__name__, e)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 def prefer_onednn() -> None:
