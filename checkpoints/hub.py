@@ -214,7 +214,8 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
                      for c in report["comparisons"])
     path = f"hf://{repo_id}"
     if classifier:
-        run = ("logits = model.predict(images)  # (1, %d), no softmax\nprint(logits.argmax(-1))" % config.num_classes)
+        run = ("logits = model.predict(images, verbose=0)  # (1, %d), no softmax\nprint(logits.argmax(-1))"
+               % config.num_classes)
         cli = f"""
 From the command line, the top classes of an image:
 
@@ -223,7 +224,8 @@ zoo predict --model {path} image.jpg
 ```
 """
     else:
-        run = "features = model.predict(images)  # the pooled features (timm's pre-logits)\nprint(features.shape)"
+        run = ("features = model.predict(images, verbose=0)  # the pooled features (timm's pre-logits)\n"
+               "print(features.shape)")
         cli = ""
     return f"""---
 {data.to_yaml()}

@@ -12,7 +12,7 @@ from .architectures import Architecture
 from .catalogue import resolve
 from .locating import locate
 from .model import build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
-from .runtime import installed, policy_name
+from .runtime import policy_name
 
 log = logging.getLogger(__name__)
 
