@@ -97,13 +97,20 @@ LOAD_EVERY_WAY = BLOCK_TORCH + textwrap.dedent("""
         # on JAX a compiled predict: an eager call compiles each op on its own (5x slower here)
         logits[way] = model.predict(x, verbose=0) if jax else np.asarray(model(x))
     np.savez("logits.npz", **logits)
+    refused = None
+    if jax:  # exports other than .keras are TensorFlow's
+        from zoo.export import export
+        try:
+            export(folder, "savedmodel", out="exported.savedmodel", pytorch="skip")
+        except zoo.ZooError as e:
+            refused = f"{type(e).__name__}: {e}"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         for block in card_blocks:
             exec(compile(block, "README.md", "exec"), {})
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm") and sys.modules[m] is not None)
     print(json.dumps({"backend": keras.backend.backend(), "unregistered": unregistered, "classes": classes,
-                      "leaked": leaked, "card_output": printed.getvalue()}))
+                      "leaked": leaked, "card_output": printed.getvalue(), "export_refused": refused}))
 """)
 
 
@@ -173,6 +180,12 @@ def test_jax_backend_gives_tensorflows_logits(loaded):
     within_parity(jax["logits"]["keras_hf"], loaded["timm"])
 
 
+def test_tensorflow_exports_say_so_on_jax(loaded):
+    refused = loaded["jax"]["report"]["export_refused"]
+    assert refused.startswith("BackendError: SavedModel exports are made by TensorFlow, and Keras runs on jax")
+    assert "KERAS_BACKEND=tensorflow" in refused and len(refused.splitlines()) == 1
+
+
 def without_object_ids(config):
     """A Keras config without the `shared_object_id`s (the `id()` of shared objects in the saving process)."""
     if isinstance(config, dict):
@@ -218,7 +231,7 @@ def test_folders_in_the_earlier_layout_are_refused(folder, tmp_path):
 def test_keras_torch_backend_is_refused_in_one_line(folder):
     code = textwrap.dedent("""
         import sys
-        import keras, zoo
+        import zoo, keras  # zoo first: it registers the layers once Keras is imported
         from zoo.errors import BackendError
         for load in (lambda: zoo.load(sys.argv[1]), lambda: keras.saving.load_model(sys.argv[1])):
             try:
