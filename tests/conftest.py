@@ -36,6 +36,20 @@ def pytest_collection_modifyitems(config, items):
         info = getattr(item, "_fixtureinfo", None)
         if info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            _in_group(item, item.module.__name__)
+
+
+def _in_group(item, group: str) -> None:
+    """What xdist does for an `xdist_group` mark, done so that pytest 9 sees it too: the group
+    joins the test's id (`...::test@group`), which the scheduler reads. xdist 3.8 sets `_nodeid`,
+    which pytest 9 no longer reads (its ids are structured): the groups were then ignored, and a
+    module's conversion was made again on every worker that ran one of its tests."""
+    if not getattr(item.config.option, "loadgroup", False) or item.nodeid.endswith(f"@{group}"):
+        return  # not an xdist worker of a loadgroup run, or xdist did it
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(autouse=True)
