@@ -18,8 +18,6 @@ from zoo.errors import IntegrityError, StoreError
 from zoo.folder_config import (
     CONTENT_FILES,
     FORMAT,
-    KERAS_CONFIG,
-    KERAS_METADATA,
     MANIFEST,
     OLD_FORMATS,
     PARITY,
@@ -58,13 +56,11 @@ def is_converted_folder(path: Path) -> bool:
         return False
 
 
-def assemble(folder: Path, config: FolderConfig, parity: dict, keras_files: tuple[str, str]) -> None:
-    """Write a folder's other files beside its weights and flush them all to disk.
+def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
+    """Write a folder's other files beside its Keras files and flush them all to disk.
 
-    `keras_files` are Keras' `config.json` and `metadata.json` for the model
-    (`checkpoints.weights.keras_model_files`). The weights' sha256 goes into the record and the
-    parity report (binding both to exactly these bytes) and into the manifest, which lists every
-    other file.
+    The weights' sha256 goes into the record and the parity report (binding both to exactly
+    these bytes) and into the manifest, which lists every other file.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -72,8 +68,6 @@ def assemble(folder: Path, config: FolderConfig, parity: dict, keras_files: tupl
         flushed = pool.submit(fsync_file, folder / WEIGHTS)  # the disk writes while the weights are hashed
         weights_sha = sha256_file(folder / WEIGHTS)
         flushed.result()
-    for name, text in zip((KERAS_CONFIG, KERAS_METADATA), keras_files):
-        (folder / name).write_text(text)
     write_json(folder / RECORD, config.with_weights(weights_sha).to_json())
     write_json(folder / PARITY, {**parity, "weights_sha256": weights_sha})
     files = {name: {"sha256": weights_sha if name == WEIGHTS else sha256_file(folder / name),

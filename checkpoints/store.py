@@ -15,7 +15,7 @@ from zoo.folder_config import WEIGHTS, FolderConfig
 
 from . import fs
 from .converted import assemble, is_converted_folder
-from .weights import Values, keras_model_files, release_failed, size_estimate, write_weights
+from .weights import Values, release_failed, size_estimate, write_keras_files, write_weights
 
 
 def store_root() -> Path:
@@ -40,7 +40,7 @@ def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:
     Args:
         out: destination folder.
         model: the Keras model holding the weights.
-        config: the folder's config (the weights digest is added here).
+        config: the folder's record (the weights digest is added here).
         parity: the passing parity report as JSON (the weights digest is added here, binding
             the report to exactly these bytes).
 
@@ -48,7 +48,7 @@ def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:
         StoreError: `out` holds something else, or it cannot be written.
     """
     with writing(out, model) as folder:
-        folder.save_weights(model)
+        folder.save_model(config.name)
         folder.commit(config, parity)
     return folder.out
 
@@ -57,7 +57,7 @@ def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:
 def writing(out: str | Path, model) -> Iterator["FolderWriter"]:
     """A converted folder being written in a staging sibling of `out`, for the block.
 
-    The weights file is written first (`save_weights`) and can be read back (`weights`)
+    The Keras files are written first (`save_model`) and can be loaded back (`load_model`)
     before the rest; `commit` finishes the folder and puts it at `out`. A block left without
     `commit`, by an error or not, removes the staging folder: nothing appears at `out`.
 
@@ -77,28 +77,34 @@ def writing(out: str | Path, model) -> Iterator["FolderWriter"]:
 
 
 class FolderWriter:
-    """A folder under construction (see `writing`): `model`'s weights and Keras config."""
+    """A folder under construction (see `writing`) for `model`."""
 
     def __init__(self, out: Path, tmp: Path, model):
         self.out, self.tmp, self.model = out, tmp, model
 
     @property
     def weights(self) -> Path:
-        """The weights file, once `save_weights` has written it."""
+        """The weights file, once `save_model` has written it."""
         return self.tmp / WEIGHTS
 
-    def save_weights(self, model, values: Values | None = None) -> None:
-        """Write the weights file: `model`'s weights, or `values` in their place
-        (see `checkpoints.weights.write_weights`)."""
+    def save_model(self, name: str, values: Values | None = None) -> None:
+        """Write the Keras model folder: the weights file (`model`'s weights, or `values` in their
+        place, see `checkpoints.weights.write_weights`) and Keras' `config.json` and
+        `metadata.json` for the model named `name`."""
         with self._translated():
-            write_weights(self.weights, model, values)
+            write_weights(self.weights, self.model, values)
+            write_keras_files(self.tmp, self.model, name)
+
+    def load_model(self):
+        """The model as `keras.saving.load_model` reads it from the files written (safe mode)."""
+        import keras
+
+        return keras.saving.load_model(self.tmp, safe_mode=True)
 
     def commit(self, config: FolderConfig, parity: dict) -> None:
-        """Write the other files (Keras' serialized model, named `config.name`, among them), flush
-        everything to disk, and put the folder at `out`."""
-        keras_files = keras_model_files(self.model, config.name)
+        """Write the other files, flush everything to disk, and put the folder at `out`."""
         with self._translated():
-            assemble(self.tmp, config, parity, keras_files)
+            assemble(self.tmp, config, parity)
             with fs.locked(self.out):
                 fs.swap_into_place(self.tmp, self.out)
 

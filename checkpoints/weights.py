@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from zoo.folder_config import KERAS_CONFIG, KERAS_METADATA
+
 Values = dict[int, Callable[[], Any]]  # id(variable) -> its value, made on demand
 
 
@@ -85,6 +87,12 @@ def keras_model_files(model, name: str) -> tuple[str, str]:
     serialized = json.loads(config)
     serialized["config"]["name"] = name
     return json.dumps(serialized), metadata
+
+
+def write_keras_files(folder: Path, model, name: str) -> None:
+    """Write `config.json` and `metadata.json` of `model` named `name` into `folder` (`keras_model_files`)."""
+    for file, text in zip((KERAS_CONFIG, KERAS_METADATA), keras_model_files(model, name)):
+        (folder / file).write_text(text)
 
 
 def size_estimate(model) -> int:

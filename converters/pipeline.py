@@ -17,7 +17,7 @@ from checkpoints.fs import check_writable, sha256_file, work_dir, write_json_ato
 from zoo.architectures import ARCHITECTURES, get_architecture
 from zoo.catalogue import CatalogueEntry, catalogue, resolve
 from zoo.errors import IntegrityError, MappingError, SourceError, ZooError
-from zoo.folder_config import PARITY, WEIGHTS, FolderConfig, SourceRecord
+from zoo.folder_config import KERAS_CONFIG, PARITY, WEIGHTS, FolderConfig, SourceRecord
 from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport
 from zoo.steps import Echo, step
 from zoo.version import __version__
@@ -82,18 +82,19 @@ def _write_checked(out: Path, model, state: dict, pending: parity.PendingCheck, 
                    echo: Echo, verbose: bool = False) -> tuple[Path, ParityReport]:
     """Write `state` into `model`'s weights file at `out`, check the bytes written against the
     source framework, and commit the folder only if parity passed."""
+    params = model.count_params()
     with store.writing(out, model) as folder:
-        with step(echo, f"write {WEIGHTS}"):
-            folder.save_weights(model, mapping.values(state, model, None if verbose else mapping.LISTED))
-            del state
-        with step(echo, "load the written weights"):
-            model.load_weights(folder.weights)  # parity judges the bytes written, as zoo.load reads them
+        with step(echo, f"write the Keras model ({WEIGHTS}, {KERAS_CONFIG})"):
+            folder.save_model(config(params).name, mapping.values(state, model, None if verbose else mapping.LISTED))
+            del state, model
+        with step(echo, "load it back as keras.saving.load_model does"):
+            model = folder.load_model()  # parity judges the bytes written: Keras' config and the weights
         with step(echo, f"parity against {framework} (separate process)"):
             report = pending.check(model, atol=atol, rtol=rtol)
         echo(report.table())
         report.assert_passed()
         with step(echo, f"finish {folder.out}"):
-            folder.commit(config(model.count_params()), report.to_json())
+            folder.commit(config(params), report.to_json())
     return folder.out, report
 
 
@@ -296,7 +297,8 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
 
     The folder's files are checked against the manifest, the source is fetched again (or
     taken from `checkpoint`) and must have the sha256 recorded at conversion, and the
-    folder's Keras weights are compared with timm with the tolerances stored in its report.
+    folder's Keras model (its `config.json` and weights, as `keras.saving.load_model` reads
+    them) is compared with the source's framework with the tolerances stored in its report.
     Writes nothing.
 
     Raises:
@@ -309,9 +311,8 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
         with step(echo, "source weights"):
             src, seed = sourced.enter_context(recorded_reference(folder.config, work, checkpoint))
         with parity.started(network, src.path, random_seed=seed) as pending:
-            with step(echo, "load the converted weights"):
-                model = empty_model(network)
-                model.load_weights(folder.weights)
+            with step(echo, "load the folder as keras.saving.load_model does"):
+                model = keras_model(folder)
             stored = folder.parity
             with step(echo, f"parity against {_framework(src)} (separate process)"):
                 report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
@@ -368,6 +369,13 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
         src = source.local(recorded.path)
     _check_recorded(src.sha256, recorded.sha256)
     return replace(src, layout=recorded.layout, state_key=recorded.state_key, prefix=recorded.prefix or "")
+
+
+def keras_model(folder: converted.ConvertedFolder):
+    """The folder's model as `keras.saving.load_model` reads it: Keras' `config.json` and the weights."""
+    import keras
+
+    return keras.saving.load_model(folder.path, safe_mode=True)
 
 
 def empty_model(network: Network):

@@ -16,7 +16,7 @@ import pytest
 
 from checkpoints import converted, fs, store, weights
 
-WRITE_STEPS = ("weights", "config", "parity", "manifest", "fsync")
+WRITE_STEPS = ("weights", "keras config", "record", "parity", "manifest", "fsync")
 
 
 def fail_nth_write(n: int, setattr_=setattr, err: int = errno.ENOSPC) -> list[str]:
@@ -41,6 +41,7 @@ def fail_nth_write(n: int, setattr_=setattr, err: int = errno.ENOSPC) -> list[st
         return faulty
 
     setattr_(store, "write_weights", wrap(weights.write_weights, lambda a: a[0]))
+    setattr_(store, "write_keras_files", wrap(weights.write_keras_files, lambda a: a[0] / "config.json"))
     setattr_(converted, "write_json", wrap(fs.write_json, lambda a: a[0]))
     setattr_(converted, "fsync_tree", wrap(fs.fsync_tree, lambda a: None))
     return steps
