@@ -315,19 +315,25 @@ def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
     for key, tensor in create(arch, num_classes, device="meta").state_dict().items():
         if not head_norm_affine and key in HEAD_NORM_KEYS:
             continue
-        shape = tuple(tensor.shape)
-        if key.endswith("gamma") or ".grn." in key:
-            value = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
-        elif tensor.ndim == 1 and key.endswith(".weight"):  # norm scales
-            value = 1.0 + 0.25 * rng.standard_normal(shape)
-        elif tensor.ndim == 1:  # biases
-            value = 0.1 * rng.standard_normal(shape)
-        else:
-            fan_in = int(np.prod(shape[1:]))
-            gain = 3.0 if key.startswith("head.fc") else 1.0  # logits of a few units, as trained nets
-            value = gain * rng.standard_normal(shape) / np.sqrt(fan_in)
-        out[key] = value.astype(np.float32)
+        out[key] = perturbed(key, tuple(tensor.shape), rng, classifier=key.startswith("head.fc"))
     return out
+
+
+def perturbed(name: str, shape: tuple[int, ...], rng: np.random.Generator, classifier: bool = False) -> np.ndarray:
+    """One tensor of a perturbed random network (float32), drawn from `rng`, by its name and shape:
+    layer scales and GRN (`gamma`, `layer_scale`, `grn` in any layout) uniform in +-[0.1, 1];
+    norm scales (1-D `weight`) 1 + 0.25 N(0, 1); other 1-D tensors (biases) 0.1 N(0, 1);
+    conv/linear weights N(0, 1) / sqrt(fan-in), times 3 for the `classifier` (logits of a few
+    units, as trained networks give)."""
+    if any(part in name for part in ("gamma", "layer_scale", "grn")):
+        value = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+    elif len(shape) == 1 and name.endswith("weight"):
+        value = 1.0 + 0.25 * rng.standard_normal(shape)
+    elif len(shape) == 1:
+        value = 0.1 * rng.standard_normal(shape)
+    else:
+        value = (3.0 if classifier else 1.0) * rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[1:])))
+    return value.astype(np.float32)
 
 
 def _forward_command(spec_path: Path) -> None:

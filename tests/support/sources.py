@@ -14,26 +14,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.reference import perturbed
 from zoo.architectures import Architecture
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter of `module` redrawn at a realistic, non-trivial scale (numpy, from `seed`)."""
+    """Every parameter of `module` redrawn at a realistic, non-trivial scale (numpy, from `seed`),
+    by the scheme of the converter's own random weights (`converters.reference.perturbed`)."""
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            shape = tuple(p.shape)
-            if any(s in name for s in ("gamma", "layer_scale", "grn")):
-                value = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
-            elif p.ndim == 1 and name.endswith("weight"):  # norm scales
-                value = 1.0 + 0.25 * rng.standard_normal(shape)
-            elif p.ndim == 1:  # biases
-                value = 0.1 * rng.standard_normal(shape)
-            else:
-                gain = 3.0 if p.shape[0] < p.shape[-1] and p.ndim == 2 else 1.0
-                value = gain * rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[1:])))
-            p.copy_(torch.from_numpy(value.astype(np.float32)))
+            value = perturbed(name, tuple(p.shape), rng, classifier=name.startswith(CLASSIFIERS))
+            p.copy_(torch.from_numpy(value))
     return module.eval()
+
+
+# The classifier in each layout: timm's head.fc; transformers' classifier, torchvision's classifier.2
+# (its classifier.0 is the head norm, whose 1-D weight takes the norm rule first).
+CLASSIFIERS = ("head.fc.", "classifier.")
 
 
 def timm_model(arch: Architecture, num_classes: int, seed: int = 0) -> torch.nn.Module:
