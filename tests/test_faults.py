@@ -112,12 +112,13 @@ WRITE_WITHOUT_SPACE_CHECK = """
 import sys
 import keras
 from checkpoints import fs, store
+from tests.support.folders import folder_config
 from zoo.errors import StoreError
 fs.check_space = lambda *args: None  # the disk fills up after the check, as another writer can make it
 inputs = keras.Input((4,))
 model = keras.Model(inputs, keras.layers.Dense(1000)(keras.layers.Dense(3000)(inputs)))  # 12 MB of weights
 try:
-    store.write(sys.argv[1], model, {"name": "dense"}, {"passed": True})
+    store.write(sys.argv[1], model, folder_config(), {"passed": True})
 except StoreError as e:
     print(e)
 """

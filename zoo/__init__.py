@@ -20,9 +20,14 @@ _runtime.prefer_onednn()  # before anything imports tensorflow
 
 
 def _register_layers() -> None:
-    """Register the project's Keras layers (`convnext_zoo>LayerScale`, ...) by importing their modules."""
-    for module in ("model", "preprocessing"):
-        importlib.import_module(f".{module}", __name__)
+    """Register the project's Keras model class and layers (`convnext_zoo>ConvNeXt`, ...) by importing
+    their module, and on TensorFlow the `Preprocess` layer (TensorFlow ops) of saved models with
+    preprocessing."""
+    importlib.import_module(".model", __name__)
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        importlib.import_module(".preprocessing", __name__).Preprocess  # noqa: B018  (defines and registers it)
 
 
 _runtime.after_import("keras", _register_layers)

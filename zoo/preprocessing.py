@@ -281,7 +281,7 @@ def with_preprocessing(model, preprocessing):
 
     The new model takes a batch of RGB images NHWC, uint8 or float 0..255, of any size (one
     size per batch), and returns `model`'s output. Saving it works as for any model; loading it
-    needs the layer class registered: access `zoo.preprocessing.Preprocess` first.
+    needs the layer class registered: `import zoo` (before or after Keras) does it.
 
     Args:
         model: a Keras model taking normalised NHWC images.
