@@ -1,4 +1,5 @@
-"""Speed and memory, side by side: this project's Keras models against timm and keras.applications.
+"""Speed and memory, side by side: this project's Keras models and exports against timm, ONNX Runtime,
+kimm and keras.applications.
 
     python benchmarks/run.py                      # everything, writes benchmarks/RESULTS.md
     python benchmarks/run.py --quick              # tiny at 224, batch 8 and 1; conversion of atto
@@ -8,8 +9,9 @@ Inference: one long-lived worker process per framework (frameworks never share a
 given the same threads and the same inputs; for every configuration the frameworks take turns,
 in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded; a turn
 runs at least `--min-seconds`, so fast configurations get many samples), so that drifts of the
-machine hit all of them alike. Reported: the median images/s and the ratio to timm eager fp32
-and to timm bf16 autocast. `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`.
+machine hit all of them alike. Reported: the median images/s and the ratios in `RATIOS`
+(RESULTS.md lists what each column runs). `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`; `ort`
+needs the `bench` extra (onnx, onnxruntime, kimm).
 
 Conversion and loading: each measured in a fresh process. `zoo convert` of a local source file
 (random weights in timm's layout: no download) with the time of every step, against the I/O
@@ -42,7 +44,13 @@ WORKER = [sys.executable, str(Path(__file__).with_name("worker.py"))]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from worker import FRAMEWORKS, KERAS_APPS  # noqa: E402
+from worker import DESCRIPTIONS, FRAMEWORKS, KERAS_APPS  # noqa: E402
+
+# The ratios reported, where both sides ran: ours against what users pick instead, and what
+# users deploy (the exports) against the in-process model.
+RATIOS = [("zoo", "ort"), ("zoo", "timm"), ("zoo", "kimm"), ("zoo", "keras-apps"), ("zoo-bf16", "timm-bf16"),
+          ("zoo-savedmodel", "zoo"), ("zoo-keras", "zoo"), ("zoo-tflite", "zoo"), ("zoo-tflite-fp16", "zoo"),
+          ("zoo-tflite", "ort")]
 
 
 class Worker:
@@ -201,16 +209,17 @@ def report(args, inference: list[dict], conversion: list[dict]) -> str:
              f"Machine: {machine()}; {args.threads} threads per framework.",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
     if inference:
-        lines += ["## Inference (images/s, medians; ratios to timm)", "",
-                  "| model | size | batch | " + " | ".join(args.frameworks) + " | zoo / timm | zoo / keras.applications"
-                  + (" | zoo-bf16 / timm-bf16 |" if "zoo-bf16" in args.frameworks else " |"),
-                  "|---|---|---|" + "---|" * (len(args.frameworks) + 2 + ("zoo-bf16" in args.frameworks))]
+        ratios = [(a, b) for a, b in RATIOS if a in args.frameworks and b in args.frameworks]
+        lines += ["## Inference (images/s, medians, and ratios)", "",
+                  "| model | size | batch | " + " | ".join(args.frameworks) + " | "
+                  + " | ".join(f"{a} / {b}" for a, b in ratios) + " |",
+                  "|---|---|---|" + "---|" * (len(args.frameworks) + len(ratios))]
         for row in inference:
             cells = [f"{row[fw]:.1f}" if row.get(fw) else "-" for fw in args.frameworks]
-            extra = [_ratio(row, "zoo", "timm"), _ratio(row, "zoo", "keras-apps")]
-            if "zoo-bf16" in args.frameworks:
-                extra.append(_ratio(row, "zoo-bf16", "timm-bf16"))
-            lines.append(f"| convnext_{row['model']} | {row['size']} | {row['batch']} | " + " | ".join(cells + extra) + " |")
+            cells += [_ratio(row, a, b) for a, b in ratios]
+            lines.append(f"| convnext_{row['model']} | {row['size']} | {row['batch']} | " + " | ".join(cells) + " |")
+        lines += ["", "What each column runs:", ""]
+        lines += [f"- `{fw}`: {DESCRIPTIONS[fw]}" for fw in args.frameworks]
         lines.append("")
     if conversion:
         lines += ["## Conversion and loading", "",

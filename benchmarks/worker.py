@@ -27,7 +27,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-FRAMEWORKS = ("zoo", "zoo-bf16", "timm", "timm-bf16", "keras-apps")
+FRAMEWORKS = ("zoo", "zoo-bf16", "timm", "timm-bf16", "keras-apps", "ort", "kimm",
+              "zoo-savedmodel", "zoo-keras", "zoo-tflite", "zoo-tflite-fp16")
+# What each one runs (RESULTS.md's legend).
+DESCRIPTIONS = {
+    "zoo": "zoo.build(..., dtype='float32'), predict_on_batch",
+    "zoo-bf16": "zoo.build(..., dtype='bfloat16'), predict_on_batch",
+    "timm": "timm eager fp32, torch.inference_mode",
+    "timm-bf16": "timm eager under torch.autocast('cpu', bfloat16)",
+    "keras-apps": "keras.applications ConvNeXt (weights=None), predict_on_batch",
+    "ort": "ONNX Runtime (CPU provider, intra-op threads as the others, sequential) on timm's model exported "
+           "by torch.onnx.export, opset 17, dynamic batch",
+    "kimm": "kimm's ConvNeXt (Keras 3, weights=None, no preprocessing), predict_on_batch",
+    "zoo-savedmodel": "the project's SavedModel export (zoo export --format savedmodel), tf.saved_model.load, "
+                      "its serving_default signature",
+    "zoo-keras": "the project's .keras export reloaded by keras.saving.load_model, predict_on_batch",
+    "zoo-tflite": "the project's TFLite export (fp32), tf.lite.Interpreter with num_threads, signature runner",
+    "zoo-tflite-fp16": "the project's TFLite export with float16 weights, as zoo-tflite",
+}
+_KEPT = []  # temporary folders of exports, kept while the worker lives
 KERAS_APPS = {"atto": None, "tiny": "ConvNeXtTiny", "small": "ConvNeXtSmall", "base": "ConvNeXtBase",
               "large": "ConvNeXtLarge"}
 
@@ -49,6 +67,8 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, 3)).astype("float32")
+    if framework == "ort":
+        return _onnx_runtime(model, x, threads)
     if framework.startswith("timm"):
         import timm
         import torch
@@ -73,15 +93,80 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
             raise SystemExit(f"keras.applications has no ConvNeXt {model}")
         net = getattr(keras.applications, KERAS_APPS[model])(weights=None, include_preprocessing=False,
                                                              input_shape=(size, size, 3))
+    elif framework == "kimm":
+        import kimm
+
+        net = getattr(kimm.models, KERAS_APPS[model] or "ConvNeXtAtto")(
+            weights=None, include_preprocessing=False, input_shape=(size, size, 3), classifier_activation=None)
     else:
         import zoo
 
         net = zoo.build(f"convnext_{model}", dtype="bfloat16" if framework == "zoo-bf16" else "float32")
+        if framework.startswith("zoo-") and framework != "zoo-bf16":
+            return _exported(framework[len("zoo-"):], net, x, threads)
     return lambda: net.predict_on_batch(x)
 
 
+def _export_dir() -> Path:
+    import tempfile
+
+    _KEPT.append(tempfile.TemporaryDirectory(prefix="zoo-bench-export-"))
+    return Path(_KEPT[-1].name)
+
+
+def _exported(kind: str, net, x, threads: int):
+    """A runner of the project's export `kind` of `net`, written as `zoo export` writes it."""
+    import tensorflow as tf
+
+    from zoo.export_formats import FORMATS, INPUT_NAME, SIGNATURE
+
+    where = _export_dir()
+    if kind == "savedmodel":
+        FORMATS["savedmodel"].write(net, where / "model", x.shape[1], "none")
+        signature = tf.saved_model.load(str(where / "model")).signatures[SIGNATURE]
+        xt = tf.constant(x)
+        return lambda: signature(**{INPUT_NAME: xt})
+    if kind == "keras":
+        import keras
+
+        net.save(where / "model.keras")
+        loaded = keras.saving.load_model(where / "model.keras", safe_mode=True)
+        return lambda: loaded.predict_on_batch(x)
+    quantize = "fp16" if kind == "tflite-fp16" else "none"
+    FORMATS["tflite"].write(net, where / "model.tflite", x.shape[1], quantize)
+    interpreter = tf.lite.Interpreter(model_path=str(where / "model.tflite"), num_threads=threads)
+    runner = interpreter.get_signature_runner(SIGNATURE)
+    return lambda: runner(**{INPUT_NAME: x})
+
+
+def _onnx_runtime(model: str, x, threads: int):
+    """ONNX Runtime on timm's model exported to ONNX (opset 17, dynamic batch), the way deploying
+    users export it (torch.onnx.export's TorchScript exporter)."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    torch.set_num_threads(threads)
+    net = timm.create_model(f"convnext_{model}", pretrained=False).eval()
+    path = _export_dir() / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(net, (torch.zeros(1, 3, x.shape[1], x.shape[2]),), str(path), opset_version=17,
+                          input_names=["pixels"], output_names=["logits"], dynamo=False,
+                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    xn = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return lambda: session.run(None, {"pixels": xn})
+
+
 def infer(framework: str, threads: int) -> None:
-    if framework.startswith("timm"):
+    if framework.startswith("timm") or framework == "ort":
         import timm  # noqa: F401
         import torch  # noqa: F401  (first, whatever else is imported later)
     key, run = None, None
@@ -89,7 +174,7 @@ def infer(framework: str, threads: int) -> None:
         request = json.loads(line)
         if key != (request["model"], request["batch"], request["size"]):
             key, run = None, None  # one model at a time: the configurations come one after another
-            if not framework.startswith("timm"):
+            if not (framework.startswith("timm") or framework == "ort"):
                 import keras
 
                 keras.backend.clear_session()
