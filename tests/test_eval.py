@@ -14,7 +14,7 @@ from checkpoints import converted
 from converters.images import natural_images
 from tests.support.archs import SMALL
 from tests.support.converted import convert_small
-from zoo.errors import DatasetError
+from zoo.errors import DatasetError, ImageError
 from zoo.evaluation import evaluate, samples
 from zoo.loading import from_folder
 from zoo.preprocessing import preprocess
@@ -60,6 +60,25 @@ def test_accuracy_and_agreement_with_timm(folder, image_folder):
     torch = report.torch
     assert torch["agreement"] == 1.0 and torch["top1"] == report.top1 and torch["top5"] == report.top5
     assert torch["max_abs"] <= 1e-4
+
+
+def test_images_are_prepared_in_parallel_exactly_as_in_one_thread(folder, image_folder, tmp_path):
+    """Each batch from the worker threads is the array `zoo.preprocess` gives for it in one call;
+    an unreadable image fails its batch, not the process."""
+    from zoo.evaluation import prepared_batches
+    from zoo.preprocessing import as_preprocessing
+
+    prepare = as_preprocessing(folder)
+    paths = sorted(image_folder.rglob("img*"))
+    serial = list(prepared_batches(prepare, paths, 5, 0))
+    parallel = list(prepared_batches(prepare, paths, 5, 3))
+    assert [b.shape[0] for b in parallel] == [5, 5, 2]
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    with pytest.raises(ImageError):
+        list(prepared_batches(prepare, paths[:6] + [broken] + paths[6:], 5, 3))
 
 
 def test_labels_file_and_limit(folder, image_folder, tmp_path):

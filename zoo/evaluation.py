@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,13 +40,21 @@ class EvalReport:
     seconds: float
     torch: dict | None = None
     dtype: str = "float32"
+    model_seconds: float | None = None  # of `seconds`, the time inside the model
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / self.seconds if self.seconds else float("inf")
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
         precision = "" if self.dtype == "float32" else f", in {self.dtype}"
-        lines = [f"{self.model} on {self.data} ({self.num_images} images, labels: {self.labels}{precision})",
+        speed = f"{self.images_per_second:.1f} images/s"
+        if self.model_seconds:
+            speed += f"; the model alone {self.num_images / self.model_seconds:.1f}"
+        lines = [f"{self.model} on {self.data} ({self.num_images} images, labels: {self.labels}{precision}; {speed})",
                  f"{'':<8} {'top-1':>8} {'top-5':>8}",
                  f"{'keras':<8} {self.top1:>8.2%} {self.top5:>8.2%}"]
         if self.torch:
@@ -139,14 +151,18 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Path | None = None,
              limit: int | None = None, batch_size: int = 32, compare_torch: bool = False,
-             progress: bool = True, dtype: str = "float32") -> EvalReport:
+             progress: bool = True, dtype: str = "float32", workers: int | None = None) -> EvalReport:
     """Top-1/top-5 of a converted checkpoint on a labelled image folder.
 
     Images are prepared with the checkpoint's own eval transform (`zoo.preprocessing`, equal to
-    timm's). With `compare_torch`, timm runs the checkpoint's source weights (a separate
-    process; needs the `convert` extra) with timm's own transform on the same files, and the
-    report adds its accuracy, the rate at which both predict the same class, and the largest
-    logit difference. `dtype` is the Keras model's precision (see `zoo.load`).
+    timm's), decoded and prepared on `workers` threads (default: one per CPU this process may
+    use; 0: in this thread, before each batch runs) up to two batches ahead of the model, so
+    that on a machine with many cores the model, not the input, sets the pace; the numbers are
+    those of `zoo.preprocess` either way. With `compare_torch`, timm runs the checkpoint's
+    source weights (a separate process; needs the `convert` extra) with timm's own transform on
+    the same files, and the report adds its accuracy, the rate at which both predict the same
+    class, and the largest logit difference. `dtype` is the Keras model's precision (see
+    `zoo.load`).
 
     Raises:
         DatasetError, ImageError: unusable data (`zoo.errors`).
@@ -166,17 +182,21 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
     prepare = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     model = from_folder(folder, dtype=dtype)
-    start = time.perf_counter()
+    start, in_model = time.perf_counter(), 0.0
     chunks = []
-    for i in tqdm(range(0, len(found), batch_size), desc="eval", unit="batch", disable=not progress or None):
-        batch = prepare([s.path for s in found[i:i + batch_size]])
+    batches = prepared_batches(prepare, [s.path for s in found], batch_size, default_workers(workers))
+    for batch in tqdm(batches, total=-(-len(found) // batch_size), desc="eval", unit="batch",
+                      disable=not progress or None):
+        began = time.perf_counter()
         chunks.append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
+        in_model += time.perf_counter() - began
     logits = np.concatenate(chunks)
     labels = np.array([s.label for s in found])
     report = EvalReport(model=config.name, data=str(data), labels=how, num_images=len(found),
                         top1=float(_topk_hits(logits, labels, 1).mean()),
                         top5=float(_topk_hits(logits, labels, 5).mean()),
-                        seconds=round(time.perf_counter() - start, 2), dtype=dtype)
+                        seconds=round(time.perf_counter() - start, 2), dtype=dtype,
+                        model_seconds=round(in_model, 2))
     if compare_torch:
         theirs = _torch_logits(config, [s.path for s in found])
         report.torch = {"top1": float(_topk_hits(theirs, labels, 1).mean()),
@@ -184,6 +204,46 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
                         "agreement": float((theirs.argmax(-1) == logits.argmax(-1)).mean()),
                         "max_abs": float(np.abs(theirs.astype(np.float64) - logits).max())}
     return report
+
+
+def default_workers(workers: int | None) -> int:
+    """`workers`, or one per CPU this process may use."""
+    if workers is not None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+AHEAD = 2  # batches prepared ahead of the one the model runs
+
+
+def prepared_batches(prepare: Callable[[list], np.ndarray], paths: list[Path], batch_size: int,
+                     workers: int) -> Iterator[np.ndarray]:
+    """`prepare(batch)` for each batch of `paths`, in order.
+
+    With `workers`, each image is prepared on its own (`prepare([path])`: the transform is per
+    image, so the batch is the same array) on a pool of that many threads, up to `AHEAD` batches
+    ahead of the one being consumed; PIL decodes and resizes without holding the GIL. An error
+    preparing an image is raised when its batch is reached, and the work queued behind it is
+    dropped.
+    """
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    if not workers:
+        for batch in batches:
+            yield prepare(batch)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="zoo-eval-input")
+    try:
+        pending = deque()
+        for batch in batches:
+            pending.append([pool.submit(prepare, [path]) for path in batch])
+            if len(pending) > AHEAD:
+                yield np.concatenate([f.result() for f in pending.popleft()])
+        while pending:
+            yield np.concatenate([f.result() for f in pending.popleft()])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _torch_logits(config: FolderConfig, files: list[Path]) -> np.ndarray:
