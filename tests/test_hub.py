@@ -96,7 +96,9 @@ def remote_head(url: str) -> str:
     return HfApi(endpoint=url, token=TOKEN).model_info(REPO).sha
 
 
-@pytest.mark.parametrize("threshold", [LFS, REGULAR], ids=["lfs", "regular"])
+# Through LFS by default; every file in "regular" mode with -m slow (the same path, the other upload mode).
+@pytest.mark.parametrize("threshold", [pytest.param(LFS, id="lfs"),
+                                       pytest.param(REGULAR, id="regular", marks=pytest.mark.slow)])
 def test_publish_then_load_by_name_without_torch(converted, threshold, tmp_path):
     """Round trip through a Hub that takes writes only with the token: LFS uploads (Xet
     disabled), or every file in 'regular' upload mode."""
