@@ -149,12 +149,12 @@ def _publish_then_load(converted, hub, lfs, tmp_path):
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-# The weights through LFS and the manifest in regular mode by default; the other two with -m slow
-# (the same check, the other upload mode).
+# The weights through LFS by default; the manifest, the config and the weights in regular mode with
+# -m slow (the comparison of a downloaded manifest with its cache name: test_matches_cache_name...).
 @pytest.mark.parametrize("name, threshold", [
     pytest.param("model.weights.h5", LFS, id="weights-lfs"),
     pytest.param("model.weights.h5", REGULAR, id="weights-regular", marks=pytest.mark.slow),
-    pytest.param("manifest.json", REGULAR, id="manifest"),
+    pytest.param("manifest.json", REGULAR, id="manifest", marks=pytest.mark.slow),
     pytest.param("config.json", LFS, id="config", marks=pytest.mark.slow)])
 def test_corrupted_download_is_detected_and_discarded(converted, name, threshold, tmp_path):
     """The server flips one byte of `name`, same size and ETag: refused, nothing corrupt kept,

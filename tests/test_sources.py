@@ -39,6 +39,7 @@ def online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
+@pytest.mark.slow  # the release-URL download path runs by default for torchvision's entries (test_own_checkpoints)
 def test_fb_only_entry_converts_from_its_release_url(monkeypatch, online, tmp_path):
     name = "convnext_base.fb_in1k_384"
     monkeypatch.setitem(ARCHITECTURES, "convnext_base", SMALL_V1)
