@@ -15,7 +15,7 @@ from zoo.folder_config import WEIGHTS, FolderConfig
 
 from . import fs
 from .converted import assemble, is_converted_folder
-from .weights import Values, release_failed, size_estimate, write_keras_files, write_weights
+from .weights import Values, load_keras_folder, release_failed, size_estimate, write_keras_files, write_weights
 
 
 def store_root() -> Path:
@@ -48,7 +48,7 @@ def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:
         StoreError: `out` holds something else, or it cannot be written.
     """
     with writing(out, model) as folder:
-        folder.save_model(config.name)
+        folder.save_model(model, config.name)
         folder.commit(config, parity)
     return folder.out
 
@@ -72,34 +72,33 @@ def writing(out: str | Path, model) -> Iterator["FolderWriter"]:
     """
     out = check_destination(out)
     fs.check_space(out, size_estimate(model))
+    del model  # not held while the folder is written: the caller may let go of it once it is saved
     with fs.staging(out) as tmp:
-        yield FolderWriter(out, tmp, model)
+        yield FolderWriter(out, tmp)
 
 
 class FolderWriter:
-    """A folder under construction (see `writing`) for `model`."""
+    """A folder under construction (see `writing`)."""
 
-    def __init__(self, out: Path, tmp: Path, model):
-        self.out, self.tmp, self.model = out, tmp, model
+    def __init__(self, out: Path, tmp: Path):
+        self.out, self.tmp = out, tmp
 
     @property
     def weights(self) -> Path:
         """The weights file, once `save_model` has written it."""
         return self.tmp / WEIGHTS
 
-    def save_model(self, name: str, values: Values | None = None) -> None:
+    def save_model(self, model, name: str, values: Values | None = None) -> None:
         """Write the Keras model folder: the weights file (`model`'s weights, or `values` in their
         place, see `checkpoints.weights.write_weights`) and Keras' `config.json` and
-        `metadata.json` for the model named `name`."""
+        `metadata.json` for `model` named `name`."""
         with self._translated():
-            write_weights(self.weights, self.model, values)
-            write_keras_files(self.tmp, self.model, name)
+            write_weights(self.weights, model, values)
+            write_keras_files(self.tmp, model, name)
 
     def load_model(self):
         """The model as `keras.saving.load_model` reads it from the files written (safe mode)."""
-        import keras
-
-        return keras.saving.load_model(self.tmp, safe_mode=True)
+        return load_keras_folder(self.tmp)
 
     def commit(self, config: FolderConfig, parity: dict) -> None:
         """Write the other files, flush everything to disk, and put the folder at `out`."""

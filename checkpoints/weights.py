@@ -95,6 +95,13 @@ def write_keras_files(folder: Path, model, name: str) -> None:
         (folder / file).write_text(text)
 
 
+def load_keras_folder(folder: Path):
+    """The model of a Keras model folder as `keras.saving.load_model` reads it (safe mode)."""
+    import keras
+
+    return keras.saving.load_model(folder, safe_mode=True)
+
+
 def size_estimate(model) -> int:
     """About the size of `model`'s weights file: the weights plus HDF5's per-array overhead."""
     import numpy as np

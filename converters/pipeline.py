@@ -8,12 +8,13 @@ import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from checkpoints import converted, store
 from checkpoints.fs import check_writable, sha256_file, work_dir, write_json_atomic
+from checkpoints.weights import load_keras_folder
 from zoo.architectures import ARCHITECTURES, get_architecture
 from zoo.catalogue import CatalogueEntry, catalogue, resolve
 from zoo.errors import IntegrityError, MappingError, SourceError, ZooError
@@ -66,10 +67,10 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
             # and runs the parity batch in its own process meanwhile
             with step(echo, f"read {src.path.name} and build {network.arch.name}"):
                 ready = pending.source_written if random_seed is not None else None
-                state, src, model = _read_and_build(src, network, ready)
+                built, src = _read_and_build(src, network, ready)
             try:
-                return _write_checked(out, model, state, pending, _framework(src),
-                                      lambda params: _config(entry, src, random_seed, params), atol, rtol, echo)
+                return _write_checked(out, built, pending, _framework(src),
+                                      _config(entry, src, random_seed, built.model.count_params()), atol, rtol, echo)
             except MappingError as e:
                 if checkpoint is None:
                     raise
@@ -77,16 +78,27 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
                                    "catalogue name: zoo convert --checkpoint FILE --out DIR)") from None
 
 
-def _write_checked(out: Path, model, state: dict, pending: parity.PendingCheck, framework: str,
-                   config: Callable[[int], FolderConfig], atol: float, rtol: float,
+@dataclass
+class Built:
+    """The mapped source tensors and the model they are written from, held here only until the
+    folder is written (parity then loads the folder: the two would otherwise stay in memory beside
+    it, one model and one source size more at the peak)."""
+
+    state: dict | None
+    model: object | None
+
+
+def _write_checked(out: Path, built: Built, pending: parity.PendingCheck, framework: str,
+                   record: FolderConfig, atol: float, rtol: float,
                    echo: Echo, verbose: bool = False) -> tuple[Path, ParityReport]:
-    """Write `state` into `model`'s weights file at `out`, check the bytes written against the
-    source framework, and commit the folder only if parity passed."""
-    params = model.count_params()
-    with store.writing(out, model) as folder:
+    """Write `built.state` into `built.model`'s weights file at `out` with `record` beside it (and
+    let go of both), check the bytes written against the source framework, and commit the folder
+    only if parity passed."""
+    with store.writing(out, built.model) as folder:
         with step(echo, f"write the Keras model ({WEIGHTS}, {KERAS_CONFIG})"):
-            folder.save_model(config(params).name, mapping.values(state, model, None if verbose else mapping.LISTED))
-            del state, model
+            listed = None if verbose else mapping.LISTED
+            folder.save_model(built.model, record.name, mapping.values(built.state, built.model, listed))
+            built.state = built.model = None
         with step(echo, "load it back as keras.saving.load_model does"):
             model = folder.load_model()  # parity judges the bytes written: Keras' config and the weights
         with step(echo, f"parity against {framework} (separate process)"):
@@ -94,12 +106,13 @@ def _write_checked(out: Path, model, state: dict, pending: parity.PendingCheck, 
         echo(report.table())
         report.assert_passed()
         with step(echo, f"finish {folder.out}"):
-            folder.commit(config(params), report.to_json())
+            folder.commit(record, report.to_json())
     return folder.out, report
 
 
-def _read_and_build(src: source.SourceWeights, network: Network, ready: Callable[[], None] | None = None):
-    """(state dict, `src` with its sha256 and layout, model): the file is read and hashed on other
+def _read_and_build(src: source.SourceWeights, network: Network,
+                    ready: Callable[[], None] | None = None) -> tuple[Built, source.SourceWeights]:
+    """(the state dict and the model, `src` with its sha256 and layout): the file is read and hashed on other
     threads (once `ready` returns, when given: the file is still being written) while this one
     builds the Keras model (building is Python, reading and hashing release the GIL)."""
     def read():
@@ -112,7 +125,7 @@ def _read_and_build(src: source.SourceWeights, network: Network, ready: Callable
         reading_ = reader.submit(read)
         model = empty_model(network)
         state, src = reading_.result()
-    return state, src, model
+    return Built(state, model), src
 
 
 def _framework(src: source.SourceWeights) -> str:
@@ -182,10 +195,10 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         echo(_describe(src, found))
         with parity.started(network, src.path) as pending:
             with step(echo, f"build {found.arch.name}"):
-                model = empty_model(network)
-            return _write_checked(out, model, state, pending, _framework(src),
-                                  lambda params: _own_config(name, src, found, preprocessing, names, params,
-                                                             release),
+                built, state = Built(state, empty_model(network)), None
+            return _write_checked(out, built, pending, _framework(src),
+                                  _own_config(name, src, found, preprocessing, names, built.model.count_params(),
+                                              release),
                                   atol, rtol, echo, verbose)
 
 
@@ -312,7 +325,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
             src, seed = sourced.enter_context(recorded_reference(folder.config, work, checkpoint))
         with parity.started(network, src.path, random_seed=seed) as pending:
             with step(echo, "load the folder as keras.saving.load_model does"):
-                model = keras_model(folder)
+                model = load_keras_folder(folder.path)
             stored = folder.parity
             with step(echo, f"parity against {_framework(src)} (separate process)"):
                 report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
@@ -369,13 +382,6 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
         src = source.local(recorded.path)
     _check_recorded(src.sha256, recorded.sha256)
     return replace(src, layout=recorded.layout, state_key=recorded.state_key, prefix=recorded.prefix or "")
-
-
-def keras_model(folder: converted.ConvertedFolder):
-    """The folder's model as `keras.saving.load_model` reads it: Keras' `config.json` and the weights."""
-    import keras
-
-    return keras.saving.load_model(folder.path, safe_mode=True)
 
 
 def empty_model(network: Network):

@@ -20,12 +20,12 @@ from safetensors.numpy import save_file  # noqa: E402
 from converters.reference import random_state_dict  # noqa: E402
 from tests.support.archs import SMALL, SMALL_V1  # noqa: E402
 from zoo.architectures import ARCHITECTURES  # noqa: E402
+from zoo.runtime import usable_cpus  # noqa: E402
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4 (each holds TensorFlow, torch and timm, and starts
     reference processes of its own)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cpus()))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks

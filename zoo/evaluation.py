@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -15,6 +14,7 @@ import numpy as np
 
 from .errors import DatasetError
 from .folder_config import FolderConfig
+from .runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def default_workers(workers: int | None) -> int:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         return workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cpus()
 
 
 AHEAD = 2  # batches prepared ahead of the one the model runs

@@ -37,6 +37,11 @@ PRECISIONS = {
 }
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS says, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def installed(module: str) -> bool:
     """Whether `module` can be imported here (found, and not blocked in `sys.modules`)."""
     try:
