@@ -22,6 +22,7 @@ from zoo.reports import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     DEFAULT_STAGE_RTOL,
+    SERVING,
     Comparison,
     ParityReport,
     topk_agreement,
@@ -38,6 +39,8 @@ def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: fl
     if missing:
         raise ParityError(f"outputs missing from the comparison: {missing}")
     comparisons = [Comparison.of(n, ours[n], ref[n]) for n in COMPARED]
+    if SERVING in ours:  # the serving path's logits, held to the logits' tolerances
+        comparisons.append(Comparison.of(SERVING, ours[SERVING], ref["logits"]))
     batch = ref["stem"].shape
     return ParityReport(
         comparisons=comparisons,
@@ -50,15 +53,20 @@ def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: fl
 
 
 def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor from the Keras model.
+    """Every compared tensor from the Keras model, and the logits of its serving path (`zoo.serving`).
 
     Run as a graph, two images at a time: an eager call of a functional model keeps every
     intermediate tensor alive until it returns (over 22 GB for convnextv2_huge at 512).
     """
     from zoo.model import probe_model
 
+    from zoo.serving import runner
+
     outputs = probe_model(model, arch).predict(inputs, batch_size=2, verbose=0)
-    return {k: np.asarray(v) for k, v in outputs.items()}
+    outputs = {k: np.asarray(v) for k, v in outputs.items()}
+    run = runner(model)  # what predict, eval and the exports run: checked against PyTorch too
+    outputs[SERVING] = np.concatenate([np.asarray(run(inputs[i:i + 2])) for i in range(0, len(inputs), 2)])
+    return outputs
 
 
 def _our_versions() -> dict:

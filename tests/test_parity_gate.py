@@ -13,6 +13,7 @@ import pytest
 import converters.mapping as mapping
 import converters.pipeline as pipeline
 import zoo.model
+import zoo.serving
 from converters import reading
 from converters.parity import compare
 from zoo.errors import MappingError, ParityError
@@ -89,6 +90,19 @@ def keras_default_eps(monkeypatch):
         name=name, center=affine, scale=affine))
 
 
+def serving_drops_norm_shift(monkeypatch):
+    """The serving path folds a LayerNorm's scale into fc1 but forgets its shift (the Keras model is right)."""
+    real = zoo.serving._folded
+
+    def folded(layer, norm, scale):
+        kernel, bias = real(layer, None, scale)
+        if norm is not None:
+            kernel = kernel * np.asarray(norm.gamma.numpy(), np.float64)[:, None]
+        return kernel, bias
+
+    monkeypatch.setattr(zoo.serving, "_folded", folded)
+
+
 STATE_MUTATIONS = {  # name -> (mutation, expected error, expected message)
     "fc1_fc2_swapped": (swap_fc, ParityError, "failed at stages.0"),
     "gamma_dropped": (drop_gamma, ParityError, "failed at stages.1"),
@@ -101,6 +115,7 @@ MODEL_MUTATIONS = {
     "depthwise_spatial_transpose": (transposed_spatial_dw, ParityError, "failed at stages.0"),
     "linear_transpose_skipped": (skipped_linear_transpose, MappingError, "shape mismatch: stages.0.blocks.0.mlp.fc1.weight"),
     "keras_default_eps": (keras_default_eps, ParityError, "failed at stem"),
+    "serving_norm_shift_dropped": (serving_drops_norm_shift, ParityError, "failed at serving"),
 }
 
 

@@ -172,6 +172,7 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
 
     from .loading import from_folder, locate
     from .preprocessing import Preprocessing
+    from .serving import runner
 
     folder = locate(model_name)
     config = folder.config
@@ -182,13 +183,14 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
     prepare = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     model = from_folder(folder, dtype=dtype)
+    run = runner(model)
     start, in_model = time.perf_counter(), 0.0
     chunks = []
     batches = prepared_batches(prepare, [s.path for s in found], batch_size, default_workers(workers))
     for batch in tqdm(batches, total=-(-len(found) // batch_size), desc="eval", unit="batch",
                       disable=not progress or None):
         began = time.perf_counter()
-        chunks.append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
+        chunks.append(np.asarray(run(batch), dtype=np.float32))
         in_model += time.perf_counter() - began
     logits = np.concatenate(chunks)
     labels = np.array([s.label for s in found])

@@ -66,10 +66,14 @@ def _saved_model(model, path: Path, size: int | None) -> None:
     import keras
     import tensorflow as tf
 
+    from .serving import serving_function
+
     name = output_name(model)
+    serve = serving_function(model)  # the folded inference graph, as `zoo predict` runs it
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(SIGNATURE, lambda pixels: {name: model(pixels, training=False)},
+    for resource in serve.trackables:
+        archive.track(resource)
+    archive.add_endpoint(SIGNATURE, lambda pixels: {name: serve(pixels)},
                          input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)])
     archive.write_out(str(path), verbose=False)
 

@@ -11,6 +11,7 @@ import numpy as np
 from .errors import ParityError
 
 COMPARED = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
+SERVING = "serving"  # the serving path's logits (`zoo.serving`), compared with the reference logits
 DEFAULT_ATOL = 1e-4  # logits max abs error
 DEFAULT_RTOL = 1e-5  # logits max abs error / max |reference logit|
 # Intermediate outputs pass through up to 36 blocks of float32 arithmetic whose rounding
@@ -69,9 +70,9 @@ class ParityReport:
         for c in self.comparisons:
             if not c.finite:
                 return f"{c.name}: non-finite values"
-            if c.name == "logits":
+            if c.name in ("logits", SERVING):
                 if c.max_abs > self.atol or c.rel > self.rtol:
-                    return (f"logits: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
+                    return (f"{c.name}: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
                             f"relative {c.rel:.3g} (rtol {self.rtol:g})")
             elif c.rel > self.stage_rtol:
                 return f"{c.name}: relative error {c.rel:.3g} > {self.stage_rtol:g} (max abs {c.max_abs:.3g})"

@@ -1,0 +1,71 @@
+"""The serving path (`zoo.serving`): the Keras model's outputs from one folded TensorFlow function.
+
+Weights are perturbed to a realistic scale first: LayerScale at 1e-6 and GRN at zero would make
+every block an identity and hide a wrong fold.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import zoo
+from zoo.model import pre_logits
+from zoo.serving import plan, serving_function
+
+
+def perturbed(name: str, dtype: str = "float32") -> keras.Model:
+    model = zoo.build(name, dtype=dtype)
+    rng = np.random.default_rng(3)
+    for v in model.weights:
+        value = keras.ops.convert_to_numpy(v).astype(np.float32)
+        shift = 0.3 if ("gamma" in v.path and "norm" not in v.path) or ".grn/" in v.path else 0.0
+        v.assign((value + shift + rng.standard_normal(v.shape).astype(np.float32) * 0.05).astype(v.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_atto_ols", "convnext_zepto_rms"])
+def test_serving_equals_the_model(name, images):
+    """Conv-MLP blocks, GRN, the overlapping stem, SimpleNorm: the same logits up to rounding."""
+    model = perturbed(name)
+    expected = np.asarray(model.predict_on_batch(images))
+    got = serving_function(model)(images).numpy()
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected).max() > 1.0  # the perturbation reached the logits
+
+
+def test_serving_of_a_features_view_and_with_variables(images):
+    model = perturbed("convnext_atto")
+    features = keras.Model(model.input, pre_logits(model))
+    expected = np.asarray(features.predict_on_batch(images))
+    for constant in (True, False):  # graph constants, or variables (models over CONSTANT_BYTES)
+        got = serving_function(features, constant=constant)(images).numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_what_folds_into_what():
+    """Every block's norm into its fc1 and its LayerScale into its fc2, each downsample norm into its
+    conv, the head norm into the classifier; the stem's norm feeds a padded depthwise conv and stays."""
+    model = zoo.build("convnext_atto")
+    norm_into, scale_into = plan(model)
+    blocks = [layer.name[:-len(".conv_dw")] for layer in model.layers if layer.name.endswith(".conv_dw")]
+    expected = {f"{b}.mlp.fc1": f"{b}.norm" for b in blocks}
+    expected.update({f"stages.{i}.downsample.1": f"stages.{i}.downsample.0" for i in (1, 2, 3)})
+    expected["head.fc"] = "head.norm"
+    assert {k: v.name for k, v in norm_into.items()} == expected
+    assert {k: v.name for k, v in scale_into.items()} == {f"{b}.mlp.fc2": f"{b}.gamma" for b in blocks}
+
+
+def test_bfloat16_serves_in_bfloat16_with_float32_logits(images):
+    model = perturbed("convnext_atto", dtype="bfloat16")
+    expected = np.asarray(model.predict_on_batch(images), np.float32)
+    got = serving_function(model)(images).numpy()
+    assert got.dtype == np.float32
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
