@@ -49,8 +49,8 @@ from worker import DESCRIPTIONS, FRAMEWORKS, KERAS_APPS  # noqa: E402
 # The ratios reported, where both sides ran: ours against what users pick instead, and what
 # users deploy (the exports) against the in-process model.
 RATIOS = [("zoo", "ort"), ("zoo", "timm"), ("zoo", "kimm"), ("zoo", "keras-apps"), ("zoo-bf16", "timm-bf16"),
-          ("zoo-savedmodel", "zoo"), ("zoo-keras", "zoo"), ("zoo-tflite", "zoo"), ("zoo-tflite-fp16", "zoo"),
-          ("zoo-tflite", "ort")]
+          ("zoo", "zoo-model"), ("zoo-savedmodel", "zoo"), ("zoo-keras", "zoo-model"), ("zoo-tflite", "zoo"),
+          ("zoo-tflite-fp16", "zoo"), ("zoo-tflite", "ort")]
 
 
 class Worker:
@@ -80,7 +80,7 @@ def bench_inference(args) -> list[dict]:
     try:
         for model in args.models:
             for size in args.sizes:
-                for batch in args.batches:
+                for batch in (args.batches if size <= 224 else args.batches_large):
                     times = {fw: [] for fw in workers}
                     for r in range(args.rounds):
                         order = list(workers)[r % len(workers):] + list(workers)[:r % len(workers)]
@@ -257,6 +257,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["tiny", "base"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--batches-large", nargs="+", type=int, default=[1, 8],
+                        help="batches at sizes above 224 (a batch of 32 at 384 takes minutes a turn)")
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)

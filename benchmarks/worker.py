@@ -27,12 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-FRAMEWORKS = ("zoo", "zoo-bf16", "timm", "timm-bf16", "keras-apps", "ort", "kimm",
+FRAMEWORKS = ("zoo", "zoo-bf16", "zoo-model", "timm", "timm-bf16", "ort", "kimm", "keras-apps",
               "zoo-savedmodel", "zoo-keras", "zoo-tflite", "zoo-tflite-fp16")
 # What each one runs (RESULTS.md's legend).
 DESCRIPTIONS = {
-    "zoo": "zoo.build(..., dtype='float32'), predict_on_batch",
-    "zoo-bf16": "zoo.build(..., dtype='bfloat16'), predict_on_batch",
+    "zoo": "zoo.serving.serving_function(zoo.build(..., dtype='float32')): the serving path zoo predict, "
+           "zoo eval and the exports run",
+    "zoo-bf16": "the same with dtype='bfloat16'",
+    "zoo-model": "the trainable Keras model itself, zoo.build(..., dtype='float32').predict_on_batch",
     "timm": "timm eager fp32, torch.inference_mode",
     "timm-bf16": "timm eager under torch.autocast('cpu', bfloat16)",
     "keras-apps": "keras.applications ConvNeXt (weights=None), predict_on_batch",
@@ -41,11 +43,13 @@ DESCRIPTIONS = {
     "kimm": "kimm's ConvNeXt (Keras 3, weights=None, no preprocessing), predict_on_batch",
     "zoo-savedmodel": "the project's SavedModel export (zoo export --format savedmodel), tf.saved_model.load, "
                       "its serving_default signature",
-    "zoo-keras": "the project's .keras export reloaded by keras.saving.load_model, predict_on_batch",
+    "zoo-keras": "the project's .keras export reloaded by keras.saving.load_model, predict_on_batch "
+                 "(compared with zoo-model: both are the Keras model)",
     "zoo-tflite": "the project's TFLite export (fp32), tf.lite.Interpreter with num_threads, signature runner",
     "zoo-tflite-fp16": "the project's TFLite export with float16 weights, as zoo-tflite",
 }
 _KEPT = []  # temporary folders of exports, kept while the worker lives
+_EXPORTED = {}  # (kind, model, size) -> a function of the input batch: one export per model and size
 KERAS_APPS = {"atto": None, "tiny": "ConvNeXtTiny", "small": "ConvNeXtSmall", "base": "ConvNeXtBase",
               "large": "ConvNeXtLarge"}
 
@@ -101,10 +105,25 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
     else:
         import zoo
 
-        net = zoo.build(f"convnext_{model}", dtype="bfloat16" if framework == "zoo-bf16" else "float32")
-        if framework.startswith("zoo-") and framework != "zoo-bf16":
-            return _exported(framework[len("zoo-"):], net, x, threads)
+        from zoo.serving import serving_function
+
+        kind = framework[len("zoo-"):] if framework.startswith("zoo-") else ""
+        if kind not in ("", "bf16", "model"):
+            key = (kind, model, size)
+            if key not in _EXPORTED:
+                _EXPORTED[key] = _exported(kind, zoo.build(f"convnext_{model}"), size, threads)
+            return lambda: _EXPORTED[key](x)
+        net = zoo.build(f"convnext_{model}", dtype="bfloat16" if kind == "bf16" else "float32")
+        if kind != "model":
+            serve, xt = serving_function(net), _tf_constant(x)
+            return lambda: serve(xt)
     return lambda: net.predict_on_batch(x)
+
+
+def _tf_constant(x):
+    import tensorflow as tf
+
+    return tf.constant(x)
 
 
 def _export_dir() -> Path:
@@ -114,29 +133,29 @@ def _export_dir() -> Path:
     return Path(_KEPT[-1].name)
 
 
-def _exported(kind: str, net, x, threads: int):
-    """A runner of the project's export `kind` of `net`, written as `zoo export` writes it."""
+def _exported(kind: str, net, size: int, threads: int):
+    """A function of the input batch running the project's export `kind` of `net`, written as
+    `zoo export` writes it (one export per model and size, whatever the batch)."""
     import tensorflow as tf
 
     from zoo.export_formats import FORMATS, INPUT_NAME, SIGNATURE
 
     where = _export_dir()
     if kind == "savedmodel":
-        FORMATS["savedmodel"].write(net, where / "model", x.shape[1], "none")
+        FORMATS["savedmodel"].write(net, where / "model", size, "none")
         signature = tf.saved_model.load(str(where / "model")).signatures[SIGNATURE]
-        xt = tf.constant(x)
-        return lambda: signature(**{INPUT_NAME: xt})
+        return lambda x: signature(**{INPUT_NAME: tf.constant(x)})
     if kind == "keras":
         import keras
 
         net.save(where / "model.keras")
         loaded = keras.saving.load_model(where / "model.keras", safe_mode=True)
-        return lambda: loaded.predict_on_batch(x)
+        return lambda x: loaded.predict_on_batch(x)
     quantize = "fp16" if kind == "tflite-fp16" else "none"
-    FORMATS["tflite"].write(net, where / "model.tflite", x.shape[1], quantize)
+    FORMATS["tflite"].write(net, where / "model.tflite", size, quantize)
     interpreter = tf.lite.Interpreter(model_path=str(where / "model.tflite"), num_threads=threads)
     runner = interpreter.get_signature_runner(SIGNATURE)
-    return lambda: runner(**{INPUT_NAME: x})
+    return lambda x: runner(**{INPUT_NAME: x})
 
 
 def _onnx_runtime(model: str, x, threads: int):
@@ -174,7 +193,7 @@ def infer(framework: str, threads: int) -> None:
         request = json.loads(line)
         if key != (request["model"], request["batch"], request["size"]):
             key, run = None, None  # one model at a time: the configurations come one after another
-            if not (framework.startswith("timm") or framework == "ort"):
+            if not (framework.startswith("timm") or framework == "ort") and not _EXPORTED:
                 import keras
 
                 keras.backend.clear_session()

@@ -146,3 +146,40 @@ def test_cli_eval_json_and_errors(folder, image_folder):
     assert report["dtype"] == "bfloat16"
     proc = subprocess.run(run[:-2] + ["--data", str(folder)], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 1 and "no class sub-folders" in proc.stderr and "Traceback" not in proc.stderr
+
+
+DISTRIBUTED = """
+import json, sys
+import numpy as np
+from checkpoints import converted
+from zoo.evaluation import distributed_runner, evaluate
+from zoo.loading import from_folder
+from zoo.preprocessing import preprocess
+from zoo.serving import runner
+folder, data, paths = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+two = evaluate(folder, data, batch_size=5, progress=False, devices=2, workers=0)
+one = evaluate(folder, data, batch_size=5, progress=False, workers=0)
+import tensorflow as tf
+batch = preprocess(paths, folder)
+spread = distributed_runner(lambda: from_folder(converted.open_folder(folder)), 2)
+single = runner(from_folder(converted.open_folder(folder)))
+logits = [np.asarray(spread(batch[:5])), np.asarray(spread(batch[5:]))]
+print(json.dumps({"two": [two.top1, two.top5, two.devices], "one": [one.top1, one.top5, one.devices],
+                  "cpus": len(tf.config.list_logical_devices("CPU")),
+                  "max_abs": float(np.abs(np.concatenate(logits) - np.asarray(single(batch))).max()),
+                  "rows": sum(len(x) for x in logits)}))
+"""
+
+
+def test_two_devices_give_the_results_of_one(folder, image_folder):
+    """`--devices 2` on this CPU: two logical CPU devices under MirroredStrategy, each batch split
+    between them (odd batches too); the same top-1/top-5, and per-image logits equal to one device's."""
+    found, _ = samples(image_folder, 1000)
+    paths = [str(s.path) for s in found][:9]
+    out = subprocess.run([sys.executable, "-c", DISTRIBUTED, str(folder), str(image_folder), json.dumps(paths)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["cpus"] == 2 and got["two"][2] == 2 and got["one"][2] == 1
+    assert got["two"][:2] == got["one"][:2]
+    assert got["rows"] == 9 and got["max_abs"] <= 1e-5

@@ -400,16 +400,20 @@ def _load_name(name, dtype="float32"):
 @click.option("--workers", type=click.IntRange(min=0),
               help="Threads decoding and preparing images while the model runs (default: one per CPU; "
                    "0: before each batch, in one thread).")
+@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the model on N devices (GPUs, else CPU devices) with tf.distribute.MirroredStrategy, "
+                   "each batch split between them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_DTYPE
 @_user_errors
 @_tensorflow
-def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, workers, as_json, dtype):
+def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, workers, devices, as_json,
+                 dtype):
     """Top-1/top-5 accuracy on a labelled image folder with the checkpoint's official preprocessing."""
     from .evaluation import evaluate
 
     report = evaluate(model_name, data, labels_file=labels_file, limit=limit, batch_size=batch_size,
-                      compare_torch=compare_torch, dtype=dtype, workers=workers)
+                      compare_torch=compare_torch, dtype=dtype, workers=workers, devices=devices)
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.table())
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, ZooError
 from .folder_config import FolderConfig
 from .runtime import usable_cpus
 
@@ -41,6 +41,7 @@ class EvalReport:
     torch: dict | None = None
     dtype: str = "float32"
     model_seconds: float | None = None  # of `seconds`, the time inside the model
+    devices: int = 1
 
     @property
     def images_per_second(self) -> float:
@@ -51,6 +52,7 @@ class EvalReport:
 
     def table(self) -> str:
         precision = "" if self.dtype == "float32" else f", in {self.dtype}"
+        precision += f", on {self.devices} devices" if self.devices > 1 else ""
         speed = f"{self.images_per_second:.1f} images/s"
         if self.model_seconds:
             speed += f"; the model alone {self.num_images / self.model_seconds:.1f}"
@@ -151,7 +153,8 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Path | None = None,
              limit: int | None = None, batch_size: int = 32, compare_torch: bool = False,
-             progress: bool = True, dtype: str = "float32", workers: int | None = None) -> EvalReport:
+             progress: bool = True, dtype: str = "float32", workers: int | None = None,
+             devices: int | None = None) -> EvalReport:
     """Top-1/top-5 of a converted checkpoint on a labelled image folder.
 
     Images are prepared with the checkpoint's own eval transform (`zoo.preprocessing`, equal to
@@ -162,7 +165,9 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     source weights (a separate process; needs the `convert` extra) with timm's own transform on
     the same files, and the report adds its accuracy, the rate at which both predict the same
     class, and the largest logit difference. `dtype` is the Keras model's precision (see
-    `zoo.load`).
+    `zoo.load`). The model runs its serving path (`zoo.serving`); with `devices` > 1, the Keras
+    model runs on that many devices through `tf.distribute.MirroredStrategy`, each batch split
+    between them (`distributed_runner`).
 
     Raises:
         DatasetError, ImageError: unusable data (`zoo.errors`).
@@ -182,8 +187,10 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
                            "evaluate a checkpoint with a classification head")
     found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
     prepare = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
-    model = from_folder(folder, dtype=dtype)
-    run = runner(model)
+    if devices and devices > 1:
+        run = distributed_runner(lambda: from_folder(folder, dtype=dtype), devices)
+    else:
+        run = runner(from_folder(folder, dtype=dtype))
     start, in_model = time.perf_counter(), 0.0
     chunks = []
     batches = prepared_batches(prepare, [s.path for s in found], batch_size, default_workers(workers))
@@ -198,7 +205,7 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
                         top1=float(_topk_hits(logits, labels, 1).mean()),
                         top5=float(_topk_hits(logits, labels, 5).mean()),
                         seconds=round(time.perf_counter() - start, 2), dtype=dtype,
-                        model_seconds=round(in_model, 2))
+                        model_seconds=round(in_model, 2), devices=devices or 1)
     if compare_torch:
         theirs = _torch_logits(config, [s.path for s in found])
         report.torch = {"top1": float(_topk_hits(theirs, labels, 1).mean()),
@@ -206,6 +213,41 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
                         "agreement": float((theirs.argmax(-1) == logits.argmax(-1)).mean()),
                         "max_abs": float(np.abs(theirs.astype(np.float64) - logits).max())}
     return report
+
+
+def eval_devices(count: int) -> list[str]:
+    """The names of `count` devices for a MirroredStrategy: GPUs where TensorFlow sees any, else
+    CPU devices. A CPU-only process whose TensorFlow runtime has not started yet gets its CPU
+    split into `count` logical devices (how the distributed path is tested without a GPU).
+
+    Raises:
+        ZooError: fewer devices than `count`.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        cpus = tf.config.list_physical_devices("CPU")
+        try:
+            tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
+        except RuntimeError:
+            pass  # the runtime has started: its logical devices are fixed
+    kind = "GPU" if gpus else "CPU"
+    found = [d.name for d in tf.config.list_logical_devices(kind)]
+    if len(found) < count:
+        raise ZooError(f"--devices {count}: TensorFlow sees {len(found)} {kind} device(s) in this process")
+    return found[:count]
+
+
+def distributed_runner(build: Callable[[], object], devices: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The Keras model `build()` makes, built in a MirroredStrategy over `devices` devices; each call
+    runs one batch split across them (Keras' `predict` distributes it) and returns its outputs in order."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(eval_devices(devices))
+    with strategy.scope():
+        model = build()
+    return lambda batch: model.predict(batch, batch_size=len(batch), verbose=0)
 
 
 def default_workers(workers: int | None) -> int:
