@@ -65,6 +65,30 @@ def _set_tf_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
+def _realistic_keras(net):
+    """Every weight moved off its initial value (seeded): zero biases and LayerNorm shifts, exact at
+    initialisation, are what a graph optimiser may drop, and trained weights never have them."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for v in net.weights:
+        value = keras.ops.convert_to_numpy(v).astype(np.float32)
+        v.assign((value + rng.standard_normal(v.shape).astype(np.float32) * 0.02).astype(v.dtype))
+    return net
+
+
+def _realistic_torch(net):
+    """The same for a torch module (its initial biases are zeros too)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    return net
+
+
 def _runner(framework: str, model: str, batch: int, size: int, threads: int):
     """A zero-argument callable running one forward pass of `batch` fixed random images."""
     import numpy as np
@@ -78,7 +102,7 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        net = timm.create_model(f"convnext_{model}", pretrained=False).eval()
+        net = _realistic_torch(timm.create_model(f"convnext_{model}", pretrained=False).eval())
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         if framework == "timm-bf16":
             def run():
@@ -95,13 +119,13 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
 
         if not KERAS_APPS.get(model):
             raise SystemExit(f"keras.applications has no ConvNeXt {model}")
-        net = getattr(keras.applications, KERAS_APPS[model])(weights=None, include_preprocessing=False,
-                                                             input_shape=(size, size, 3))
+        net = _realistic_keras(getattr(keras.applications, KERAS_APPS[model])(
+            weights=None, include_preprocessing=False, input_shape=(size, size, 3)))
     elif framework == "kimm":
         import kimm
 
-        net = getattr(kimm.models, KERAS_APPS[model] or "ConvNeXtAtto")(
-            weights=None, include_preprocessing=False, input_shape=(size, size, 3), classifier_activation=None)
+        net = _realistic_keras(getattr(kimm.models, KERAS_APPS[model] or "ConvNeXtAtto")(
+            weights=None, include_preprocessing=False, input_shape=(size, size, 3), classifier_activation=None))
     else:
         import zoo
 
@@ -111,9 +135,9 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
         if kind not in ("", "bf16", "model"):
             key = (kind, model, size)
             if key not in _EXPORTED:
-                _EXPORTED[key] = _exported(kind, zoo.build(f"convnext_{model}"), size, threads)
+                _EXPORTED[key] = _exported(kind, _realistic_keras(zoo.build(f"convnext_{model}")), size, threads)
             return lambda: _EXPORTED[key](x)
-        net = zoo.build(f"convnext_{model}", dtype="bfloat16" if kind == "bf16" else "float32")
+        net = _realistic_keras(zoo.build(f"convnext_{model}", dtype="bfloat16" if kind == "bf16" else "float32"))
         if kind != "model":
             serve, xt = serving_function(net), _tf_constant(x)
             return lambda: serve(xt)
@@ -169,7 +193,7 @@ def _onnx_runtime(model: str, x, threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    net = timm.create_model(f"convnext_{model}", pretrained=False).eval()
+    net = _realistic_torch(timm.create_model(f"convnext_{model}", pretrained=False).eval())
     path = _export_dir() / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

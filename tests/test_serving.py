@@ -8,6 +8,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import zoo
 from zoo.model import pre_logits
@@ -49,10 +50,17 @@ def test_serving_of_a_features_view_and_with_variables(images):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-def test_what_folds_into_what():
+def test_what_folds_into_what(images):
     """Every block's norm into its fc1 and its LayerScale into its fc2, each downsample norm into its
-    conv, the head norm into the classifier; the stem's norm feeds a padded depthwise conv and stays."""
+    conv, the head norm into the classifier; the stem's norm feeds a padded depthwise conv and stays.
+    All-zero biases (fresh Keras initialisation) stay variables: the graph optimiser would drop a zero
+    constant and, with it, oneDNN's matmul + bias + GELU fusion."""
     model = zoo.build("convnext_atto")
+    serve = serving_function(model)
+    expected = np.asarray(model.predict_on_batch(images))
+    np.testing.assert_allclose(serve(images).numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    kept = [v.name for t in serve.trackables if isinstance(t, tf.Module) for v in t.folded]
+    assert kept and all(name.endswith("/bias") for name in kept)
     norm_into, scale_into = plan(model)
     blocks = [layer.name[:-len(".conv_dw")] for layer in model.layers if layer.name.endswith(".conv_dw")]
     expected = {f"{b}.mlp.fc1": f"{b}.norm" for b in blocks}
