@@ -84,7 +84,8 @@ def torch_side(args) -> dict:
     sync = (lambda y: torch.cuda.synchronize()) if cuda else (lambda y: None)
     out = {}
     for model in args.models:
-        net = timm.create_model(f"convnext_{model}", pretrained=False).eval().to(device, memory_format=torch.channels_last)
+        net = timm.create_model(f"convnext_{model}", pretrained=False).eval()
+        net = net.to(device, memory_format=torch.channels_last)
         for batch in args.batches:
             x = torch.randn(batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
 
