@@ -44,7 +44,7 @@ WORKER = [sys.executable, str(Path(__file__).with_name("worker.py"))]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from worker import DESCRIPTIONS, FRAMEWORKS, KERAS_APPS  # noqa: E402
+from worker import DESCRIPTIONS, EXPORT_FILES, FRAMEWORKS, KERAS_APPS  # noqa: E402
 
 # The ratios reported, where both sides ran: ours against what users pick instead, and what
 # users deploy (the exports) against the in-process model.
@@ -56,50 +56,89 @@ RATIOS = [("zoo", "ort"), ("zoo", "timm"), ("zoo", "kimm"), ("zoo", "keras-apps"
 class Worker:
     """A framework's inference worker process, answering one request at a time."""
 
-    def __init__(self, framework: str, threads: int):
+    def __init__(self, framework: str, threads: int, exports: Path | None = None):
         self.framework = framework
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        self.proc = subprocess.Popen(WORKER + ["infer", framework, "--threads", str(threads)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        command = WORKER + ["infer", framework, "--threads", str(threads)]
+        if exports is not None:
+            command += ["--exports", str(exports)]
+        self.log = tempfile.TemporaryFile("w+")  # its stderr: a pipe nobody reads could fill and block it
+        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.error = ""
 
     def run(self, **request) -> list[float] | None:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        return json.loads(line)["times"] if line else None  # None: the worker refused or died
+        """The request's pass times, or None when the worker refused or died (its error kept)."""
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if line:
+            return json.loads(line)["times"]
+        self.close()
+        return None
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.returncode and not self.error:
+            why = "killed (out of memory?)" if self.proc.returncode == -9 else f"exit {self.proc.returncode}"
+            self.log.seek(0)
+            self.error = f"{why}: {self.log.read()[-1500:].strip()}"
+        self.log.close()
 
 
 def bench_inference(args) -> list[dict]:
+    """Every configuration, the frameworks side by side. Workers live for one model and input size
+    (its batches one after another) and are then replaced, so that no process carries an earlier
+    model's memory; the exports of that model and size are written first, by one process."""
     rows = []
-    workers = {fw: Worker(fw, args.threads) for fw in args.frameworks}
+    export_kinds = [fw[len("zoo-"):] for fw in args.frameworks if fw[len("zoo-"):] in EXPORT_FILES]
+    for model in args.models:
+        for size in args.sizes:
+            with tempfile.TemporaryDirectory(prefix="zoo-bench-exports-") as exports:
+                if export_kinds:
+                    written = _one_shot(["export", model, str(size), "--out", exports, "--kinds", *export_kinds])
+                    print(f"convnext_{model} {size}: exports written in "
+                          + ", ".join(f"{k} {v:.0f} s" for k, v in written["seconds"].items()), file=sys.stderr)
+                rows += _side_by_side(args, model, size, Path(exports))
+    return rows
+
+
+def _side_by_side(args, model: str, size: int, exports: Path) -> list[dict]:
+    rows = []
+    workers = {fw: Worker(fw, args.threads, exports) for fw in args.frameworks}
     try:
-        for model in args.models:
-            for size in args.sizes:
-                for batch in (args.batches if size <= 224 else args.batches_large):
-                    times = {fw: [] for fw in workers}
-                    for r in range(args.rounds):
-                        order = list(workers)[r % len(workers):] + list(workers)[:r % len(workers)]
-                        for fw in order:
-                            if times[fw] is None:
-                                continue
-                            got = workers[fw].run(model=model, batch=batch, size=size, iters=args.iters,
-                                                  warmup=args.warmup if r == 0 else 0,
-                                                  min_seconds=args.min_seconds, max_seconds=args.max_seconds)
-                            if got is None:
-                                times[fw] = None
-                                workers[fw] = Worker(fw, args.threads)  # keep going without it
-                            else:
-                                times[fw] += got
-                    row = {"model": model, "size": size, "batch": batch}
-                    for fw, t in times.items():
-                        row[fw] = batch / statistics.median(t) if t else None
-                    rows.append(row)
-                    print(_inference_line(row, args.frameworks), file=sys.stderr, flush=True)
+        for batch in (args.batches if size <= 224 else args.batches_large):
+            times = {fw: [] for fw in workers}
+            for r in range(args.rounds):
+                order = list(workers)[r % len(workers):] + list(workers)[:r % len(workers)]
+                for fw in order:
+                    if times[fw] is None:
+                        continue
+                    got = workers[fw].run(model=model, batch=batch, size=size, iters=args.iters,
+                                          warmup=args.warmup if r == 0 else 0,
+                                          min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+                    if got is None:  # keep going without it, with a new worker for the next batch
+                        print(f"{fw} convnext_{model} {size} b{batch} failed: {workers[fw].error}", file=sys.stderr)
+                        times[fw] = None
+                        workers[fw] = Worker(fw, args.threads, exports)
+                    else:
+                        times[fw] += got
+            row = {"model": model, "size": size, "batch": batch}
+            for fw, t in times.items():
+                row[fw] = batch / statistics.median(t) if t else None
+            rows.append(row)
+            print(_inference_line(row, args.frameworks), file=sys.stderr, flush=True)
     finally:
         for w in workers.values():
             w.close()

@@ -1,9 +1,10 @@
 """One side of a benchmark, in its own process; `benchmarks/run.py` drives it.
 
-    python benchmarks/worker.py infer FRAMEWORK --threads N
+    python benchmarks/worker.py infer FRAMEWORK --threads N [--exports DIR]
         reads one JSON request per line on stdin ({"model": "tiny", "batch": 8, "size": 224,
         "iters": 5, "warmup": 2, "max_seconds": 60}) and answers one JSON line
         ({"times": [seconds, ...]}).
+    python benchmarks/worker.py export MODEL SIZE --out DIR [--kinds savedmodel keras tflite tflite-fp16]
     python benchmarks/worker.py convert ARCH --source FILE --out DIR
     python benchmarks/worker.py load (zoo DIR | keras-apps ARCH FILE)
     python benchmarks/worker.py io --source FILE --out FILE
@@ -20,6 +21,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,8 +50,7 @@ DESCRIPTIONS = {
     "zoo-tflite": "the project's TFLite export (fp32), tf.lite.Interpreter with num_threads, signature runner",
     "zoo-tflite-fp16": "the project's TFLite export with float16 weights, as zoo-tflite",
 }
-_KEPT = []  # temporary folders of exports, kept while the worker lives
-_EXPORTED = {}  # (kind, model, size) -> a function of the input batch: one export per model and size
+_KEPT = []  # temporary folders, kept while the worker lives
 KERAS_APPS = {"atto": None, "tiny": "ConvNeXtTiny", "small": "ConvNeXtSmall", "base": "ConvNeXtBase",
               "large": "ConvNeXtLarge"}
 
@@ -89,7 +90,7 @@ def _realistic_torch(net):
     return net
 
 
-def _runner(framework: str, model: str, batch: int, size: int, threads: int):
+def _runner(framework: str, model: str, batch: int, size: int, threads: int, exports: Path | None = None):
     """A zero-argument callable running one forward pass of `batch` fixed random images."""
     import numpy as np
 
@@ -133,10 +134,9 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int):
 
         kind = framework[len("zoo-"):] if framework.startswith("zoo-") else ""
         if kind not in ("", "bf16", "model"):
-            key = (kind, model, size)
-            if key not in _EXPORTED:
-                _EXPORTED[key] = _exported(kind, _realistic_keras(zoo.build(f"convnext_{model}")), size, threads)
-            return lambda: _EXPORTED[key](x)
+            if exports is None:
+                raise SystemExit(f"{framework} needs --exports: the folder `worker.py export` wrote")
+            return _exported(kind, exports, x, threads)
         net = _realistic_keras(zoo.build(f"convnext_{model}", dtype="bfloat16" if kind == "bf16" else "float32"))
         if kind != "model":
             serve, xt = serving_function(net), _tf_constant(x)
@@ -150,36 +150,49 @@ def _tf_constant(x):
     return tf.constant(x)
 
 
-def _export_dir() -> Path:
-    import tempfile
-
-    _KEPT.append(tempfile.TemporaryDirectory(prefix="zoo-bench-export-"))
-    return Path(_KEPT[-1].name)
+EXPORT_FILES = {"savedmodel": "savedmodel", "keras": "model.keras", "tflite": "model.tflite",
+                "tflite-fp16": "model-fp16.tflite"}
 
 
-def _exported(kind: str, net, size: int, threads: int):
-    """A function of the input batch running the project's export `kind` of `net`, written as
-    `zoo export` writes it (one export per model and size, whatever the batch)."""
+def export(model: str, size: int, kinds: list[str], out: Path) -> dict:
+    """The project's exports of one model at one input size, written as `zoo export` writes them,
+    into `out` (one export per model and size, whatever the batch; the inference workers load them)."""
+    import zoo
+    from zoo.export_formats import FORMATS
+
+    net = _realistic_keras(zoo.build(f"convnext_{model}"))
+    seconds = {}
+    for kind in kinds:
+        start = time.perf_counter()
+        if kind == "savedmodel":
+            FORMATS["savedmodel"].write(net, out / EXPORT_FILES[kind], size, "none")
+        elif kind == "keras":
+            net.save(out / EXPORT_FILES[kind])
+        else:
+            FORMATS["tflite"].write(net, out / EXPORT_FILES[kind], size, "fp16" if kind == "tflite-fp16" else "none")
+        seconds[kind] = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def _exported(kind: str, exports: Path, x, threads: int):
+    """A zero-argument callable running the export `kind` from `exports` on the batch `x`."""
     import tensorflow as tf
 
-    from zoo.export_formats import FORMATS, INPUT_NAME, SIGNATURE
+    from zoo.export_formats import INPUT_NAME, SIGNATURE
 
-    where = _export_dir()
+    path = exports / EXPORT_FILES[kind]
     if kind == "savedmodel":
-        FORMATS["savedmodel"].write(net, where / "model", size, "none")
-        signature = tf.saved_model.load(str(where / "model")).signatures[SIGNATURE]
-        return lambda x: signature(**{INPUT_NAME: tf.constant(x)})
+        signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+        xt = tf.constant(x)
+        return lambda: signature(**{INPUT_NAME: xt})
     if kind == "keras":
         import keras
 
-        net.save(where / "model.keras")
-        loaded = keras.saving.load_model(where / "model.keras", safe_mode=True)
-        return lambda x: loaded.predict_on_batch(x)
-    quantize = "fp16" if kind == "tflite-fp16" else "none"
-    FORMATS["tflite"].write(net, where / "model.tflite", size, quantize)
-    interpreter = tf.lite.Interpreter(model_path=str(where / "model.tflite"), num_threads=threads)
+        loaded = keras.saving.load_model(path, safe_mode=True)
+        return lambda: loaded.predict_on_batch(x)
+    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
     runner = interpreter.get_signature_runner(SIGNATURE)
-    return lambda x: runner(**{INPUT_NAME: x})
+    return lambda: runner(**{INPUT_NAME: x})
 
 
 def _onnx_runtime(model: str, x, threads: int):
@@ -194,7 +207,9 @@ def _onnx_runtime(model: str, x, threads: int):
 
     torch.set_num_threads(threads)
     net = _realistic_torch(timm.create_model(f"convnext_{model}", pretrained=False).eval())
-    path = _export_dir() / "model.onnx"
+    folder = tempfile.TemporaryDirectory(prefix="zoo-bench-onnx-")
+    _KEPT.append(folder)  # removed when the worker ends
+    path = Path(folder.name) / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(net, (torch.zeros(1, 3, x.shape[1], x.shape[2]),), str(path), opset_version=17,
@@ -208,7 +223,7 @@ def _onnx_runtime(model: str, x, threads: int):
     return lambda: session.run(None, {"pixels": xn})
 
 
-def infer(framework: str, threads: int) -> None:
+def infer(framework: str, threads: int, exports: Path | None = None) -> None:
     if framework.startswith("timm") or framework == "ort":
         import timm  # noqa: F401
         import torch  # noqa: F401  (first, whatever else is imported later)
@@ -217,13 +232,13 @@ def infer(framework: str, threads: int) -> None:
         request = json.loads(line)
         if key != (request["model"], request["batch"], request["size"]):
             key, run = None, None  # one model at a time: the configurations come one after another
-            if not (framework.startswith("timm") or framework == "ort") and not _EXPORTED:
+            if not (framework.startswith("timm") or framework == "ort"):
                 import keras
 
                 keras.backend.clear_session()
             gc.collect()
             key = (request["model"], request["batch"], request["size"])
-            run = _runner(framework, *key, threads)
+            run = _runner(framework, *key, threads, exports)
         for _ in range(request.get("warmup", 0)):
             run()
         # at least `iters` passes and `min_seconds` (fast configurations get many samples), at
@@ -323,7 +338,8 @@ def load(kind: str, args: list[str]) -> dict:
 def precision(folder: Path) -> dict:
     """bfloat16 against float32 for one converted folder: top-1 agreement and logit differences.
 
-    On the parity image set (natural-looking images and noise) and on 96 more natural images.
+    On the parity image set (natural-looking images and noise) and on 96 more natural images,
+    each dtype through the serving path (what the inference benchmark times).
     """
     import numpy as np
 
@@ -331,14 +347,17 @@ def precision(folder: Path) -> dict:
     from converters.images import parity_batch
     from zoo.folder_config import FolderConfig
     from zoo.reports import topk_hits
+    from zoo.serving import runner
 
     config = FolderConfig.read(folder)
     sets = {"parity": parity_batch(config.input_size, config.mean, config.std),
             "natural": parity_batch(config.input_size, config.mean, config.std, natural=96, noise=0, seed=11)}
-    models = {dtype: zoo.load(folder, dtype=dtype) for dtype in ("float32", "bfloat16")}
+    # the serving path, as `zoo predict`/`zoo eval` and the inference benchmark run each dtype
+    runs = {dtype: runner(zoo.load(folder, dtype=dtype)) for dtype in ("float32", "bfloat16")}
     out = {}
     for name, x in sets.items():
-        exact, low = (np.asarray(models[d].predict(x, batch_size=8, verbose=0)) for d in ("float32", "bfloat16"))
+        exact, low = (np.concatenate([np.asarray(runs[d](x[i:i + 8]), np.float32) for i in range(0, len(x), 8)])
+                      for d in ("float32", "bfloat16"))
         out[name] = {"images": len(x), "top1_agree": topk_hits(low, exact, 1),
                      "max_abs": float(np.abs(exact - low).max()), "max_ref": float(np.abs(exact).max())}
     return out
@@ -350,6 +369,12 @@ def main() -> None:
     p = sub.add_parser("infer")
     p.add_argument("framework", choices=FRAMEWORKS)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--exports", type=Path, help="the folder `export` wrote (zoo-savedmodel, zoo-keras, zoo-tflite)")
+    p = sub.add_parser("export")
+    p.add_argument("model")
+    p.add_argument("size", type=int)
+    p.add_argument("--kinds", nargs="+", choices=tuple(EXPORT_FILES), default=list(EXPORT_FILES))
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("convert")
     p.add_argument("arch")
     p.add_argument("--source", type=Path, required=True)
@@ -365,9 +390,11 @@ def main() -> None:
     p.add_argument("args", nargs="+")
     args = parser.parse_args()
     if args.command == "infer":
-        infer(args.framework, args.threads)
+        infer(args.framework, args.threads, args.exports)
         return
-    if args.command == "convert":
+    if args.command == "export":
+        result = export(args.model, args.size, args.kinds, args.out)
+    elif args.command == "convert":
         result = convert(args.arch, args.source, args.out, args.alone)
     elif args.command == "io":
         result = io_floor(args.source, args.out)
