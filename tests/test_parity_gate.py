@@ -91,16 +91,30 @@ def keras_default_eps(monkeypatch):
 
 
 def serving_drops_norm_shift(monkeypatch):
-    """The serving path folds a LayerNorm's scale into fc1 but forgets its shift (the Keras model is right)."""
-    real = zoo.serving._folded
+    """The serving path loses a LayerNorm's shift (the Keras model is right): folded into fc1 with
+    the scale only, or run fused without it."""
+    real_folded, real_fused = zoo.serving._folded, zoo.serving._fused_form
 
     def folded(layer, norm, scale):
-        kernel, bias = real(layer, None, scale)
+        kernel, bias = real_folded(layer, None, scale)
         if norm is not None:
             kernel = kernel * np.asarray(norm.gamma.numpy(), np.float64)[:, None]
         return kernel, bias
 
     monkeypatch.setattr(zoo.serving, "_folded", folded)
+    monkeypatch.setattr(zoo.serving, "_fused_form", lambda x, gamma, beta, eps: real_fused(x, gamma, beta * 0, eps))
+
+
+def serving_norm_input_unscaled(monkeypatch):
+    """The fused norm form without the input scale that turns the kernel's epsilon (1e-3) into the
+    model's (1e-6): every norm believes its producer scaled it."""
+    if zoo.serving.fused_norm_epsilon() is None:
+        pytest.skip("this TensorFlow has no fused oneDNN LayerNorm kernel: the serving path folds its norms")
+
+    def prescaled(model, eps_kernel):
+        return {}, {layer.name for layer in model.layers if zoo.serving._foldable_norm(layer)}
+
+    monkeypatch.setattr(zoo.serving, "_prescaled", prescaled)
 
 
 STATE_MUTATIONS = {  # name -> (mutation, expected error, expected message)
@@ -116,6 +130,7 @@ MODEL_MUTATIONS = {
     "linear_transpose_skipped": (skipped_linear_transpose, MappingError, "shape mismatch: stages.0.blocks.0.mlp.fc1.weight"),
     "keras_default_eps": (keras_default_eps, ParityError, "failed at stem"),
     "serving_norm_shift_dropped": (serving_drops_norm_shift, ParityError, "failed at serving"),
+    "serving_norm_input_unscaled": (serving_norm_input_unscaled, ParityError, "failed at serving"),
 }
 
 

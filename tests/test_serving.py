@@ -12,7 +12,10 @@ import tensorflow as tf
 
 import zoo
 from zoo.model import pre_logits
-from zoo.serving import plan, serving_function
+from zoo.serving import fused_norm_epsilon, plan, serving_function
+
+FUSED = fused_norm_epsilon() is not None  # this TensorFlow has oneDNN's fused LayerNorm kernel
+NORM_FORMS = [False] + ([None] if FUSED else [])  # folded (TFLite, no oneDNN), and fused where it runs
 
 
 def perturbed(name: str, dtype: str = "float32") -> keras.Model:
@@ -30,15 +33,49 @@ def images():
     return np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
 
 
+@pytest.mark.parametrize("fused", NORM_FORMS, ids=lambda f: "folded-norms" if f is False else "fused-norms")
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_atto_ols", "convnext_zepto_rms"])
-def test_serving_equals_the_model(name, images):
-    """Conv-MLP blocks, GRN, the overlapping stem, SimpleNorm: the same logits up to rounding."""
+def test_serving_equals_the_model(name, fused, images):
+    """Conv-MLP blocks, GRN, the overlapping stem, SimpleNorm: the same logits up to rounding, with
+    the norms folded into the next linear layer or in the fused kernel's form."""
     model = perturbed(name)
     expected = np.asarray(model.predict_on_batch(images))
-    got = serving_function(model)(images).numpy()
+    got = serving_function(model, fused_norms=fused)(images).numpy()
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     assert np.abs(expected).max() > 1.0  # the perturbation reached the logits
+
+
+def executed_ops(function, *args) -> list[str]:
+    """The kernels TensorFlow ran for one call, after its graph optimiser (from a profiler trace)."""
+    import tempfile
+    from pathlib import Path
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with tempfile.TemporaryDirectory() as logs:
+        tf.profiler.experimental.start(logs)
+        function(*args)
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(next(Path(logs).rglob("*.xplane.pb")).read_bytes())
+    return [plane.event_metadata[event.metadata_id].name.split(":")[-1] for plane in space.planes
+            for line in plane.lines if line.name.startswith("tf_Compute") for event in line.events]
+
+
+@pytest.mark.skipif(not FUSED, reason="this TensorFlow has no fused oneDNN LayerNorm kernel")
+def test_every_layernorm_runs_as_one_fused_kernel(images):
+    """The graph optimiser replaced each norm's ops with oneDNN's kernel (no SquaredDifference left):
+    a form it stops recognising would pass every equality test and lose the speed silently. The
+    kernel's own epsilon (1e-3) is not the model's (1e-6): the equality above shows the input scale
+    makes up for it."""
+    model = perturbed("convnext_atto")
+    serve = serving_function(model)
+    serve(images)
+    ran = executed_ops(serve, images)
+    norms = sum(isinstance(layer, keras.layers.LayerNormalization) for layer in model.layers)
+    assert ran.count("_MklLayerNorm") == norms, sorted(set(ran))
+    assert "SquaredDifference" not in ran and "Rsqrt" not in ran
 
 
 def test_serving_of_a_features_view_and_with_variables(images):

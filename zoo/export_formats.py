@@ -61,15 +61,16 @@ def output_name(model) -> str:
     return "logits" if any(layer.name == "head.fc" for layer in model.layers) else "pre_logits"
 
 
-def _saved_model(model, path: Path, size: int | None) -> None:
-    """A SavedModel with one named signature; `size` None leaves height and width free."""
+def _saved_model(model, path: Path, size: int | None, fused_norms: bool | None = None) -> None:
+    """A SavedModel with one named signature; `size` None leaves height and width free.
+    `fused_norms` as `zoo.serving.serving_function`'s (False for TFLite: norms folded away)."""
     import keras
     import tensorflow as tf
 
     from .serving import serving_function
 
     name = output_name(model)
-    serve = serving_function(model)  # the folded inference graph, as `zoo predict` runs it
+    serve = serving_function(model, fused_norms=fused_norms)  # the inference graph `zoo predict` runs
     archive = keras.export.ExportArchive()
     for resource in serve.trackables:
         archive.track(resource)
@@ -90,7 +91,9 @@ def _write_tflite(model, path: Path, size: int, quantize: str) -> None:
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="zoo-export-tflite-", dir=path.parent) as tmp:
-        _saved_model(model, Path(tmp) / "fixed", size)  # the converter wants static height and width
+        # static height and width for the converter; norms folded into the linear layers (TFLite has
+        # no fused LayerNorm: the folded form is the fewest ops)
+        _saved_model(model, Path(tmp) / "fixed", size, fused_norms=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "fixed"), signature_keys=[SIGNATURE])
         # Builtin ops only (no Select TF ops): erf GELU maps to GELU, LayerNorm to mean/rsqrt/mul/add.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

@@ -12,8 +12,17 @@ only (the conversion's parity gate checks this path against PyTorch too):
   padding between the two for convolutions;
 - a LayerScale is folded into the `fc2` before it: `gamma * (h W + c) = h (W gamma) + gamma c`.
 
-Each norm normalises in float32 (as Keras' LayerNormalization) and each layer computes in its
-own compute dtype, so a bfloat16 model serves in bfloat16 with float32 statistics and logits.
+Where TensorFlow runs oneDNN's fused LayerNorm kernel (`_MklLayerNorm`, which its graph optimiser
+substitutes for the ops of `_fused_form`), each LayerNorm is written in the form it recognises,
+affine kept, instead of being folded: that kernel always uses its own epsilon (1e-3) whatever the
+graph says, so the norm's input is scaled by `k = sqrt(1e-3 / eps)`, exactly (LayerNorm(k x, k^2
+eps) = LayerNorm(x, eps)), with `k` folded into the depthwise conv or stem conv that alone
+feeds the norm. The graph computes the same function whether the optimiser fuses it or not (the
+TFLite export and TensorFlow without oneDNN run its ops as written).
+
+Each norm normalises in float32 (as Keras' LayerNormalization; the fused kernel keeps float32
+statistics for bfloat16 input) and each layer computes in its own compute dtype, so a bfloat16
+model serves in bfloat16 with float32 statistics and logits.
 Layers without a rule here run as their Keras layer (variables captured): any functional model
 of these layers serves, folded where the rules apply.
 """
@@ -59,8 +68,27 @@ def _foldable_norm(layer) -> bool:
             and list(layer.axis) in ([-1], [len(layer.input.shape) - 1]))
 
 
-def plan(model: keras.Model) -> tuple[dict, dict]:
+def fused_norm_epsilon() -> float | None:
+    """The epsilon of this TensorFlow's fused oneDNN LayerNorm kernel, None where it has none (no
+    oneDNN build, oneDNN's rewrites off, or another backend)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from tensorflow.python.framework import op_def_registry
+
+    from .runtime import onednn_enabled
+
+    op = op_def_registry.get("_MklLayerNorm")
+    if op is None or not onednn_enabled():
+        return None
+    defaults = {a.name: a.default_value.f for a in op.attr if a.HasField("default_value")}
+    return defaults.get("epsilon") or None
+
+
+def plan(model: keras.Model, *, fold_norms: bool = True) -> tuple[dict, dict]:
     """Which norms fold into which linear layers, and which LayerScales into which fc2.
+
+    Args:
+        fold_norms: False: no norm folds (they run fused, affine kept).
 
     Returns:
         (norm_into: {linear layer name: norm layer}, scale_into: {linear layer name: LayerScale layer}).
@@ -76,12 +104,37 @@ def plan(model: keras.Model) -> tuple[dict, dict]:
         if len(sources) != 1 or readers[id(sources[0])] != 1:
             continue
         before = producer.get(id(sources[0]))
-        if _linear(layer) and before is not None and _foldable_norm(before):
+        if fold_norms and _linear(layer) and before is not None and _foldable_norm(before):
             norm_into[layer.name] = before
         elif (isinstance(layer, LayerScale) and before is not None and _linear(before)
               and before.activation is keras.activations.linear):
             scale_into[before.name] = layer
     return norm_into, scale_into
+
+
+def _prescaled(model: keras.Model, eps_kernel: float) -> tuple[dict, set]:
+    """For the fused norm form: which layers' outputs are multiplied by which `k` (a depthwise or
+    linear conv, no activation, read only by the norm), and which norms then take their input as it is.
+
+    Returns:
+        ({producer layer name: k}, {names of norms whose input is already scaled}).
+    """
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
+    readers = Counter(id(t) for layer in layers for t in _inputs(layer))
+    readers.update(id(t) for t in outputs)
+    producer = {id(layer.output): layer for layer in layers}
+    scales, ready = {}, set()
+    for layer in layers:
+        if not (_foldable_norm(layer) and layer.epsilon > 0):
+            continue
+        source = _inputs(layer)[0]
+        before = producer.get(id(source))
+        if (before is not None and readers[id(source)] == 1 and (_depthwise(before) or _linear(before))
+                and before.activation is keras.activations.linear):
+            scales[before.name] = float(np.sqrt(eps_kernel / layer.epsilon))
+            ready.add(layer.name)
+    return scales, ready
 
 
 def _folded(layer, norm, scale) -> tuple[np.ndarray, np.ndarray]:
@@ -110,13 +163,13 @@ class _Weights:
 
         self.tf, self.constant, self.arrays, self.variables = tf, constant, {}, {}
 
-    def add(self, key: str, value: np.ndarray, dtype: str) -> None:
+    def add(self, key: str, value: np.ndarray, dtype: str, constant: bool | None = None) -> None:
         value = np.asarray(value, np.float32)
         self.arrays[key] = (value, dtype)
         # An all-zero bias as a constant is removed by the graph optimiser, and with it the
         # matmul + bias + GELU pattern oneDNN fuses (the GELU then runs as 5 separate ops): keep it a
         # variable, whose value the optimiser cannot see.
-        if not self.constant or (key.endswith("/bias") and not value.any()):
+        if not (self.constant if constant is None else constant) or (key.endswith("/bias") and not value.any()):
             self.variables[key] = self.tf.Variable(self.tf.cast(value, dtype), trainable=False, name=key)
 
     def module(self):
@@ -136,12 +189,14 @@ def _weight_bytes(model: keras.Model) -> int:
     return sum(int(np.prod(v.shape)) * 4 for v in model.weights)
 
 
-def serving_function(model: keras.Model, *, constant: bool | None = None):
+def serving_function(model: keras.Model, *, constant: bool | None = None, fused_norms: bool | None = None):
     """A `tf.function` computing `model(x, training=False)` for inference, folded (see the module).
 
     Args:
         model: a functional ConvNeXt (`zoo.load`, `zoo.build`, a features or headless view).
         constant: weights as graph constants (default: unless they exceed `CONSTANT_BYTES`).
+        fused_norms: LayerNorms in the form oneDNN's fused kernel replaces (default: where this
+            TensorFlow has that kernel); False: folded into the next linear layer, as for TFLite.
 
     Returns:
         A function of one float32 NHWC batch returning the model's output (float32 logits,
@@ -159,25 +214,34 @@ def serving_function(model: keras.Model, *, constant: bool | None = None):
 
     if not isinstance(model.inputs, (list, tuple)) or len(model.inputs) != 1:
         raise ValueError("the serving function takes models with one input")
-    norm_into, scale_into = plan(model)
+    eps_kernel = None if fused_norms is False else fused_norm_epsilon()
+    if fused_norms and eps_kernel is None:
+        raise ValueError("this TensorFlow has no fused oneDNN LayerNorm kernel (fused_norms=True)")
+    norm_into, scale_into = plan(model, fold_norms=eps_kernel is None)
+    prescale, ready = _prescaled(model, eps_kernel) if eps_kernel is not None else ({}, set())
     folded_away = {n.name for n in norm_into.values()} | {s.name for s in scale_into.values()}
     weights = _Weights(_weight_bytes(model) <= CONSTANT_BYTES if constant is None else constant)
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     for layer in layers:
+        k = prescale.get(layer.name, 1.0)
         if _linear(layer):
             kernel, bias = _folded(layer, norm_into.get(layer.name), scale_into.get(layer.name))
             if _as_matmul(layer):
                 kernel = kernel.reshape(-1, kernel.shape[-1])
-            weights.add(f"{layer.name}/kernel", kernel, layer.compute_dtype)
-            weights.add(f"{layer.name}/bias", bias, layer.compute_dtype)
+            weights.add(f"{layer.name}/kernel", kernel * k, layer.compute_dtype)
+            weights.add(f"{layer.name}/bias", bias * k, layer.compute_dtype)
         elif _depthwise(layer):
-            weights.add(f"{layer.name}/kernel", keras.ops.convert_to_numpy(layer.kernel), layer.compute_dtype)
-            weights.add(f"{layer.name}/bias", keras.ops.convert_to_numpy(layer.bias) if layer.use_bias
-                        else np.zeros(layer.kernel.shape[2] * layer.depth_multiplier), layer.compute_dtype)
+            kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float64)
+            bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
+                    else np.zeros(layer.kernel.shape[2] * layer.depth_multiplier))
+            weights.add(f"{layer.name}/kernel", kernel * k, layer.compute_dtype)
+            weights.add(f"{layer.name}/bias", bias * k, layer.compute_dtype)
         elif _foldable_norm(layer) and layer.name not in folded_away:
-            weights.add(f"{layer.name}/gamma", keras.ops.convert_to_numpy(layer.gamma), "float32")
-            weights.add(f"{layer.name}/beta", keras.ops.convert_to_numpy(layer.beta), "float32")
-    steps = {layer.name: _step(layer, weights, layer.name in folded_away) for layer in layers}
+            # constants whatever `constant` says: the fused kernel's pattern needs them (C floats each)
+            weights.add(f"{layer.name}/gamma", keras.ops.convert_to_numpy(layer.gamma), "float32", constant=True)
+            weights.add(f"{layer.name}/beta", keras.ops.convert_to_numpy(layer.beta), "float32", constant=True)
+    steps = {layer.name: _step(layer, weights, layer.name in folded_away, eps_kernel, layer.name in ready)
+             for layer in layers}
 
     def serve(pixels):
         values = {id(model.inputs[0]): tf.convert_to_tensor(pixels, tf.float32)}
@@ -213,14 +277,43 @@ def _static_or_dynamic(x, last: int) -> list:
     return [d if d is not None else dynamic[i] for i, d in enumerate(dims[:-1])] + [last]
 
 
-def _step(layer, weights: _Weights, folded_away: bool):
-    """How one layer runs in the serving function."""
+def _fused_form(x, gamma, beta, eps: float):
+    """LayerNorm over the last axis of a 2-D float32 `x` in the ops TensorFlow's graph optimiser
+    replaces with oneDNN's fused kernel (its "common norm" pattern: positive reduction axis, kept
+    dims, constant gamma and beta)."""
+    import tensorflow as tf
+
+    mean = tf.reduce_mean(x, axis=1, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=1, keepdims=True)
+    inv = tf.math.rsqrt(variance + eps) * gamma
+    return x * inv + (beta - inv * mean)
+
+
+def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None = None, ready: bool = False):
+    """How one layer runs in the serving function. `eps_kernel`: a norm runs in the fused form with
+    this epsilon, on its input scaled by sqrt(eps_kernel / eps) (already, when `ready`)."""
     import tensorflow as tf
 
     dtype = layer.compute_dtype
     name = layer.name
     if folded_away and isinstance(layer, LayerScale):
         return lambda x: x
+    if _foldable_norm(layer) and eps_kernel is not None and layer.epsilon > 0 and not folded_away:
+        k = float(np.sqrt(eps_kernel / layer.epsilon))
+
+        # bfloat16 runs the fused kernel in bfloat16 (oneDNN keeps its statistics in float32): no
+        # casts around each norm; other dtypes normalise in float32
+        work = tf.bfloat16 if dtype == "bfloat16" else tf.float32
+
+        def fused(x):
+            x2 = tf.cast(x, work)
+            if not ready:  # before the reshape: the optimiser would otherwise merge it into the norm's ops
+                x2 = x2 * tf.constant(k, work)
+            x2 = tf.reshape(x2, [-1, x.shape[-1]])
+            gamma, beta = (tf.cast(weights[f"{name}/{w}"], work) for w in ("gamma", "beta"))
+            y = _fused_form(x2, gamma, beta, eps_kernel)
+            return tf.reshape(tf.cast(y, dtype), _static_or_dynamic(x, x.shape[-1]))
+        return fused
     if _foldable_norm(layer):
         eps = layer.epsilon
 
@@ -265,4 +358,4 @@ def _step(layer, weights: _Weights, folded_away: bool):
     return lambda *xs: layer(xs[0] if len(xs) == 1 else list(xs), training=False)
 
 
-__all__ = ["CONSTANT_BYTES", "plan", "runner", "serving_function"]
+__all__ = ["CONSTANT_BYTES", "fused_norm_epsilon", "plan", "runner", "serving_function"]
