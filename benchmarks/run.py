@@ -9,7 +9,8 @@ Inference: one long-lived worker process per framework (frameworks never share a
 given the same threads and the same inputs; for every configuration the frameworks take turns,
 in a rotating order, for `--rounds` rounds of `--iters` timed passes (warm-up excluded; a turn
 runs at least `--min-seconds`, so fast configurations get many samples), so that drifts of the
-machine hit all of them alike. Reported: the median images/s and the ratios in `RATIOS`
+machine hit all of them alike. Every TensorFlow worker runs with TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1,
+as the `zoo` commands do. Reported: the median images/s and the ratios in `RATIOS`
 (RESULTS.md lists what each column runs). `zoo-bf16` is `zoo.load(..., dtype="bfloat16")`; `ort`
 needs the `bench` extra (onnx, onnxruntime, kimm).
 
@@ -58,7 +59,10 @@ class Worker:
 
     def __init__(self, framework: str, threads: int, exports: Path | None = None):
         self.framework = framework
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        # every TensorFlow side as the `zoo` commands run (and as README advises for inference-only
+        # processes and SavedModel serving): oneDNN keeps its packed weights
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "3",
+               "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"}
         command = WORKER + ["infer", framework, "--threads", str(threads)]
         if exports is not None:
             command += ["--exports", str(exports)]
@@ -303,9 +307,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--min-seconds", type=float, default=3.0,
+    parser.add_argument("--min-seconds", type=float, default=2.0,
                         help="keep a turn's timed passes going until this long (fast configurations)")
-    parser.add_argument("--max-seconds", type=float, default=20.0,
+    parser.add_argument("--max-seconds", type=float, default=12.0,
                         help="stop a turn's timed passes after this long (at least one pass)")
     parser.add_argument("--convert-archs", nargs="+", default=["atto", "tiny", "base", "large"])
     parser.add_argument("--convert-rounds", type=int, default=2,

@@ -34,7 +34,8 @@ FRAMEWORKS = ("zoo", "zoo-bf16", "zoo-model", "timm", "timm-bf16", "ort", "kimm"
 # What each one runs (RESULTS.md's legend).
 DESCRIPTIONS = {
     "zoo": "zoo.serving.serving_function(zoo.build(..., dtype='float32')): the serving path zoo predict, "
-           "zoo eval and the exports run",
+           "zoo eval and the exports run (every TensorFlow column with TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, "
+           "as the zoo commands run)",
     "zoo-bf16": "the same with dtype='bfloat16'",
     "zoo-model": "the trainable Keras model itself, zoo.build(..., dtype='float32').predict_on_batch",
     "timm": "timm eager fp32, torch.inference_mode",

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests assign weights to models that have already run (mutations, fine-tuning): oneDNN must not
+# keep packed copies of them as the `zoo` commands let it (`zoo.runtime.assume_frozen_weights`).
+os.environ["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] = "0"
 
 import torch  # noqa: E402,F401  (first: see module docstring)
 import timm  # noqa: E402,F401

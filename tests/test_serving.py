@@ -78,11 +78,11 @@ def test_every_layernorm_runs_as_one_fused_kernel(images):
     assert "SquaredDifference" not in ran and "Rsqrt" not in ran
 
 
-def test_serving_of_a_features_view_and_with_variables(images):
+def test_serving_of_a_features_view_with_variables_and_constants(images):
     model = perturbed("convnext_atto")
     features = keras.Model(model.input, pre_logits(model))
     expected = np.asarray(features.predict_on_batch(images))
-    for constant in (True, False):  # graph constants, or variables (models over CONSTANT_BYTES)
+    for constant in (True, False):
         got = serving_function(features, constant=constant)(images).numpy()
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
@@ -93,7 +93,7 @@ def test_what_folds_into_what(images):
     All-zero biases (fresh Keras initialisation) stay variables: the graph optimiser would drop a zero
     constant and, with it, oneDNN's matmul + bias + GELU fusion."""
     model = zoo.build("convnext_atto")
-    serve = serving_function(model)
+    serve = serving_function(model, constant=True, fused_norms=False)
     expected = np.asarray(model.predict_on_batch(images))
     np.testing.assert_allclose(serve(images).numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     kept = [v.name for t in serve.trackables if isinstance(t, tf.Module) for v in t.folded]
@@ -114,3 +114,57 @@ def test_bfloat16_serves_in_bfloat16_with_float32_logits(images):
     assert got.dtype == np.float32
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+FROZEN_CHILD = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from zoo.runtime import assume_frozen_weights
+assume_frozen_weights()  # what the zoo commands do, before TensorFlow's import
+import tensorflow as tf
+from test_serving import perturbed
+from zoo.serving import serving_function
+images = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
+model = perturbed("convnextv2_atto")
+serve = serving_function(model)
+first = serve(images).numpy()
+expected = np.asarray(model.predict_on_batch(images))
+np.testing.assert_allclose(first, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+np.testing.assert_array_equal(serve(images).numpy(), first)
+print("frozen ok")
+"""
+
+
+def test_the_commands_frozen_weights_give_the_same_logits(tmp_path):
+    """The `zoo` commands let oneDNN keep its packed weights (TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, read
+    once per process): in a fresh process as they run, the serving path still equals the model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"}
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", FROZEN_CHILD, str(tests)], env=env, capture_output=True,
+                          text=True, cwd=tests.parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "frozen ok" in done.stdout
+
+
+def test_frozen_weights_are_assumed_only_before_tensorflow_and_never_over_a_choice(monkeypatch):
+    import os
+    import sys
+
+    from zoo.runtime import FROZEN_VAR, assume_frozen_weights
+
+    monkeypatch.delenv(FROZEN_VAR, raising=False)
+    assume_frozen_weights()  # tensorflow is imported here: too late, left alone
+    assert FROZEN_VAR not in os.environ
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.setenv(FROZEN_VAR, "0")
+    assume_frozen_weights()
+    assert os.environ[FROZEN_VAR] == "0"
+    monkeypatch.delenv(FROZEN_VAR)
+    assume_frozen_weights()
+    assert os.environ[FROZEN_VAR] == "1"

@@ -21,7 +21,7 @@ from .locating import HF_PREFIX, locate
 from .prediction import predict as top_classes
 from .preprocessing import Preprocessing, preprocess
 from .reports import DEFAULT_ATOL, DEFAULT_RTOL
-from .runtime import import_tensorflow_quietly
+from .runtime import assume_frozen_weights, import_tensorflow_quietly
 
 # Modules that import Keras (so TensorFlow: seconds) are imported in the commands that need
 # them, once their arguments are known to be good: converters.pipeline, zoo.loading, zoo.export,
@@ -89,6 +89,7 @@ def _tensorflow(fn):
     asks for them (runs once the arguments are parsed: `--help` and usage errors skip it)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        assume_frozen_weights()  # the commands only run inference: oneDNN keeps its packed weights
         try:
             quiet = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")) >= 2
         except ValueError:

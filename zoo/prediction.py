@@ -22,11 +22,10 @@ class Prediction:
 
 def probabilities(model, batch: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """The softmax of `model`'s logits on a prepared NHWC batch, run `batch_size` images at a time
-    through its serving path (`zoo.serving.runner`; float64, each row summing to 1). The weights
-    stay variables: a few images do not repay the graph constants' longer first call."""
+    through its serving path (`zoo.serving.runner`; float64, each row summing to 1)."""
     from .serving import runner
 
-    run = runner(model, constant=False)
+    run = runner(model)
     logits = np.concatenate([np.asarray(run(batch[i:i + batch_size]))
                              for i in range(0, len(batch), batch_size)]).astype(np.float64)
     out = np.exp(logits - logits.max(axis=-1, keepdims=True))

@@ -2,11 +2,9 @@
 
 The Keras model is the trainable network; inference (`zoo predict`, `zoo eval`, the SavedModel
 and TFLite exports, `serving_function(model)` for users) runs the same layers in the same
-order with three changes that are exact in real arithmetic and move float32 logits by rounding
-only (the conversion's parity gate checks this path against PyTorch too):
+order with changes that are exact in real arithmetic and move float32 logits by rounding only
+(the conversion's parity gate checks this path against PyTorch too):
 
-- the weights are graph constants, not variables: oneDNN then runs its inference kernels with
-  the weights packed once (with variables it picks its training kernels and repacks per call);
 - a LayerNorm's affine is folded into the linear layer that alone reads it (`fc1`, a downsample
   conv, the head's first dense): `(x_hat * g + b) W + c = x_hat (g W) + (b W + c)`, with no
   padding between the two for convolutions;
@@ -19,6 +17,13 @@ graph says, so the norm's input is scaled by `k = sqrt(1e-3 / eps)`, exactly (La
 eps) = LayerNorm(x, eps)), with `k` folded into the depthwise conv or stem conv that alone
 feeds the norm. The graph computes the same function whether the optimiser fuses it or not (the
 TFLite export and TensorFlow without oneDNN run its ops as written).
+
+The weights stay variables. oneDNN packs a weight into its kernel's layout once and keeps it when
+the weight is a graph constant, or when `TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1` (set by the `zoo`
+commands, which only run inference; see `zoo.runtime.assume_frozen_weights`); otherwise it
+repacks per call. Graph constants (`constant=True`) get that without the variable, at ~4x the
+memory: TensorFlow's graph optimiser and function runtime hold several copies of a constant
+(convnext_base: 9.8 GB peak against 2.6 GB).
 
 Each norm normalises in float32 (as Keras' LayerNormalization; the fused kernel keeps float32
 statistics for bfloat16 input) and each layer computes in its own compute dtype, so a bfloat16
@@ -36,7 +41,6 @@ import numpy as np
 from .model import DropPath, LayerScale
 
 _NORM_LAYERS = (keras.layers.LayerNormalization,)
-CONSTANT_BYTES = 1 << 30  # above this many bytes of weights, folded weights stay variables (GraphDef's 2 GB)
 
 
 def _inputs(layer) -> list:
@@ -156,7 +160,7 @@ def _folded(layer, norm, scale) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Weights:
-    """The folded weights: graph constants, or variables for models too large for a GraphDef."""
+    """The folded weights: variables, or graph constants (`constant=True`)."""
 
     def __init__(self, constant: bool):
         import tensorflow as tf
@@ -165,12 +169,13 @@ class _Weights:
 
     def add(self, key: str, value: np.ndarray, dtype: str, constant: bool | None = None) -> None:
         value = np.asarray(value, np.float32)
-        self.arrays[key] = (value, dtype)
         # An all-zero bias as a constant is removed by the graph optimiser, and with it the
         # matmul + bias + GELU pattern oneDNN fuses (the GELU then runs as 5 separate ops): keep it a
         # variable, whose value the optimiser cannot see.
         if not (self.constant if constant is None else constant) or (key.endswith("/bias") and not value.any()):
             self.variables[key] = self.tf.Variable(self.tf.cast(value, dtype), trainable=False, name=key)
+        else:
+            self.arrays[key] = (value, dtype)
 
     def module(self):
         """The variables as one trackable module."""
@@ -185,16 +190,13 @@ class _Weights:
         return self.tf.constant(value, dtype=dtype)
 
 
-def _weight_bytes(model: keras.Model) -> int:
-    return sum(int(np.prod(v.shape)) * 4 for v in model.weights)
-
-
-def serving_function(model: keras.Model, *, constant: bool | None = None, fused_norms: bool | None = None):
+def serving_function(model: keras.Model, *, constant: bool = False, fused_norms: bool | None = None):
     """A `tf.function` computing `model(x, training=False)` for inference, folded (see the module).
 
     Args:
         model: a functional ConvNeXt (`zoo.load`, `zoo.build`, a features or headless view).
-        constant: weights as graph constants (default: unless they exceed `CONSTANT_BYTES`).
+        constant: weights as graph constants instead of variables (see the module; small models
+            only: a GraphDef holds at most 2 GB).
         fused_norms: LayerNorms in the form oneDNN's fused kernel replaces (default: where this
             TensorFlow has that kernel); False: folded into the next linear layer, as for TFLite.
 
@@ -220,7 +222,7 @@ def serving_function(model: keras.Model, *, constant: bool | None = None, fused_
     norm_into, scale_into = plan(model, fold_norms=eps_kernel is None)
     prescale, ready = _prescaled(model, eps_kernel) if eps_kernel is not None else ({}, set())
     folded_away = {n.name for n in norm_into.values()} | {s.name for s in scale_into.values()}
-    weights = _Weights(_weight_bytes(model) <= CONSTANT_BYTES if constant is None else constant)
+    weights = _Weights(constant)
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     for layer in layers:
         k = prescale.get(layer.name, 1.0)
@@ -260,7 +262,7 @@ def serving_function(model: keras.Model, *, constant: bool | None = None, fused_
     return function
 
 
-def runner(model: keras.Model, *, constant: bool | None = None):
+def runner(model: keras.Model, *, constant: bool = False):
     """How inference runs `model`: its serving function on TensorFlow (`constant` as there), else
     the model itself."""
     if keras.backend.backend() == "tensorflow":
@@ -358,4 +360,4 @@ def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None 
     return lambda *xs: layer(xs[0] if len(xs) == 1 else list(xs), training=False)
 
 
-__all__ = ["CONSTANT_BYTES", "fused_norm_epsilon", "plan", "runner", "serving_function"]
+__all__ = ["fused_norm_epsilon", "plan", "runner", "serving_function"]
