@@ -72,6 +72,29 @@ def _foldable_norm(layer) -> bool:
             and list(layer.axis) in ([-1], [len(layer.input.shape) - 1]))
 
 
+def _layers(model: keras.Model) -> list:
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def _sole_producers(model: keras.Model):
+    """(layer, producer) for each layer with one input that it alone reads (a model output is read
+    by the caller too), produced by another layer: the pairs a fold may merge."""
+    layers = _layers(model)
+    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
+    readers = Counter(id(t) for layer in layers for t in _inputs(layer))
+    readers.update(id(t) for t in outputs)
+    producer = {id(layer.output): layer for layer in layers}
+    for layer in layers:
+        sources = _inputs(layer)
+        if len(sources) == 1 and readers[id(sources[0])] == 1 and id(sources[0]) in producer:
+            yield layer, producer[id(sources[0])]
+
+
+def _input_scale(eps_kernel: float, norm) -> float:
+    """k such that LayerNorm(k x, eps_kernel) = LayerNorm(x, norm.epsilon)."""
+    return float(np.sqrt(eps_kernel / norm.epsilon))
+
+
 def fused_norm_epsilon() -> float | None:
     """The epsilon of this TensorFlow's fused oneDNN LayerNorm kernel, None where it has none (no
     oneDNN build, oneDNN's rewrites off, or another backend)."""
@@ -97,21 +120,11 @@ def plan(model: keras.Model, *, fold_norms: bool = True) -> tuple[dict, dict]:
     Returns:
         (norm_into: {linear layer name: norm layer}, scale_into: {linear layer name: LayerScale layer}).
     """
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
-    readers = Counter(id(t) for layer in layers for t in _inputs(layer))
-    readers.update(id(t) for t in outputs)  # a model output is read by the caller
-    producer = {id(layer.output): layer for layer in layers}
     norm_into, scale_into = {}, {}
-    for layer in layers:
-        sources = _inputs(layer)
-        if len(sources) != 1 or readers[id(sources[0])] != 1:
-            continue
-        before = producer.get(id(sources[0]))
-        if fold_norms and _linear(layer) and before is not None and _foldable_norm(before):
+    for layer, before in _sole_producers(model):
+        if fold_norms and _linear(layer) and _foldable_norm(before):
             norm_into[layer.name] = before
-        elif (isinstance(layer, LayerScale) and before is not None and _linear(before)
-              and before.activation is keras.activations.linear):
+        elif isinstance(layer, LayerScale) and _linear(before) and before.activation is keras.activations.linear:
             scale_into[before.name] = layer
     return norm_into, scale_into
 
@@ -123,20 +136,11 @@ def _prescaled(model: keras.Model, eps_kernel: float) -> tuple[dict, set]:
     Returns:
         ({producer layer name: k}, {names of norms whose input is already scaled}).
     """
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
-    readers = Counter(id(t) for layer in layers for t in _inputs(layer))
-    readers.update(id(t) for t in outputs)
-    producer = {id(layer.output): layer for layer in layers}
     scales, ready = {}, set()
-    for layer in layers:
-        if not (_foldable_norm(layer) and layer.epsilon > 0):
-            continue
-        source = _inputs(layer)[0]
-        before = producer.get(id(source))
-        if (before is not None and readers[id(source)] == 1 and (_depthwise(before) or _linear(before))
+    for layer, before in _sole_producers(model):
+        if (_foldable_norm(layer) and layer.epsilon > 0 and (_depthwise(before) or _linear(before))
                 and before.activation is keras.activations.linear):
-            scales[before.name] = float(np.sqrt(eps_kernel / layer.epsilon))
+            scales[before.name] = _input_scale(eps_kernel, layer)
             ready.add(layer.name)
     return scales, ready
 
@@ -223,7 +227,7 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
     prescale, ready = _prescaled(model, eps_kernel) if eps_kernel is not None else ({}, set())
     folded_away = {n.name for n in norm_into.values()} | {s.name for s in scale_into.values()}
     weights = _Weights(constant)
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    layers = _layers(model)
     for layer in layers:
         k = prescale.get(layer.name, 1.0)
         if _linear(layer):
@@ -301,7 +305,7 @@ def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None 
     if folded_away and isinstance(layer, LayerScale):
         return lambda x: x
     if _foldable_norm(layer) and eps_kernel is not None and layer.epsilon > 0 and not folded_away:
-        k = float(np.sqrt(eps_kernel / layer.epsilon))
+        k = _input_scale(eps_kernel, layer)
 
         # bfloat16 runs the fused kernel in bfloat16 (oneDNN keeps its statistics in float32): no
         # casts around each norm; other dtypes normalise in float32
