@@ -258,3 +258,66 @@ def test_an_error_beside_the_reference_process_ends_it_at_once(tmp_path, monkeyp
         with reference_process.reference_process(["forward", str(spec)]):
             raise RuntimeError("the Keras side failed")
     assert len(children) == 1 and children[0].returncode == -signal.SIGKILL
+
+
+# --- a network that cannot be a trained one ------------------------------------------------------
+
+def test_outputs_that_do_not_depend_on_the_input_fail_on_either_side():
+    """A dead network (all-zero logits, or one row for every image) agrees with itself perfectly:
+    the gate must refuse it for what it is, not pass it for agreeing."""
+    ours, ref = _outputs()
+    for name in ("logits", "stages.2"):
+        for side in ("reference's", "converted model's"):
+            dead_ours, dead_ref = {k: v.copy() for k, v in ours.items()}, {k: v.copy() for k, v in ref.items()}
+            target = dead_ref if side == "reference's" else dead_ours
+            target[name][:] = target[name][:1]  # every image gives the first image's output
+            report = compare(dead_ours, dead_ref)
+            assert not report.passed and report.failure.startswith(f"{name}: the {side} output is identical"), \
+                report.failure
+    zeros = {k: np.zeros_like(v) for k, v in ref.items()}
+    assert "identical for every input image" in compare(zeros, zeros).failure
+    # a spread above rounding, below anything a network's inputs make, is as dead
+    ours, ref = _outputs()
+    ref["logits"][1:] = ref["logits"][:1] * np.float32(1 + 4e-7)  # float32 steps of ~1.2e-7
+    ours["logits"] = ref["logits"].copy()
+    assert "the same for every input image (relative spread" in compare(ours, ref).failure
+
+
+def test_reports_written_before_the_spread_was_measured_still_read():
+    data = compare(*_outputs(noise=1e-7)).to_json()
+    for c in data["comparisons"]:
+        c.pop("spread"), c.pop("ref_spread")
+    assert ParityReport.from_json(json.loads(json.dumps(data))).passed
+
+
+def test_a_checkpoint_whose_logits_ignore_the_image_is_refused(small_tiny, small_weights, tmp_path):
+    """A head whose weights are all zero gives its bias for every image, in timm as in Keras."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = small_weights(small_tiny, 10)
+    state = load_file(str(path))
+    state["head.fc.weight"] = np.zeros_like(state["head.fc.weight"])
+    save_file(state, str(path))
+    out = tmp_path / "out"
+    with pytest.raises(ParityError, match="failed at logits: the reference's output is identical for every input"):
+        pipeline.convert_checkpoint(path, out=out)
+    assert_nothing_written(out)
+
+
+def test_an_infinite_layer_norm_epsilon_is_refused_before_anything_runs(tmp_path):
+    """transformers builds a network from `layer_norm_eps: Infinity` (Python's json reads it) whose
+    every logit is 0 for every input; the conversion must refuse it in one line, writing nothing."""
+    from tests.support import sources
+    from tests.support.archs import SMALL
+    from tests.support.cli import one_line_error, zoo_cli
+
+    folder = tmp_path / "hf"
+    sources.transformers_model(SMALL["linear_mlp"], 3, seed=5, labels=["a", "b", "c"]).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_norm_eps"] = float("inf")
+    (folder / "config.json").write_text(json.dumps(config))  # writes the token Infinity
+    assert "Infinity" in (folder / "config.json").read_text()
+    out = tmp_path / "out"
+    message = one_line_error(zoo_cli("convert", "--checkpoint", folder, "--out", out))
+    assert "layer_norm_eps" in message or "head_norm_eps" in message, message
+    assert_nothing_written(out)

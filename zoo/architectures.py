@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-from .errors import UnknownModelError
+from .errors import ArchitectureError, UnknownModelError
 
 STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
 NORMS = ("layernorm", "simplenorm")
@@ -54,14 +55,38 @@ class Architecture:
     head_norm_eps: float | None = None
 
     def __post_init__(self):
-        if len(self.depths) != 4 or len(self.dims) != 4:
-            raise ValueError(f"{self.name}: depths and dims need 4 stages")
+        """Refuse a row no trained network can have: a non-finite or non-positive epsilon makes every
+        output a constant (each norm's input is divided by sqrt(x^2 + eps)), whatever the weights."""
+        def fail(why: str):
+            raise ArchitectureError(f"architecture {self.name!r}: {why}")
+
+        if not isinstance(self.name, str) or not self.name:
+            fail("the name must be a non-empty string")
+        for field_name in ("depths", "dims"):
+            value = getattr(self, field_name)
+            if not isinstance(value, tuple) or len(value) != 4 or not all(_positive_int(v) for v in value):
+                fail(f"{field_name} must be 4 positive integers (one per stage), got {value!r}")
         if self.stem_type not in STEM_TYPES:
-            raise ValueError(f"{self.name}: stem_type must be one of {STEM_TYPES}")
+            fail(f"stem_type must be one of {STEM_TYPES}, got {self.stem_type!r}")
         if self.norm not in NORMS:
-            raise ValueError(f"{self.name}: norm must be one of {NORMS}")
+            fail(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for field_name in ("norm_eps", "head_norm_eps"):
+            value = getattr(self, field_name)
+            if value is None and field_name == "head_norm_eps":
+                continue
+            if not _real(value) or not math.isfinite(value) or value <= 0:
+                fail(f"{field_name} must be a finite number > 0, got {value!r}")
+        if not _positive_int(self.kernel_size) or self.kernel_size % 2 == 0:
+            fail(f"kernel_size must be a positive odd integer, got {self.kernel_size!r}")
+        if not _positive_int(self.mlp_ratio):
+            fail(f"mlp_ratio must be a positive integer, got {self.mlp_ratio!r}")
+        if self.head_hidden_size is not None and not _positive_int(self.head_hidden_size):
+            fail(f"head_hidden_size must be a positive integer or None, got {self.head_hidden_size!r}")
+        for field_name in ("layer_scale", "use_grn", "conv_mlp", "head_norm_first", "conv_bias"):
+            if not isinstance(getattr(self, field_name), bool):
+                fail(f"{field_name} must be true or false, got {getattr(self, field_name)!r}")
         if self.head_norm_first and self.head_hidden_size:
-            raise ValueError(f"{self.name}: timm has no pre-logits MLP with head_norm_first")
+            fail("timm has no pre-logits MLP with head_norm_first")
 
     @property
     def num_features(self) -> int:
@@ -117,8 +142,21 @@ class Architecture:
         if unknown:
             raise ValueError(f"unknown architecture fields {sorted(unknown)}; upgrade convnext-zoo")
         values = dict(config)
-        values["depths"], values["dims"] = tuple(values["depths"]), tuple(values["dims"])
-        return cls(**values)
+        for field_name in ("depths", "dims"):
+            if isinstance(values.get(field_name), list):
+                values[field_name] = tuple(values[field_name])
+        try:
+            return cls(**values)
+        except TypeError as e:  # a required field missing
+            raise ArchitectureError(f"architecture fields: {e}") from None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _rows(*archs: Architecture) -> dict[str, Architecture]:

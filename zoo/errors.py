@@ -21,6 +21,11 @@ class UnknownModelError(ZooError, KeyError):
         return str(self.args[0])
 
 
+class ArchitectureError(ZooError, ValueError):
+    """An architecture row no network can have (a non-positive or non-finite epsilon, a stage
+    without blocks, an unknown stem or norm)."""
+
+
 class SourceError(ZooError):
     """The source checkpoint cannot be fetched or read."""
 
@@ -64,3 +69,8 @@ class DatasetError(ZooError):
 
 class ExportError(ReportedError):
     """An export failed or missed its bounds (nothing was written at the destination then)."""
+
+
+class InvalidNameError(ZooError, ValueError):
+    """A model name that cannot be a folder's name (`.`, `..`, empty, a path separator, a control
+    character): names become folders of the store and default folder and repo names."""

@@ -20,9 +20,21 @@ DEFAULT_RTOL = 1e-5  # logits max abs error / max |reference logit|
 DEFAULT_STAGE_RTOL = 1e-4
 
 
+# An output whose values differ between the parity images by less than this, relative to its
+# largest value, does not depend on its input: no trained network's stages or logits do (on
+# eight different images they differ by O(1) relative), and a network whose norms divide by
+# sqrt(inf) or whose weights are all zero gives exactly that, on both sides, in perfect "agreement".
+DEAD_SPREAD = 1e-6
+
+
 @dataclass
 class Comparison:
-    """Agreement of one compared tensor."""
+    """Agreement of one compared tensor.
+
+    `spread` and `ref_spread`: how much our and the reference's output differ between the
+    images of the batch, relative to its largest magnitude (0: the same for every image);
+    None in reports written before they were measured.
+    """
 
     name: str
     shape: list[int]
@@ -30,17 +42,41 @@ class Comparison:
     max_ref: float
     rel: float
     finite: bool
+    spread: float | None = None
+    ref_spread: float | None = None
 
     @classmethod
     def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> "Comparison":
         ours64, ref64 = ours.astype(np.float64), ref.astype(np.float64)
         finite = bool(np.isfinite(ours64).all() and np.isfinite(ref64).all())
+        spreads = {"spread": batch_spread(ours64), "ref_spread": batch_spread(ref64)} if finite else {}
         if ours.shape != ref.shape:
-            return cls(name, list(ref.shape), float("inf"), float("nan"), float("inf"), finite)
+            return cls(name, list(ref.shape), float("inf"), float("nan"), float("inf"), finite, **spreads)
         max_abs = float(np.max(np.abs(ours64 - ref64))) if finite else float("inf")
         max_ref = float(np.max(np.abs(ref64))) if finite else float("nan")
         rel = max_abs / max_ref if finite and max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
-        return cls(name, list(ref.shape), max_abs, max_ref, rel, finite)
+        return cls(name, list(ref.shape), max_abs, max_ref, rel, finite, **spreads)
+
+    def dead(self) -> str | None:
+        """Why this output cannot come from a working network (None: it can)."""
+        for side, spread in (("the reference's", self.ref_spread), ("the converted model's", self.spread)):
+            if spread is not None and spread <= DEAD_SPREAD:
+                what = ("identical for every input image" if spread == 0
+                        else f"the same for every input image (relative spread {spread:.2g})")
+                return (f"{self.name}: {side} output is {what}: not a working network (check the config's "
+                        "epsilons and that the weights are trained)")
+        return None
+
+
+def batch_spread(values: np.ndarray) -> float | None:
+    """How much a batch of outputs differs between its images, relative to its largest magnitude:
+    max |x[i] - x[0]| / max |x| (0 for an all-zero output; None for a batch of one image)."""
+    if values.ndim == 0 or values.shape[0] < 2:
+        return None  # nothing to compare
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    if scale == 0.0:
+        return 0.0
+    return float(np.max(np.abs(values - values[:1]))) / scale
 
 
 @dataclass
@@ -70,6 +106,8 @@ class ParityReport:
         for c in self.comparisons:
             if not c.finite:
                 return f"{c.name}: non-finite values"
+            if c.dead():
+                return c.dead()
             if c.name in ("logits", SERVING):
                 if c.max_abs > self.atol or c.rel > self.rtol:
                     return (f"{c.name}: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
