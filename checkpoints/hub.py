@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from zoo.errors import HubError, IntegrityError
-from zoo.folder_config import CONTENT_FILES, FORMAT, MANIFEST, OLD_FORMATS, RECORD, WEIGHTS
+from zoo.folder_config import CONTENT_FILES, FORMAT, MANIFEST, OLD_FORMATS, RECORD, WEIGHTS, check_name
 from zoo.reports import ParityReport
 
 from . import converted
@@ -38,8 +38,12 @@ def hub_org(org: str | None = None) -> str:
 
 
 def repo_id_for(name: str, org: str | None = None) -> str:
-    """Hub repo of a converted checkpoint: `<org>/<canonical name>`."""
-    return f"{hub_org(org)}/{name}"
+    """Hub repo of a converted checkpoint: `<org>/<canonical name>`.
+
+    Raises:
+        InvalidNameError: `name` is not one folder name (`zoo.folder_config.check_name`).
+    """
+    return f"{hub_org(org)}/{check_name(name, 'the model name')}"
 
 
 def git_blob_sha1(data: bytes) -> str:

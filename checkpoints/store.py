@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zoo.errors import StoreError
-from zoo.folder_config import WEIGHTS, FolderConfig
+from zoo.folder_config import WEIGHTS, FolderConfig, check_name
 
 from . import fs
 from .converted import assemble, is_converted_folder
@@ -27,8 +27,12 @@ def store_root() -> Path:
 
 
 def store_path(name: str) -> Path:
-    """Where the local store keeps the converted checkpoint `name` (canonical name)."""
-    return store_root() / name
+    """Where the local store keeps the converted checkpoint `name` (canonical name).
+
+    Raises:
+        InvalidNameError: `name` is not one folder name (`zoo.folder_config.check_name`).
+    """
+    return store_root() / check_name(name)
 
 
 def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:

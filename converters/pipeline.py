@@ -18,7 +18,7 @@ from checkpoints.weights import load_keras_folder
 from zoo.architectures import ARCHITECTURES, get_architecture
 from zoo.catalogue import CatalogueEntry, catalogue, resolve
 from zoo.errors import IntegrityError, MappingError, SourceError, ZooError
-from zoo.folder_config import KERAS_CONFIG, PARITY, WEIGHTS, FolderConfig, SourceRecord
+from zoo.folder_config import KERAS_CONFIG, PARITY, WEIGHTS, FolderConfig, SourceRecord, check_name
 from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport
 from zoo.steps import Echo, step
 from zoo.version import __version__
@@ -148,7 +148,8 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
     Args:
         checkpoint: a file, a folder, or `hf://ORG/REPO[@REVISION]`.
         out: destination folder (default: the local store under `name`).
-        name: the converted model's name (default: the repo's, folder's or file's).
+        name: the converted model's name, one folder name (`zoo.folder_config.check_name`;
+            default: the repo's, folder's or file's).
         arch: a timm architecture name the tensors must be (checked, not trusted).
         input_size, mean, std: preprocessing where the source's config does not say it.
         labels: a name per class, where the source's config does not name them.
@@ -162,12 +163,15 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         The written folder and the parity report.
 
     Raises:
+        InvalidNameError: `name` cannot name a folder (before anything else).
         ZooError: any failure; nothing is written then.
     """
+    if name is not None:
+        check_name(name)
     with work_dir("zoo-convert-"):
         with step(echo, "source weights"):
             src = source.open_checkpoint(checkpoint, revision=revision)
-        name = name or default_name(checkpoint, src)
+        name = name if name is not None else default_name(checkpoint, src)
         out = store.check_destination(out if out else store.store_path(name))  # before the slow work
         meta = read_metadata(src.path)
         with step(echo, f"read {src.path.name}"):
@@ -252,7 +256,14 @@ def _labels(given: list[str] | None, meta: SourceMetadata, num_classes: int, ech
 
 
 def default_name(checkpoint: str | Path, src: source.SourceWeights) -> str:
-    """The repo's name, the folder's, or the file's without its suffixes (`model_best.pth.tar`: `model_best`)."""
+    """The repo's name, the folder's, or the file's without its suffixes (`model_best.pth.tar`: `model_best`).
+
+    Characters other than letters, digits, `.`, `_` and `-` become `_`, and leading dots go
+    (`..` and hidden names are no folder names); `converted` if nothing is left.
+
+    Raises:
+        InvalidNameError: what is left still cannot name a folder (too long); `--name` gives one.
+    """
     text = str(checkpoint).rstrip("/")
     if text.startswith(source.HF_SCHEME):
         base = source.parse_hf(text)[0].split("/")[-1]
@@ -260,7 +271,8 @@ def default_name(checkpoint: str | Path, src: source.SourceWeights) -> str:
         base = Path(text).expanduser().resolve().name
     else:
         base = src.path.name.split(".")[0]
-    return re.sub(r"[^\w.-]", "_", base) or "converted"
+    name = re.sub(r"[^\w.-]", "_", base).lstrip(".") or "converted"
+    return check_name(name, f"the name taken from {text!r} (--name to give another)")
 
 
 def _describe(src: source.SourceWeights, found: Inferred) -> str:
@@ -466,7 +478,7 @@ def convert_all(names: list[str], *, out_root: str | Path | None = None, force: 
     summary = root / "summary.json"
     rows = []
     for name in tqdm(names, desc="convert", unit="ckpt", disable=None):
-        out = root / name
+        out = root / check_name(name)
         row = {"name": name, "architecture": resolve(name).architecture}
         start = time.perf_counter()
         try:

@@ -4,7 +4,8 @@ reads or writes its fields, and the names of the folder's files.
 A converted folder is a Keras model folder first: `config.json`, `metadata.json` and
 `model.weights.h5` are exactly what Keras' own directory save writes (so `keras.saving.load_model`
 reads it), and the project's record of what the weights are and where they came from is
-`convnext_zoo.json`, beside `parity.json` and `manifest.json`.
+`convnext_zoo.json`, beside `parity.json` and `manifest.json`. A model's name becomes a folder's
+name (in the store, and by default), so what a name may be is checked here too (`check_name`).
 
 Ground layer: the store writes it, the converters fill it, loading, export and evaluation read it.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .architectures import Architecture
+from .errors import InvalidNameError
 
 FORMAT = "convnext-zoo/2"
 OLD_FORMATS = ("convnext-zoo/1",)  # the project's record in config.json: Keras could not load those folders
@@ -27,6 +29,49 @@ PARITY = "parity.json"
 MANIFEST = "manifest.json"
 CONTENT_FILES = (WEIGHTS, KERAS_CONFIG, KERAS_METADATA, RECORD, PARITY)
 SOURCE_KINDS = ("hub", "url", "file", "random")
+MAX_NAME_BYTES = 200  # a staging sibling adds `.` + `.partial-<pid>-<8 random>`: within 255-byte file names
+NAME_RULE = ("a name is one folder name: not empty, '.' or '..', not starting with '.', without '/', '\\' or "
+             f"control characters, at most {MAX_NAME_BYTES} bytes (letters, digits, '.', '_' and '-' are safe)")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """`name`, if it can be the name of one folder; else refused before anything is done with it.
+
+    Names become paths (`<store>/<name>`, the default name of a converted folder, `<org>/<name>`
+    on the Hub): `.` would be the store itself, `..` its parent, `a/b` a folder inside another,
+    and a leading `.` the store's own hidden entries (staging folders of writers).
+
+    Args:
+        name: the name to check.
+        what: how the error calls it (`--name`, `the name taken from FILE`).
+
+    Raises:
+        InvalidNameError: naming the value (escaped) and what a name may be, in one line.
+    """
+    why = _name_fault(name)
+    if why is not None:
+        raise InvalidNameError(f"{what} {name!r} cannot name a folder ({why}): {NAME_RULE}")
+    return name
+
+
+_SPECIAL_NAMES = {"": "empty", ".": "the folder itself", "..": "the folder above"}
+
+
+def _name_fault(name) -> str | None:
+    """Why `name` cannot name a folder, or None."""
+    if not isinstance(name, str):
+        return f"a {type(name).__name__}, not text"
+    if name in _SPECIAL_NAMES:
+        return _SPECIAL_NAMES[name]
+    if "/" in name or "\\" in name:
+        return "a path separator"
+    if not name.isprintable():  # control, format and line-separator characters (surrogates too)
+        return "a control or non-printing character"
+    if name.startswith("."):
+        return "hidden"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    return None
 
 
 @dataclass(frozen=True)
