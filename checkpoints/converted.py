@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from zoo.errors import IntegrityError, StoreError
 from zoo.folder_config import (
@@ -56,6 +57,36 @@ def is_converted_folder(path: Path) -> bool:
         return False
 
 
+def own_entries(path: Path) -> frozenset[str]:
+    """The names a converted folder's own files may have: its manifest and the files it lists
+    (of the names a folder of this format has; a manifest cannot claim other names).
+
+    Raises:
+        OSError, ValueError: the manifest cannot be read.
+    """
+    manifest = json.loads((path / MANIFEST).read_text())
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    return frozenset(name for name in CONTENT_FILES if isinstance(listed, dict) and name in listed) | {MANIFEST}
+
+
+def unlisted_entries(path: Path) -> list[str]:
+    """The entries of the converted folder at `path` that are not its own files: names its
+    manifest does not list, and folders under a listed name (shown with a trailing `/`).
+
+    Raises:
+        OSError, ValueError: the folder or its manifest cannot be read.
+    """
+    return _unlisted(path, own_entries(path))
+
+
+def _unlisted(path: Path, own: Collection[str]) -> list[str]:
+    def folder(entry: Path) -> bool:
+        return entry.is_dir() and not entry.is_symlink()
+
+    return sorted(entry.name + ("/" if folder(entry) else "") for entry in path.iterdir()
+                  if entry.name not in own or folder(entry))
+
+
 def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
     """Write a folder's other files beside its Keras files and flush them all to disk.
 
@@ -80,27 +111,32 @@ def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
 _READ_ATTEMPTS = 5
 
 
-def open_folder(path: str | Path) -> ConvertedFolder:
+def open_folder(path: str | Path, *, others_allowed: bool = False) -> ConvertedFolder:
     """Open a converted folder after checking every file against the manifest.
 
     A writer may swap a new version in while the files are read, so that the manifest is the
     old one's and a file the new one's; a check that fails while the folder at `path` changed
     is therefore made again on what is there now, rather than reported.
 
+    Args:
+        path: the folder.
+        others_allowed: accept entries the manifest does not list (a Hub snapshot folder also
+            holds the repo's other files: its card); a folder on disk holds its files only.
+
     Raises:
         StoreError: not a converted folder, or files missing.
-        IntegrityError: a file's sha256 or size differs from the manifest, or the config
-            cannot be read.
+        IntegrityError: a file's sha256 or size differs from the manifest, the folder holds
+            entries its manifest does not list, or the config cannot be read.
     """
     path = Path(path).expanduser()
     for _ in range(_READ_ATTEMPTS - 1):
         before = _identity(path)
         try:
-            return _open_once(path)
+            return _open_once(path, others_allowed)
         except (StoreError, IntegrityError, OSError):
             if _identity(path) == before:
                 raise
-    return _open_once(path)
+    return _open_once(path, others_allowed)
 
 
 def _identity(path: Path) -> tuple | None:
@@ -112,7 +148,7 @@ def _identity(path: Path) -> tuple | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _open_once(path: Path) -> ConvertedFolder:
+def _open_once(path: Path, others_allowed: bool) -> ConvertedFolder:
     """One reading of the folder and its checks (see `open_folder`)."""
     if not path.is_dir():
         raise StoreError(f"{path} is not a folder")
@@ -133,6 +169,9 @@ def _open_once(path: Path) -> ConvertedFolder:
     listed = manifest.get("files", {})
     if sorted(listed) != sorted(CONTENT_FILES):
         raise IntegrityError(f"{path / MANIFEST} lists {sorted(listed)}, expected {sorted(CONTENT_FILES)}")
+    if not others_allowed and (unlisted := _unlisted(path, {*CONTENT_FILES, MANIFEST})):
+        raise IntegrityError(f"{path} holds {', '.join(map(repr, unlisted))}, which its {MANIFEST} does not list: "
+                             "a converted folder holds its listed files only; move the others out of it")
     for name, meta in listed.items():
         file = path / name
         if not file.is_file():

@@ -14,11 +14,12 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from zoo.errors import StoreError
 
@@ -26,6 +27,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; writes stay atomic, concurrent ones may fail
     fcntl = None
+
+log = logging.getLogger(__name__)
 
 NO_SPACE_REMEDY = "free some space or choose another --out"
 
@@ -211,21 +214,61 @@ def _libc():
         return None
 
 
-def swap_into_place(new: Path, out: Path) -> None:
+def swap_into_place(new: Path, out: Path, owned: Collection[str] | None = None) -> None:
     """Put the finished folder `new` at `out`, replacing a previous one; call under `locked(out)`.
 
     Readers see the previous folder or the new one, never neither: the two are exchanged in
     one step where the system allows (else the old one moves aside just before).
+
+    Args:
+        new: the finished folder, a sibling of `out`.
+        out: the destination: nothing, or a folder to replace.
+        owned: the names of the previous folder's entries that may be deleted (the caller
+            checked, under the lock, that there is nothing else); whatever else turns up there
+            is kept (`_discard`). None: the previous folder is removed whole.
     """
-    if not out.exists():
+    if not os.path.lexists(out):
         os.replace(new, out)
     elif _exchange(new, out):
-        shutil.rmtree(new, ignore_errors=True)  # now the previous folder
+        _discard(new, out, owned)  # `new` is now the previous folder
     else:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "previous")
         os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old / "previous", out, owned)
+        remove(old)
+
+
+def _discard(previous: Path, out: Path, owned: Collection[str] | None) -> None:
+    """Delete the folder that was at `out`, but only its `owned` entries (all of it for None).
+
+    What else is found there (put in by another program between the check and the swap) is
+    never deleted: the folder is kept beside `out`, as `<name>.kept-*`, and a warning names it.
+    """
+    if owned is None or previous.is_symlink():  # a link goes, never what it points to
+        remove(previous)
+        return
+    try:
+        for name in owned:
+            entry = previous / name
+            if entry.is_symlink() or entry.is_file():
+                entry.unlink()
+        os.rmdir(previous)
+    except OSError:
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.kept-", dir=out.parent))
+        os.replace(previous, kept)  # onto the empty folder just made: a name nobody else holds
+        log.warning("%s held entries that were not its own when it was replaced; they are kept in %s",
+                    out, kept)
+
+
+def remove(path: Path) -> None:
+    """Remove `path`, whatever it is: a folder and its content, a file, or a link (never what the
+    link points to). What cannot be removed is left for a later run (`remove_stale`)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def download(repo_id: str, revision: str | None = None) -> ConvertedFolder:
         for path in added:
             path.unlink(missing_ok=True)  # the link only: a blob that passed its check may serve a retry
         raise
-    return converted.open_folder(manifest_path.parent)
+    return converted.open_folder(manifest_path.parent, others_allowed=True)  # the repo's card is there too
 
 
 def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Iterator
 
 from zoo.errors import StoreError
-from zoo.folder_config import WEIGHTS, FolderConfig, check_name
+from zoo.folder_config import MANIFEST, WEIGHTS, FolderConfig, check_name
 
 from . import fs
-from .converted import assemble, is_converted_folder
+from .converted import assemble, is_converted_folder, own_entries, unlisted_entries
 from .weights import Values, load_keras_folder, release_failed, size_estimate, write_keras_files, write_weights
 
 
@@ -39,7 +39,7 @@ def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:
     """Write a converted checkpoint folder atomically, the weights being `model`'s.
 
     The folder appears complete or not at all; an existing converted folder at `out` is
-    replaced, anything else there is refused.
+    replaced (its own files only), anything else there is refused (`check_destination`).
 
     Args:
         out: destination folder.
@@ -109,7 +109,8 @@ class FolderWriter:
         with self._translated():
             assemble(self.tmp, config, parity)
             with fs.locked(self.out):
-                fs.swap_into_place(self.tmp, self.out)
+                owned = replaceable(self.out)  # again: another program may have changed it since
+                fs.swap_into_place(self.tmp, self.out, owned)
 
     @contextlib.contextmanager
     def _translated(self):
@@ -123,18 +124,45 @@ class FolderWriter:
 def check_destination(out: str | Path) -> Path:
     """Refuse, before any slow work, a destination `write` would refuse or fail to write.
 
-    `out` must be free, an empty folder or a converted folder, and the folder it goes in must
-    take new entries. Returns `out` as an absolute path.
+    `out` must be free, an empty folder or a converted folder holding its own files only
+    (`replaceable`), not inside a converted folder, and the folder it goes in must take new
+    entries. Returns `out` as an absolute path.
 
     Raises:
         StoreError: naming the path and the reason, in one line.
     """
     out = Path(out).expanduser().absolute()
-    try:
-        taken = out.exists() and not (out.is_dir() and (is_converted_folder(out) or not any(out.iterdir())))
-    except OSError as e:
-        raise StoreError(f"cannot write {out}: {fs.reason(e, out.parent)}") from None
-    if taken:
-        raise StoreError(f"{out} exists and is not a converted checkpoint folder; choose another --out")
+    replaceable(out)
+    if is_converted_folder(out.parent):
+        raise StoreError(f"{out} would be inside the converted folder {out.parent}, which holds the files its "
+                         f"{MANIFEST} lists only; choose another --out")
     fs.check_writable(out.parent)
     return out
+
+
+def replaceable(out: Path) -> frozenset[str]:
+    """The names of the entries a new folder at `out` may delete: none where `out` is free or an
+    empty folder; a converted folder's own files (its manifest and the files it lists) where it
+    is one that holds nothing else.
+
+    Raises:
+        StoreError: anything else is at `out` (refused, never deleted), in one line.
+    """
+    try:
+        if not os.path.lexists(out):
+            return frozenset()
+        folder = out.is_dir() and not out.is_symlink()
+        if folder and not any(out.iterdir()):
+            return frozenset()
+        if folder and is_converted_folder(out):
+            extra = unlisted_entries(out)
+            if extra:
+                raise StoreError(f"{out} is a converted folder but also holds {', '.join(map(repr, extra))}, which "
+                                 f"its {MANIFEST} does not list; nothing was changed: move them out of it or choose "
+                                 "another --out")
+            return own_entries(out)
+    except OSError as e:
+        raise StoreError(f"cannot write {out}: {fs.reason(e, out.parent)}") from None
+    except ValueError:  # its manifest changed since it was read: what is there now is no converted folder
+        pass
+    raise StoreError(f"{out} exists and is not a converted checkpoint folder; choose another --out")

@@ -12,8 +12,10 @@ import pytest
 
 import zoo
 import zoo.loading
-from checkpoints import converted, store
+from checkpoints import converted, fs, store
 from tests.support.archs import SMALL_V1
+from tests.support.cli import one_line_error, zoo_cli
+from tests.support.faults import dead_pid
 from tests.support.folders import NAME, PARITY, folder_config, small_model
 from zoo.errors import IntegrityError, StoreError
 from zoo.folder_config import CONTENT_FILES, MANIFEST, RECORD, FolderConfig
@@ -42,6 +44,11 @@ def outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Everything under `root`: {relative path: a file's bytes, None for a folder}."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
@@ -183,6 +190,29 @@ def test_a_manifest_that_omits_a_file_is_caught(ckpt):
         converted.open_folder(out)
 
 
+@pytest.mark.parametrize("opener", [converted.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
+@pytest.mark.parametrize("extra", ["notes.txt", "runs/"])
+def test_an_entry_the_manifest_does_not_list_is_caught(ckpt, opener, extra):
+    """Every file of a converted folder is in its manifest: a file or a folder beside them is
+    named, in one line."""
+    if extra.endswith("/"):
+        (ckpt / extra).mkdir()
+        (ckpt / extra / "log.txt").write_text("keep me")
+    else:
+        (ckpt / extra).write_text("keep me")
+    with pytest.raises(IntegrityError) as raised:
+        opener(ckpt)
+    message = str(raised.value)
+    assert repr(extra) in message and "does not list" in message and "\n" not in message, message
+
+
+def test_verify_names_a_file_the_manifest_does_not_list(ckpt):
+    (ckpt / "notes.txt").write_text("keep me")
+    line = one_line_error(zoo_cli("verify", ckpt))
+    assert "'notes.txt'" in line and "does not list" in line, line
+    assert (ckpt / "notes.txt").read_text() == "keep me"
+
+
 def test_missing_paths_raise_store_error(tmp_path):
     with pytest.raises(StoreError):
         converted.open_folder(tmp_path / "nope")
@@ -237,6 +267,78 @@ def test_write_replaces_a_converted_folder(ckpt, tmp_path, pristine):
     np.testing.assert_array_equal(loaded, outputs(second, x))
     assert np.abs(loaded - pristine["logits"]).max() > 1e-3
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "runs/", "config.json/"])
+def test_write_refuses_a_converted_folder_holding_other_entries(ckpt, tmp_path, extra):
+    """Only a converted folder's own files are replaced: a file or a folder its manifest does
+    not list (also a folder under a listed name) is named, and nothing is deleted."""
+    if extra.endswith("/"):
+        (ckpt / extra).unlink(missing_ok=True)
+        (ckpt / extra).mkdir()
+        (ckpt / extra / "log.txt").write_text("keep me")
+    else:
+        (ckpt / extra).write_text("keep me")
+    before = tree(ckpt)
+    with pytest.raises(StoreError) as raised:
+        write(ckpt, small_model(seed=1))
+    message = str(raised.value)
+    assert repr(extra) in message and "does not list" in message and "\n" not in message, message
+    assert tree(ckpt) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_write_checks_the_destination_again_before_the_swap(ckpt, tmp_path, monkeypatch):
+    """A file put in the destination while the new folder is assembled (another program, during
+    a conversion's slow steps) is found under the lock, before the swap: refused, kept, the
+    previous folder as it was."""
+    before = tree(ckpt)
+    assemble = store.assemble
+
+    def assemble_then_intrude(*args):
+        assemble(*args)
+        (ckpt / "notes.txt").write_text("keep me")
+
+    monkeypatch.setattr(store, "assemble", assemble_then_intrude)
+    with pytest.raises(StoreError, match="notes.txt"):
+        write(ckpt, small_model(seed=1))
+    assert tree(ckpt) == {**before, "notes.txt": b"keep me"}
+    assert leftovers(tmp_path) == []
+
+
+def test_a_file_that_turns_up_during_the_swap_is_kept(ckpt, tmp_path, monkeypatch):
+    """Put in the destination after the check under the lock, just before the swap (by a program
+    that takes no lock): the new folder goes in, and the file is kept beside it, not deleted."""
+    exchange = fs._exchange
+
+    def intrude_then_exchange(new, out):
+        (out / "notes.txt").write_text("keep me")
+        return exchange(new, out)
+
+    monkeypatch.setattr(fs, "_exchange", intrude_then_exchange)
+    _, model = write(ckpt, small_model(seed=1))
+    x = batch()
+    np.testing.assert_array_equal(outputs(zoo.load(ckpt), x), outputs(model, x))
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.kept-")]
+    assert len(kept) == 1 and tree(kept[0]) == {"notes.txt": b"keep me"}
+    assert leftovers(tmp_path) == []
+
+
+def test_a_store_made_a_converted_folder_is_not_swapped_out(tmp_path):
+    """The store's root made a converted folder (what `--name .` once did), with the store's
+    models inside: writing over it is refused naming them, and so is writing into it."""
+    root = store.store_root()
+    write(root)
+    other, _ = write(tmp_path / "other", small_model(seed=2))
+    for name in ("convnext_small.fb_in1k", "convnext_tiny.fb_in1k"):
+        shutil.copytree(other, root / name)
+    before = tree(root)
+    with pytest.raises(StoreError) as raised:
+        write(root, small_model(seed=1))
+    assert "'convnext_small.fb_in1k/', 'convnext_tiny.fb_in1k/'" in str(raised.value), raised.value
+    with pytest.raises(StoreError, match="inside the converted folder"):
+        write(root / "convnext_base.fb_in1k")
+    assert tree(root) == before
 
 
 def test_a_failing_write_leaves_nothing(tmp_path, monkeypatch):
@@ -352,3 +454,4 @@ def test_partials_of_killed_writers_are_cleared_by_the_next_write(tmp_path):
         (path / "model.weights.h5").write_bytes(b"half")
     write(tmp_path / "ckpt")
     assert not stale.exists() and live.exists()
+
