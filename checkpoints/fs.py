@@ -171,7 +171,7 @@ def staging(out: Path) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
 
 
 @contextlib.contextmanager
@@ -291,19 +291,21 @@ def work_dir(prefix: str):
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
 
 
 def remove_stale(parent: Path, prefix: str) -> None:
     """Remove `<prefix><pid>-*` entries of `parent` whose process is gone (killed mid-way).
 
     Names without a process id (older versions, other tools) are left alone: nobody can
-    tell whether their owner still runs.
+    tell whether their owner still runs. An entry that is a link is removed as a link, never
+    what it points to (a writer killed just after swapping out a destination that was a link
+    leaves the link under its staging name).
     """
     for path in parent.glob(f"{glob.escape(prefix)}*"):
         pid, sep, _ = path.name[len(prefix):].partition("-")
         if sep and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+            remove(path)
 
 
 def _alive(pid: int) -> bool:

@@ -126,18 +126,29 @@ def check_destination(out: str | Path) -> Path:
 
     `out` must be free, an empty folder or a converted folder holding its own files only
     (`replaceable`), not inside a converted folder, and the folder it goes in must take new
-    entries. Returns `out` as an absolute path.
+    entries. A link at `out` is followed: the folder is written where it points, and the link
+    stays. Returns `out` as an absolute path (where the link points, for a link).
 
     Raises:
         StoreError: naming the path and the reason, in one line.
     """
-    out = Path(out).expanduser().absolute()
+    out = _followed(Path(out).expanduser().absolute())
     replaceable(out)
     if is_converted_folder(out.parent):
         raise StoreError(f"{out} would be inside the converted folder {out.parent}, which holds the files its "
                          f"{MANIFEST} lists only; choose another --out")
     fs.check_writable(out.parent)
     return out
+
+
+def _followed(out: Path) -> Path:
+    """`out`, or where it points if it is a link (a dangling one too: the folder goes there)."""
+    if not out.is_symlink():
+        return out
+    try:
+        return out.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links (RuntimeError before Python 3.13)
+        raise StoreError(f"cannot write {out}: it is a link that leads nowhere ({e}); choose another --out") from None
 
 
 def replaceable(out: Path) -> frozenset[str]:

@@ -455,3 +455,61 @@ def test_partials_of_killed_writers_are_cleared_by_the_next_write(tmp_path):
     write(tmp_path / "ckpt")
     assert not stale.exists() and live.exists()
 
+
+def test_stale_staging_links_are_removed_not_followed(tmp_path):
+    """A killed writer's staging entry may be a link (the swap with a destination that was one):
+    the link goes, what it points to stays."""
+    pid = dead_pid()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "data.bin").write_bytes(b"keep me")
+    (tmp_path / f".ckpt.partial-{pid}-link").symlink_to(target)
+    (tmp_path / f".ckpt.partial-{pid}-dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / f".ckpt.partial-{pid}-file").write_bytes(b"half")
+    write(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "target"]
+    assert tree(target) == {"data.bin": b"keep me"}
+
+
+# --- a destination that is a link ----------------------------------------------------------------
+
+@pytest.mark.parametrize("points_to", ["an empty folder", "nothing", "a converted folder"])
+def test_write_through_a_link_writes_where_it_points(points_to, tmp_path, pristine):
+    """`--out LINK`: the folder is written where the link points (a converted folder there is
+    replaced), the link stays, and nothing is left beside either."""
+    target = tmp_path / "elsewhere" / "target"
+    target.parent.mkdir()
+    if points_to == "an empty folder":
+        target.mkdir()
+    elif points_to == "a converted folder":
+        shutil.copytree(pristine["path"], target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    out, model = write(link, small_model(seed=1))
+    assert out == target and link.is_symlink() and link.resolve() == target
+    x = batch()
+    np.testing.assert_array_equal(outputs(zoo.load(link), x), outputs(model, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["target"]
+
+
+def test_write_through_a_link_loop_is_refused(tmp_path):
+    link = tmp_path / "loop"
+    link.symlink_to(link)
+    with pytest.raises(StoreError) as raised:
+        write(link)
+    assert "\n" not in str(raised.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"] and link.is_symlink()
+
+
+def test_convert_out_through_a_link_to_a_converted_folder(tmp_path):
+    """As users run it: `zoo convert --out LINK` replaces the converted folder the link points
+    to; the link stays and no staging entry is left."""
+    target, _ = write(tmp_path / "target")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    proc = zoo_cli("convert", "convnext_atto", "--random-weights", "--out", link)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(proc.stdout.strip()) == target
+    assert link.is_symlink() and converted.open_folder(link).config.name == "convnext_atto.d2_in1k"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
