@@ -131,18 +131,19 @@ def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine
     """The checkpoint at `path` in the framework its keys belong to.
 
     timm and FB layouts: timm's model (timm's `load_checkpoint` for training checkpoints:
-    its EMA choice and `module.` stripping). transformers: `from_pretrained` on the folder when a
-    transformers `config.json` sits beside the weights, else the model class built from `arch`.
-    torchvision: its `ConvNeXt` class built from `arch`, strictly loaded.
+    its EMA choice and `module.` stripping). transformers: its model class for the `config.json`
+    beside the weights (else for `arch`), loaded strictly by its own `from_pretrained` with the
+    tensors of `path`, not with the weights file it would pick in the folder. torchvision: its
+    `ConvNeXt` class built from `arch`, strictly loaded. Every layout runs exactly the file at `path`.
     """
     header_only = path.name.endswith(".safetensors")
     if header_only:  # the layout from the header: the tensors are read once, below
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:
-            names, key = dict.fromkeys(f.keys()), None
+            names = dict.fromkeys(f.keys())
     else:
-        names, key = read_checkpoint(path, use_ema=use_ema)
+        names = read_checkpoint(path, use_ema=use_ema)[0]
     names, prefix = strip_prefix(names)
     layout = detect(names)
 
@@ -150,7 +151,7 @@ def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine
         return strip_prefix(read_state_dict(path))[0] if header_only else names
 
     if layout.framework == "transformers":
-        model = _transformers(arch, num_classes, path, names, arrays, key, prefix)
+        model = _transformers(arch, num_classes, path, names, arrays)
         return Reference(model, "transformers", layout.name, _version("transformers"))
     if layout.framework == "torchvision":
         return Reference(_torchvision(arch, num_classes, arrays()), "torchvision", layout.name, _version("torchvision"))
@@ -177,31 +178,43 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def _transformers(arch: Architecture, num_classes: int, path: Path, names, arrays, key, prefix: str):
+def _transformers(arch: Architecture, num_classes: int, path: Path, names, arrays):
+    """transformers' own model for the tensors of exactly the file at `path`, loaded by its own loader.
+
+    The network is the folder's `config.json` when it is a transformers config (as
+    `from_pretrained` reads it), else built from `arch`; the weights are the file's, never the
+    weights file `from_pretrained` would pick in the folder. Any key transformers leaves missing,
+    finds unexpected or of the wrong shape is an error.
+    """
     try:
         import transformers
     except ImportError:
         raise RuntimeError("No module named 'transformers': converting a transformers checkpoint checks it "
                            "against transformers (pip install transformers)") from None
-    v2 = arch.use_grn
-    family = "ConvNextV2" if v2 else "ConvNext"
+    config = _transformers_config(transformers, arch, num_classes, path.parent)
+    family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
     headed = any(k.startswith(("convnext.", "convnextv2.")) for k in names)
     cls = getattr(transformers, f"{family}ForImageClassification" if headed else f"{family}Model")
-    config_file = path.parent / "config.json"
+    state = {k: torch.from_numpy(v) for k, v in arrays().items()}
+    # mismatched shapes listed in `info` like the other problems (else transformers raises a bare error)
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
+                                      dtype=torch.float32, ignore_mismatched_sizes=True)
+    problems = {k: sorted(v) for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"transformers refused the checkpoint: {problems}")
+    return model.eval()
+
+
+def _transformers_config(transformers, arch: Architecture, num_classes: int, folder: Path):
+    """The folder's transformers `config.json`, read by transformers; else one that describes `arch`."""
+    config_file = folder / "config.json"
     folder_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if folder_config.get("model_type") in TRANSFORMERS_TYPES and key is None and not prefix:
-        # as users load it: the folder, its config and the framework's own weights loader
-        model, info = cls.from_pretrained(path.parent, output_loading_info=True, dtype=torch.float32)
-        problems = {k: v for k, v in info.items() if v}
-        if problems:
-            raise RuntimeError(f"transformers refused the checkpoint: {problems}")
-        return model.eval()
-    config = getattr(transformers, f"{family}Config")(
+    if folder_config.get("model_type") in TRANSFORMERS_TYPES:
+        return transformers.AutoConfig.from_pretrained(folder)
+    family = "ConvNextV2" if arch.use_grn else "ConvNext"
+    return getattr(transformers, f"{family}Config")(
         depths=list(arch.depths), hidden_sizes=list(arch.dims), num_labels=num_classes,
         layer_scale_init_value=1e-6 if arch.layer_scale else 0.0, layer_norm_eps=arch.head_eps, drop_path_rate=0.0)
-    model = cls(config)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays().items()}, strict=True)
-    return model.eval()
 
 
 def _torchvision(arch: Architecture, num_classes: int, raw: dict):

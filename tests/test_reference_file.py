@@ -1,0 +1,104 @@
+"""The reference runs exactly the file converted: a weights file given by path beside other weights
+files is the one compared (conversion, `zoo verify`, `zoo export`), loaded by the framework's own
+code.
+
+The sources are transformers `save_pretrained` folders (tests/support/sources.py), with other
+weights of the same network, drawn from other seeds, saved beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoints.converted import open_folder
+from checkpoints.weights import load_keras_folder
+from converters.reference_process import Network
+from tests.support import sources
+from tests.support.archs import SMALL
+from tests.support.cli import zoo_inline
+
+V2 = SMALL["v2_grn"]
+CLASSES = 3
+SEEDS = {"beside": 6, "beside/other.safetensors": 11, "beside/pytorch_model.bin": 12,
+         "alone/other.safetensors": 11}  # what is converted -> the seed of the weights it holds
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in sources.transformers_model(V2, CLASSES, seed=seed).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """`beside`: a save_pretrained folder whose model.safetensors (seed 6) has other.safetensors
+    (seed 11) and pytorch_model.bin (seed 12) beside it; `alone`: its config.json with
+    other.safetensors and no model.safetensors."""
+    root = tmp_path_factory.mktemp("sources")
+    sources.transformers_model(V2, CLASSES, seed=SEEDS["beside"]).save_pretrained(root / "beside")
+    save_file(_state(SEEDS["beside/other.safetensors"]), str(root / "beside" / "other.safetensors"))
+    torch.save(_state(SEEDS["beside/pytorch_model.bin"]), root / "beside" / "pytorch_model.bin")
+    (root / "alone").mkdir()
+    shutil.copy(root / "beside" / "config.json", root / "alone")
+    shutil.copy(root / "beside" / "other.safetensors", root / "alone")
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(folders, tmp_path_factory):
+    """Each source converted once through the CLI: name -> folder."""
+    done = {}
+
+    def convert(given):
+        if given not in done:
+            out = tmp_path_factory.mktemp("converted") / given.replace("/", "-")
+            result = zoo_inline("convert", "--checkpoint", folders / given, "--out", out)
+            assert result.exit_code == 0, result.stderr[-3000:]
+            done[given] = out
+        return done[given]
+    return convert
+
+
+def _transformers_logits(seed: int, inputs: np.ndarray) -> np.ndarray:
+    model = sources.transformers_model(V2, CLASSES, seed=seed)
+    with torch.inference_mode():
+        return model(pixel_values=torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).logits.numpy()
+
+
+FILES = sorted(name for name in SEEDS if "/" in name)
+
+
+@pytest.mark.parametrize("given", FILES)
+def test_the_file_given_is_the_one_converted_and_compared(given, folders, converted):
+    """The recorded sha256 is the given file's, parity passed against it, and the converted model's
+    logits are its weights' (not its neighbours'); the folder itself still converts its
+    model.safetensors."""
+    for name, file in ((given, folders / given), ("beside", folders / "beside" / "model.safetensors")):
+        out = converted(name)
+        folder = open_folder(out)
+        assert folder.config.source.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+        assert folder.config.source.filename == file.name
+        assert folder.parity["passed"] and folder.parity["versions"]["reference"] == "transformers"
+        inputs = Network.of_folder(folder.config).parity_batch()
+        ours = np.asarray(load_keras_folder(out).predict(inputs, verbose=0))
+        theirs = {seed: _transformers_logits(seed, inputs) for seed in set(SEEDS.values())}
+        assert np.abs(ours - theirs[SEEDS[name]]).max() <= 1e-4, name
+        assert all(np.abs(ours - logits).max() > 0.1 for seed, logits in theirs.items() if seed != SEEDS[name])
+
+
+def test_verify_and_export_run_the_recorded_file(converted, tmp_path):
+    """`zoo verify` and `zoo export` re-run the reference on other.safetensors, the file recorded,
+    though a model.safetensors of other weights sits beside it."""
+    out = converted("beside/other.safetensors")
+    result = zoo_inline("verify", out)
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert "parity against transformers" in result.stderr
+    result = zoo_inline("export", out, "--format", "keras", "--out", tmp_path / "model.keras")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "model.keras.parity.json").read_text())
+    assert report["source"]["pytorch_reference"] == "transformers"
+    assert report["vs_pytorch"]["max_abs"] <= 1e-4
