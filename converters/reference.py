@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -41,6 +42,7 @@ import timm  # noqa: E402
 from converters.layouts import detect, is_fb_layout, strip_prefix  # noqa: E402
 from converters.metadata import TRANSFORMERS_TYPES  # noqa: E402
 from converters.reading import read_checkpoint, read_state_dict  # noqa: E402
+from converters.reference_process import failure_line  # noqa: E402
 from zoo.architectures import Architecture  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
@@ -416,4 +418,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as error:
+        traceback.print_exc()  # for whoever runs it by hand; the parent reports the line below
+        sys.stderr.write(failure_line(error) + "\n")
+        sys.exit(1)

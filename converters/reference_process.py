@@ -1,5 +1,5 @@
 """The PyTorch reference, seen from the converter: `python -m converters.reference` run in a clean
-child process on a spec file, and its outputs read back.
+child process on a spec file, and its outputs (or its error, in one line) read back.
 
 The child imports torch and timm only: TensorFlow imported before them in one process
 crashes timm's forward pass. `Network` is what both sides of a comparison build and feed.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,10 +26,16 @@ import numpy as np
 from checkpoints.fs import reason, work_dir
 from zoo.architectures import Architecture
 from zoo.catalogue import CatalogueEntry
-from zoo.errors import ReferenceRunError, StoreError
+from zoo.errors import ReferenceRunError, StoreError, ZooError
 from zoo.folder_config import FolderConfig
 
 from .images import parity_batch
+
+log = logging.getLogger(__name__)
+
+# A failing child's last line on stderr: this, then its error on one line (`failure_line`).
+FAILURE = "converters.reference error: "
+LONGEST_CAUSE = 600  # characters of the child's error quoted in the one line reported
 
 
 @dataclass(frozen=True)
@@ -202,8 +211,16 @@ def reference_process(args: list[str]):
     run.wait()
 
 
+def failure_line(error: BaseException) -> str:
+    """What a failing child writes last to stderr: `error` on one line, marked as its own."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, ZooError):  # a project error is a message for users; any other, named
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return FAILURE + text
+
+
 def _raise_reference_failure(returncode: int, stderr: str) -> None:
-    tail = "\n".join(stderr.strip().splitlines()[-15:])
+    log.debug("the PyTorch reference process's stderr:\n%s", stderr)
     if "No module named 'torch'" in stderr or "No module named 'timm'" in stderr:
         raise ReferenceRunError(
             "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
@@ -212,4 +229,25 @@ def _raise_reference_failure(returncode: int, stderr: str) -> None:
         where = Path(tempfile.gettempdir()).absolute()
         raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
                          f"files; free some space there or set TMPDIR to another folder")
-    raise ReferenceRunError(f"the PyTorch reference process failed (exit {returncode}):\n{tail}")
+    cause = _cause(stderr)
+    raise ReferenceRunError(f"the PyTorch reference process {_ended(returncode)}" + (f": {cause}" if cause else ""))
+
+
+def _ended(returncode: int) -> str:
+    if returncode >= 0:
+        return f"failed (exit {returncode})"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"  # SIGKILL: out of memory, often
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+def _cause(stderr: str) -> str:
+    """The child's error in one line, never its stack frames: the line it wrote for it
+    (`failure_line`), else the last exception line of a traceback (an error before it could),
+    else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    marked = [line[len(FAILURE):] for line in lines if line.startswith(FAILURE)]
+    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    cause = (marked or raised or lines or [""])[-1]
+    return cause if len(cause) <= LONGEST_CAUSE else cause[:LONGEST_CAUSE] + " ..."

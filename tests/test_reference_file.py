@@ -1,6 +1,6 @@
 """The reference runs exactly the file converted: a weights file given by path beside other weights
 files is the one compared (conversion, `zoo verify`, `zoo export`), loaded by the framework's own
-code.
+code, and a reference process that fails ends in one error line.
 
 The sources are transformers `save_pretrained` folders (tests/support/sources.py), with other
 weights of the same network, drawn from other seeds, saved beside them.
@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 
 from checkpoints.converted import open_folder
 from checkpoints.weights import load_keras_folder
-from converters.reference_process import Network
+from converters.reference_process import Network, run_reference_process, write_spec
 from tests.support import sources
 from tests.support.archs import SMALL
-from tests.support.cli import zoo_inline
+from tests.support.cli import one_line_error, zoo_cli, zoo_inline
+from zoo.errors import ReferenceRunError
 
-V2 = SMALL["v2_grn"]
+V1, V2 = SMALL["linear_mlp"], SMALL["v2_grn"]
 CLASSES = 3
 SEEDS = {"beside": 6, "beside/other.safetensors": 11, "beside/pytorch_model.bin": 12,
          "alone/other.safetensors": 11}  # what is converted -> the seed of the weights it holds
@@ -102,3 +103,26 @@ def test_verify_and_export_run_the_recorded_file(converted, tmp_path):
     report = json.loads((tmp_path / "model.keras.parity.json").read_text())
     assert report["source"]["pytorch_reference"] == "transformers"
     assert report["vs_pytorch"]["max_abs"] <= 1e-4
+
+
+def test_a_failing_reference_is_one_error_line(tmp_path):
+    """transformers refuses weights its config.json does not describe (no layer scale, say): the
+    conversion ends in one `error:` line naming what it refused, without the child's stack frames."""
+    sources.transformers_model(V1, CLASSES, seed=5).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "layer_scale_init_value": 0.0}))
+    result = zoo_cli("convert", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out")
+    line = one_line_error(result)
+    assert "transformers refused the checkpoint" in line and "layer_scale_parameter" in line
+    assert 'File "' not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_process_that_fails_reports_its_error_in_one_line(tmp_path):
+    """Whatever the layout, the child's own error (here: its source file is gone) is the one line."""
+    network = Network(V2, CLASSES, True, 64, (0.5,) * 3, (0.25,) * 3)
+    spec = write_spec(network, tmp_path / "gone.safetensors", tmp_path, inputs=network.parity_batch())
+    with pytest.raises(ReferenceRunError) as err:
+        run_reference_process(["forward", str(spec)])
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "gone.safetensors" in message and 'File "' not in message
