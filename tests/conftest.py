@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Tests assign weights to models that have already run (mutations, fine-tuning): oneDNN must not
-# keep packed copies of them as the `zoo` commands let it (`zoo.runtime.assume_frozen_weights`).
-os.environ["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] = "0"
+# TF_ONEDNN_ASSUME_FROZEN_WEIGHTS is left as the user's environment has it: the product must give
+# the same numbers either way (tests/test_frozen_weights.py runs each value in a process of its
+# own). Tests that train or change weights after a first call take the `live_weights` fixture.
 
 import torch  # noqa: E402,F401  (first: see module docstring)
 import timm  # noqa: E402,F401
@@ -98,3 +98,16 @@ def small_weights(tmp_path):
         state = random_state_dict(arch, num_classes, seed)
         return write_safetensors(tmp_path / name, state), state
     return make
+
+
+@pytest.fixture
+def live_weights():
+    """For a test that trains, or changes weights after a model has run: with
+    TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1 (read once per process) oneDNN keeps the weights of each
+    kernel's first run, and the model refuses to train. The variable cannot be changed in this
+    process any more, so such a test fails here, saying so, rather than testing stale weights."""
+    from zoo.runtime import FROZEN_VAR, frozen_weights
+
+    if frozen_weights():
+        pytest.fail(f"{FROZEN_VAR}=1 in this process: this test trains or changes weights after a first call; "
+                    f"run it without the variable (tests/test_frozen_weights.py covers it)")

@@ -74,7 +74,7 @@ def _synthetic(num_classes=3, n=24, size=64, seed=0):
 # default: test_conversion_and_verify_run_in_float32_under_a_mixed_policy)
 @pytest.mark.parametrize("policy", ["float32", pytest.param("mixed_float16", marks=pytest.mark.slow),
                                     pytest.param("mixed_bfloat16", marks=pytest.mark.slow)], indirect=True)
-def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_path):
+def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_path, live_weights):
     model = zoo.load(converted("linear_mlp"), num_classes=3, drop_path_rate=0.2)
     assert model.output.shape[-1] == 3
     assert keras.backend.standardize_dtype(model.output.dtype) == "float32"  # logits stay float32

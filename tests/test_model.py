@@ -209,7 +209,7 @@ def test_no_drop_path_layers_at_rate_zero(small_arch):
     assert not [layer for layer in model.layers if "drop_path" in layer.name]
 
 
-def test_drop_path_only_in_training(small_arch):
+def test_drop_path_only_in_training(small_arch, live_weights):
     model = perturb(build_model(small_arch, num_classes=10, drop_path_rate=0.5))
     for layer in model.layers:  # full-strength residual branches: dropping one shows
         if isinstance(layer, LayerScale):

@@ -16,12 +16,13 @@ from checkpoints.converted import is_converted_folder, open_folder
 from .catalogue import resolve, search
 from .errors import ExportError, ParityError, ZooError
 from .export_formats import check_options
-from .labels import label_names
+from .labels import label_names, read_label_file
 from .locating import HF_PREFIX, locate
 from .prediction import predict as top_classes
 from .preprocessing import Preprocessing, preprocess
 from .reports import DEFAULT_ATOL, DEFAULT_RTOL
-from .runtime import assume_frozen_weights, import_tensorflow_quietly
+from .runtime import assume_frozen_weights, check_frozen_weights_value, import_tensorflow_quietly
+from .text import printable, printable_lines
 
 # Modules that import Keras (so TensorFlow: seconds) are imported in the commands that need
 # them, once their arguments are known to be good: converters.pipeline, zoo.loading, zoo.export,
@@ -32,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _echo(line: str) -> None:
-    click.echo(line, err=True)
+    click.echo(printable_lines(line), err=True)  # names and paths from files: nothing a terminal acts on
 
 
 class _Tolerance(click.FloatRange):
@@ -73,7 +74,7 @@ def _user_errors(fn):
             message = str(e)
             if isinstance(e, ParityError) and e.report is not None:
                 message = message.splitlines()[0]  # its table was shown as the parity step ended
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {printable_lines(message)}", err=True)
             sys.exit(1)
     return wrapper
 
@@ -89,6 +90,7 @@ def _tensorflow(fn):
     asks for them (runs once the arguments are parsed: `--help` and usage errors skip it)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        check_frozen_weights_value()
         assume_frozen_weights()  # the commands only run inference: oneDNN keeps its packed weights
         try:
             quiet = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")) >= 2
@@ -145,12 +147,10 @@ def _floats3(ctx, param, value):
 def _label_file(ctx, param, value):
     if value is None:
         return None
-    names = [line.strip() for line in Path(value).read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names or not all(names):
-        raise click.BadParameter(f"{value}: one class name per line, in class index order, no blank lines")
-    return names
+    try:
+        return read_label_file(value)
+    except ZooError as e:
+        raise click.BadParameter(printable(str(e))) from None
 
 
 _INFERRED = ("name", "arch", "input_size", "mean", "std", "labels", "no_ema", "verbose")
@@ -351,11 +351,11 @@ def predict(images, model_name, top, as_json, dtype):
         click.echo(json.dumps([{"image": image, "predictions": [p.to_json() for p in best]}
                                for image, best in zip(images, predictions)], indent=1))
         return
-    for n, (image, best) in enumerate(zip(images, predictions)):
-        click.echo(("\n" if n else "") + image)
+    for n, (image, best) in enumerate(zip(images, predictions)):  # names escaped: one row each, no terminal codes
+        click.echo(("\n" if n else "") + printable(image))
         click.echo(f"  {'rank':>4}  {'probability':>11}  {'index':>5}" + ("  label" if names else ""))
         for rank, p in enumerate(best, 1):
-            label = f"  {p.label}" if names else ""
+            label = f"  {printable(p.label)}" if names else ""
             click.echo(f"  {rank:>4}  {p.probability:>11.2%}  {p.index:>5}{label}")
 
 
@@ -415,7 +415,7 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
 
     report = evaluate(model_name, data, labels_file=labels_file, limit=limit, batch_size=batch_size,
                       compare_torch=compare_torch, dtype=dtype, workers=workers, devices=devices)
-    click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.table())
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else printable_lines(report.table()))
 
 
 @main.command("export")

@@ -11,7 +11,7 @@ from checkpoints.converted import ConvertedFolder
 from .architectures import Architecture
 from .catalogue import resolve
 from .locating import locate
-from .model import build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
+from .model import ConvNeXt, build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
 from .runtime import policy_name
 
 log = logging.getLogger(__name__)
@@ -114,16 +114,16 @@ def _from_folder(folder, include_top, pooling, num_classes, input_shape, feature
                         input_shape=input_shape or (None, None, 3), initialize=False)
     model.load_weights(folder.weights)
     if features_only:
-        return keras.Model(model.input, [model.get_layer(n).output for n in outputs],
+        return ConvNeXt(model.input, [model.get_layer(n).output for n in outputs],
                            name=f"{model.name}_features")
     if not include_top or num_classes == 0:
         features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
-        return keras.Model(model.input, features, name=f"{model.name}_features")
+        return ConvNeXt(model.input, features, name=f"{model.name}_features")
     if num_classes is not None and num_classes != config.num_classes:
         log.warning("%s: new %d-class head initialised fresh (the checkpoint's has %d classes); "
                     "the backbone and head norm are pretrained", config.name, num_classes, config.num_classes)
         head = classifier(num_classes)(pre_logits(model))
-        return keras.Model(model.input, head, name=model.name)
+        return ConvNeXt(model.input, head, name=model.name)
     return model
 
 

@@ -9,7 +9,7 @@ from keras import layers, ops
 
 from .architectures import Architecture
 from .errors import BackendError
-from .runtime import check_onednn
+from .runtime import FROZEN_VAR, check_onednn, frozen_weights
 
 PACKAGE = "convnext_zoo"  # the registered names are `convnext_zoo>LayerScale`, ...
 
@@ -31,12 +31,60 @@ def check_backend() -> None:
 class ConvNeXt(keras.Model):
     """The functional ConvNeXt `build_model` returns: a `keras.Model` like any functional one,
     whose class is registered as `convnext_zoo>ConvNeXt`, so that `keras.saving.load_model`
-    can refuse a backend the model cannot run on before it builds any layer."""
+    can refuse a backend the model cannot run on before it builds any layer.
+
+    Where oneDNN keeps packed weights (`TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1`, `zoo.runtime`), an
+    eager call runs the model as a graph of its own instead, made again after `load_weights` or
+    `set_weights`: eagerly, every convolution of one shape shares one kernel and so the first
+    layer's packed weights. Training is refused there: each graph kernel keeps the weights of its
+    first step.
+    """
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         check_backend()
         return super().from_config(config, custom_objects)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        if keras.backend.backend() == "tensorflow" and frozen_weights():
+            if training:
+                raise BackendError(f"{FROZEN_VAR}=1 is set: oneDNN keeps the first weights each kernel sees, so "
+                                   f"training would compute with stale weights; train in a process without it "
+                                   f"(unset {FROZEN_VAR} before TensorFlow starts)")
+            import tensorflow as tf
+
+            if tf.executing_eagerly():
+                return self._graph()(inputs)
+        return super().call(inputs, training=training, mask=mask, **kwargs)
+
+    def _graph(self):
+        graph = self.__dict__.get("_frozen_graph")
+        if graph is None:
+            import tensorflow as tf
+
+            call = super().call  # the functional model's own
+            graph = tf.function(lambda x: call(x, training=False), reduce_retracing=True, autograph=False)
+            object.__setattr__(self, "_frozen_graph", graph)  # not a tracked attribute of the model
+        return graph
+
+    def _weights_changed(self) -> None:
+        """Forget every graph that ran the old weights: their kernels hold packed copies of them."""
+        object.__setattr__(self, "_frozen_graph", None)
+        for name in ("predict_function", "test_function", "train_function"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, None)
+
+    def load_weights(self, *args, **kwargs):
+        try:
+            return super().load_weights(*args, **kwargs)
+        finally:
+            self._weights_changed()
+
+    def set_weights(self, weights):
+        try:
+            return super().set_weights(weights)
+        finally:
+            self._weights_changed()
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -108,15 +108,48 @@ def prefer_onednn() -> None:
 
 
 def assume_frozen_weights() -> None:
-    """Let oneDNN treat every weight as constant, for a process that only runs inference (the
-    `zoo` commands): it then reorders each weight into its kernel's layout once and keeps that
-    copy, as it does for graph constants, at a fraction of their memory (convnext_base peaks at
-    2.6 GB instead of 9.8 GB, `benchmarks/`); without it, each call repacks the weights (bfloat16
-    runs ~1.6x slower). Never in a process that trains or assigns weights after a first call: the
-    kept copies would go stale. TensorFlow reads the variable once, so it is set only before
-    TensorFlow's import and only where the user chose no value."""
+    """Let oneDNN treat every weight as constant, for a `zoo` command (inference only): it then
+    reorders each weight into its kernel's layout once and keeps that copy, as it does for graph
+    constants, at a fraction of their memory (convnext_base peaks at 2.6 GB instead of 9.8 GB,
+    `benchmarks/`); without it, each call repacks the weights (bfloat16 runs ~1.6x slower).
+
+    What oneDNN keeps is bound to a kernel, not to a weight: every eager call of a convolution of
+    one shape runs one kernel (TensorFlow caches eager kernels by op and attributes), so it would
+    reuse the first layer's weights for all of them, and a graph's kernel keeps the weights of its
+    first run. The commands therefore run models only as graphs made after their weights are
+    final, and `zoo.model.ConvNeXt` turns its own eager calls into such graphs whenever
+    `frozen_weights()` is on, so the variable changes no number. TensorFlow reads it once, when it
+    first makes a oneDNN kernel: it is set only before TensorFlow's import and only where the user
+    chose no value."""
     if "tensorflow" not in sys.modules:
         os.environ.setdefault(FROZEN_VAR, "1")
+
+
+_BOOLEANS = {"1": True, "true": True, "0": False, "false": False}  # TensorFlow's ReadBoolFromEnvVar
+
+
+def frozen_weights() -> bool:
+    """Whether oneDNN in this process treats weights as constant (`TF_ONEDNN_ASSUME_FROZEN_WEIGHTS`
+    true, read as TensorFlow reads it, with oneDNN's kernels on)."""
+    value = os.environ.get(FROZEN_VAR)
+    if value is None or not _BOOLEANS.get(value.lower(), False):
+        return False
+    return "tensorflow" not in sys.modules or onednn_enabled() is not False
+
+
+def check_frozen_weights_value() -> None:
+    """Refuse a `TF_ONEDNN_ASSUME_FROZEN_WEIGHTS` TensorFlow cannot read: it aborts the process with
+    a C++ stack trace at its first oneDNN kernel (an empty value and ` 1` included).
+
+    Raises:
+        BackendError: naming the variable and the values it takes.
+    """
+    value = os.environ.get(FROZEN_VAR)
+    if value is not None and value.lower() not in _BOOLEANS:
+        from .errors import BackendError
+
+        raise BackendError(f"{FROZEN_VAR}={value!r}: TensorFlow reads only 1, 0, true or false there "
+                           "(anything else aborts it); set one of those or unset it")
 
 
 def import_tensorflow_quietly() -> None:
