@@ -5,6 +5,9 @@ import csv
 import functools
 import gzip
 from importlib import resources
+from pathlib import Path
+
+from .errors import SourceError
 
 # Head width -> synset list; the mapping timm infers a label set from (`infer_imagenet_subset`).
 SYNSET_FILES = {
@@ -65,4 +68,46 @@ def label_names(num_classes: int) -> list[str] | None:
     return None if full is None else [d.split(", ")[0] for d in full]
 
 
-__all__ = ["SYNSET_FILES", "descriptions", "label_names", "synsets"]
+def read_label_file(path: str | Path) -> list[str]:
+    """Class names from a text file: one per line in class index order (`--labels FILE`).
+
+    Raises:
+        SourceError: the file cannot be read, or as `parse_label_file`.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read the class names: {e.strerror or e}") from None
+    return parse_label_file(data, path)
+
+
+def parse_label_file(data: bytes, path: str | Path) -> list[str]:
+    """Class names from the bytes of a `--labels` file at `path`.
+
+    UTF-8 (a byte-order mark is dropped), lines ending in LF or CRLF; each name is its line
+    without the spaces around it, trailing empty lines are ignored. Names are kept as written
+    (any script; the commands escape control characters when they print them).
+
+    Raises:
+        SourceError: not UTF-8 text, names nothing, or has an empty line between names.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the class names as "
+                          "UTF-8, one per line") from None
+    if "\0" in text:
+        raise SourceError(f"{path}: not a text file (it holds NUL bytes); give one class name per line")
+    names = [line.strip() for line in text.split("\n")]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise SourceError(f"{path}: no class names; one class name per line, in class index order, no blank lines")
+    if not all(names):
+        raise SourceError(f"{path}: line {names.index('') + 1} is empty; one class name per line, in class index "
+                          "order, no blank lines")
+    return names
+
+
+__all__ = ["SYNSET_FILES", "descriptions", "label_names", "parse_label_file", "read_label_file", "synsets"]
