@@ -55,16 +55,19 @@ def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps
         empty = [i for i, d in enumerate(depths) if not d]
         raise SourceError(f"not a four-stage ConvNeXt: no blocks in stage(s) {empty}")
 
-    def tensor(key: str) -> np.ndarray:
+    def tensor(key: str, *ndims: int) -> np.ndarray:
         if key not in state:
             raise SourceError(f"not a ConvNeXt this project can build: no {key}")
+        if state[key].ndim not in ndims:
+            raise SourceError(f"{key} has shape {list(state[key].shape)}; a ConvNeXt's has "
+                              f"{' or '.join(map(str, ndims))} dimensions")
         return state[key]
 
-    dw = [tensor(f"stages.{i}.blocks.0.conv_dw.weight") for i in range(4)]
+    dw = [tensor(f"stages.{i}.blocks.0.conv_dw.weight", 4) for i in range(4)]
     dims = tuple(int(w.shape[0]) for w in dw)
     if any(w.ndim != 4 or w.shape[1] != 1 or w.shape[2] != w.shape[3] for w in dw):
         raise SourceError(f"stages.*.blocks.0.conv_dw.weight: shapes {[w.shape for w in dw]} are not depthwise kernels")
-    fc1 = tensor("stages.0.blocks.0.mlp.fc1.weight")
+    fc1 = tensor("stages.0.blocks.0.mlp.fc1.weight", 2, 4)
     stem = _stem_type(state, dims[0])
     fields = dict(
         depths=tuple(depths), dims=dims, kernel_size=int(dw[0].shape[-1]),
@@ -74,7 +77,7 @@ def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps
         norm="layernorm" if "stages.0.blocks.0.norm.bias" in state else "simplenorm",
         conv_bias="stages.0.blocks.0.conv_dw.bias" in state,
         stem_type=stem, head_norm_first="norm_pre.weight" in state,
-        head_hidden_size=int(state["head.pre_logits.fc.weight"].shape[0]) if "head.pre_logits.fc.weight" in state
+        head_hidden_size=int(tensor("head.pre_logits.fc.weight", 2).shape[0]) if "head.pre_logits.fc.weight" in state
         else None,
     )
     if len({int(w.shape[-1]) for w in dw}) != 1:
@@ -89,7 +92,7 @@ def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps
     arch = row.replace(**fields, **({"norm_eps": norm_eps} if norm_eps is not None else {}))
     if head_norm_eps is not None and head_norm_eps != arch.norm_eps:
         arch = arch.replace(head_norm_eps=head_norm_eps)
-    fc = state.get("head.fc.weight")
+    fc = tensor("head.fc.weight", 2) if "head.fc.weight" in state else None
     num_classes = int(fc.shape[0]) if fc is not None else 0
     head_norm = "norm_pre.weight" if fields["head_norm_first"] else "head.norm.weight"
     return Inferred(arch, num_classes, head_norm in state)

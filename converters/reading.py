@@ -128,6 +128,7 @@ def _read_safetensors(path: Path, digest=None) -> dict[str, np.ndarray]:
             kind = meta["dtype"]
             if kind != "BF16" and kind not in _NUMPY_DTYPES:
                 raise SourceError(f"tensor {key!r} has dtype {kind}; ConvNeXt weights are floats")
+            _check_size(key, meta["shape"])
             array = np.empty(meta["shape"], dtype="<u2" if kind == "BF16" else _NUMPY_DTYPES[kind])
             if f.tell() != 8 + size + start:
                 raise SourceError(f"{path.name}: tensor {key!r} does not follow the one before it")
@@ -179,12 +180,20 @@ def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
     # with ml_dtypes loaded (tensorflow loads it) numpy reads bfloat16 itself; not np.floating
     if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
         raise SourceError(f"tensor {key!r} has dtype {value.dtype}; ConvNeXt weights are floats")
+    _check_size(key, value.shape)
     out = np.ascontiguousarray(value, dtype=np.float32)
     if not np.isfinite(out).all():
         bad = int(out.size - np.isfinite(out).sum())
         raise SourceError(f"tensor {key!r} has {bad} non-finite values (NaN/Inf) out of {out.size}: "
                           "the checkpoint is damaged")
     return out
+
+
+def _check_size(key: str, shape) -> None:
+    """A tensor with a zero in its shape holds no values: no ConvNeXt weight is empty."""
+    if 0 in shape:
+        raise SourceError(f"tensor {key!r} has shape {list(shape)}, no values: ConvNeXt weights are never empty; "
+                          "the checkpoint is damaged")
 
 
 def load_source(path: Path, conv_mlp: bool = False) -> dict[str, np.ndarray]:

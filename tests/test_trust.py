@@ -84,6 +84,33 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, bad):
         read_state_dict(path)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_empty_tensors_are_refused_by_name(tmp_path, suffix):
+    """A tensor with a 0 in its shape holds no values (safetensors' reader crashed on one)."""
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".pth":
+        torch.save({"stem.0.weight": torch.ones(2, 3, 4, 4), "head.fc.weight": torch.zeros(0, 320)}, path)
+    else:
+        path.write_bytes(save_bytes({"stem.0.weight": np.ones((2, 3, 4, 4), np.float32),
+                                     "head.fc.weight": np.zeros((0, 320), np.float32)}))
+    with pytest.raises(SourceError, match=r"tensor 'head.fc.weight' has shape \[0, 320\], no values"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("key, shape", [
+    ("stages.0.blocks.0.conv_dw.weight", ()), ("stages.2.blocks.0.conv_dw.weight", (8,)),
+    ("stages.0.blocks.0.mlp.fc1.weight", ()), ("head.fc.weight", (3,)), ("stem.0.weight", (8, 3))])
+def test_tensors_of_the_wrong_rank_are_one_error_naming_them(key, shape):
+    """Inference reads shapes: a tensor with too few dimensions is an error naming it, not an IndexError."""
+    from converters.inference import infer
+    from converters.reference import random_state_dict
+    from tests.support.archs import SMALL_V1
+
+    state = {**random_state_dict(SMALL_V1, 3, seed=0), key: np.ones(shape, np.float32)}
+    with pytest.raises(SourceError, match=key.replace(".", r"\.")):
+        infer(state)
+
+
 def _read_bytes(tmp_path_factory, data: bytes, suffix: str):
     path = tmp_path_factory.mktemp("fuzz") / f"model{suffix}"
     path.write_bytes(data)
