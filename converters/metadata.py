@@ -7,16 +7,23 @@ No torch and no tensorflow: this module also runs inside the PyTorch reference p
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from zoo.errors import SourceError
+from zoo.preprocessing import CROP_MODES, CROP_OFFSETS, INTERPOLATIONS
 
 TRANSFORMERS_TYPES = {"convnext": False, "convnextv2": True}  # model_type -> ConvNeXt-V2
 # PIL's resampling filters by number, as transformers' processors store them
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MIN_INPUT, MAX_INPUT = 32, 2048  # a side of the network's input (it downsamples by 32)
+MAX_RESIZE = 4096  # a side of an image resized before the crop: input size / crop_pct
+MAX_MEAN, MIN_STD, MAX_STD = 1e3, 1e-6, 1e3  # normalised pixels stay far inside float32
+_SHOWN = 60  # characters of a bad value quoted in an error
 
 
 @dataclass(frozen=True)
@@ -47,93 +54,334 @@ class SourceMetadata:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+CONFIG, PROCESSOR = "config.json", "preprocessor_config.json"
+
+
 def read_metadata(weights: Path) -> SourceMetadata:
     """The config files in the folder of a weights file (none: an empty `SourceMetadata`).
 
+    Every value used is checked here, before any slow work: types, finiteness and ranges.
+
     Raises:
-        SourceError: a config file that cannot be read, or a transformers ConvNeXt this project
-            cannot build (another patch size, activation or channel count).
+        SourceError: a config file that cannot be read or holds a value no conversion can use
+            (naming the file and the field), or a transformers ConvNeXt this project cannot build
+            (another patch size, activation or channel count).
     """
     folder = Path(weights).parent
-    config = _json(folder / "config.json")
-    if config is None:
-        return SourceMetadata()
-    if config.get("model_type") in TRANSFORMERS_TYPES:
-        return _transformers(config, _json(folder / "preprocessor_config.json"))
-    if "architecture" in config and str(config["architecture"]).startswith("convnext"):
-        return _timm(config)
-    return SourceMetadata()  # someone else's config.json (our own converted folders have one)
+    files = {}
+    for name in (CONFIG, PROCESSOR):
+        path = folder / name
+        if path.is_file():
+            try:
+                files[name] = path.read_bytes()
+            except OSError as e:
+                raise SourceError(f"{path}: cannot be read: {e.strerror or e}") from None
+    return parse_metadata(folder, files)
 
 
-def _json(path: Path) -> dict | None:
-    if not path.is_file():
+def parse_metadata(folder: Path, files: dict[str, bytes]) -> SourceMetadata:
+    """What config files in `folder` with these contents say (`read_metadata` once the files are read).
+
+    Args:
+        folder: where the files are, for the errors.
+        files: the bytes of `config.json` and `preprocessor_config.json` by name; absent: no such file.
+
+    Raises:
+        SourceError: as `read_metadata`.
+    """
+    path = Path(folder) / CONFIG
+    config = _json(path, files.get(CONFIG))
+    if not isinstance(config, dict):
+        return SourceMetadata()  # someone else's config.json (our own converted folders have one)
+    model_type, architecture = config.get("model_type"), config.get("architecture")
+    if isinstance(model_type, str) and model_type in TRANSFORMERS_TYPES:
+        processor_path = Path(folder) / PROCESSOR
+        processor = _json(processor_path, files.get(PROCESSOR))
+        if processor is not None and not isinstance(processor, dict):
+            raise SourceError(f"{processor_path}: must hold a JSON object (ConvNextImageProcessor's settings)")
+        return _transformers(_Fields(path), config, None if processor is None else (_Fields(processor_path), processor))
+    if isinstance(architecture, str) and architecture.startswith("convnext"):
+        return _timm(_Fields(path), config)
+    return SourceMetadata()
+
+
+def _json(path: Path, data: bytes | None):
+    if data is None:
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path} cannot be read: {e}") from None
-    return data if isinstance(data, dict) else None
+        return json.loads(data)  # (json tells UTF-8, -16 and -32 apart itself)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise SourceError(f"{path}: cannot be read as JSON: {e}") from None
 
 
-def _transformers(config: dict, processor: dict | None) -> SourceMetadata:
+def _transformers(fields: "_Fields", config: dict, processor: tuple | None) -> SourceMetadata:
     for key, wanted in (("patch_size", 4), ("num_channels", 3), ("hidden_act", "gelu"), ("num_stages", 4)):
         if config.get(key, wanted) != wanted:
-            raise SourceError(f"config.json: {key}={config[key]!r}; only {key}={wanted!r} ConvNeXts convert")
-    id2label = config.get("id2label") or {}
-    labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int)) if id2label else None
+            raise SourceError(f"{fields.where}: {key}={_shown(config[key])}; only {key}={wanted!r} ConvNeXts convert")
+    id2label = config.get("id2label")
+    labels = None if id2label is None or id2label == {} else fields.label_map("id2label", id2label)
+    num_labels = fields.count("num_labels", config.get("num_labels"))
+    num_classes = len(labels) if labels is not None else num_labels
     if labels and all(re.fullmatch(rf"LABEL_{i}", name) for i, name in enumerate(labels)):
         labels = None  # transformers' placeholder names
     notes = ["layout, classes and final-norm epsilon from config.json (transformers)"]
     preprocessing = None
     if processor is not None:
-        preprocessing = _processor(processor)
+        preprocessing = _processor(*processor)
         notes.append("preprocessing from preprocessor_config.json (ConvNextImageProcessor)")
     return SourceMetadata(
-        layout="transformers", num_classes=len(id2label) if id2label else config.get("num_labels"),
-        labels=labels, preprocessing=preprocessing, head_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-        shape=(tuple(config.get("depths") or ()), tuple(config.get("hidden_sizes") or ())), notes=tuple(notes))
+        layout="transformers", num_classes=num_classes, labels=labels, preprocessing=preprocessing,
+        head_norm_eps=fields.eps("layer_norm_eps", config.get("layer_norm_eps"), 1e-12),
+        shape=(fields.stages("depths", config.get("depths")),
+               fields.stages("hidden_sizes", config.get("hidden_sizes"))),
+        notes=tuple(notes))
 
 
-def _processor(p: dict) -> dict:
+def _processor(fields: "_Fields", p: dict) -> dict:
     """ConvNextImageProcessor's settings as timm's preprocessing fields: below 384 it resizes the
     shortest edge to size/crop_pct and crops the centre; at 384 and above it resizes to a square."""
-    size = p.get("size") or {}
-    edge = int(size.get("shortest_edge") or size.get("height") or 224)
-    crop_pct = float(p.get("crop_pct") or 224 / 256)
-    resample = p.get("resample", 3)
-    return {
+    name, edge = _processor_size(fields, p.get("size"))
+    edge = fields.side(name, edge)
+    crop_pct = 224 / 256 if p.get("crop_pct") is None else fields.fraction("crop_pct", p["crop_pct"])
+    cfg = {
         "input_size": [3, edge, edge],
         "crop_pct": crop_pct if edge < 384 else 1.0,
         "crop_mode": "center" if edge < 384 else "squash",
-        "interpolation": _RESAMPLE.get(resample, str(resample)) if isinstance(resample, int) else str(resample),
-        "mean": [float(v) for v in p.get("image_mean") or IMAGENET_MEAN],
-        "std": [float(v) for v in p.get("image_std") or IMAGENET_STD],
+        "interpolation": _resample(fields, _default(p.get("resample"), 3)),
+        "mean": fields.channels("image_mean", p.get("image_mean"), IMAGENET_MEAN, one_for_all=True),
+        "std": fields.channels("image_std", p.get("image_std"), IMAGENET_STD, one_for_all=True, spread=True),
         "crop_offsets": "floor",  # transformers' center_crop: (margin // 2)
     }
+    return check_preprocessing(cfg, fields.where)
 
 
-def _timm(config: dict) -> SourceMetadata:
-    cfg = config.get("pretrained_cfg") or {}
+def _processor_size(fields: "_Fields", size) -> tuple[str, object]:
+    """(the field, the edge) of the processor's `size`: `{"shortest_edge": N}` as it saves it, a
+    square `{"height": N, "width": N}`, or a bare number (older saves)."""
+    if size is None:
+        return "size", 224
+    if isinstance(size, dict):
+        if size.get("shortest_edge") is not None:
+            return "size.shortest_edge", size["shortest_edge"]
+        if size.get("height") is not None and size.get("width", size["height"]) == size["height"]:
+            return "size.height", size["height"]
+    elif not isinstance(size, (list, str)):
+        return "size", size
+    fields.fail("size", '{"shortest_edge": N} or a square {"height": N, "width": N}', size)
+
+
+def _resample(fields: "_Fields", value) -> str:
+    if isinstance(value, str) and value in INTERPOLATIONS:
+        return value
+    if _is_int(value) and _RESAMPLE.get(value) in INTERPOLATIONS:
+        return _RESAMPLE[value]
+    known = f" ({_RESAMPLE[value]})" if _is_int(value) and value in _RESAMPLE else ""
+    fields.fail("resample", "2 (bilinear) or 3 (bicubic), the resampling zoo.preprocess reproduces",
+                value, known)
+
+
+def _timm(fields: "_Fields", config: dict) -> SourceMetadata:
+    cfg = fields.object("pretrained_cfg", config.get("pretrained_cfg"))
     preprocessing = None
-    if cfg.get("input_size"):
-        preprocessing = {
-            "input_size": list(cfg["input_size"]),
-            "crop_pct": float(cfg.get("crop_pct", 0.875)),
-            "crop_mode": cfg.get("crop_mode", "center"),
-            "interpolation": cfg.get("interpolation", "bicubic"),
-            "mean": list(cfg.get("mean", IMAGENET_MEAN)),
-            "std": list(cfg.get("std", IMAGENET_STD)),
-        }
-    labels = config.get("label_names") or None
-    if isinstance(labels, dict):  # index -> name, as timm allows
-        labels = [labels[k] for k in sorted(labels, key=int)] if sorted(map(int, labels)) == list(range(len(labels))) \
-            else None
-    eps = (config.get("model_args") or {}).get("norm_eps")
+    if cfg.get("input_size") is not None:
+        preprocessing = check_preprocessing({
+            "input_size": cfg["input_size"],
+            "crop_pct": _default(cfg.get("crop_pct"), 0.875),
+            "crop_mode": _default(cfg.get("crop_mode"), "center"),
+            "interpolation": _default(cfg.get("interpolation"), "bicubic"),
+            "mean": _default(cfg.get("mean"), list(IMAGENET_MEAN)),
+            "std": _default(cfg.get("std"), list(IMAGENET_STD)),
+        }, fields.where, "pretrained_cfg.")
+    labels = fields.label_names("label_names", config.get("label_names"))
+    num_classes = fields.count("num_classes", config.get("num_classes"))
+    if labels is not None and num_classes is not None and len(labels) != num_classes:
+        raise SourceError(f"{fields.where}: label_names has {len(labels)} names for num_classes {num_classes}; "
+                          "give one name per class")
+    args = fields.object("model_args", config.get("model_args"))
     return SourceMetadata(
-        layout="timm", num_classes=config.get("num_classes"), labels=tuple(map(str, labels)) if labels else None,
-        preprocessing=preprocessing, architecture=str(config["architecture"]),
-        norm_eps=float(eps) if eps is not None else None,
+        layout="timm", num_classes=num_classes, labels=labels, preprocessing=preprocessing,
+        architecture=config["architecture"], norm_eps=fields.eps("model_args.norm_eps", args.get("norm_eps")),
         notes=("classes and preprocessing from config.json (timm)",))
+
+
+def check_preprocessing(cfg: dict, where: str | Path | None = None, prefix: str = "") -> dict:
+    """`cfg` (timm's preprocessing fields: `input_size`, `crop_pct`, `crop_mode`, `interpolation`,
+    `mean`, `std`, optionally `crop_offsets`) with every value checked and numbers as floats: what
+    `zoo.preprocess` can apply to any image in bounded memory.
+
+    Args:
+        cfg: the fields.
+        where: the file they were read from, for the error (None: options given).
+        prefix: the fields' path in that file (`pretrained_cfg.`).
+
+    Raises:
+        SourceError: naming the file and the first bad field.
+    """
+    fields = _Fields(where, prefix)
+    size = fields.input_size("input_size", cfg["input_size"])
+    crop_pct = fields.fraction("crop_pct", cfg["crop_pct"])
+    edge = max(size[1:])
+    if edge / crop_pct > MAX_RESIZE:
+        fields.fail("crop_pct", f"a number in (0, 1] and at least {edge / MAX_RESIZE:.4g} for input size {edge} "
+                    f"(images are resized to {edge} / crop_pct before the crop: at most {MAX_RESIZE} pixels)", crop_pct)
+    checked = {
+        "input_size": size, "crop_pct": crop_pct,
+        "crop_mode": fields.choice("crop_mode", cfg["crop_mode"], CROP_MODES),
+        "interpolation": fields.choice("interpolation", cfg["interpolation"], INTERPOLATIONS),
+        "mean": fields.channels("mean", cfg["mean"]),
+        "std": fields.channels("std", cfg["std"], spread=True),
+    }
+    if "crop_offsets" in cfg:
+        checked["crop_offsets"] = fields.choice("crop_offsets", cfg["crop_offsets"], CROP_OFFSETS)
+    return {**cfg, **checked}
+
+
+def check_label_names(names, where: str | Path | None = None, field: str = "labels") -> tuple[str, ...]:
+    """`names` (a list of class names in index order) as a tuple, each a string.
+
+    Raises:
+        SourceError: not a list of strings.
+    """
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    _Fields(where).fail(field, "a list of class names (strings) in class index order", names)
+
+
+class _Fields:
+    """Reads the fields of one config file, each checked, and names the file and the field when one
+    is bad: `error: FILE: FIELD must be WHAT, got VALUE` (the value quoted with its escapes)."""
+
+    def __init__(self, where: str | Path | None = None, prefix: str = ""):
+        self.where, self.prefix = where, prefix
+
+    def fail(self, name: str, wanted: str, value, note: str = "") -> NoReturn:
+        at = f"{self.where}: " if self.where else ""
+        raise SourceError(f"{at}{self.prefix}{name} must be {wanted}, got {_shown(value)}{note}")
+
+    def object(self, name: str, value) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(name, "an object", value)
+        return value
+
+    def count(self, name: str, value) -> int | None:
+        if value is not None and not (_is_int(value) and value >= 0):
+            self.fail(name, "a whole number >= 0", value)
+        return value
+
+    def side(self, name: str, value) -> int:
+        if not (_is_int(value) and MIN_INPUT <= value <= MAX_INPUT):
+            self.fail(name, f"a whole number of pixels in [{MIN_INPUT}, {MAX_INPUT}]", value)
+        return value
+
+    def input_size(self, name: str, value) -> list[int]:
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value)
+                and value[0] == 3 and all(MIN_INPUT <= v <= MAX_INPUT for v in value[1:])):
+            self.fail(name, f"[3, height, width]: 3 (RGB) channels, whole numbers of pixels in "
+                      f"[{MIN_INPUT}, {MAX_INPUT}]", value)
+        return list(value)
+
+    def fraction(self, name: str, value) -> float:
+        number = _finite(value)
+        if number is None or not 0 < number <= 1:
+            self.fail(name, "a number in (0, 1]", value)
+        return number
+
+    def eps(self, name: str, value, default: float | None = None) -> float | None:
+        if value is None:
+            return default
+        number = _finite(value)
+        if number is None or number <= 0:
+            self.fail(name, "a finite number > 0", value)
+        return number
+
+    def choice(self, name: str, value, choices: tuple[str, ...]) -> str:
+        if not (isinstance(value, str) and value in choices):
+            self.fail(name, f"one of {', '.join(map(repr, choices))}", value)
+        return value
+
+    def channels(self, name: str, value, default=None, *, one_for_all: bool = False, spread: bool = False) -> list:
+        """Three numbers, one per RGB channel (`spread`: a std, in [MIN_STD, MAX_STD]; else a mean,
+        within +-MAX_MEAN); `one_for_all`: a single number stands for all three (transformers)."""
+        if value is None and default is not None:
+            return list(default)
+        low, high = (MIN_STD, MAX_STD) if spread else (-MAX_MEAN, MAX_MEAN)
+        numbers = [value] * 3 if one_for_all and _finite(value) is not None else value
+        if isinstance(numbers, (list, tuple)) and len(numbers) == 3:
+            numbers = [_finite(v) for v in numbers]
+            if all(v is not None and low <= v <= high for v in numbers):
+                return numbers
+        self.fail(name, f"3 numbers in [{low:g}, {high:g}], one per RGB channel", value)
+
+    def stages(self, name: str, value) -> tuple[int, ...]:
+        if value is None:
+            return ()
+        if not (isinstance(value, list) and len(value) == 4 and all(_is_int(v) and v > 0 for v in value)):
+            self.fail(name, "a list of 4 whole numbers > 0, one per stage", value)
+        return tuple(value)
+
+    def label_names(self, name: str, value) -> tuple[str, ...] | None:
+        """timm's `label_names`: a list of names, or an object of index -> name."""
+        if value is None or value == [] or value == {}:
+            return None
+        if isinstance(value, dict):
+            return self.label_map(name, value)
+        if not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+            self.fail(name, "a list of class names (strings) in index order, or an object of class index -> name",
+                      value)
+        return tuple(value)
+
+    def label_map(self, name: str, value) -> tuple[str, ...]:
+        """An object of class index -> name: keys the integers 0..N-1 (as JSON writes them, "0"),
+        each once, values strings; the names in index order."""
+        if not isinstance(value, dict):
+            self.fail(name, 'an object of class index -> name ({"0": "cat", "1": "dog"})', value)
+        names: dict[int, tuple[str, str]] = {}
+        for key, label in value.items():
+            if not re.fullmatch(r"[0-9]+", key):
+                self.fail(f"{name} keys", "class indices 0, 1, 2, ...", key)
+            if not isinstance(label, str):
+                self.fail(f"{name}[{key!r}]", "a class name (a string)", label)
+            digits = key.lstrip("0") or "0"
+            index = int(digits) if len(digits) <= 18 else len(value)  # (past every class)
+            if index in names:
+                self.fail(f"{name} keys", f"each class index once ({names[index][0]!r} is class {index} too)", key)
+            names[index] = (key, label)
+        missing = next((i for i in range(len(names)) if i not in names), None)
+        if missing is not None:
+            keys = sorted(names)
+            self.fail(f"{name} keys", f"the class indices 0..{len(names) - 1}, each once (no class {missing})",
+                      keys if len(keys) <= 8 else keys[:8] + ["..."])
+        return tuple(names[i][1] for i in range(len(names)))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> float | None:
+    """`value` as a float if it is a finite number (not a bool, not NaN or Infinity), else None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def _shown(value) -> str:
+    """`value` as Python writes it (control characters escaped), cut to a line."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested past repr's depth, or an integer past str's length
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
 
 
 def default_preprocessing(input_size: int = 224) -> dict:

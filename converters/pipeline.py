@@ -26,7 +26,7 @@ from zoo.version import __version__
 from . import inference, mapping, parity, reading, source
 from .inference import Inferred
 from .layouts import LAYOUTS, fit_mlp
-from .metadata import SourceMetadata, default_preprocessing, read_metadata
+from .metadata import SourceMetadata, check_label_names, check_preprocessing, default_preprocessing, read_metadata
 from .reading import PLAIN_KEYS
 from .reference_process import Network, run_reference_process
 
@@ -174,6 +174,7 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         name = name if name is not None else default_name(checkpoint, src)
         out = store.check_destination(out if out else store.store_path(name))  # before the slow work
         meta = read_metadata(src.path)
+        _preprocessing(meta, input_size, mean, std, lambda line: None)  # the options too, before the tensors are read
         with step(echo, f"read {src.path.name}"):
             state, src = reading.read_source(src, use_ema=use_ema, hint=meta.layout)
         release = known_release(src)
@@ -243,11 +244,11 @@ def _preprocessing(meta: SourceMetadata, input_size: int | None, mean, std, echo
         cfg["mean"] = list(mean)
     if std is not None:
         cfg["std"] = list(std)
-    return cfg
+    return check_preprocessing(cfg)  # the options given, also with the source's values (--input-size, crop_pct)
 
 
 def _labels(given: list[str] | None, meta: SourceMetadata, num_classes: int, echo: Echo) -> tuple[str, ...] | None:
-    names = tuple(given) if given is not None else meta.labels
+    names = check_label_names(given) if given is not None else meta.labels
     if names is not None and len(names) != num_classes:
         raise SourceError(f"{len(names)} class names for a {num_classes}-class head")
     if names is None and num_classes and num_classes not in (1000, 11821, 21841):

@@ -17,7 +17,7 @@ from converters.mapping import port
 from converters.reference import create, random_state_dict
 from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_cli, zoo_inline
-from tests.support.folders import folder_config
+from tests.support.folders import folder_config, small_model
 
 NAME = "convnext_tiny.fb_in1k"
 TIMEOUT = 180
@@ -107,6 +107,35 @@ def test_head_without_labels_shows_indices(tmp_path):
     [entry] = json.loads(result.stdout)
     assert [p["label"] for p in entry["predictions"]] == [None] * 4
     assert all(0 <= p["index"] < 640 for p in entry["predictions"])
+
+
+HOSTILE_NAMES = ("\x1b]0;title\x07", "\x1b[2J", "cat\nerror: injected line", "tab\there\r", "\x9b31m\x7f",
+                 "\u202eevil", "\ud800", "chat \u732b")
+
+
+def test_class_names_from_files_cannot_drive_the_terminal(tmp_path):
+    """Names a conversion took from a source's files, as `zoo predict` prints them: each class on
+    its own row, control characters escaped (no window title set, no screen cleared, no forged
+    `error:` line, no reordered text), the image's path too; `--json` keeps every name exact."""
+    from zoo.text import printable
+
+    names = HOSTILE_NAMES + ("dog", "bird")
+    folder = store.write(tmp_path / "named", small_model(num_classes=10),
+                         folder_config(NAME, SMALL_V1, 10, labels=names), {"passed": True})
+    image = tmp_path / "photo\x1b[2J.png"
+    Image.fromarray(natural_images(1, 90, seed=2)[0]).save(image)
+    table = zoo_inline("predict", image, "--model", folder, "--top", "10")
+    assert table.exit_code == 0, table.stderr[-3000:]
+    assert not any(c in table.stdout for c in "\x1b\x07\x9b\x7f\r\t\u202e\ud800")
+    rows = table.stdout.splitlines()
+    assert len(rows) == 12 and rows[0] == str(image).replace("\x1b", "\\x1b")
+    assert not any(row.startswith("error:") for row in rows)
+    shown = {int(row.split(maxsplit=3)[2]): row.split(maxsplit=3)[3] for row in rows[2:]}
+    assert shown == {i: printable(name) for i, name in enumerate(names)}
+    assert shown[2] == "cat\\nerror: injected line" and shown[7] == "chat \u732b"
+    as_json = zoo_inline("predict", image, "--model", folder, "--top", "10", "--json")
+    predictions = json.loads(as_json.stdout)[0]["predictions"]
+    assert {p["index"]: p["label"] for p in predictions} == dict(enumerate(names))
 
 
 def test_user_errors_exit_1_with_a_message(tmp_path, classifier):

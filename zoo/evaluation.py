@@ -129,9 +129,12 @@ def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | Non
 
 def _from_labels_file(root: Path, path: Path, label_of) -> list[Sample]:
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read the labels file {path}: {e}") from None
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except OSError as e:
+        raise DatasetError(f"cannot read the labels file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"the labels file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                           "UTF-8, one `relative/path label` per line") from None
     found = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -24,6 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("center", "squash")
 CROP_OFFSETS = ("round", "floor")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+INTERPOLATIONS = tuple(_RESAMPLE)
 
 # What the Keras layer may differ from timm's transform on natural-looking images, in normalised
 # units (see `Preprocess`): measured max 0.069 and mean 0.0037, bounded with a margin.
