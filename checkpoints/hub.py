@@ -61,6 +61,63 @@ def evict(path: Path) -> None:
             pass
 
 
+# Without a network the Hub client retries each request for ~25 s (five retries, growing waits),
+# twice per checkpoint (model.safetensors, then pytorch_model.bin): a minute before it says so.
+# One TCP connection to the endpoint tells at once; the answer holds for a while.
+_PROBE_TIMEOUT = 3.0
+_PROBE_TTL = 60.0
+_probes: dict[str, tuple[float, str | None]] = {}
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+OFFLINE_REMEDY = ("set HF_HUB_OFFLINE=1 to work from the local Hub cache alone, run once with network access, "
+                  "or convert from a file (--checkpoint PATH) or offline (--random-weights)")
+
+
+def unreachable() -> str | None:
+    """Why the Hub endpoint cannot be reached from here, or None: it answered a TCP connection,
+    the client is offline by choice (`HF_HUB_OFFLINE`), or a proxy is configured (the client's
+    business). Asked at most once a minute per endpoint."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    endpoint = constants.ENDPOINT
+    now = time.monotonic()
+    if endpoint in _probes and now - _probes[endpoint][0] < _PROBE_TTL:
+        return _probes[endpoint][1]
+    url = urlsplit(endpoint)
+    why = None
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT).close()
+    except (OSError, ValueError) as e:  # DNS, refused, unreachable, timed out; a malformed endpoint
+        why = f"{endpoint}: {getattr(e, 'strerror', None) or e}"
+    _probes[endpoint] = (now, why)
+    return why
+
+
+def hf_download(repo_id: str, name: str, revision: str | None = None) -> str:
+    """`hf_hub_download`, from the cache alone, at once, where the Hub cannot be reached
+    (`unreachable`): its LocalEntryNotFoundError then carries the reason."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    why = unreachable()
+    try:
+        return hf_hub_download(repo_id, name, revision=revision, local_files_only=why is not None)
+    except LocalEntryNotFoundError as e:
+        e.unreachable = why  # the caller's message says why the Hub was not asked
+        raise
+
+
+def offline_reason(error: Exception) -> str:
+    """The reason a cache-only download failed: the endpoint that did not answer, or offline mode."""
+    return getattr(error, "unreachable", None) or "offline"
+
+
 def http_errors() -> tuple[type[Exception], ...]:
     """Errors the Hub client lets through from its HTTP library (a reset connection, a body cut short).
 
@@ -121,16 +178,17 @@ def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> 
     The client retries what it deems transient (a 503, a connection lost mid-body); what it
     still cannot fetch becomes a HubError naming the repo and the file.
     """
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     before = try_to_load_from_cache(repo_id, name, revision=revision)
     try:
-        path = Path(hf_hub_download(repo_id, name, revision=revision))
+        path = Path(hf_download(repo_id, name, revision=revision))
     except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError)
         if isinstance(e.__cause__, HfHubHTTPError):  # online, but the Hub kept failing
             raise HubError(f"cannot fetch {repo_id}: {name}: {_short(e.__cause__)}") from None
-        raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached") from None
+        raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached "
+                       f"({offline_reason(e)})") from None
     except EntryNotFoundError:
         raise HubError(f"cannot fetch {repo_id}: {name} is missing from the repo at {revision or 'main'}") from None
     except http_errors() as e:

@@ -78,16 +78,15 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
     Raises:
         SourceError: the file cannot be had, or its bytes do not match their address.
     """
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     candidates = [filename] + ([FALLBACK_FILENAME] if filename != FALLBACK_FILENAME else [])
-    errors, offline = [], False
+    errors, offline = [], None
     for name in candidates:
         try:
-            local = Path(hf_hub_download(repo_id, name, revision=revision))
-        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
-            offline = True
+            local = Path(hub.hf_download(repo_id, name, revision=revision))
+        except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: test it first
+            offline = hub.offline_reason(e)
             continue
         except EntryNotFoundError:
             errors.append(f"{name} is not in the repo")
@@ -103,10 +102,8 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
         commit = local.parent.name if re.fullmatch(r"[0-9a-f]{40}", local.parent.name) else revision
         return SourceWeights(local, digest, repo_id, commit, name)
     if offline:
-        raise SourceError(
-            f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
-            "(offline); run once with network access, or pass --checkpoint PATH"
-        )
+        raise SourceError(f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
+                          f"({offline}); {hub.OFFLINE_REMEDY}")
     raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
 
 
@@ -135,12 +132,11 @@ def fetch_repo(repo_id: str, revision: str | None = None, filename: str = "model
         SourceError: as `fetch`; config files the repo does not have are skipped.
     """
     weights = fetch(repo_id, filename, revision=revision)
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     for name in CONFIG_FILES:
         try:
-            hf_hub_download(repo_id, name, revision=weights.revision)
+            hub.hf_download(repo_id, name, revision=weights.revision)
         except LocalEntryNotFoundError:  # offline and not cached: the conversion says what it used
             continue
         except EntryNotFoundError:

@@ -387,3 +387,26 @@ def test_a_missing_repo_or_revision_is_named(published, small_tiny, tmp_path):
     with pytest.raises(SourceError, match=f"{SOURCE}/model.safetensors: the repo has no revision 'nope'"):
         pipeline.convert("convnext_tiny_1k", revision="nope", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [("convert", "convnext_atto"), ("predict", "examples/scene.jpg")],
+                         ids=["convert", "predict"])
+def test_an_unreachable_hub_fails_at_once_saying_what_to_do(command, tmp_path):
+    """Without a network the Hub client retries every request for ~25 s, twice per checkpoint; a
+    user without Hub access must hear at once what to do instead, not after a minute."""
+    import os
+    import socket
+
+    from tests.support.cli import one_line_error, zoo_cli
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed}"
+    start = time.monotonic()
+    message = one_line_error(zoo_cli(*command, env=env, cwd=Path(__file__).parents[1]))
+    seconds = time.monotonic() - start
+    assert "cannot be reached" in message and f"127.0.0.1:{closed}" in message, message
+    assert "HF_HUB_OFFLINE=1" in message and "--random-weights" in message, message
+    assert seconds < 30, f"{seconds:.0f} s before failing"  # the client's retries alone take ~50 s
