@@ -81,6 +81,20 @@ def test_images_are_prepared_in_parallel_exactly_as_in_one_thread(folder, image_
         list(prepared_batches(prepare, paths[:6] + [broken] + paths[6:], 5, 3))
 
 
+def test_the_table_escapes_what_a_terminal_would_act_on(folder, image_folder, tmp_path):
+    """A data folder's name is printed in the table as it is, control characters escaped: it cannot
+    set the window title or forge an `error:` line."""
+    from tests.support.cli import zoo_inline
+
+    data = tmp_path / "val\x1b]0;title\x07\nerror: injected line"
+    data.symlink_to(image_folder)
+    result = zoo_inline("eval", "--data", data, "--model", folder, "--workers", "0")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "val\\x1b]0;title\\x07\\nerror: injected line (12 images" in lines[0]
+
+
 def test_labels_file_and_limit(folder, image_folder, tmp_path):
     # relabel so every image's label is the model's own top-1: accuracy must read 100%
     found, _ = samples(image_folder, 1000)

@@ -338,13 +338,13 @@ def predict(images, model_name, top, as_json, dtype):
     """
     name, num_classes, preprocessing, load, own_names = _classifier(model_name)
     if num_classes == 0:
-        raise ZooError(f"{name} is a feature checkpoint without a classifier head: it has no classes to predict. "
-                       f"Use a classifier (e.g. --model {DEFAULT_PREDICT_MODEL}; `zoo list` shows the classes), "
+        raise ZooError(f"{printable(name)} is a feature checkpoint without a classifier head: it has no classes to "
+                       f"predict. Use a classifier (e.g. --model {DEFAULT_PREDICT_MODEL}; `zoo list` shows the classes), "
                        f"or zoo.load({name!r}, include_top=False) for features")
     batch = preprocess(list(images), preprocessing)  # unreadable images fail before the model loads
     names = list(own_names) if own_names else label_names(num_classes)
     if names is None:
-        _echo(f"note: {name} has a {num_classes}-way head without class names (the 1000-, 11821- and "
+        _echo(f"note: {printable(name)} has a {num_classes}-way head without class names (the 1000-, 11821- and "
               f"21841-class ImageNet heads are named, and conversions given names); showing class indices")
     predictions = top_classes(load(dtype=dtype), batch, top=top, names=names)
     if as_json:

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import DatasetError, ZooError
 from .folder_config import FolderConfig
 from .runtime import usable_cpus
+from .text import printable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ class EvalReport:
         speed = f"{self.images_per_second:.1f} images/s"
         if self.model_seconds:
             speed += f"; the model alone {self.num_images / self.model_seconds:.1f}"
-        lines = [f"{self.model} on {self.data} ({self.num_images} images, labels: {self.labels}{precision}; {speed})",
+        # names and paths escaped: one line each, nothing a terminal acts on (`to_json` keeps them exact)
+        lines = [f"{printable(self.model)} on {printable(self.data)} ({self.num_images} images, labels: "
+                 f"{printable(self.labels)}{precision}; {speed})",
                  f"{'':<8} {'top-1':>8} {'top-5':>8}",
                  f"{'keras':<8} {self.top1:>8.2%} {self.top5:>8.2%}"]
         if self.torch:
