@@ -196,3 +196,13 @@ def test_verify_a_missing_folder_exits_2(tmp_path):
     result = zoo_cli("verify", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert_no_traceback(result)
+
+
+def test_help_names_every_source_framework_not_timm_alone():
+    """verify, export and eval compare with the source's own framework; predict prepares images as
+    the source does: their help says so, not "timm" for every source."""
+    for command in ("verify", "export", "eval"):
+        text = " ".join(zoo_inline(command, "--help").output.split())
+        assert "timm, transformers or torchvision" in text, (command, text)
+    text = " ".join(zoo_inline("predict", "--help").output.split())
+    assert "as the checkpoint's source evaluates it" in text and "transformers" in text, text

@@ -280,7 +280,8 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
 @_user_errors
 @_tensorflow
 def verify(folder, checkpoint):
-    """Re-check a converted FOLDER: file hashes, then parity against timm."""
+    """Re-check a converted FOLDER: file hashes, then parity against the framework its source came from
+    (timm, transformers or torchvision), on the recorded source weights."""
     from converters.pipeline import verify as run
 
     report = run(folder, checkpoint=checkpoint, echo=_echo)
@@ -331,8 +332,9 @@ _DTYPE = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "floa
 def predict(images, model_name, top, as_json, dtype):
     """Classify IMAGE files: the top classes and their probabilities.
 
-    Each image is prepared exactly as timm evaluates the checkpoint (its size, crop and
-    normalisation). The default model, convnext_tiny.fb_in1k, has the ImageNet-1k classes;
+    Each image is prepared exactly as the checkpoint's source evaluates it (its size, crop and
+    normalisation: timm's eval transform, a transformers folder's image processor, torchvision's
+    transform for its weights). The default model, convnext_tiny.fb_in1k, has the ImageNet-1k classes;
     heads of 11821 (ImageNet-12k) and 21841 (ImageNet-22k) classes are named too, other heads
     show class indices. Feature checkpoints (0 classes) cannot predict.
     """
@@ -396,7 +398,8 @@ def _load_name(name, dtype="float32"):
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a fixed random sample of N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--compare-torch", is_flag=True,
-              help="Also run timm (its own transform, the source weights) and report its accuracy and the "
+              help="Also run the source's framework (timm, transformers or torchvision) on the source weights, "
+                   "with timm's eval transform, and report its accuracy and the "
                    "agreement of the two (needs the convert extra).")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Threads decoding and preparing images while the model runs (default: one per CPU; "
@@ -426,7 +429,8 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
 @click.option("--quantize", type=click.Choice(["none", "fp16", "dynamic"]), default="none", show_default=True,
               help="tflite only: float16 weights, or dynamic-range int8 weights (looser, stated bounds).")
 @click.option("--pytorch", type=click.Choice(["auto", "require", "skip"]), default="auto", show_default=True,
-              help="Compare with timm on the recorded source weights: when possible, always, or never.")
+              help="Compare with the source's framework (timm, transformers or torchvision) on the recorded source "
+                   "weights: when possible, always, or never.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Local source file for the PyTorch comparison instead of fetching the recorded one.")
 @_tolerances("fp32 bound")
@@ -436,7 +440,8 @@ def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, r
     """Export a converted NAME_OR_DIR as a SavedModel, a TFLite file or a .keras file.
 
     The export runs on the parity images and is compared with the Keras model and with PyTorch
-    (timm on the recorded source weights); it is kept, with its report beside it, only if it
+    (the source's framework, timm, transformers or torchvision, on the recorded source weights); it
+    is kept, with its report beside it, only if it
     meets its bounds. Prints the export's path; the report table goes to stderr.
     """
     try:

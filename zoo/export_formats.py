@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import BackendError, ExportError
-from .runtime import installed
+from .runtime import installed, native_stderr_held
 
 INPUT_NAME = "pixels"
 SIGNATURE = "serving_default"
@@ -148,9 +148,10 @@ def tflite_interpreter(path: str | Path):
 
 
 def _run_tflite(path: Path, inputs: np.ndarray) -> tuple[np.ndarray, str]:
-    interpreter, runtime = tflite_interpreter(path)
-    runner = interpreter.get_signature_runner(SIGNATURE)
-    outputs = runner(**{INPUT_NAME: inputs})  # the runner resizes the batch dimension
+    with native_stderr_held():  # the interpreter's "Created TensorFlow Lite XNNPACK delegate" line
+        interpreter, runtime = tflite_interpreter(path)
+        runner = interpreter.get_signature_runner(SIGNATURE)
+        outputs = runner(**{INPUT_NAME: inputs})  # the runner resizes the batch dimension
     return np.asarray(next(iter(outputs.values()))), runtime
 
 

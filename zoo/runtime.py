@@ -10,6 +10,7 @@ import, so it only takes effect when zoo is imported first.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import logging
@@ -152,6 +153,29 @@ def check_frozen_weights_value() -> None:
                            "(anything else aborts it); set one of those or unset it")
 
 
+@contextlib.contextmanager
+def native_stderr_held():
+    """Keep what native code writes to file descriptor 2 during the block (TensorFlow's start-up
+    lines, TFLite's "Created TensorFlow Lite XNNPACK delegate"), off the terminal, between the
+    command's own lines; shown only if the block fails. Python's own stderr is flushed first."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow and let it look for devices with its native start-up lines kept off stderr.
 
@@ -161,24 +185,10 @@ def import_tensorflow_quietly() -> None:
     """
     if "tensorflow" in sys.modules:
         return
-    import tempfile
+    with native_stderr_held():
+        import tensorflow as tf
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()  # the device probe logs too (a missing CUDA driver)
-        except BaseException:
-            os.dup2(saved, 2)
-            caught.seek(0)
-            sys.stderr.write(caught.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        tf.config.list_physical_devices()  # the device probe logs too (a missing CUDA driver)
 
 
 def onednn_enabled() -> bool | None:
