@@ -1,7 +1,8 @@
 """The files beside the weights (transformers' `config.json` and `preprocessor_config.json`, timm's
 `config.json`) and `--labels` files: every value is checked where it is read. A bad one is one
 error naming the file and the field, before any slow work; a good one gives a preprocessing that
-applies to a real image and exactly one name per class. Fuzzed (hypothesis), and end to end.
+applies to a real image and exactly one name per class. Fuzzed (hypothesis), and through `zoo
+convert` (an odd but good config converting and predicting end to end: tests/test_own_checkpoints.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.numpy import save_file
 
-from checkpoints.converted import open_folder
 from converters.images import natural_images
 from converters.metadata import MAX_INPUT, MAX_RESIZE, MIN_INPUT, SourceMetadata, parse_metadata, read_metadata
 from converters.reference import random_state_dict
@@ -464,33 +464,3 @@ def test_options_out_of_range_fail_convert_in_one_line_before_any_work(options, 
     folder = _beside(timm_folder, tmp_path / "repo", TIMM)
     result = zoo_inline("convert", "--checkpoint", folder, "--out", tmp_path / "out", *options)
     assert said in one_line_error(result) and "-> read" not in result.stderr, result.stderr
-
-
-ODD_NAMES = {"0": "\x1b]0;pwned\x07title", "2": "chat\nerror: injected line", "1": "\u202etxt.exe \u732b"}
-
-
-def test_an_odd_but_good_config_converts_and_predicts(timm_folder, tmp_path):
-    """Every field at an unusual but valid value: a label map in another key order with names a
-    terminal would act on, squash crop, bilinear, crop_pct 1, non-ImageNet mean and std. It
-    converts, the names stay exact in the folder and `--json`, and `zoo predict` prints each
-    escaped on its own row."""
-    config = {**TIMM, "label_names": ODD_NAMES, "model_args": {"norm_eps": 1e-5},
-              "pretrained_cfg": {"input_size": [3, 64, 64], "crop_pct": 1, "crop_mode": "squash",
-                                 "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.3, 0.35]}}
-    folder = _beside(timm_folder, tmp_path / "repo", config)
-    out = tmp_path / "out"
-    result = zoo_inline("convert", "--checkpoint", folder, "--out", out)
-    assert result.exit_code == 0, result.stderr[-3000:]
-    names = tuple(ODD_NAMES[str(i)] for i in range(3))
-    record = open_folder(out).config
-    assert record.labels == names and record.pretrained_cfg["crop_mode"] == "squash"
-    image = tmp_path / "photo.png"
-    Image.fromarray(natural_images(1, 90, seed=1)[0][:70, :90]).save(image)
-    shown = zoo_inline("predict", image, "--model", out, "--json")
-    assert shown.exit_code == 0 and {p["label"] for p in json.loads(shown.stdout)[0]["predictions"]} == set(names)
-    table = zoo_inline("predict", image, "--model", out)
-    assert table.exit_code == 0, table.stderr
-    rows = table.stdout.splitlines()
-    assert len(rows) == 5 and not any(c in table.stdout for c in "\x1b\x07\u202e")
-    assert {row.split(maxsplit=3)[3] for row in rows[2:]} == {
-        r"\x1b]0;pwned\x07title", r"chat\nerror: injected line", "\\u202etxt.exe \u732b"}

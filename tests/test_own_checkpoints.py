@@ -154,6 +154,46 @@ def test_preprocessing_of_a_transformers_folder_is_its_image_processor(edge, cro
     assert max(float(d.mean()) for d in worst) <= FAST_PROCESSOR_MEAN
 
 
+ODD_NAMES = {"0": "\x1b]0;pwned\x07title", "2": "chat\nerror: injected line", "1": "\u202etxt.exe \u732b"}
+
+
+def test_an_odd_but_good_timm_config_converts_and_predicts(tmp_path):
+    """A timm repo's config.json with every field at an unusual but valid value: a label map in
+    another key order with names a terminal would act on, squash crop, bilinear, crop_pct 1, its
+    own eps, mean and std. It converts; the names stay exact in the folder and `--json`, and
+    `zoo predict` prints each escaped on its own row."""
+    from PIL import Image
+
+    from converters.images import natural_images
+    from converters.reference import random_state_dict
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    save_file({k: torch.from_numpy(v) for k, v in random_state_dict(V1_CONV_MLP, 3, seed=2).items()},
+              str(repo / "model.safetensors"))
+    (repo / "config.json").write_text(json.dumps({
+        "architecture": "convnext_atto", "num_classes": 3, "label_names": ODD_NAMES, "model_args": {"norm_eps": 1e-5},
+        "pretrained_cfg": {"input_size": [3, 64, 64], "crop_pct": 1, "crop_mode": "squash",
+                           "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.3, 0.35]}}))
+    out = tmp_path / "out"
+    result = zoo_inline("convert", "--checkpoint", repo, "--out", out)
+    assert result.exit_code == 0, result.stderr[-3000:]
+    names = tuple(ODD_NAMES[str(i)] for i in range(3))
+    record = open_folder(out).config
+    assert record.labels == names and record.architecture.norm_eps == 1e-5
+    assert (record.pretrained_cfg["crop_mode"], record.pretrained_cfg["interpolation"]) == ("squash", "bilinear")
+    image = tmp_path / "photo.png"
+    Image.fromarray(natural_images(1, 90, seed=1)[0][:70, :90]).save(image)
+    shown = zoo_inline("predict", image, "--model", out, "--json")
+    assert shown.exit_code == 0 and {p["label"] for p in json.loads(shown.stdout)[0]["predictions"]} == set(names)
+    table = zoo_inline("predict", image, "--model", out)
+    assert table.exit_code == 0, table.stderr
+    rows = table.stdout.splitlines()
+    assert len(rows) == 5 and not any(c in table.stdout for c in "\x1b\x07\u202e")
+    assert {row.split(maxsplit=3)[3] for row in rows[2:]} == {
+        r"\x1b]0;pwned\x07title", r"chat\nerror: injected line", "\\u202etxt.exe \u732b"}
+
+
 def test_options_where_the_tensors_cannot_know(src, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("".join(f"class {i}\n" for i in range(7)))
