@@ -63,8 +63,8 @@ def refused(weights: Path, file: str) -> str:
 
 # --- each bad value: one error naming the file and the field ------------------------------------
 
-BAD_PROCESSOR = {  # field -> (value, what the message says)
-    "crop_pct tiny": ("crop_pct", 0.003, "crop_pct must be a number in (0, 1]"),
+BAD_PROCESSOR = {  # case -> (field, value, what the message says)
+    "crop_pct tiny": ("crop_pct", 0.003, "crop_pct must be a number in (0, 1] and at least 0.05469 for input size 224"),
     "crop_pct negative": ("crop_pct", -1, "crop_pct must be a number in (0, 1], got -1"),
     "crop_pct NaN": ("crop_pct", float("nan"), "crop_pct must be a number in (0, 1], got nan"),
     "resample 99": ("resample", 99, "resample must be 2 (bilinear) or 3 (bicubic)"),
@@ -83,7 +83,7 @@ def test_bad_preprocessor_values_are_one_line_naming_the_field(case, tmp_path):
     assert said in message, message
 
 
-BAD_TRANSFORMERS = {
+BAD_TRANSFORMERS = {  # case -> (field, value, what the message says)
     "depths an int": ("depths", 3, "depths must be a list of 4 whole numbers > 0"),
     "hidden_sizes with a zero": ("hidden_sizes", [8, 0, 24, 32], "hidden_sizes must be"),
     "id2label keys not integers": ("id2label", {"0": "cat", "a": "dog"}, "id2label keys must be class indices"),
@@ -105,7 +105,7 @@ def test_bad_transformers_config_values_are_one_line_naming_the_field(case, tmp_
     assert said in message, message
 
 
-BAD_TIMM = {  # field in pretrained_cfg, model_args or the top level -> (value, what the message says)
+BAD_TIMM = {  # case -> (field: top level, or inside pretrained_cfg or model_args; value; what the message says)
     "input_size huge": ("pretrained_cfg.input_size", [3, 100000, 100000], "pretrained_cfg.input_size must be"),
     "input_size 1 channel": ("pretrained_cfg.input_size", [1, 224, 224], "3 (RGB) channels"),
     "mean of 1": ("pretrained_cfg.mean", [0.5], "pretrained_cfg.mean must be 3 numbers"),
