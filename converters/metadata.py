@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from zoo.errors import SourceError
-from zoo.preprocessing import CROP_MODES, CROP_OFFSETS, INTERPOLATIONS
+from zoo.preprocessing import CROP_MODES, CROP_OFFSETS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MAX_RESIZE
 
 TRANSFORMERS_TYPES = {"convnext": False, "convnextv2": True}  # model_type -> ConvNeXt-V2
 # PIL's resampling filters by number, as transformers' processors store them
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MIN_INPUT, MAX_INPUT = 32, 2048  # a side of the network's input (it downsamples by 32)
-MAX_RESIZE = 4096  # a side of an image resized before the crop: input size / crop_pct
 MAX_MEAN, MIN_STD, MAX_STD = 1e3, 1e-6, 1e3  # normalised pixels stay far inside float32
 _SHOWN = 60  # characters of a bad value quoted in an error
 

@@ -183,3 +183,24 @@ def test_heads_without_a_label_set():
         assert label_names(width) is None and synsets(width) is None
     widths = {c.num_classes for c in zoo.catalogue().values()}
     assert widths - {0, 640, 768, 1024} == {1000, 11821, 21841}  # every classifier head is named
+
+
+@pytest.mark.parametrize("change", [{"crop_pct": 0.003}, {"crop_pct": float("nan")}, {"mean": [0.5]},
+                                    {"interpolation": "\x1b[2Jlanczos"}], ids=["tiny-crop", "nan-crop", "mean", "escape"])
+def test_a_folder_recording_preprocessing_no_transform_can_apply_is_one_line(change, tmp_path):
+    """Folders written before the values beside the weights were checked may record such values
+    (their manifest is intact): predicting with one is one line, never a 22 GB resize or a traceback."""
+    import dataclasses
+
+    from zoo.model import build_model
+
+    config = folder_config(NAME, SMALL_V1, 10)
+    config = dataclasses.replace(config, pretrained_cfg={**config.pretrained_cfg, **change})
+    folder = store.write(tmp_path / "old", build_model(SMALL_V1, num_classes=10, name=NAME), config,
+                         {"passed": True})
+    image = tmp_path / "a.png"
+    Image.fromarray(natural_images(1, 64)[0]).save(image)
+    result = zoo_inline("predict", image, "--model", folder)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "\x1b" not in result.output, result.output

@@ -59,6 +59,10 @@ class BackendError(ZooError):
     export on anything but TensorFlow)."""
 
 
+class PreprocessingError(ZooError, ValueError):
+    """Preprocessing settings no transform can apply (a crop of no pixels, a non-finite mean)."""
+
+
 class ImageError(ZooError):
     """An input image cannot be read or has the wrong shape or dtype."""
 

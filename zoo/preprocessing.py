@@ -16,12 +16,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .catalogue import CatalogueEntry, resolve
-from .errors import ImageError
+from .errors import ImageError, PreprocessingError
 from .folder_config import RECORD, FolderConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("center", "squash")
+MAX_RESIZE = 4096  # a side of an image resized before the crop (input size / crop_pct): bounded memory
 CROP_OFFSETS = ("round", "floor")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 INTERPOLATIONS = tuple(_RESAMPLE)
@@ -67,18 +68,24 @@ class Preprocessing:
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        # a converted folder's record is read here too: a value no transform can apply is one line
         if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"input_size must be (height, width), got {self.input_size!r}")
-        if not self.crop_pct > 0:
-            raise ValueError(f"crop_pct must be > 0, got {self.crop_pct}")
+            raise PreprocessingError(f"input_size must be (height, width), got {self.input_size!r}")
+        if not (math.isfinite(self.crop_pct) and self.crop_pct > 0):
+            raise PreprocessingError(f"crop_pct must be a finite number > 0, got {self.crop_pct}")
+        if max(size) / self.crop_pct > MAX_RESIZE:
+            raise PreprocessingError(f"input size {max(size)} with crop_pct {self.crop_pct:g} resizes images to "
+                                     f"{max(size) / self.crop_pct:.0f} pixels before the crop (at most {MAX_RESIZE})")
         if self.crop_mode not in CROP_MODES:
-            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+            raise PreprocessingError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
+            raise PreprocessingError(f"interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
         if self.crop_offsets not in CROP_OFFSETS:
-            raise ValueError(f"crop_offsets must be one of {CROP_OFFSETS}, got {self.crop_offsets!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 channels and std > 0, got {self.mean}, {self.std}")
+            raise PreprocessingError(f"crop_offsets must be one of {CROP_OFFSETS}, got {self.crop_offsets!r}")
+        if (len(self.mean) != 3 or len(self.std) != 3 or not all(map(math.isfinite, self.mean + self.std))
+                or min(self.std) <= 0):
+            raise PreprocessingError(f"mean and std need 3 finite numbers each and std > 0, got {self.mean}, "
+                                     f"{self.std}")
 
     @classmethod
     def from_checkpoint(cls, ckpt: CatalogueEntry) -> "Preprocessing":
