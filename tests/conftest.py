@@ -37,7 +37,12 @@ def pytest_collection_modifyitems(config, items):
     (`--dist loadgroup`), so that it is made once; the others are spread one by one."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
-        if info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+        if item.get_closest_marker("heavy"):
+            # the largest conversions peak at 8 GB and more: two at once, beside the other worker's
+            # tests, would not fit a 24 GB machine. One worker takes them all, one after another.
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+            _in_group(item, "heavy")
+        elif info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
             _in_group(item, item.module.__name__)
 

@@ -28,8 +28,9 @@ HEADS = [(n, 1000) for n in sorted(ARCHITECTURES)] + [
 # convnext_large stands for the rows of its size in the default run: these have its stem, stages and
 # head shapes at 200 to 350M parameters (10-15 s to build each here); -m slow checks them too.
 LARGE = {"convnext_xlarge", "convnextv2_large", "convnext_large_mlp"}
-CASES = [pytest.param(n, c, marks=pytest.mark.slow) if n in HUGE or (n in LARGE and c) else (n, c) for n, c in HEADS]
-NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n in sorted(ARCHITECTURES)]
+CASES = [pytest.param(n, c, marks=[pytest.mark.slow, pytest.mark.heavy]) if n in HUGE or (n in LARGE and c) else (n, c)
+         for n, c in HEADS]
+NAMES = [pytest.param(n, marks=[pytest.mark.slow, pytest.mark.heavy]) if n in HUGE else n for n in sorted(ARCHITECTURES)]
 
 
 def timm_shapes(name: str, num_classes: int) -> dict[str, tuple]:

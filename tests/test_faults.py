@@ -254,6 +254,7 @@ def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small
 # --- parallel conversions ------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.heavy  # six conversions and their reference processes at once
 def test_parallel_conversions_all_succeed_and_do_not_interfere(tmp_path, isolated_home, work_tmp):
     """Four `zoo convert` of one checkpoint into one folder, and at the same time two other
     checkpoints into the local store (default destination): six processes, all exit 0; the

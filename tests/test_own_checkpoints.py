@@ -525,7 +525,7 @@ def test_convert_usage_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+@pytest.mark.parametrize("size", ["tiny", "small", "base", pytest.param("large", marks=pytest.mark.heavy)])
 def test_torchvision_full_size_networks_convert_against_torchvision(size, tmp_path):
     """torchvision's own `convnext_{size}` (its builder, perturbed weights), at full size."""
     import torchvision.models as tvm

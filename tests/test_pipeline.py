@@ -132,6 +132,7 @@ def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, fil
 # stem with its GELU, V2 with GRN and no head-norm weights. Every other stem, norm and head runs
 # against timm at a small width in tests/test_mapping.py (and here with -m slow).
 SMALL_ENOUGH = {"convnext_zepto_rms_ols", "convnext_atto", "convnextv2_atto"}
+HEAVY_PARAMS = 150_000_000  # convnext_large and up: GBs at the conversion's peak
 
 
 def _sweep_cases():
@@ -140,7 +141,8 @@ def _sweep_cases():
     for c in representatives():
         fast = c.architecture in SMALL_ENOUGH and (c.architecture not in fast_archs or c.num_classes == 0)
         fast_archs.add(c.architecture)
-        cases.append(pytest.param(c.name, marks=() if fast else pytest.mark.slow, id=c.name))
+        marks = () if fast else (pytest.mark.slow,) + ((pytest.mark.heavy,) if c.params > HEAVY_PARAMS else ())
+        cases.append(pytest.param(c.name, marks=marks, id=c.name))
     return cases
 
 

@@ -73,7 +73,8 @@ def _transformers_logits(seed: int, inputs: np.ndarray) -> np.ndarray:
 FILES = sorted(name for name in SEEDS if "/" in name)
 
 
-@pytest.mark.parametrize("given", FILES)
+# a pytorch_model.bin beside model.safetensors takes the same path as other.safetensors: -m slow
+@pytest.mark.parametrize("given", [pytest.param(f, marks=pytest.mark.slow) if f.endswith(".bin") else f for f in FILES])
 def test_the_file_given_is_the_one_converted_and_compared(given, folders, converted):
     """The recorded sha256 is the given file's, parity passed against it, and the converted model's
     logits are its weights' (not its neighbours'); the folder itself still converts its
@@ -91,6 +92,7 @@ def test_the_file_given_is_the_one_converted_and_compared(given, folders, conver
         assert all(np.abs(ours - logits).max() > 0.1 for seed, logits in theirs.items() if seed != SEEDS[name])
 
 
+@pytest.mark.slow
 def test_verify_and_export_run_the_recorded_file(converted, tmp_path):
     """`zoo verify` and `zoo export` re-run the reference on other.safetensors, the file recorded,
     though a model.safetensors of other weights sits beside it."""
