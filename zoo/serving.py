@@ -146,21 +146,47 @@ def _prescaled(model: keras.Model, eps_kernel: float) -> tuple[dict, set]:
 
 
 def _folded(layer, norm, scale) -> tuple[np.ndarray, np.ndarray]:
-    """The linear layer's kernel and bias (float64) with the norm's affine and the scale folded in."""
-    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float64)
+    """The linear layer's kernel and bias (float64) with the norm's affine and the scale folded in.
+
+    One float64 copy of the kernel, multiplied in place (the largest MLP kernels are hundreds of MB
+    in float64): the same products as new arrays would hold.
+    """
+    kernel = np.array(keras.ops.convert_to_numpy(layer.kernel), np.float64)  # a copy: never the variable's memory
     out = kernel.shape[-1]
-    bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
+    bias = (np.array(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
             else np.zeros(out))
     if norm is not None:
         g = np.asarray(keras.ops.convert_to_numpy(norm.gamma), np.float64)
         b = np.asarray(keras.ops.convert_to_numpy(norm.beta), np.float64)
         bias = bias + np.tensordot(b, kernel, axes=([0], [kernel.ndim - 2])).sum(
             axis=tuple(range(kernel.ndim - 2)))
-        kernel = kernel * g[:, None]
+        kernel *= g[:, None]
     if scale is not None:
         gamma = np.asarray(keras.ops.convert_to_numpy(scale.gamma), np.float64)
-        kernel, bias = kernel * gamma, bias * gamma
+        kernel *= gamma
+        bias = bias * gamma
     return kernel, bias
+
+
+def _folded_bias(layer) -> np.ndarray:
+    """The linear layer's bias (float64), zeros where it has none: `_folded`'s with nothing folded in."""
+    if layer.use_bias:
+        return np.array(keras.ops.convert_to_numpy(layer.bias), np.float64)
+    return np.zeros(layer.kernel.shape[-1])
+
+
+def _scale(array: np.ndarray, k: float) -> np.ndarray:
+    """`array` (float64) times `k`, in place."""
+    if k != 1.0:
+        array *= k
+    return array
+
+
+def _unchanged(layer, norm, scale, k: float) -> bool:
+    """Whether the serving path's kernel of a linear layer is the layer's own: nothing folds into
+    it, it is used in its own shape and its own dtype is the one it computes in."""
+    return (norm is None and scale is None and k == 1.0 and layer.kernel.dtype == layer.compute_dtype
+            and (not _as_matmul(layer) or len(layer.kernel.shape) == 2))
 
 
 class _Weights:
@@ -170,6 +196,10 @@ class _Weights:
         import tensorflow as tf
 
         self.tf, self.constant, self.arrays, self.variables = tf, constant, {}, {}
+
+    def share(self, key: str, variable) -> None:
+        """Read `variable` (a model's own) where `key` is used: no copy."""
+        self.variables[key] = variable.value if isinstance(variable, keras.Variable) else variable
 
     def add(self, key: str, value: np.ndarray, dtype: str, constant: bool | None = None) -> None:
         value = np.asarray(value, np.float32)
@@ -194,7 +224,8 @@ class _Weights:
         return self.tf.constant(value, dtype=dtype)
 
 
-def serving_function(model: keras.Model, *, constant: bool = False, fused_norms: bool | None = None):
+def serving_function(model: keras.Model, *, constant: bool = False, fused_norms: bool | None = None,
+                     shared: bool = False):
     """A `tf.function` computing `model(x, training=False)` for inference, folded (see the module).
 
     Args:
@@ -203,6 +234,11 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
             only: a GraphDef holds at most 2 GB).
         fused_norms: LayerNorms in the form oneDNN's fused kernel replaces (default: where this
             TensorFlow has that kernel); False: folded into the next linear layer, as for TFLite.
+        shared: the kernels no fold changes (with fused norms: each `fc1`, the downsample convs and
+            the classifier, about half the weights) are read from the model's own variables
+            instead of copies holding the same values; the function then sees later changes of
+            those variables but not of the folded ones, so only for a model whose weights stay as
+            they are (the parity check). Not with `constant`.
 
     Returns:
         A function of one float32 NHWC batch returning the model's output (float32 logits,
@@ -231,17 +267,23 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
     for layer in layers:
         k = prescale.get(layer.name, 1.0)
         if _linear(layer):
-            kernel, bias = _folded(layer, norm_into.get(layer.name), scale_into.get(layer.name))
-            if _as_matmul(layer):
-                kernel = kernel.reshape(-1, kernel.shape[-1])
-            weights.add(f"{layer.name}/kernel", kernel * k, layer.compute_dtype)
-            weights.add(f"{layer.name}/bias", bias * k, layer.compute_dtype)
+            norm, scale = norm_into.get(layer.name), scale_into.get(layer.name)
+            if shared and not constant and _unchanged(layer, norm, scale, k):
+                weights.share(f"{layer.name}/kernel", layer.kernel)
+                bias = _folded_bias(layer)
+            else:
+                kernel, bias = _folded(layer, norm, scale)
+                if _as_matmul(layer):
+                    kernel = kernel.reshape(-1, kernel.shape[-1])
+                kernel = _scale(kernel, k).astype(np.float32)  # rounded once; the float64 copy goes
+                weights.add(f"{layer.name}/kernel", kernel, layer.compute_dtype)
+            weights.add(f"{layer.name}/bias", _scale(bias, k), layer.compute_dtype)
         elif _depthwise(layer):
-            kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float64)
-            bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
+            kernel = np.array(keras.ops.convert_to_numpy(layer.kernel), np.float64)
+            bias = (np.array(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
                     else np.zeros(layer.kernel.shape[2] * layer.depth_multiplier))
-            weights.add(f"{layer.name}/kernel", kernel * k, layer.compute_dtype)
-            weights.add(f"{layer.name}/bias", bias * k, layer.compute_dtype)
+            weights.add(f"{layer.name}/kernel", _scale(kernel, k), layer.compute_dtype)
+            weights.add(f"{layer.name}/bias", _scale(bias, k), layer.compute_dtype)
         elif _foldable_norm(layer) and layer.name not in folded_away:
             # constants whatever `constant` says: the fused kernel's pattern needs them (C floats each)
             weights.add(f"{layer.name}/gamma", keras.ops.convert_to_numpy(layer.gamma), "float32", constant=True)
@@ -266,11 +308,11 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
     return function
 
 
-def runner(model: keras.Model, *, constant: bool = False):
-    """How inference runs `model`: its serving function on TensorFlow (`constant` as there), else
-    the model itself."""
+def runner(model: keras.Model, *, constant: bool = False, shared: bool = False):
+    """How inference runs `model`: its serving function on TensorFlow (`constant` and `shared` as
+    there), else the model itself."""
     if keras.backend.backend() == "tensorflow":
-        return serving_function(model, constant=constant)
+        return serving_function(model, constant=constant, shared=shared)
     return lambda x: model.predict_on_batch(x)
 
 
