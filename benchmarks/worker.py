@@ -294,6 +294,9 @@ def _started_at_check(started):
         def __init__(self, args, kwargs):
             self.args, self.kwargs = args, kwargs
 
+        def wait_for_reference(self):
+            pass  # it starts at `check`
+
         def check(self, model, **tolerances):
             with started(*self.args, **self.kwargs) as pending:
                 return pending.check(model, **tolerances)

@@ -23,11 +23,14 @@ def write_weights(path: Path, model, values: Values | None = None) -> None:
 
     `values` maps `id(variable)` of every variable of `model` to a function returning its
     value (`converters.mapping.values`): the file is then written straight from them, and
-    `model`'s variables are neither read nor changed, where this Keras' saving code allows it;
-    otherwise they are assigned the values first.
+    `model`'s variables are neither read nor changed (they may hold no values at all: Keras'
+    deferred initialisation), where this Keras' saving code allows it; otherwise they are
+    assigned the values first.
     """
     if values is not None and not _write_values(path, model, values):
         for variable in model.weights:  # this Keras saves otherwise: through the variables
+            if getattr(variable, "_value", 0) is None:  # deferred: its storage first
+                variable._deferred_initialize()
             variable.assign(values[id(variable)]())
         values = None
     if values is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -28,45 +28,92 @@ from zoo.reports import (
     topk_agreement,
 )
 
-from .reference_process import Network, ReferenceRun, reference_process, results, versions, write_spec
+from .reference_process import Network, ReferenceRun, outputs_file, reference_process, versions, write_spec
 
 
 def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL,
             rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL,
             versions: dict | None = None) -> ParityReport:
     """Compare every output; the report's `passed` is the gate."""
-    missing = [n for n in COMPARED if n not in ours or n not in ref]
-    if missing:
-        raise ParityError(f"outputs missing from the comparison: {missing}")
+    _check_present(ours, ref)
     comparisons = [Comparison.of(n, ours[n], ref[n]) for n in COMPARED]
     if SERVING in ours:  # the serving path's logits, held to the logits' tolerances
         comparisons.append(Comparison.of(SERVING, ours[SERVING], ref["logits"]))
-    batch = ref["stem"].shape
+    return _report(comparisons, ours["logits"], ref["logits"], atol=atol, rtol=rtol, stage_rtol=stage_rtol,
+                   versions=versions)
+
+
+def compare_model(model, arch: Architecture, inputs: np.ndarray, ref: Mapping[str, np.ndarray], *,
+                  atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL,
+                  versions: dict | None = None) -> ParityReport:
+    """`compare` of the Keras model's outputs on `inputs` (every compared tensor, and the logits of
+    its serving path, `zoo.serving`) with the reference's `ref`, each output let go of once compared.
+
+    Run as a graph, two images at a time: an eager call of a functional model keeps every
+    intermediate tensor alive until it returns (over 22 GB for convnextv2_huge at 512). The
+    serving path runs once the probe's outputs are compared and gone, and reads the kernels no
+    fold changes from the model itself (`shared`: the same values, not a second copy of them).
+    `ref` may read each output when asked for it (`np.load` of an `.npz`).
+    """
+    ours = _probe_outputs(model, arch, inputs)
+    _check_present(ours, ref)
+    comparisons = [Comparison.of(n, ours[n], ref[n]) for n in COMPARED]
+    logits = ours["logits"]
+    del ours
+    serving = _serving_logits(model, inputs)  # checked against PyTorch too
+    ref_logits = ref["logits"]
+    comparisons.append(Comparison.of(SERVING, serving, ref_logits))
+    return _report(comparisons, logits, ref_logits, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=versions)
+
+
+def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every compared tensor from the Keras model, and the logits of its serving path (`zoo.serving`),
+    run as `compare_model` runs them, all held at once (for `compare`)."""
+    outputs = _probe_outputs(model, arch, inputs)
+    outputs[SERVING] = _serving_logits(model, inputs)
+    return outputs
+
+
+def _serving_logits(model, inputs: np.ndarray) -> np.ndarray:
+    """The serving path's logits, two images at a time; what predict, eval and the exports run."""
+    from zoo.serving import runner
+
+    run = runner(model, shared=True)
+    return np.concatenate([np.asarray(run(inputs[i:i + 2])) for i in range(0, len(inputs), 2)])
+
+
+def _check_present(ours: Mapping, ref: Mapping) -> None:
+    missing = [n for n in COMPARED if n not in ours or n not in ref]
+    if missing:
+        raise ParityError(f"outputs missing from the comparison: {missing}")
+
+
+def _report(comparisons: list[Comparison], logits: np.ndarray, ref_logits: np.ndarray, *, atol: float,
+            rtol: float, stage_rtol: float, versions: dict | None) -> ParityReport:
+    batch = next(c.shape for c in comparisons if c.name == "stem")  # the reference's
     return ParityReport(
         comparisons=comparisons,
-        top1_agreement=topk_agreement(ours["logits"], ref["logits"], 1),
-        top5_agreement=topk_agreement(ours["logits"], ref["logits"], 5),
+        top1_agreement=topk_agreement(logits, ref_logits, 1),
+        top5_agreement=topk_agreement(logits, ref_logits, 5),
         atol=atol, rtol=rtol, stage_rtol=stage_rtol,
         num_images=int(batch[0]), input_size=int(batch[1] * 4),
         versions=versions or {},
     )
 
 
-def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor from the Keras model, and the logits of its serving path (`zoo.serving`).
-
-    Run as a graph, two images at a time: an eager call of a functional model keeps every
-    intermediate tensor alive until it returns (over 22 GB for convnextv2_huge at 512).
-    """
+def _probe_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every compared tensor of the Keras model, two images at a time, each output filled in place
+    (`predict` would hold every batch's outputs and their concatenation at once)."""
     from zoo.model import probe_model
 
-    from zoo.serving import runner
-
-    outputs = probe_model(model, arch).predict(inputs, batch_size=2, verbose=0)
-    outputs = {k: np.asarray(v) for k, v in outputs.items()}
-    run = runner(model)  # what predict, eval and the exports run: checked against PyTorch too
-    outputs[SERVING] = np.concatenate([np.asarray(run(inputs[i:i + 2])) for i in range(0, len(inputs), 2)])
-    return outputs
+    probe = probe_model(model, arch)
+    out: dict[str, np.ndarray] = {}
+    for i in range(0, len(inputs), 2):
+        for name, value in probe.predict_on_batch(inputs[i:i + 2]).items():
+            if name not in out:
+                out[name] = np.empty((len(inputs), *value.shape[1:]), value.dtype)
+            out[name][i:i + len(value)] = value
+    return out
 
 
 def _our_versions() -> dict:
@@ -82,16 +129,16 @@ def started(network: Network, source: Path, *, random_seed: int | None = None) -
     """A parity check whose PyTorch side starts now, in its own process.
 
     timm imports, loads `source` and runs the parity batch while the block prepares the
-    Keras model and calls `check(model)` on the `PendingCheck` yielded. With `random_seed`,
-    the child first writes `source` (perturbed random weights; `PendingCheck.source_written`
-    waits for it), saving a second process and its imports. The child is killed if the block
-    raises.
+    Keras model and calls `check(model)` on the `PendingCheck` yielded (`wait_for_reference`
+    first, to hold the weights in one process at a time). With `random_seed`, the child first
+    writes `source` (perturbed random weights), saving a second process and its imports. The
+    child is killed if the block raises.
     """
     inputs = network.parity_batch()
     with work_dir("zoo-parity-") as tmp:  # named with our PID: cleared by the next run if we are killed
         spec = write_spec(network, source, tmp, inputs=inputs, random_seed=random_seed)
         with reference_process(["forward", str(spec)]) as run:
-            yield PendingCheck(network.arch, inputs, run, spec, source)
+            yield PendingCheck(network.arch, inputs, run, spec)
 
 
 @dataclass
@@ -102,24 +149,28 @@ class PendingCheck:
     inputs: np.ndarray
     run: ReferenceRun
     spec: Path
-    source: Path
 
-    def source_written(self) -> None:
-        """Wait until the PyTorch side has written the random source weights (see `started`).
+    def wait_for_reference(self) -> None:
+        """Wait until the PyTorch side has ended: its outputs are written and its memory (its own
+        copy of the weights) is free again.
 
         Raises:
-            ReferenceRunError: it failed first.
+            ReferenceRunError: it failed.
+            StoreError: $TMPDIR filled up under it.
         """
-        self.run.wait_for(self.source)
+        self.run.wait()
 
     def check(self, model, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
               stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
-        """Run `model` on the parity batch, wait for timm's outputs, compare (does not raise on failure).
+        """Wait for timm's outputs, run `model` on the parity batch, compare (does not raise on failure).
+
+        The PyTorch side ends first, so that the two never hold the weights and the parity
+        batch's activations at once.
 
         Raises:
             ReferenceRunError: the PyTorch side failed.
         """
-        ours = keras_outputs(model, self.arch, self.inputs)
         self.run.wait()
-        return compare(ours, results(self.spec), atol=atol, rtol=rtol, stage_rtol=stage_rtol,
-                       versions={**_our_versions(), **versions(self.spec)})
+        with np.load(outputs_file(self.spec)) as ref:  # each output read when it is compared
+            return compare_model(model, self.arch, self.inputs, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol,
+                                 versions={**_our_versions(), **versions(self.spec)})

@@ -7,10 +7,9 @@ import logging
 import math
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from checkpoints import converted, store
 from checkpoints.fs import check_writable, sha256_file, work_dir, write_json_atomic
@@ -64,11 +63,15 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
             src = _source(entry, checkpoint, random_seed, revision, from_url, work)
         with parity.started(network, src.path, random_seed=random_seed) as pending:
             # the source framework imports, loads the source (random weights: writes them first)
-            # and runs the parity batch in its own process meanwhile
-            with step(echo, f"read {src.path.name} and build {network.arch.name}"):
-                ready = pending.source_written if random_seed is not None else None
-                built, src = _read_and_build(src, network, ready)
+            # and runs the parity batch in its own process, to its end, before this one reads the
+            # source: the two processes never hold the weights at the same time
+            with step(echo, f"build {network.arch.name}"):
+                built = Built(None, empty_model(network, storage=False))  # written from the source's tensors
             try:
+                with step(echo, "the PyTorch reference runs the parity batch (separate process)"):
+                    _await_reference(pending, src, network, built.model)
+                with step(echo, f"read {src.path.name}"):
+                    built.state, src = _read(src, network)
                 return _write_checked(out, built, pending, _framework(src),
                                       _config(entry, src, random_seed, built.model.count_params()), atol, rtol, echo)
             except MappingError as e:
@@ -80,9 +83,9 @@ def convert(name: str, *, out: str | Path | None = None, checkpoint: str | Path 
 
 @dataclass
 class Built:
-    """The mapped source tensors and the model they are written from, held here only until the
-    folder is written (parity then loads the folder: the two would otherwise stay in memory beside
-    it, one model and one source size more at the peak)."""
+    """The mapped source tensors and the model they are written from (built without storage),
+    held here only until the folder is written (parity then loads the folder: the tensors would
+    otherwise stay in memory beside it, one source size more at the peak)."""
 
     state: dict | None
     model: object | None
@@ -110,22 +113,26 @@ def _write_checked(out: Path, built: Built, pending: parity.PendingCheck, framew
     return folder.out, report
 
 
-def _read_and_build(src: source.SourceWeights, network: Network,
-                    ready: Callable[[], None] | None = None) -> tuple[Built, source.SourceWeights]:
-    """(the state dict and the model, `src` with its sha256 and layout): the file is read and hashed on other
-    threads (once `ready` returns, when given: the file is still being written) while this one
-    builds the Keras model (building is Python, reading and hashing release the GIL)."""
-    def read():
-        if ready is not None:
-            ready()
-        state, read_src = reading.read_source(src, use_ema=network.use_ema)
-        return fit_mlp(state, network.arch.conv_mlp), read_src
+def _read(src: source.SourceWeights, network: Network) -> tuple[dict, source.SourceWeights]:
+    """(the state dict, MLP weights shaped for `network`; `src` with its sha256 and layout)."""
+    state, src = reading.read_source(src, use_ema=network.use_ema)
+    return fit_mlp(state, network.arch.conv_mlp), src
 
-    with ThreadPoolExecutor(1) as reader:
-        reading_ = reader.submit(read)
-        model = empty_model(network)
-        state, src = reading_.result()
-    return Built(state, model), src
+
+def _await_reference(pending: parity.PendingCheck, src: source.SourceWeights, network: Network, model) -> None:
+    """Wait until the PyTorch reference has run the parity batch and ended.
+
+    Where it failed, a source this process cannot read or map onto `model` either fails as it
+    would here (the converter's own error, naming what is wrong with the file) rather than with
+    how the source framework took it; random weights it did not write, with its own error.
+    """
+    try:
+        pending.wait_for_reference()
+    except ZooError:
+        if src.path.is_file():
+            state, _ = _read(src, network)
+            mapping.values(state, model)  # raises naming every missing, unexpected and mis-shaped tensor
+        raise
 
 
 def _framework(src: source.SourceWeights) -> str:
@@ -200,7 +207,7 @@ def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         echo(_describe(src, found))
         with parity.started(network, src.path) as pending:
             with step(echo, f"build {found.arch.name}"):
-                built, state = Built(state, empty_model(network)), None
+                built, state = Built(state, empty_model(network, storage=False)), None
             return _write_checked(out, built, pending, _framework(src),
                                   _own_config(name, src, found, preprocessing, names, built.model.count_params(),
                                               release),
@@ -337,6 +344,8 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
         with step(echo, "source weights"):
             src, seed = sourced.enter_context(recorded_reference(folder.config, work, checkpoint))
         with parity.started(network, src.path, random_seed=seed) as pending:
+            with step(echo, "the PyTorch reference runs the parity batch (separate process)"):
+                pending.wait_for_reference()  # to its end first: one process holds the weights at a time
             with step(echo, "load the folder as keras.saving.load_model does"):
                 model = load_keras_folder(folder.path)
             stored = folder.parity
@@ -397,16 +406,43 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
     return replace(src, layout=recorded.layout, state_key=recorded.state_key, prefix=recorded.prefix or "")
 
 
-def empty_model(network: Network):
+def empty_model(network: Network, *, storage: bool = True):
     """The float32 Keras model for `network`, whatever dtype policy is set globally.
 
     Its kernels start at zero, not random: every variable is assigned from the source next.
+    Without `storage`, its variables have their shapes and dtypes but hold no values (Keras'
+    deferred initialisation): the model a weights file is written for from the source's
+    tensors (`checkpoints.weights.write_weights`), at no memory (convnext_xxlarge: 3.4 GB of
+    zeros otherwise).
     """
     from zoo.model import build_model, dtype_policy
 
-    with dtype_policy("float32"):
+    with dtype_policy("float32"), (contextlib.nullcontext() if storage else _without_storage()):
         return build_model(network.arch, num_classes=network.num_classes,
                            head_norm_affine=network.head_norm_affine, initialize=False)
+
+
+@contextlib.contextmanager
+def _without_storage() -> Iterator[None]:
+    """Keras variables made in the block have their shapes and dtypes and hold no values.
+
+    Keras defers a variable made in a stateless scope and initialises every deferred one when the
+    next such scope it opens itself ends: the block's are taken off that list, so that they never
+    take memory. A Keras without these pieces makes the variables as usual.
+    """
+    try:
+        from keras import StatelessScope
+        from keras.src.backend.common import global_state
+    except ImportError:
+        yield
+        return
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key) or [])
+    try:
+        with StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        global_state.set_global_attribute(key, before)
 
 
 def _source(entry: CatalogueEntry, checkpoint, random_seed, revision, from_url, work: Path):

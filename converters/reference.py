@@ -228,12 +228,22 @@ def _torchvision(arch: Architecture, num_classes: int, raw: dict):
     return model.eval()
 
 
-def forward(model, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor for an NHWC batch, returned NHWC (`model`: a `Reference`, or timm's module)."""
+def forward(model, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndarray]:
+    """Every compared tensor for an NHWC batch, returned NHWC (`model`: a `Reference`, or timm's module).
+
+    Run `batch_size` images at a time, as the Keras side runs them, each output filled in place:
+    a whole parity batch at once holds GBs of activations (convnextv2_huge at 512: 2.5 GB more).
+    """
     ref = model if isinstance(model, Reference) else Reference(model, "timm", "timm", timm.__version__)
-    captured = ref.outputs(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))))
-    return {name: (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy().copy()
-            for name, t in captured.items()}
+    out: dict[str, np.ndarray] = {}
+    for i in range(0, len(inputs), batch_size):
+        part = np.ascontiguousarray(inputs[i:i + batch_size].transpose(0, 3, 1, 2))
+        for name, t in ref.outputs(torch.from_numpy(part)).items():
+            value = (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy()
+            if name not in out:
+                out[name] = np.empty((len(inputs), *value.shape[1:]), np.float32)
+            out[name][i:i + len(value)] = value
+    return out
 
 
 def _hooked(model, x, stem, stages, head_in, run) -> dict[str, torch.Tensor]:

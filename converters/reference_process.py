@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +100,14 @@ def write_spec(network: Network, source: Path, workdir: Path, *, inputs: np.ndar
     return workdir / "spec.json"
 
 
+def outputs_file(spec: Path) -> Path:
+    """The `.npz` file the reference writes its outputs to for `spec`."""
+    return Path(json.loads(spec.read_text())["outputs"])
+
+
 def results(spec: Path) -> dict[str, np.ndarray]:
     """The outputs the reference wrote for `spec`."""
-    with np.load(json.loads(spec.read_text())["outputs"]) as data:
+    with np.load(outputs_file(spec)) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -176,18 +180,6 @@ class ReferenceRun:
         self._drain.shutdown()
         if self._proc.returncode != 0:
             _raise_reference_failure(self._proc.returncode, stderr)
-
-    def wait_for(self, path: Path, poll: float = 0.02) -> None:
-        """Wait until the child has written `path` (a file it renames into place).
-
-        Raises:
-            as `wait`, if the child ends without writing it.
-        """
-        while not path.exists():
-            if self._proc.poll() is not None:
-                self.wait()  # raises what went wrong
-                raise ReferenceRunError(f"the PyTorch reference process ended without writing {path.name}")
-            time.sleep(poll)
 
     def kill(self) -> None:
         self._proc.kill()

@@ -85,13 +85,23 @@ def main():
     """Official PyTorch ConvNeXt checkpoints as Keras models, proven equal to the originals."""
 
 
-def _tensorflow(fn):
+def _tensorflow(fn=None, *, frozen: bool = True):
     """Import TensorFlow first, its start-up lines hidden unless `TF_CPP_MIN_LOG_LEVEL` < 2
-    asks for them (runs once the arguments are parsed: `--help` and usage errors skip it)."""
+    asks for them (runs once the arguments are parsed: `--help` and usage errors skip it).
+
+    `frozen`: oneDNN keeps its packed weights (`zoo.runtime.assume_frozen_weights`), for the
+    commands that run a model on batch after batch; `convert` and `verify` run each graph of their
+    parity check four times, where the packed copies would hold the weights a second time beside
+    the model and a third beside its serving path.
+    """
+    if fn is None:
+        return functools.partial(_tensorflow, frozen=frozen)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         check_frozen_weights_value()
-        assume_frozen_weights()  # the commands only run inference: oneDNN keeps its packed weights
+        if frozen:
+            assume_frozen_weights()  # the commands only run inference: oneDNN keeps its packed weights
         try:
             quiet = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")) >= 2
         except ValueError:
@@ -186,7 +196,7 @@ _INFERRED = ("name", "arch", "input_size", "mean", "std", "labels", "no_ema", "v
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
-@_tensorflow
+@_tensorflow(frozen=False)
 def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, model_name, arch,
             input_size, mean, std, labels, no_ema, verbose, atol, rtol, publish_after, repo_id):
     """Convert a checkpoint, prove parity with its PyTorch framework, and save it.
@@ -278,7 +288,7 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Compare against this local source file instead of re-fetching the recorded one.")
 @_user_errors
-@_tensorflow
+@_tensorflow(frozen=False)
 def verify(folder, checkpoint):
     """Re-check a converted FOLDER: file hashes, then parity against the framework its source came from
     (timm, transformers or torchvision), on the recorded source weights."""
