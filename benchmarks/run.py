@@ -4,6 +4,7 @@ kimm and keras.applications.
     python benchmarks/run.py                      # everything, writes benchmarks/RESULTS.md
     python benchmarks/run.py --quick              # tiny at 224, batch 8 and 1; conversion of atto
     python benchmarks/run.py --skip-convert --models tiny --batches 8
+    python benchmarks/run.py --conversion-memory convnext_xxlarge.clip_laion2b_soup_ft_in1k convnext_tiny.fb_in1k
 
 Inference: one long-lived worker process per framework (frameworks never share a process), all
 given the same threads and the same inputs; for every configuration the frameworks take turns,
@@ -18,14 +19,22 @@ Conversion and loading: each measured in a fresh process. `zoo convert` of a loc
 (random weights in timm's layout: no download) with the time of every step, against the I/O
 floor of reading the same safetensors and writing the tensors to one HDF5 file, the two
 alternating for `--convert-rounds` rounds (the fastest of each reported: writing a new file
-costs what the disk's state makes it). `zoo convert` starts the PyTorch reference with the
-read, beside the steps before parity; each round also converts with the reference started
-at parity (`worker.py convert --alone`), which times those steps on their own: the ratio to
-the floor is taken from these. Peak RSS above the framework import baseline (the highest of
-the rounds), against the source size. `zoo.load` from a converted folder
+costs what the disk's state makes it). `zoo convert` starts the PyTorch reference first and
+reads the source once it has ended (beside the model's build only); each round also converts
+with the reference started at parity (`worker.py convert --alone`), which times the steps before
+it on their own: the ratio to the floor is taken from these. Peak RSS above the framework import
+baseline (the highest of the rounds; the converting process's only, not its PyTorch reference's:
+`--conversion-memory` counts both), against the source size. `zoo.load` from a converted folder
 against keras.applications loading the same size from its own weights file. For the
 `--precision-archs`, the converted folder is also loaded in bfloat16 and float32: top-1
 agreement and the largest logit difference on the parity image set and 96 more images.
+
+Peak memory of a conversion (`--conversion-memory NAME...`, only that): `zoo convert NAME
+--random-weights` as users run it, one at a time, while the resident memory of its process and
+of the PyTorch reference process it starts is read from /proc every `--memory-interval` seconds
+(`benchmarks/memory.py`): the peak of their sum against the size of the source file the
+reference writes, and the peak of each step. Its table replaces only its own part of
+RESULTS.md's conversion section; the other figures there stay.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ WORKER = [sys.executable, str(Path(__file__).with_name("worker.py"))]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from memory import MB, run_sampled  # noqa: E402
 from worker import DESCRIPTIONS, EXPORT_FILES, FRAMEWORKS, KERAS_APPS  # noqa: E402
 
 # The ratios reported, where both sides ran: ours against what users pick instead, and what
@@ -220,29 +230,128 @@ def bench_convert_and_load(args) -> list[dict]:
     return rows
 
 
+def bench_conversion_memory(names: list[str], interval: float) -> list[dict]:
+    """`zoo convert NAME --random-weights` for each name, one at a time, with the peak memory of
+    its process and its PyTorch reference process together (`memory.run_sampled`)."""
+    rows = []
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix="zoo-bench-memory-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "work").mkdir()
+            env = {**os.environ, "TMPDIR": str(tmp / "work"), "ZOO_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1",
+                   "TF_CPP_MIN_LOG_LEVEL": "3"}
+            command = [sys.executable, "-m", "zoo.cli", "convert", name, "--random-weights", "--out", str(tmp / "out")]
+            run = run_sampled(command, env=env, cwd=ROOT, interval=interval,
+                              watch=(tmp / "work", "zoo-convert-*/random-seed*.safetensors"))
+        if run.returncode != 0:
+            tail = "\n".join(line for _, line in run.lines[-15:])
+            raise RuntimeError(f"zoo convert {name} --random-weights failed (exit {run.returncode}):\n{tail}")
+        source = max(run.found.values(), default=0)
+        peak = run.peak()
+        row = {"name": name, "source_mb": source / MB, "peak_mb": peak / MB,
+               "ratio": peak / source if source else None, "seconds": run.seconds,
+               "parent_mb": run.peak("parent") / MB, "reference_mb": run.peak("reference") / MB,
+               "high_water_mb": sum(run.high_water.values()) / MB, "interval": interval,
+               "steps": [{"step": step, "seconds": end - start, "peak_mb": run.peak(None, start, end) / MB,
+                          "parent_mb": run.peak("parent", start, end) / MB,
+                          "reference_mb": run.peak("reference", start, end) / MB}
+                         for step, start, end in run.steps() if run.peak(None, start, end)]}  # no sample: too short
+        rows.append(row)
+        print(f"{name}: peak {row['peak_mb']:.0f} MB, both processes ({row['ratio']:.2f}x the "
+              f"{row['source_mb']:.0f} MB source; converting process {row['parent_mb']:.0f} MB, reference "
+              f"{row['reference_mb']:.0f} MB), {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+CONVERSION = "Conversion and loading"
+MEMORY_TITLE = "### Peak memory of a conversion: the converting and the reference process together"
+
+
+def memory_report(rows: list[dict]) -> str:
+    """The `--conversion-memory` part of RESULTS.md's conversion section."""
+    interval = rows[0]["interval"]
+    lines = [MEMORY_TITLE, "",
+             f"Command: `{' '.join(['python benchmarks/run.py', *sys.argv[1:]])}`",
+             f"Machine: {cpu()}, {os.cpu_count()} logical CPUs. "
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             "",
+             f"`zoo convert NAME --random-weights`: the resident memory (RSS) of its process and of the PyTorch "
+             f"reference process it starts, read from /proc every {interval * 1000:.0f} ms and summed (`peak`), "
+             "against the source file the reference writes; each process's own peak besides (not at the same "
+             "moment), and the sum of the peaks the kernel recorded for each (`VmHWM`: a bound no sample can miss). "
+             "Seconds: the whole command, imports included.", "",
+             "| checkpoint | source MB | peak MB, both processes | / source | converting process MB | "
+             "reference process MB | sum of VmHWM MB | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['source_mb']:.0f} | {r['peak_mb']:.0f} | {r['ratio']:.2f}x | "
+                     f"{r['parent_mb']:.0f} | {r['reference_mb']:.0f} | {r['high_water_mb']:.0f} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", "Each step as `zoo convert` names it: its seconds, then the peak of both processes together, "
+              "MB (in brackets the peak of each, converting / reference):", ""]
+    for r in rows:
+        lines.append(f"- {r['name']}: " + "; ".join(
+            f"{s['step']} {s['seconds']:.1f} s, {s['peak_mb']:.0f} ({s['parent_mb']:.0f} / {s['reference_mb']:.0f})"
+            for s in r["steps"]))
+    return "\n".join(lines + [""])
+
+
+def part_of(text: str, title: str) -> str | None:
+    """The `### ` subsection of `text` titled `title`, None if it has none."""
+    lines = text.split("\n")
+    if title not in lines:
+        return None
+    start = lines.index(title)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("## ", "### "))), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def replace_part(text: str, section: str, part: str) -> str:
+    """`text` (RESULTS.md) with `part`, a `### ` subsection, in the `## ` section titled `section`:
+    in place of its earlier version, else at the section's end (the section is added if missing)."""
+    title = part.splitlines()[0]
+    lines = text.rstrip("\n").split("\n") if text.strip() else ["# Benchmark results"]
+    new = part.rstrip("\n").split("\n")
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("## ", "### "))), len(lines))
+        return "\n".join(lines[:start] + new + [""] + lines[end:]).rstrip("\n") + "\n"
+    heading = next((i for i, line in enumerate(lines) if line.startswith("## " + section)), None)
+    if heading is None:
+        return "\n".join(lines + ["", "## " + section, ""] + new).rstrip("\n") + "\n"
+    end = next((i for i in range(heading + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    while end > heading + 1 and not lines[end - 1].strip():
+        end -= 1
+    return "\n".join(lines[:end] + [""] + new + [""] + lines[end:]).rstrip("\n") + "\n"
+
+
 _SAVE_APPS = ("import keras; keras.applications.{cls}(weights=None, include_preprocessing=False)"
               ".save_weights('{path}')")
 
 
-def machine() -> str:
+def cpu() -> str:
+    """The CPU's model name and the vector extensions that decide TensorFlow's and oneDNN's kernels."""
     try:
         cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
         cpuinfo = {}
     cpuinfo = {k.strip(): v.strip() for k, v in cpuinfo.items()}  # the last CPU's lines: all alike here
-    cpu = cpuinfo.get("model name", "unknown CPU")
     flags = set(cpuinfo.get("flags", "").split())
+    isa = "/".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
+    return f"{cpuinfo.get('model name', 'unknown CPU')} ({isa})"
+
+
+def machine() -> str:
     onednn = subprocess.run(
         [sys.executable, "-c", "import zoo.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())"],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT).stdout.strip()
-    isa = "/".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
     versions = subprocess.run(
         [sys.executable, "-c", "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')"],
         capture_output=True, text=True).stdout.strip()
     tf_versions = subprocess.run(
         [sys.executable, "-c", "import tensorflow as tf, keras; print(f'tensorflow {tf.__version__}, keras {keras.__version__}')"],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.strip()
-    return (f"{cpu} ({isa}), {os.cpu_count()} logical CPUs, Python {platform.python_version()}; {tf_versions} "
+    return (f"{cpu()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; {tf_versions} "
             f"(oneDNN rewrites: {onednn}); {versions}")
 
 
@@ -265,12 +374,12 @@ def report(args, inference: list[dict], conversion: list[dict]) -> str:
         lines += [f"- `{fw}`: {DESCRIPTIONS[fw]}" for fw in args.frameworks]
         lines.append("")
     if conversion:
-        lines += ["## Conversion and loading", "",
+        lines += [f"## {CONVERSION}", "",
                   "`without parity`: every step but the parity check, with the PyTorch reference started at "
-                  "parity (`alone`) and as `zoo convert` runs it, started with the read (`timm beside`); the "
+                  "parity (`alone`) and as `zoo convert` runs it, started first (`timm beside`); the "
                   "ratio is `alone` to the I/O floor.", "",
                   "| architecture | source MB | convert s | without parity s, alone | timm beside | I/O floor s | ratio "
-                  "| peak RSS above import MB | / source | load s | keras.applications load s |",
+                  "| peak RSS above import MB (converting process) | / source | load s | keras.applications load s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in conversion:
             apps = f"{r['apps_load_s']:.2f}" if r["apps_load_s"] is not None else "-"
@@ -319,15 +428,27 @@ def main() -> int:
     parser.add_argument("--skip-infer", action="store_true")
     parser.add_argument("--skip-convert", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny at 224, batches 1 and 8, conversion of atto")
+    parser.add_argument("--conversion-memory", nargs="+", metavar="NAME",
+                        help="only this: the peak memory of `zoo convert NAME --random-weights`, its process and the "
+                             "PyTorch reference's together, for each NAME in turn")
+    parser.add_argument("--memory-interval", type=float, default=0.05,
+                        help="seconds between two readings of the processes' memory")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     if args.quick:
         args.models, args.sizes, args.batches, args.convert_archs = ["tiny"], [224], [1, 8], ["atto"]
         args.precision_archs = ["atto"]
+    earlier = args.out.read_text() if args.out.exists() else ""
+    if args.conversion_memory:
+        part = memory_report(bench_conversion_memory(args.conversion_memory, args.memory_interval))
+        args.out.write_text(replace_part(earlier, CONVERSION, part))
+        print(part)
+        return 0
     inference = [] if args.skip_infer else bench_inference(args)
     conversion = [] if args.skip_convert else bench_convert_and_load(args)
-    text = report(args, inference, conversion)
-    args.out.write_text(text + "\n")
+    text = report(args, inference, conversion) + "\n"
+    kept = part_of(earlier, MEMORY_TITLE)  # measured by --conversion-memory only: kept as it was
+    args.out.write_text(replace_part(text, CONVERSION, kept) if kept else text)
     print(text)
     return 0
 
