@@ -243,6 +243,7 @@ def bench_conversion_memory(names: list[str], interval: float) -> list[dict]:
             command = [sys.executable, "-m", "zoo.cli", "convert", name, "--random-weights", "--out", str(tmp / "out")]
             run = run_sampled(command, env=env, cwd=ROOT, interval=interval,
                               watch=(tmp / "work", "zoo-convert-*/random-seed*.safetensors"))
+            out = str(tmp / "out")
         if run.returncode != 0:
             tail = "\n".join(line for _, line in run.lines[-15:])
             raise RuntimeError(f"zoo convert {name} --random-weights failed (exit {run.returncode}):\n{tail}")
@@ -252,8 +253,8 @@ def bench_conversion_memory(names: list[str], interval: float) -> list[dict]:
                "ratio": peak / source if source else None, "seconds": run.seconds,
                "parent_mb": run.peak("parent") / MB, "reference_mb": run.peak("reference") / MB,
                "high_water_mb": sum(run.high_water.values()) / MB, "interval": interval,
-               "steps": [{"step": step, "seconds": end - start, "peak_mb": run.peak(None, start, end) / MB,
-                          "parent_mb": run.peak("parent", start, end) / MB,
+               "steps": [{"step": step.replace(out, "OUT"), "seconds": end - start,
+                          "peak_mb": run.peak(None, start, end) / MB, "parent_mb": run.peak("parent", start, end) / MB,
                           "reference_mb": run.peak("reference", start, end) / MB}
                          for step, start, end in run.steps() if run.peak(None, start, end)]}  # no sample: too short
         rows.append(row)
@@ -320,9 +321,10 @@ def replace_part(text: str, section: str, part: str) -> str:
     if heading is None:
         return "\n".join(lines + ["", "## " + section, ""] + new).rstrip("\n") + "\n"
     end = next((i for i in range(heading + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    while end > heading + 1 and not lines[end - 1].strip():
-        end -= 1
-    return "\n".join(lines[:end] + [""] + new + [""] + lines[end:]).rstrip("\n") + "\n"
+    body, rest = lines[:end], lines[end:]
+    while body and not body[-1].strip():
+        body.pop()
+    return "\n".join(body + [""] + new + [""] + rest).rstrip("\n") + "\n"
 
 
 _SAVE_APPS = ("import keras; keras.applications.{cls}(weights=None, include_preprocessing=False)"
