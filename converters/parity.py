@@ -16,7 +16,7 @@ import numpy as np
 
 from checkpoints.fs import work_dir
 from zoo.architectures import Architecture
-from zoo.errors import ParityError
+from zoo.errors import IntegrityError, ParityError
 from zoo.reports import (
     COMPARED,
     DEFAULT_ATOL,
@@ -28,7 +28,15 @@ from zoo.reports import (
     topk_agreement,
 )
 
-from .reference_process import Network, ReferenceRun, outputs_file, reference_process, versions, write_spec
+from .reference_process import (
+    SOURCE_SHA256,
+    Network,
+    ReferenceRun,
+    outputs_file,
+    reference_process,
+    versions,
+    write_spec,
+)
 
 
 def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL,
@@ -114,6 +122,19 @@ def _probe_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, n
                 out[name] = np.empty((len(inputs), *value.shape[1:]), value.dtype)
             out[name][i:i + len(value)] = value
     return out
+
+
+def check_same_source(report: ParityReport, sha256: str | None) -> None:
+    """Refuse a check whose PyTorch side ran other bytes than the converter converted (`sha256`):
+    the source file changed between the two reads.
+
+    Raises:
+        IntegrityError: naming both digests.
+    """
+    ran = report.versions.get(SOURCE_SHA256)
+    if ran is not None and sha256 is not None and ran != sha256:
+        raise IntegrityError(f"the source changed during the conversion: the PyTorch reference ran sha256 "
+                             f"{ran[:16]}..., the converter read {sha256[:16]}...; convert again")
 
 
 def _our_versions() -> dict:

@@ -106,6 +106,7 @@ def _write_checked(out: Path, built: Built, pending: parity.PendingCheck, framew
             model = folder.load_model()  # parity judges the bytes written: Keras' config and the weights
         with step(echo, f"parity against {framework} (separate process)"):
             report = pending.check(model, atol=atol, rtol=rtol)
+        parity.check_same_source(report, record.source.sha256)
         echo(report.table())
         report.assert_passed()
         with step(echo, f"finish {folder.out}"):
@@ -351,6 +352,7 @@ def verify(path: str | Path, *, checkpoint: str | Path | None = None,
             stored = folder.parity
             with step(echo, f"parity against {_framework(src)} (separate process)"):
                 report = pending.check(model, atol=stored["atol"], rtol=stored["rtol"], stage_rtol=stored["stage_rtol"])
+            parity.check_same_source(report, folder.config.source.sha256)
     echo(report.table())
     return report
 

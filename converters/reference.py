@@ -39,11 +39,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402,I001  (torch and timm first, never after tensorflow)
 import timm  # noqa: E402
 
+from checkpoints.fs import sha256_file  # noqa: E402
 from converters.layouts import detect, is_fb_layout, strip_prefix  # noqa: E402
 from converters.metadata import TRANSFORMERS_TYPES  # noqa: E402
 from converters.reading import read_checkpoint, read_state_dict  # noqa: E402
-from converters.reference_process import failure_line  # noqa: E402
+from converters.reference_process import SOURCE_SHA256, failure_line  # noqa: E402
 from zoo.architectures import Architecture  # noqa: E402
+from zoo.errors import SourceError  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
 TIMM_PREFIXES = ("", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.")  # timm's loader removes them
@@ -367,6 +369,9 @@ def _forward_command(spec_path: Path) -> None:
     if "random_seed" in spec:  # the source is random weights this process writes first
         write_random(arch, spec["num_classes"], spec["random_seed"], Path(spec["source"]),
                      spec.get("head_norm_affine", True))
+    # The bytes this process runs, for the converter to check against the bytes it converted: the
+    # same digest before and after loading, or the file changed while it was read.
+    digest = sha256_file(Path(spec["source"]))
     inputs = np.load(spec["inputs"]) if "inputs" in spec else None
     if "out_indices" in spec:
         outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
@@ -380,11 +385,13 @@ def _forward_command(spec_path: Path) -> None:
             outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
         else:
             outputs = forward(model, inputs)
+    if sha256_file(Path(spec["source"])) != digest:
+        raise SourceError(f"{spec['source']} changed while the reference read it; convert again")
     np.savez(spec["outputs"], **outputs)
     if "versions" in spec:  # what the reference ran on, for the parity report
         if "out_indices" in spec:
             ran = {"torch": torch.__version__, "timm": timm.__version__, "reference": "timm"}
-        Path(spec["versions"]).write_text(json.dumps(ran))
+        Path(spec["versions"]).write_text(json.dumps({**ran, SOURCE_SHA256: digest}))
 
 
 def write_random(arch: Architecture, num_classes: int, seed: int, out: Path, head_norm_affine: bool = True) -> None:

@@ -100,6 +100,9 @@ def write_spec(network: Network, source: Path, workdir: Path, *, inputs: np.ndar
     return workdir / "spec.json"
 
 
+SOURCE_SHA256 = "source_sha256"  # in what the reference reports: the sha256 of the bytes it ran
+
+
 def outputs_file(spec: Path) -> Path:
     """The `.npz` file the reference writes its outputs to for `spec`."""
     return Path(json.loads(spec.read_text())["outputs"])

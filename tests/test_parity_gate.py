@@ -321,3 +321,26 @@ def test_an_infinite_layer_norm_epsilon_is_refused_before_anything_runs(tmp_path
     message = one_line_error(zoo_cli("convert", "--checkpoint", folder, "--out", out))
     assert "layer_norm_eps" in message or "head_norm_eps" in message, message
     assert_nothing_written(out)
+
+
+def test_a_source_that_changes_between_the_reference_and_the_converter_is_refused(small_tiny, small_weights,
+                                                                                   tmp_path, monkeypatch):
+    """The PyTorch side reads the file first and ends; a file replaced before the converter reads it
+    would pass parity against bytes other than those converted. The two digests must agree."""
+    from safetensors.numpy import save_file
+
+    from zoo.errors import IntegrityError
+
+    path, _ = small_weights(small_tiny, 1000)
+    _, other = small_weights(small_tiny, 1000, seed=5, name="other.safetensors")
+    real = reading.read_source
+
+    def replaced_then_read(src, **kwargs):
+        save_file(other, str(path))  # after the reference ran, before the converter reads
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(reading, "read_source", replaced_then_read)
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError, match="the source changed during the conversion"):
+        pipeline.convert("convnext_tiny_1k", out=out, checkpoint=path)
+    assert_nothing_written(out)

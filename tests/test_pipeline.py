@@ -52,7 +52,8 @@ def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     assert report["top1_agreement"] == 1.0
     assert report["versions"] == {"keras": keras.__version__, "tensorflow": tf.__version__,  # both sides named
                                   "torch": torch.__version__, "timm": timm.__version__,
-                                  "reference": "timm", "layout": "timm"}
+                                  "reference": "timm", "layout": "timm",
+                                  "source_sha256": json.loads((out / RECORD).read_text())["source"]["sha256"]}
     config = json.loads((out / RECORD).read_text())
     assert config["source"]["repo_id"] == ckpt.hf_hub_id and config["pretrained"] is True
     assert len(config["source"]["revision"]) == 40
