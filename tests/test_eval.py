@@ -185,6 +185,7 @@ print(json.dumps({"two": [two.top1, two.top5, two.devices], "one": [one.top1, on
 """
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_two_devices_give_the_results_of_one(folder, image_folder):
     """`--devices 2` on this CPU: two logical CPU devices under MirroredStrategy, each batch split
     between them (odd batches too); the same top-1/top-5, and per-image logits equal to one device's."""

@@ -93,6 +93,7 @@ def test_disk_full_during_a_conversion_leaves_nothing(small_tiny, tmp_path, work
     assert names(work_tmp) == []
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_disk_full_on_a_real_tmpfs_keeps_the_previous_output(tmp_path, work_tmp):
     """`zoo convert` onto an 8 MiB tmpfs that holds a previous output: the 15 MB weights do
     not fit; exit 1 with one line naming the disk, and the tmpfs holds exactly what it held."""
@@ -304,6 +305,7 @@ print(json.dumps({"loads": loads, "failures": failures, "versions": len(versions
 """
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_loads_in_another_process_never_fail_while_the_folder_is_reconverted(small_tiny, small_weights, tmp_path,
                                                                              monkeypatch):
     """`zoo.load` looping in a child while a conversion (other weights) replaces the folder it

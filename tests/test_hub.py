@@ -275,6 +275,7 @@ def test_publish_needs_a_token_with_write_access(converted, tmp_path):
         assert not HfApi(endpoint=url, token=TOKEN).repo_exists(REPO)  # nothing was published
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_publish_to_a_branch_of_a_private_repo(converted, tmp_path):
     with local_hub(tmp_path / "hub-root", token=TOKEN) as url:
         env = client_env(url, tmp_path)
@@ -304,6 +305,7 @@ def test_load_by_name_from_the_store_without_torch(converted, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(zoo.load(converted)(x)))
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_convert_and_publish_in_one_go(tmp_path):
     with local_hub(tmp_path / "hub-root") as url:
         env = client_env(url, tmp_path)

@@ -240,6 +240,7 @@ def test_hub_repo_in_transformers_layout_converts_over_http(src, tmp_path, monke
     assert open_folder(out).parity["versions"]["reference"] == "transformers"
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_export_and_verify_check_against_the_source_framework(converted, tmp_path):
     out, _ = converted("torchvision")
     result = zoo_inline("verify", out)
@@ -287,6 +288,7 @@ def test_torchvision_entries_preprocess_as_torchvisions_own_transform():
             assert np.array_equal(zoo.preprocess(picture, name)[0], theirs), (name, h, w)
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
     """`zoo convert convnext_tiny.tv_in1k` downloads torchvision's file (served here over HTTP) and
     checks it against torchvision's own model class; the same file given as `--checkpoint` is

@@ -132,16 +132,15 @@ def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, fil
 # One full-size network per family runs by default: patch stem + conv MLP, RMS norm + overlapping
 # stem with its GELU, V2 with GRN and no head-norm weights. Every other stem, norm and head runs
 # against timm at a small width in tests/test_mapping.py (and here with -m slow).
-SMALL_ENOUGH = {"convnext_zepto_rms_ols", "convnext_atto", "convnextv2_atto"}
+DEFAULT_RUN = {"convnext_zepto_rms_ols.ra4_e3600_r224_in1k", "convnext_atto.d2_in1k", "convnextv2_atto.fcmae"}
 HEAVY_PARAMS = 150_000_000  # convnext_large and up: GBs at the conversion's peak
 
 
 def _sweep_cases():
     """Every distinct architecture + head of the catalogue; a few small ones run by default."""
-    cases, fast_archs = [], set()
+    cases = []
     for c in representatives():
-        fast = c.architecture in SMALL_ENOUGH and (c.architecture not in fast_archs or c.num_classes == 0)
-        fast_archs.add(c.architecture)
+        fast = c.name in DEFAULT_RUN
         marks = () if fast else (pytest.mark.slow,) + ((pytest.mark.heavy,) if c.params > HEAVY_PARAMS else ())
         cases.append(pytest.param(c.name, marks=marks, id=c.name))
     return cases

@@ -77,6 +77,7 @@ def test_release_download_offline_needs_the_cache(tmp_path):
         source.fetch_url("http://127.0.0.1:9/never.pth")
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_convert_all_is_resumable_and_survives_failures(small_tiny, tmp_path):
     state = random_state_dict(small_tiny, 1000, seed=6)
     add_file(Path(os.environ["HF_HUB_CACHE"]), "timm/convnext_tiny.fb_in1k", "model.safetensors", save_bytes(state))

@@ -502,6 +502,7 @@ def test_write_through_a_link_loop_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["loop"] and link.is_symlink()
 
 
+@pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_convert_out_through_a_link_to_a_converted_folder(tmp_path):
     """As users run it: `zoo convert --out LINK` replaces the converted folder the link points
     to; the link stays and no staging entry is left."""
