@@ -224,7 +224,13 @@ def host_source(url: str, filename: str = "model.safetensors", seed: int = 21) -
     return data
 
 
-@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+# each file type in each upload mode; the other two pairings take the same paths (-m slow)
+@pytest.mark.parametrize("hub, filename", [
+    pytest.param(None, "model.safetensors", marks=pytest.mark.slow, id="regular-model.safetensors"),
+    pytest.param(None, "pytorch_model.bin", id="regular-pytorch_model.bin"),
+    pytest.param(1024, "model.safetensors", id="lfs-model.safetensors"),
+    pytest.param(1024, "pytorch_model.bin", marks=pytest.mark.slow, id="lfs-pytorch_model.bin"),
+], indirect=["hub"])
 def test_convert_downloads_the_source_from_timms_repo(hub, small_tiny, tmp_path, filename):
     import hashlib
 
@@ -257,6 +263,9 @@ def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub
     assert report.passed
 
 
+# a short body is caught by its length in either upload mode: LFS by default, regular with -m slow
+@pytest.mark.parametrize("hub", [pytest.param(None, marks=pytest.mark.slow, id="regular"),
+                                 pytest.param(1024, id="lfs")], indirect=True)
 def test_truncated_source_download_is_one_error_and_a_later_one_works(hub, small_tiny, tmp_path, isolated_home):
     from converters import pipeline
     from zoo.errors import SourceError

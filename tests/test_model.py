@@ -362,7 +362,7 @@ def test_head_variants_end_where_timm_does():
     assert untrained_norm.weights == []
 
 
-@pytest.mark.parametrize("user_choice", [None, "0"])
+@pytest.mark.parametrize("user_choice", [None, pytest.param("0", marks=pytest.mark.slow)])  # "0": -m slow
 def test_import_zoo_turns_on_onednn_unless_the_user_chose(user_choice):
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if user_choice is not None:
