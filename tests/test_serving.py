@@ -112,7 +112,9 @@ def test_bfloat16_serves_in_bfloat16_with_float32_logits(images):
     expected = np.asarray(model.predict_on_batch(images), np.float32)
     got = serving_function(model)(images).numpy()
     assert got.dtype == np.float32
-    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    # within bfloat16's error of the model's own bfloat16 logits; top-1 is not compared: on random
+    # weights two classes can tie within that error, and the two computation orders (natively on
+    # CPUs with AVX512_BF16) may then pick either (seen here: 11 vs 10 on one of three images)
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
 
 
