@@ -297,6 +297,20 @@ def _read(config: str | dict, processor: str | dict | None = None):
     return meta
 
 
+def _read_config(data, config: dict, ours) -> tuple[object, object]:
+    """A config.json of `config` (maybe damaged) read: (what it says, what the file holds), or
+    (None, ...) where it was refused in one line or is someone else's (`ours` false: nothing read)."""
+    text, config = _as_file(data, config)
+    meta = _read(text)
+    if meta is None:
+        return None, config
+    assert config is not None  # not JSON: refused
+    if not (isinstance(config, dict) and ours(config)):
+        assert meta == SourceMetadata()  # someone else's config.json: nothing read from it
+        return None, config
+    return meta, config
+
+
 def _index_order(mapping: dict) -> tuple[str, ...]:
     """An independent reading of a label map: names by the integer of each key."""
     return tuple(name for _, name in sorted((int(k), name) for k, name in mapping.items()))
@@ -315,13 +329,8 @@ def test_fuzz_transformers_config(data):
         "id2label": BAD_LABEL_MAPS, "num_labels": st.integers(-3, -1) | ANY_JSON, "layer_norm_eps": BAD_EPS,
         "depths": BAD_STAGES, "hidden_sizes": BAD_STAGES, "patch_size": ANY_JSON, "num_channels": ANY_JSON,
         "hidden_act": ANY_JSON, "model_type": ANY_JSON})
-    text, config = _as_file(data, config)
-    meta = _read(text)
+    meta, config = _read_config(data, config, lambda c: c.get("model_type") in ("convnext", "convnextv2"))
     if meta is None:
-        return
-    assert config is not None  # not JSON: refused
-    if not (isinstance(config, dict) and config.get("model_type") in ("convnext", "convnextv2")):
-        assert meta == SourceMetadata()  # someone else's config.json: nothing read from it
         return
     assert meta.layout == "transformers" and meta.preprocessing is None
     assert math.isfinite(meta.head_norm_eps) and meta.head_norm_eps > 0
@@ -377,13 +386,8 @@ def test_fuzz_timm_config(data):
         "pretrained_cfg.crop_pct": BAD_FRACTIONS, "pretrained_cfg.interpolation": BAD_INTERPOLATIONS,
         "pretrained_cfg.crop_mode": st.sampled_from(["border", "CENTER"]) | ANY_JSON,
         "pretrained_cfg.mean": BAD_CHANNELS, "pretrained_cfg.std": BAD_CHANNELS})
-    text, config = _as_file(data, config)
-    meta = _read(text)
+    meta, config = _read_config(data, config, lambda c: str(c.get("architecture")).startswith("convnext"))
     if meta is None:
-        return
-    assert config is not None  # not JSON: refused
-    if not (isinstance(config, dict) and str(config.get("architecture")).startswith("convnext")):
-        assert meta == SourceMetadata()
         return
     assert meta.layout == "timm"
     usable(meta.preprocessing)

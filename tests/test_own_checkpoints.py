@@ -23,7 +23,7 @@ from converters.reference_process import Network, reference_outputs
 from converters.source import SourceWeights
 from tests.support import sources
 from tests.support.archs import SMALL
-from tests.support.cli import zoo_inline
+from tests.support.cli import verify_then_export_keras, zoo_inline
 from tests.support.hub import local_hub
 from zoo.errors import MappingError, SourceError
 from zoo.preprocessing import Preprocessing
@@ -243,13 +243,8 @@ def test_hub_repo_in_transformers_layout_converts_over_http(src, tmp_path, monke
 
 @pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
 def test_export_and_verify_check_against_the_source_framework(converted, tmp_path):
-    out, _ = converted("torchvision")
-    result = zoo_inline("verify", out)
-    assert result.exit_code == 0, result.stderr[-3000:]
-    assert "parity against torchvision" in result.stderr
-    result = zoo_inline("export", out, "--format", "keras", "--out", tmp_path / "model.keras")
-    assert result.exit_code == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "model.keras.parity.json").read_text())
+    verified, report = verify_then_export_keras(converted("torchvision")[0], tmp_path)
+    assert "parity against torchvision" in verified
     assert report["source"]["pytorch_reference"] == "torchvision" and report["vs_pytorch"] is not None
 
 

@@ -21,7 +21,7 @@ from checkpoints.weights import load_keras_folder
 from converters.reference_process import Network, run_reference_process, write_spec
 from tests.support import sources
 from tests.support.archs import SMALL
-from tests.support.cli import one_line_error, zoo_cli, zoo_inline
+from tests.support.cli import one_line_error, verify_then_export_keras, zoo_cli, zoo_inline
 from zoo.errors import ReferenceRunError
 
 V1, V2 = SMALL["linear_mlp"], SMALL["v2_grn"]
@@ -96,13 +96,8 @@ def test_the_file_given_is_the_one_converted_and_compared(given, folders, conver
 def test_verify_and_export_run_the_recorded_file(converted, tmp_path):
     """`zoo verify` and `zoo export` re-run the reference on other.safetensors, the file recorded,
     though a model.safetensors of other weights sits beside it."""
-    out = converted("beside/other.safetensors")
-    result = zoo_inline("verify", out)
-    assert result.exit_code == 0, result.stderr[-3000:]
-    assert "parity against transformers" in result.stderr
-    result = zoo_inline("export", out, "--format", "keras", "--out", tmp_path / "model.keras")
-    assert result.exit_code == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "model.keras.parity.json").read_text())
+    verified, report = verify_then_export_keras(converted("beside/other.safetensors"), tmp_path)
+    assert "parity against transformers" in verified
     assert report["source"]["pytorch_reference"] == "transformers"
     assert report["vs_pytorch"]["max_abs"] <= 1e-4
 

@@ -49,3 +49,16 @@ def one_line_error(result: subprocess.CompletedProcess | Result) -> str:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), result.stderr[-3000:]
     return last
+
+
+def verify_then_export_keras(folder, out) -> tuple[str, dict]:
+    """`zoo verify FOLDER` (its stderr) and `zoo export FOLDER --format keras --out OUT/model.keras`,
+    both passing: (verify's stderr, the export's parity report)."""
+    import json
+
+    result = zoo_inline("verify", folder)
+    assert result.exit_code == 0, result.stderr[-3000:]
+    verified = result.stderr
+    result = zoo_inline("export", folder, "--format", "keras", "--out", out / "model.keras")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    return verified, json.loads((out / "model.keras.parity.json").read_text())
