@@ -62,3 +62,16 @@ def parity_batch(size: int, mean, std, natural: int = 6, noise: int = 2, seed: i
     rng = np.random.default_rng(seed + 1)
     gaussian = rng.standard_normal((noise, size, size, 3)).astype(np.float32)
     return np.ascontiguousarray(np.concatenate([normalised, gaussian]), dtype=np.float32)
+
+
+def in_batches(run, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndarray]:
+    """`run` (a batch -> {name: array}) over `inputs`, `batch_size` images at a time, each output
+    filled in place: the whole batch at once, or its parts then concatenated, would hold GBs of
+    activations more for the largest networks (convnextv2_huge at 512)."""
+    out: dict[str, np.ndarray] = {}
+    for i in range(0, len(inputs), batch_size):
+        for name, value in run(inputs[i:i + batch_size]).items():
+            if name not in out:
+                out[name] = np.empty((len(inputs), *value.shape[1:]), value.dtype)
+            out[name][i:i + len(value)] = value
+    return out

@@ -28,6 +28,7 @@ from zoo.reports import (
     topk_agreement,
 )
 
+from .images import in_batches
 from .reference_process import (
     SOURCE_SHA256,
     Network,
@@ -74,14 +75,6 @@ def compare_model(model, arch: Architecture, inputs: np.ndarray, ref: Mapping[st
     return _report(comparisons, logits, ref_logits, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=versions)
 
 
-def keras_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor from the Keras model, and the logits of its serving path (`zoo.serving`),
-    run as `compare_model` runs them, all held at once (for `compare`)."""
-    outputs = _probe_outputs(model, arch, inputs)
-    outputs[SERVING] = _serving_logits(model, inputs)
-    return outputs
-
-
 def _serving_logits(model, inputs: np.ndarray) -> np.ndarray:
     """The serving path's logits, two images at a time; what predict, eval and the exports run."""
     from zoo.serving import runner
@@ -110,18 +103,11 @@ def _report(comparisons: list[Comparison], logits: np.ndarray, ref_logits: np.nd
 
 
 def _probe_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every compared tensor of the Keras model, two images at a time, each output filled in place
-    (`predict` would hold every batch's outputs and their concatenation at once)."""
+    """Every compared tensor of the Keras model, two images at a time (`predict` would hold every
+    batch's outputs and their concatenation at once)."""
     from zoo.model import probe_model
 
-    probe = probe_model(model, arch)
-    out: dict[str, np.ndarray] = {}
-    for i in range(0, len(inputs), 2):
-        for name, value in probe.predict_on_batch(inputs[i:i + 2]).items():
-            if name not in out:
-                out[name] = np.empty((len(inputs), *value.shape[1:]), value.dtype)
-            out[name][i:i + len(value)] = value
-    return out
+    return in_batches(probe_model(model, arch).predict_on_batch, inputs)
 
 
 def check_same_source(report: ParityReport, sha256: str | None) -> None:

@@ -40,6 +40,7 @@ import torch  # noqa: E402,I001  (torch and timm first, never after tensorflow)
 import timm  # noqa: E402
 
 from checkpoints.fs import sha256_file  # noqa: E402
+from converters.images import in_batches  # noqa: E402
 from converters.layouts import detect, is_fb_layout, strip_prefix  # noqa: E402
 from converters.metadata import TRANSFORMERS_TYPES  # noqa: E402
 from converters.reading import read_checkpoint, read_state_dict  # noqa: E402
@@ -237,15 +238,12 @@ def forward(model, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndar
     a whole parity batch at once holds GBs of activations (convnextv2_huge at 512: 2.5 GB more).
     """
     ref = model if isinstance(model, Reference) else Reference(model, "timm", "timm", timm.__version__)
-    out: dict[str, np.ndarray] = {}
-    for i in range(0, len(inputs), batch_size):
-        part = np.ascontiguousarray(inputs[i:i + batch_size].transpose(0, 3, 1, 2))
-        for name, t in ref.outputs(torch.from_numpy(part)).items():
-            value = (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy()
-            if name not in out:
-                out[name] = np.empty((len(inputs), *value.shape[1:]), np.float32)
-            out[name][i:i + len(value)] = value
-    return out
+
+    def run(part: np.ndarray) -> dict[str, np.ndarray]:
+        captured = ref.outputs(torch.from_numpy(np.ascontiguousarray(part.transpose(0, 3, 1, 2))))
+        return {name: (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy() for name, t in captured.items()}
+
+    return in_batches(run, inputs, batch_size)
 
 
 def _hooked(model, x, stem, stages, head_in, run) -> dict[str, torch.Tensor]:

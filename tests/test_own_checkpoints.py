@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from checkpoints.converted import open_folder
 from checkpoints.hub import model_card
 from converters import inference, layouts, mapping, reading
-from converters.parity import compare, keras_outputs
+from converters.parity import compare_model
 from converters.pipeline import empty_model
 from converters.reference_process import Network, reference_outputs
 from converters.source import SourceWeights
@@ -382,7 +382,7 @@ def test_parity_rejects_a_broken_key_map(layout, source, src, monkeypatch):
     def converted(state, arch=found.arch):
         model = empty_model(Network(arch, found.num_classes, found.head_norm_affine, 64, (0.5,) * 3, (0.25,) * 3))
         mapping.port(layouts.fit_mlp(state, arch.conv_mlp), model)
-        return compare(keras_outputs(model, arch, inputs), reference)
+        return compare_model(model, arch, inputs, reference)
 
     assert converted(dict(state)).passed, "the control conversion must pass"
     for name, (kind, *how) in MUTATIONS[layout].items():

@@ -152,9 +152,7 @@ def _folded(layer, norm, scale) -> tuple[np.ndarray, np.ndarray]:
     in float64): the same products as new arrays would hold.
     """
     kernel = np.array(keras.ops.convert_to_numpy(layer.kernel), np.float64)  # a copy: never the variable's memory
-    out = kernel.shape[-1]
-    bias = (np.array(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
-            else np.zeros(out))
+    bias = _folded_bias(layer)
     if norm is not None:
         g = np.asarray(keras.ops.convert_to_numpy(norm.gamma), np.float64)
         b = np.asarray(keras.ops.convert_to_numpy(norm.beta), np.float64)
@@ -169,7 +167,7 @@ def _folded(layer, norm, scale) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _folded_bias(layer) -> np.ndarray:
-    """The linear layer's bias (float64), zeros where it has none: `_folded`'s with nothing folded in."""
+    """The linear layer's bias (float64, a copy), zeros where it has none."""
     if layer.use_bias:
         return np.array(keras.ops.convert_to_numpy(layer.bias), np.float64)
     return np.zeros(layer.kernel.shape[-1])
