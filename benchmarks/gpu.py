@@ -8,7 +8,7 @@ Each framework runs in its own process (TensorFlow and torch never share one), o
 other, every configuration timed for `--iters` passes after `--warmup` (the GPU synchronised
 around each pass: torch.cuda.synchronize, a host copy of TensorFlow's output). Columns:
 
-- `zoo fp32`: the serving path (`zoo.serving.serving_function`) in float32, TF32 off;
+- `zoo fp32`: the serving path (`zoo.core.serving.serving_function`) in float32, TF32 off;
 - `zoo fp16`: the same model built with dtype="float16" (Keras' mixed_float16);
 - `zoo XLA fp16`: the mixed-precision Keras model called in a `tf.function(jit_compile=True)`;
 - `timm fp32`: timm eager, channels_last, TF32 off (cuDNN and matmul);
@@ -52,7 +52,7 @@ def tensorflow_side(args) -> dict:
     if not tf.config.list_physical_devices("GPU") and not args.allow_cpu:
         raise SystemExit("TensorFlow sees no GPU (install tensorflow[and-cuda]); --allow-cpu runs anyway")
     import zoo
-    from zoo.serving import serving_function
+    from zoo.core.serving import serving_function
 
     out = {}
     for model in args.models:

@@ -181,9 +181,9 @@ def _without_parity(steps: dict) -> float:
 
 
 def bench_convert_and_load(args) -> list[dict]:
-    from converters.pipeline import random_source
+    from converters.recorded import random_source
     from converters.reference_process import Network
-    from zoo.catalogue import resolve
+    from zoo.core.catalogue import resolve
 
     rows = []
     for arch_name in args.convert_archs:
@@ -345,7 +345,7 @@ def cpu() -> str:
 
 def machine() -> str:
     onednn = subprocess.run(
-        [sys.executable, "-c", "import zoo.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())"],
+        [sys.executable, "-c", "import zoo.core.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())"],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT).stdout.strip()
     versions = subprocess.run(
         [sys.executable, "-c", "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')"],

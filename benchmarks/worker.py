@@ -33,7 +33,7 @@ FRAMEWORKS = ("zoo", "zoo-bf16", "zoo-model", "timm", "timm-bf16", "ort", "kimm"
               "zoo-savedmodel", "zoo-keras", "zoo-tflite", "zoo-tflite-fp16")
 # What each one runs (RESULTS.md's legend).
 DESCRIPTIONS = {
-    "zoo": "zoo.serving.serving_function(zoo.build(..., dtype='float32')): the serving path zoo predict, "
+    "zoo": "zoo.core.serving.serving_function(zoo.build(..., dtype='float32')): the serving path zoo predict, "
            "zoo eval and the exports run (every TensorFlow column with TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, "
            "as the zoo commands run)",
     "zoo-bf16": "the same with dtype='bfloat16'",
@@ -131,7 +131,7 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int, exp
     else:
         import zoo
 
-        from zoo.serving import serving_function
+        from zoo.core.serving import serving_function
 
         kind = framework[len("zoo-"):] if framework.startswith("zoo-") else ""
         if kind not in ("", "bf16", "model"):
@@ -159,7 +159,7 @@ def export(model: str, size: int, kinds: list[str], out: Path) -> dict:
     """The project's exports of one model at one input size, written as `zoo export` writes them,
     into `out` (one export per model and size, whatever the batch; the inference workers load them)."""
     import zoo
-    from zoo.export_formats import FORMATS
+    from zoo.export.formats import FORMATS
 
     net = _realistic_keras(zoo.build(f"convnext_{model}"))
     seconds = {}
@@ -179,7 +179,7 @@ def _exported(kind: str, exports: Path, x, threads: int):
     """A zero-argument callable running the export `kind` from `exports` on the batch `x`."""
     import tensorflow as tf
 
-    from zoo.export_formats import INPUT_NAME, SIGNATURE
+    from zoo.export.formats import INPUT_NAME, SIGNATURE
 
     path = exports / EXPORT_FILES[kind]
     if kind == "savedmodel":
@@ -280,7 +280,7 @@ def convert(arch: str, source: Path, out: Path, alone: bool = False) -> dict:
     import tensorflow  # noqa: F401
     imported = peak_rss_mb()
     start = time.perf_counter()
-    pipeline.convert(arch, checkpoint=source, out=out, echo=echo)
+    pipeline.convert(arch, checkpoint=source, out=out, options=pipeline.Options(echo=echo))
     total = time.perf_counter() - start
     return {"steps": steps, "total_s": total, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": imported,
             "start_rss_mb": baseline}
@@ -349,9 +349,9 @@ def precision(folder: Path) -> dict:
 
     import zoo
     from converters.images import parity_batch
-    from zoo.folder_config import FolderConfig
-    from zoo.reports import topk_hits
-    from zoo.serving import runner
+    from zoo.core.folder_config import FolderConfig
+    from zoo.core.reports import topk_hits
+    from zoo.core.serving import runner
 
     config = FolderConfig.read(folder)
     sets = {"parity": parity_batch(config.input_size, config.mean, config.std),

@@ -4,7 +4,7 @@ checked against the manifest first).
 A folder is a Keras model folder: `config.json` (the serialized Keras model), `metadata.json` and
 `model.weights.h5` (the weights) as Keras' own directory save writes them. Beside them:
 `convnext_zoo.json` (architecture, head, preprocessing, provenance:
-`zoo.folder_config.FolderConfig`), `parity.json` (the parity report) and `manifest.json` (sha256
+`zoo.core.folder_config.FolderConfig`), `parity.json` (the parity report) and `manifest.json` (sha256
 and size of every other file).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
-from zoo.errors import IntegrityError, StoreError
-from zoo.folder_config import (
+from zoo.core.errors import IntegrityError, StoreError
+from zoo.core.folder_config import (
     CONTENT_FILES,
     FORMAT,
     MANIFEST,
@@ -47,6 +47,42 @@ class ConvertedFolder:
     def files(self) -> dict:
         """The manifest's {file name: {"sha256", "size"}}."""
         return json.loads(self.manifest)["files"]
+
+
+def listed_files(manifest, where: str | Path, remedy: str = "convert it again") -> dict:
+    """The files a manifest lists, `{name: {"sha256", "size"}}`, if it is the manifest of a converted
+    folder of this format: every file of one listed, each with its sha256 and size.
+
+    Args:
+        manifest: the manifest as JSON reads it.
+        where: the folder (or published repo) it describes, for the messages.
+        remedy: how to replace a folder of an earlier format.
+
+    Raises:
+        StoreError: of an earlier or an unknown format.
+        IntegrityError: not a manifest of a converted folder's files.
+    """
+    at = f"{where}/{MANIFEST}"
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{at} is not a manifest (a JSON object)")
+    if manifest.get("format") in OLD_FORMATS:
+        raise StoreError(f"{where} was written by an earlier convnext-zoo (format {manifest['format']}, which "
+                         f"Keras cannot load by itself); {remedy}")
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{where}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    listed = manifest.get("files", {})
+    if not isinstance(listed, dict):
+        raise IntegrityError(f"{at}: its files must be an object of file name -> sha256 and size")
+    if sorted(listed) != sorted(CONTENT_FILES):
+        raise IntegrityError(f"{at} lists {sorted(listed)}, expected {sorted(CONTENT_FILES)}")
+    for name, meta in listed.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and _is_size(meta.get("size"))):
+            raise IntegrityError(f"{at}: {name} needs its sha256 (a string) and size (a whole number)")
+    return listed
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def is_converted_folder(path: Path) -> bool:
@@ -159,16 +195,7 @@ def _open_once(path: Path, others_allowed: bool) -> ConvertedFolder:
         raise StoreError(f"{path} has no {MANIFEST}: not a converted checkpoint folder") from None
     except ValueError as e:
         raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise IntegrityError(f"{path / MANIFEST} is not a manifest (a JSON object)")
-    if manifest.get("format") in OLD_FORMATS:
-        raise StoreError(f"{path} was written by an earlier convnext-zoo (format {manifest['format']}, which "
-                         f"Keras cannot load by itself); convert it again")
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    listed = manifest.get("files", {})
-    if sorted(listed) != sorted(CONTENT_FILES):
-        raise IntegrityError(f"{path / MANIFEST} lists {sorted(listed)}, expected {sorted(CONTENT_FILES)}")
+    listed = listed_files(manifest, path)
     if not others_allowed and (unlisted := _unlisted(path, {*CONTENT_FILES, MANIFEST})):
         raise IntegrityError(f"{path} holds {', '.join(map(repr, unlisted))}, which its {MANIFEST} does not list: "
                              "a converted folder holds its listed files only; move the others out of it")

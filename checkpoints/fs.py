@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Collection, Iterator
 
-from zoo.errors import StoreError
+from zoo.core.errors import StoreError
 
 try:
     import fcntl

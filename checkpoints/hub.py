@@ -12,11 +12,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
-from zoo.errors import HubError, IntegrityError
-from zoo.folder_config import CONTENT_FILES, FORMAT, MANIFEST, OLD_FORMATS, RECORD, WEIGHTS, check_name
-from zoo.reports import ParityReport
+from zoo.core.errors import HubError, IntegrityError, StoreError
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST, RECORD, WEIGHTS, check_name
+from zoo.core.reports import ParityReport
 
 from . import converted
 from .converted import ConvertedFolder
@@ -32,6 +33,25 @@ DATASETS = {  # tag fragment -> Hub dataset id
 }
 
 
+HF_SCHEME = "hf://"  # a repo on the Hub, as users name one: hf://ORG/REPO[@REVISION]
+
+
+def parse_hf(spec: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(repo id, revision) of `hf://ORG/REPO[@REVISION]`; `revision`, one asked for besides (an
+    argument, `--revision`), is the revision where the path names none.
+
+    Raises:
+        HubError: not of that form, or two different revisions asked for.
+    """
+    repo_id, at, pinned = spec[len(HF_SCHEME):].partition("@")
+    if not spec.startswith(HF_SCHEME) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or (at and not pinned):
+        raise HubError(f"{spec!r}: expected hf://ORG/REPO or hf://ORG/REPO@REVISION")
+    if pinned and revision and pinned != revision:
+        raise HubError(f"two revisions given: {spec!r} names {pinned!r}, and {revision!r} was asked for too; "
+                       "give one")
+    return repo_id, pinned or revision
+
+
 def hub_org(org: str | None = None) -> str:
     """The organisation converted checkpoints are published under (`ZOO_HUB_ORG`)."""
     return org or os.environ.get("ZOO_HUB_ORG") or DEFAULT_ORG
@@ -41,7 +61,7 @@ def repo_id_for(name: str, org: str | None = None) -> str:
     """Hub repo of a converted checkpoint: `<org>/<canonical name>`.
 
     Raises:
-        InvalidNameError: `name` is not one folder name (`zoo.folder_config.check_name`).
+        InvalidNameError: `name` is not one folder name (`zoo.core.folder_config.check_name`).
     """
     return f"{hub_org(org)}/{check_name(name, 'the model name')}"
 
@@ -228,15 +248,10 @@ def _published_files(repo_id: str, manifest_path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
         raise HubError(f"cannot fetch {repo_id}: {MANIFEST} is unreadable ({_short(e)})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
-        raise HubError(f"{repo_id} was published by an earlier convnext-zoo (format {manifest['format']}, which "
-                       "Keras cannot load by itself); convert and publish it again")
-    if (not isinstance(files, dict) or manifest.get("format") != FORMAT
-            or sorted(files) != sorted(CONTENT_FILES)
-            or not all(isinstance(files[n], dict) and "sha256" in files[n] for n in files)):
-        raise HubError(f"{repo_id} does not hold a converted checkpoint of format {FORMAT}")
-    return files
+    try:
+        return converted.listed_files(manifest, repo_id, "convert and publish it again")
+    except (StoreError, IntegrityError) as e:  # not a converted folder of this format: no files are fetched
+        raise HubError(str(e)) from None
 
 
 def _short(error: Exception) -> str:

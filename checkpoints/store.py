@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from zoo.errors import StoreError
-from zoo.folder_config import MANIFEST, WEIGHTS, FolderConfig, check_name
+from zoo.core.errors import StoreError
+from zoo.core.folder_config import MANIFEST, WEIGHTS, FolderConfig, check_name
 
 from . import fs
 from .converted import assemble, is_converted_folder, own_entries, unlisted_entries
@@ -30,31 +30,9 @@ def store_path(name: str) -> Path:
     """Where the local store keeps the converted checkpoint `name` (canonical name).
 
     Raises:
-        InvalidNameError: `name` is not one folder name (`zoo.folder_config.check_name`).
+        InvalidNameError: `name` is not one folder name (`zoo.core.folder_config.check_name`).
     """
     return store_root() / check_name(name)
-
-
-def write(out: Path, model, config: FolderConfig, parity: dict) -> Path:
-    """Write a converted checkpoint folder atomically, the weights being `model`'s.
-
-    The folder appears complete or not at all; an existing converted folder at `out` is
-    replaced (its own files only), anything else there is refused (`check_destination`).
-
-    Args:
-        out: destination folder.
-        model: the Keras model holding the weights.
-        config: the folder's record (the weights digest is added here).
-        parity: the passing parity report as JSON (the weights digest is added here, binding
-            the report to exactly these bytes).
-
-    Raises:
-        StoreError: `out` holds something else, or it cannot be written.
-    """
-    with writing(out, model) as folder:
-        folder.save_model(model, config.name)
-        folder.commit(config, parity)
-    return folder.out
 
 
 @contextlib.contextmanager
@@ -122,7 +100,7 @@ class FolderWriter:
 
 
 def check_destination(out: str | Path) -> Path:
-    """Refuse, before any slow work, a destination `write` would refuse or fail to write.
+    """Refuse, before any slow work, a destination `writing` would refuse or fail to write.
 
     `out` must be free, an empty folder or a converted folder holding its own files only
     (`replaceable`), not inside a converted folder, and the folder it goes in must take new

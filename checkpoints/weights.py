@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from zoo.folder_config import KERAS_CONFIG, KERAS_METADATA
+from zoo.core.folder_config import KERAS_CONFIG, KERAS_METADATA
 
 Values = dict[int, Callable[[], Any]]  # id(variable) -> its value, made on demand
 

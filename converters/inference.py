@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zoo.architectures import ARCHITECTURES, Architecture
-from zoo.errors import SourceError
+from zoo.core.architectures import ARCHITECTURES, Architecture, make_divisible
+from zoo.core.errors import SourceError
 
 _BLOCK = re.compile(r"^stages\.(\d)\.blocks\.(\d+)\.")
 
@@ -19,6 +19,10 @@ _BLOCK = re.compile(r"^stages\.(\d)\.blocks\.(\d+)\.")
 @dataclass(frozen=True)
 class Inferred:
     """What the tensors say: the architecture and the head.
+
+    A record of its own because the tensors say nothing of the input: the config files beside them
+    and the user's choices add it (`converters.plan.for_checkpoint`), and only then is there a
+    `Network` to check.
 
     Attributes:
         arch: the architecture row (named after the closest timm architecture; its fields are
@@ -85,8 +89,9 @@ def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps
     if int(fc1.shape[0]) % dims[0]:
         raise SourceError(f"stages.0.blocks.0.mlp.fc1.weight {fc1.shape}: width not a multiple of {dims[0]}")
     row = _closest_row(fields)
-    if fields["stem_type"] == "overlap" and row.stem_type == "overlap_tiered" and _tiered_width(dims[0]) == dims[0]:
-        fields["stem_type"] = row.stem_type  # the same network: timm's tiered stem is as wide at this width
+    tiered_as_wide = make_divisible(dims[0] // 2) == dims[0]  # timm's tiered stem's first conv at this width
+    if fields["stem_type"] == "overlap" and row.stem_type == "overlap_tiered" and tiered_as_wide:
+        fields["stem_type"] = row.stem_type  # the same network
     if not mlp_form_known and row.depths == fields["depths"] and row.dims == fields["dims"]:
         fields["conv_mlp"] = row.conv_mlp  # the same numbers either way (`layouts.fit_mlp`)
     arch = row.replace(**fields, **({"norm_eps": norm_eps} if norm_eps is not None else {}))
@@ -112,13 +117,6 @@ def _stem_type(state: dict, width: int) -> str:
         raise SourceError(f"stem.0.weight {first.shape}: only 4x4 patch stems (or timm's overlapping stems) are "
                           "supported")
     return "patch"
-
-
-def _tiered_width(width: int) -> int:
-    """The first conv's width in timm's tiered stem: `make_divisible(width // 2)` (multiples of 8)."""
-    half = width // 2
-    rounded = max(8, int(half + 4) // 8 * 8)
-    return rounded if rounded >= 0.9 * half else rounded + 8
 
 
 def _closest_row(fields: dict) -> Architecture:

@@ -1,7 +1,8 @@
 """Key layouts of PyTorch ConvNeXt checkpoints, renamed to timm's module paths by name (never by position).
 
-Each layout is data: a key that only it has, the framework that runs it, and an ordered table
-of renames to timm's keys. Numpy only (this module also runs inside the PyTorch reference process).
+Each layout is data: a key that only it has, the framework that runs it, an ordered table of
+renames to timm's keys, and the keys of another model its checkpoints may hold beside the ConvNeXt.
+Numpy only (this module also runs inside the PyTorch reference process).
 """
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zoo.errors import SourceError
+from zoo.core.errors import SourceError
 
 
 def _rules(*pairs: tuple[str, str]) -> tuple[tuple[re.Pattern, str], ...]:
     return tuple((re.compile(pattern), repl) for pattern, repl in pairs)
+
+
+def patterns(*regexes: str) -> tuple[re.Pattern, ...]:
+    """`Layout.foreign` from regexes, each matched at the start of a key."""
+    return tuple(re.compile(regex) for regex in regexes)
 
 
 @dataclass(frozen=True)
@@ -27,17 +33,29 @@ class Layout:
             parity reference): timm, transformers or torchvision.
         signature: matches a key that only this layout has.
         rules: renames to timm's keys, applied in order to every key (`re.sub`).
+        foreign: match the keys of another model that checkpoints of this layout hold beside the
+            ConvNeXt (a segmentation model's decode and auxiliary heads): left out when read, never
+            converted and never refused (`patterns`).
     """
 
     name: str
     framework: str
     signature: re.Pattern
     rules: tuple[tuple[re.Pattern, str], ...]
+    foreign: tuple[re.Pattern, ...] = ()
 
     def timm_key(self, key: str) -> str:
         for pattern, repl in self.rules:
             key = pattern.sub(repl, key)
         return key
+
+    def is_foreign(self, key: str) -> bool:
+        """True for a key of another model (`foreign`)."""
+        return any(pattern.match(key) for pattern in self.foreign)
+
+    def places(self, key: str) -> bool:
+        """True for a key this layout renames to a timm ConvNeXt's, or leaves as another model's."""
+        return self.is_foreign(key) or bool(TIMM_KEY.match(self.timm_key(key)))
 
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
@@ -122,7 +140,8 @@ def strip_prefix(state_dict: dict) -> tuple[dict, str]:
 
 
 def detect(keys, hint: str | None = None) -> Layout:
-    """The layout of a state dict's keys (prefixes already stripped).
+    """The layout of a state dict's keys (prefixes already stripped): its signature matches one of
+    them, and it places every one (renamed to a timm ConvNeXt's, or left as another model's).
 
     Args:
         keys: the state dict's keys.
@@ -130,7 +149,8 @@ def detect(keys, hint: str | None = None) -> Layout:
             keys must agree with it.
 
     Raises:
-        SourceError: no layout matches; the message names the closest and its first differences.
+        SourceError: no layout matches, or keys it cannot place; the message names the closest
+            layout and its first differences.
     """
     keys = list(keys)
     found = [layout for layout in LAYOUTS.values() if any(layout.signature.match(k) for k in keys)]
@@ -139,7 +159,7 @@ def detect(keys, hint: str | None = None) -> Layout:
     if found and hint is not None and found[0].name != hint:
         raise SourceError(f"its config file says the {hint} layout but the keys are in the {found[0].name} layout")
     if found:
-        unknown = [k for k in keys if not TIMM_KEY.match(found[0].timm_key(k))]
+        unknown = [k for k in keys if not found[0].places(k)]
         if not unknown:
             return found[0]
         raise SourceError(f"{len(unknown)} of {len(keys)} keys have no place in a ConvNeXt of the {found[0].name} "
@@ -159,11 +179,41 @@ def _closest(keys: list[str]) -> tuple[Layout, list[str]]:
     """The layout whose names the keys use most (keys it renames or places), and the keys it cannot place."""
     def score(layout: Layout) -> tuple[int, int]:
         renamed = [layout.timm_key(k) for k in keys]
-        used = sum(new != k or bool(TIMM_KEY.match(new)) for k, new in zip(keys, renamed))
+        used = sum(new != k or bool(TIMM_KEY.match(new)) for k, new in zip(keys, renamed, strict=True))
         return used, sum(bool(TIMM_KEY.match(new)) for new in renamed)
 
     best = max(LAYOUTS.values(), key=score)
-    return best, [k for k in keys if not TIMM_KEY.match(best.timm_key(k))]
+    return best, [k for k in keys if not best.places(k)]
+
+
+@dataclass(frozen=True)
+class Recognised:
+    """The ConvNeXt's tensors of a state dict, named as the checkpoint names them (`recognise`).
+
+    Attributes:
+        state: its tensors, keys as stored less the wrapper prefix.
+        layout: their key layout.
+        prefix: the wrapper prefix every key carried (`module.`; `""` for none), removed.
+        left: how many keys of another model (the layout's `foreign`) were left out.
+    """
+
+    state: dict
+    layout: Layout
+    prefix: str
+    left: int
+
+
+def recognise(state_dict: dict, hint: str | None = None) -> Recognised:
+    """The wrapper prefix every key shares removed, the layout detected (`detect`) and the keys
+    that layout declares another model's left out.
+
+    Raises:
+        SourceError: no known layout, or keys with no place in it.
+    """
+    state, prefix = strip_prefix(state_dict)
+    layout = detect(state, hint)
+    own = {k: v for k, v in state.items() if not layout.is_foreign(k)}
+    return Recognised(own, layout, prefix, len(state) - len(own))
 
 
 def to_timm(state_dict: dict[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
@@ -202,15 +252,3 @@ def fit_mlp(state_dict: dict[str, np.ndarray], conv_mlp: bool) -> dict[str, np.n
 def is_fb_layout(state_dict: dict) -> bool:
     """True for the official FB key layout (`downsample_layers.*`, `stages.i.j.*`)."""
     return any(LAYOUTS["fb"].signature.match(k) for k in state_dict)
-
-
-def normalise_keys(state_dict: dict[str, np.ndarray], conv_mlp: bool = False) -> dict[str, np.ndarray]:
-    """Rename a state dict in any known layout to timm's keys, MLP weights shaped for `conv_mlp`.
-
-    Wrapper prefixes every key shares are removed first; timm-layout input keeps its keys.
-
-    Raises:
-        SourceError: no known layout, or keys that collide.
-    """
-    state_dict, _ = strip_prefix(dict(state_dict))
-    return fit_mlp(to_timm(state_dict, detect(state_dict)), conv_mlp)

@@ -13,8 +13,8 @@ from typing import Callable
 import keras
 import numpy as np
 
-from zoo.errors import MappingError
-from zoo.model import GlobalResponseNorm, LayerScale, SimpleNorm
+from zoo.core.errors import MappingError
+from zoo.core.model import GlobalResponseNorm, LayerScale, SimpleNorm
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _rules_for(layer: keras.layers.Layer) -> tuple[Rule, ...]:
     raise MappingError(f"no mapping rule for layer {layer.name!r} of type {type(layer).__name__}")
 
 
-def plan(model: keras.Model) -> list[Assignment]:
+def plan_assignments(model: keras.Model) -> list[Assignment]:
     """Every Keras variable of `model` with the timm key and rule that feeds it."""
     assignments = []
     for layer in model.layers:
@@ -95,11 +95,6 @@ def plan(model: keras.Model) -> list[Assignment]:
     if orphans:
         raise MappingError(f"Keras variables without a mapping rule: {orphans}")
     return assignments
-
-
-def expected_keys(model: keras.Model) -> dict[str, tuple]:
-    """The exact timm state dict this model takes: key -> torch shape."""
-    return {a.key: a.rule.torch_shape(tuple(a.variable.shape)) for a in plan(model)}
 
 
 LISTED = 12  # differences an error lists by default: a wrong layout would list hundreds
@@ -134,13 +129,13 @@ def values(state_dict: dict[str, np.ndarray], model: keras.Model,
 
     Every check runs first: a mismatch raises before any value exists. Each value is computed
     when it is called (one transposed tensor at a time, not a second copy of the model), for
-    `port`, or for `checkpoints.store` to write straight into the weights file.
+    `checkpoints.store` to write straight into the weights file.
 
     Raises:
         MappingError: missing/unexpected keys or shape mismatches (all listed at once), or a
             variable fed twice.
     """
-    assignments = plan(model)
+    assignments = plan_assignments(model)
     check(state_dict, assignments, listed)
     out: dict[int, Callable[[], np.ndarray]] = {}
     for a in assignments:
@@ -152,20 +147,3 @@ def values(state_dict: dict[str, np.ndarray], model: keras.Model,
 
 def _keras_value(rule: Rule, array: np.ndarray, dtype: str) -> np.ndarray:
     return rule.to_keras(array).astype(dtype, copy=False)
-
-
-def port(state_dict: dict[str, np.ndarray], model: keras.Model) -> int:
-    """Copy every tensor of a timm-keyed state dict into `model`, or nothing at all.
-
-    Every check runs before the first assignment: a mismatch leaves the model untouched.
-
-    Returns:
-        The number of scalars assigned (equals `model.count_params()`).
-
-    Raises:
-        MappingError: missing/unexpected keys or shape mismatches (all listed at once).
-    """
-    todo = values(state_dict, model)
-    for variable in model.weights:
-        variable.assign(todo.pop(id(variable))())
-    return sum(int(np.prod(v.shape)) for v in model.weights)

@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from zoo.errors import SourceError
-from zoo.preprocessing import CROP_MODES, CROP_OFFSETS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MAX_RESIZE
+from zoo.core.errors import SourceError
+from zoo.core.preprocessing import (
+    CROP_MODES,
+    CROP_OFFSETS,
+    INTERPOLATIONS,
+    MAX_RESIZE,
+    SETTINGS,
+    Preprocessing,
+    with_defaults,
+)
 
 TRANSFORMERS_TYPES = {"convnext": False, "convnextv2": True}  # model_type -> ConvNeXt-V2
 # PIL's resampling filters by number, as transformers' processors store them
@@ -141,15 +149,13 @@ def _processor(fields: "_Fields", p: dict) -> dict:
     name, edge = _processor_size(fields, p.get("size"))
     edge = fields.side(name, edge)
     crop_pct = 224 / 256 if p.get("crop_pct") is None else fields.fraction("crop_pct", p["crop_pct"])
-    cfg = {
-        "input_size": [3, edge, edge],
-        "crop_pct": crop_pct if edge < 384 else 1.0,
-        "crop_mode": "center" if edge < 384 else "squash",
+    cfg = default_preprocessing(edge, crop_pct)
+    cfg.update({
         "interpolation": _resample(fields, _default(p.get("resample"), 3)),
-        "mean": fields.channels("image_mean", p.get("image_mean"), IMAGENET_MEAN, one_for_all=True),
-        "std": fields.channels("image_std", p.get("image_std"), IMAGENET_STD, one_for_all=True, spread=True),
+        "mean": fields.channels("image_mean", p.get("image_mean"), cfg["mean"], one_for_all=True),
+        "std": fields.channels("image_std", p.get("image_std"), cfg["std"], one_for_all=True, spread=True),
         "crop_offsets": "floor",  # transformers' center_crop: (margin // 2)
-    }
+    })
     return check_preprocessing(cfg, fields.where)
 
 
@@ -182,14 +188,8 @@ def _timm(fields: "_Fields", config: dict) -> SourceMetadata:
     cfg = fields.object("pretrained_cfg", config.get("pretrained_cfg"))
     preprocessing = None
     if cfg.get("input_size") is not None:
-        preprocessing = check_preprocessing({
-            "input_size": cfg["input_size"],
-            "crop_pct": _default(cfg.get("crop_pct"), 0.875),
-            "crop_mode": _default(cfg.get("crop_mode"), "center"),
-            "interpolation": _default(cfg.get("interpolation"), "bicubic"),
-            "mean": _default(cfg.get("mean"), list(IMAGENET_MEAN)),
-            "std": _default(cfg.get("std"), list(IMAGENET_STD)),
-        }, fields.where, "pretrained_cfg.")
+        given = {name: cfg.get(name) for name in ("input_size", *SETTINGS)}
+        preprocessing = check_preprocessing(with_defaults(given), fields.where, "pretrained_cfg.")
     labels = fields.label_names("label_names", config.get("label_names"))
     num_classes = fields.count("num_classes", config.get("num_classes"))
     if labels is not None and num_classes is not None and len(labels) != num_classes:
@@ -382,9 +382,12 @@ def _shown(value) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
 
 
-def default_preprocessing(input_size: int = 224) -> dict:
-    """ImageNet preprocessing as timm's ConvNeXt defaults: bicubic, crop 0.875 (squash at 384+)."""
-    return {"input_size": [3, input_size, input_size], "crop_pct": 0.875 if input_size < 384 else 1.0,
-            "crop_mode": "center" if input_size < 384 else "squash", "interpolation": "bicubic",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+def default_preprocessing(input_size: int = 224, crop_pct: float = Preprocessing.crop_pct) -> dict:
+    """ImageNet preprocessing as timm's ConvNeXt checkpoints (and transformers' image processor) are
+    evaluated at `input_size`: a centre crop of `crop_pct` below 384 pixels, the whole image
+    squashed at 384 and above; timm's defaults otherwise (`zoo.core.preprocessing.with_defaults`)."""
+    cfg = {"input_size": [3, input_size, input_size], "crop_pct": crop_pct}
+    if input_size >= 384:
+        cfg.update(crop_pct=1.0, crop_mode="squash")
+    return with_defaults(cfg)
 

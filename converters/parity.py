@@ -2,7 +2,7 @@
 
 The PyTorch reference runs in its own process on the same weights and the same fixed batch
 (`converters.reference_process`); the logits and the outputs of the stem, every stage and the
-pre-logits are compared into a `ParityReport` (`zoo.reports`). Parity is an assertion:
+pre-logits are compared into a `ParityReport` (`zoo.core.reports`). Parity is an assertion:
 `assert_passed` raises, naming the first stage that diverged.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from checkpoints.fs import work_dir
-from zoo.architectures import Architecture
-from zoo.errors import IntegrityError, ParityError
-from zoo.reports import (
+from zoo.core.architectures import Architecture
+from zoo.core.errors import IntegrityError, ParityError
+from zoo.core.reports import (
     COMPARED,
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -56,7 +56,7 @@ def compare_model(model, arch: Architecture, inputs: np.ndarray, ref: Mapping[st
                   atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL,
                   versions: dict | None = None) -> ParityReport:
     """`compare` of the Keras model's outputs on `inputs` (every compared tensor, and the logits of
-    its serving path, `zoo.serving`) with the reference's `ref`, each output let go of once compared.
+    its serving path, `zoo.core.serving`) with the reference's `ref`, each output let go of once compared.
 
     Run as a graph, two images at a time: an eager call of a functional model keeps every
     intermediate tensor alive until it returns (over 22 GB for convnextv2_huge at 512). The
@@ -77,7 +77,7 @@ def compare_model(model, arch: Architecture, inputs: np.ndarray, ref: Mapping[st
 
 def _serving_logits(model, inputs: np.ndarray) -> np.ndarray:
     """The serving path's logits, two images at a time; what predict, eval and the exports run."""
-    from zoo.serving import runner
+    from zoo.core.serving import runner
 
     run = runner(model, shared=True)
     return np.concatenate([np.asarray(run(inputs[i:i + 2])) for i in range(0, len(inputs), 2)])
@@ -105,7 +105,7 @@ def _report(comparisons: list[Comparison], logits: np.ndarray, ref_logits: np.nd
 def _probe_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """Every compared tensor of the Keras model, two images at a time (`predict` would hold every
     batch's outputs and their concatenation at once)."""
-    from zoo.model import probe_model
+    from zoo.core.model import probe_model
 
     return in_batches(probe_model(model, arch).predict_on_batch, inputs)
 

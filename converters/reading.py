@@ -6,15 +6,18 @@ tensorflow never (this module also runs inside the PyTorch reference process).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from zoo.errors import SourceError
+from zoo.core.errors import SourceError
 
-from .layouts import detect, normalise_keys, strip_prefix, to_timm
+from .layouts import recognise, to_timm
 from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SourceWeights
+
+log = logging.getLogger(__name__)
 
 
 def read_source(src: SourceWeights, *, use_ema: bool = True,
@@ -29,9 +32,9 @@ def read_source(src: SourceWeights, *, use_ema: bool = True,
         hint: the layout a config file beside the weights names; the keys must agree.
 
     Returns:
-        The timm-keyed state dict (MLP weights as stored: `layouts.fit_mlp` shapes them), and
-        `src` with the sha256 of exactly the bytes it holds, its layout, the container entry read
-        and the wrapper prefix removed.
+        The timm-keyed state dict (MLP weights as stored: `layouts.fit_mlp` shapes them; keys its
+        layout declares another model's left out), and `src` with the sha256 of exactly the
+        bytes it holds, its layout, the container entry read and the wrapper prefix removed.
 
     Raises:
         SourceError: unreadable file, no known layout, or bytes that differ from the sha256
@@ -39,13 +42,16 @@ def read_source(src: SourceWeights, *, use_ema: bool = True,
     """
     digest = hashlib.sha256()
     raw, key = read_checkpoint(src.path, digest, use_ema=use_ema)
-    raw, prefix = strip_prefix(raw)
-    layout = detect(raw, hint)
-    state = to_timm(raw, layout)
+    found = recognise(raw, hint)
+    if found.left:
+        log.info("%s: %d keys of another model left out (the %s layout says they are not the ConvNeXt's)",
+                 src.path.name, found.left, found.layout.name)
+    state = to_timm(found.state, found.layout)
     if src.sha256 is not None and digest.hexdigest() != src.sha256:
         raise SourceError(f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
                           f"expected {src.sha256}); fetch it again")
-    return state, replace(src, sha256=digest.hexdigest(), layout=layout.name, state_key=key, prefix=prefix)
+    return state, replace(src, sha256=digest.hexdigest(), layout=found.layout.name, state_key=key,
+                          prefix=found.prefix)
 
 
 def read_state_dict(path: Path, digest=None, *, use_ema: bool = True) -> dict[str, np.ndarray]:
@@ -194,9 +200,3 @@ def _check_size(key: str, shape) -> None:
     if 0 in shape:
         raise SourceError(f"tensor {key!r} has shape {list(shape)}, no values: ConvNeXt weights are never empty; "
                           "the checkpoint is damaged")
-
-
-def load_source(path: Path, conv_mlp: bool = False) -> dict[str, np.ndarray]:
-    """Read a checkpoint in any known layout and return it with timm's keys, MLP weights
-    shaped for `conv_mlp`: the converter's input."""
-    return normalise_keys(read_state_dict(path), conv_mlp=conv_mlp)

@@ -2,9 +2,10 @@
 
 TensorFlow imported before torch+timm in one process crashes the timm forward pass, so the
 reference never shares a process with Keras: the parent writes inputs to disk, this process
-runs the checkpoint in the framework it came from (timm, transformers or torchvision: told
-apart by its keys, each loaded by its own model class and checkpoint loader, never by the
-converter's key map), and writes every compared tensor back as NHWC numpy.
+runs the checkpoint in the framework it came from (told apart by its keys, `layouts.LAYOUTS`;
+each framework an `Adapter` of `ADAPTERS`: its own model class and checkpoint loader, never the
+converter's key map), and writes every compared tensor back as NHWC numpy. Its stdout carries
+one thing, the failure it reports (`reference_process.failure_record`); all else goes to stderr.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import json
 import os
 import signal
 import sys
-import traceback
-from pathlib import Path
 
 
 def _die_with_parent() -> None:
@@ -32,24 +31,45 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _report_failures() -> None:
+    """Keep stdout for the failure this process reports (an error it does not catch, as one JSON
+    line), and send whatever else is written there (by the frameworks, say) to stderr."""
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def report(kind, error, tb) -> None:
+        sys.__excepthook__(kind, error, tb)  # the traceback, for whoever runs it by hand
+        from converters.reference_process import failure_record
+
+        channel.write(json.dumps(failure_record(error)) + "\n")
+        channel.flush()
+
+    sys.excepthook = report
+
+
 if __name__ == "__main__":
     _die_with_parent()  # before the imports below, which take seconds
+    _report_failures()  # and can fail (torch not installed)
+
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402,I001  (torch and timm first, never after tensorflow)
-import timm  # noqa: E402
+import timm  # noqa: E402  (timm and torch first, never after tensorflow)
+import torch  # noqa: E402
 
 from checkpoints.fs import sha256_file  # noqa: E402
 from converters.images import in_batches  # noqa: E402
-from converters.layouts import detect, is_fb_layout, strip_prefix  # noqa: E402
+from converters.layouts import is_fb_layout, recognise, strip_prefix  # noqa: E402
 from converters.metadata import TRANSFORMERS_TYPES  # noqa: E402
-from converters.reading import read_checkpoint, read_state_dict  # noqa: E402
-from converters.reference_process import SOURCE_SHA256, failure_line  # noqa: E402
-from zoo.architectures import Architecture  # noqa: E402
-from zoo.errors import SourceError  # noqa: E402
+from converters.reading import read_state_dict  # noqa: E402
+from converters.reference_process import SOURCE_SHA256  # noqa: E402
+from converters.source import PICKLE_SUFFIXES  # noqa: E402
+from zoo.core.architectures import Architecture  # noqa: E402
+from zoo.core.errors import SourceError  # noqa: E402
 
 HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
-TIMM_PREFIXES = ("", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.")  # timm's loader removes them
 OUTPUTS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
 
 
@@ -63,41 +83,79 @@ def create(arch: Architecture, num_classes: int, device: str = "cpu") -> torch.n
     return model.eval()
 
 
-def loaded(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True) -> torch.nn.Module:
-    """timm's model for `arch` holding the timm- or FB-layout safetensors file at `path` (see `load_weights`).
+@dataclass(frozen=True)
+class Adapter:
+    """How the parity reference loads and runs the ConvNeXts of one framework.
+
+    Attributes:
+        name: the framework, as a layout names it (`Layout.framework`).
+        package: its distribution, whose version the parity report records.
+        load: `(arch, num_classes, state, folder, head_norm_affine) -> module`: the framework's
+            own model class holding `state` (torch tensors, keyed as the framework keys them),
+            loaded strictly by its own loader, in eval mode; `folder` holds the weights file
+            (and any config of the framework's beside it).
+        points: `module -> (stem, stages, classifier)`: the modules whose outputs are compared,
+            and the classifier whose input is (None: the model has none).
+        logits: `(module, x) -> logits` for an NCHW batch (the pooled features where the model
+            has no classifier).
+    """
+
+    name: str
+    package: str
+    load: Callable[..., torch.nn.Module]
+    points: Callable[[torch.nn.Module], tuple]
+    logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, x: model(x)
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return version(self.package)
+
+    @torch.inference_mode()
+    def outputs(self, model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every compared tensor for an NCHW batch (`OUTPUTS`): the stem's and each stage's output
+        (NCHW), the classifier's input (`pre_logits`) and the logits."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            return lambda _module, _args, output: captured.__setitem__(name, output)
+
+        stem, stages, classifier = self.points(model)
+        hooks = [stem.register_forward_hook(keep("stem"))]
+        hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(stages)]
+        if classifier is not None:
+            hooks.append(classifier.register_forward_pre_hook(
+                lambda _module, args: captured.__setitem__("pre_logits", args[0])))
+        try:
+            captured["logits"] = self.logits(model, x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if classifier is None:  # no classifier: the pooled, normalised features are the output
+            captured["pre_logits"] = captured["logits"]
+        return captured
+
+
+def _load_timm(arch: Architecture, num_classes: int, state: dict, folder: Path,
+               head_norm_affine: bool) -> torch.nn.Module:
+    """timm's model for `arch` holding `state`, in timm's or FB's layout: FB keys go through timm's
+    own `checkpoint_filter_fn`, so that the parity check tests the converter's FB renaming.
 
     With every parameter in the checkpoint, the model is created without storage and takes the
     checkpoint's tensors as its parameters (convnext_large: 1.8 s of random initialisation and
-    a copy saved); a checkpoint without head-norm weights loads into an initialised model.
+    a copy saved); a checkpoint without head-norm weights (FCMAE) loads as timm loads it, into
+    an initialised model whose head norm keeps its identity init.
     """
+    from timm.models.convnext import checkpoint_filter_fn
+
     model = create(arch, num_classes, device="meta" if head_norm_affine else "cpu")
-    load_weights(model, path, head_norm_affine)
+    if is_fb_layout(state):
+        state = checkpoint_filter_fn(state, model)
+    _strict(model.load_state_dict(state, strict=False, assign=head_norm_affine), head_norm_affine, "timm")
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"timm's model kept tensors the checkpoint did not fill: {left}")
-    return model
-
-
-def load_weights(model: torch.nn.Module, path: Path, head_norm_affine: bool = True, use_ema: bool = True) -> None:
-    """Load a checkpoint strictly; FB-layout files go through timm's own key remapping.
-
-    Using timm's `checkpoint_filter_fn` here (not the converter's `normalise_keys`) makes the
-    parity check an independent test of the converter's FB renaming. Checkpoints without
-    head-norm weights (FCMAE) load as timm loads them: that norm keeps its identity init.
-    A model on the `meta` device takes the checkpoint's tensors as its own. A wrapper prefix
-    timm's loader does not remove (`model.`, `backbone.`) is removed here.
-    """
-    _load_arrays(model, strip_prefix(read_state_dict(path, use_ema=use_ema))[0], head_norm_affine)
-
-
-def _load_arrays(model: torch.nn.Module, arrays: dict, head_norm_affine: bool) -> None:
-    from timm.models.convnext import checkpoint_filter_fn
-
-    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    if is_fb_layout(arrays):
-        state = checkpoint_filter_fn(state, model)
-    on_meta = any(p.is_meta for p in model.parameters())
-    _strict(model.load_state_dict(state, strict=False, assign=on_meta), head_norm_affine, "timm")
+    return model.eval()
 
 
 def _strict(result, head_norm_affine: bool, framework: str) -> None:
@@ -107,87 +165,16 @@ def _strict(result, head_norm_affine: bool, framework: str) -> None:
         raise RuntimeError(f"{framework} refused the checkpoint: missing {missing}, unexpected {unexpected}")
 
 
-class Reference:
-    """A loaded source model and how to read every compared tensor out of it.
-
-    Attributes:
-        model: the framework's own module, in eval mode.
-        framework: `timm`, `transformers` or `torchvision`.
-        layout: the checkpoint's key layout, as this process detected it.
-        version: the framework's version.
-    """
-
-    def __init__(self, model, framework: str, layout: str, version: str):
-        self.model, self.framework, self.layout, self.version = model, framework, layout, version
-
-    @torch.inference_mode()
-    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every compared tensor (NCHW maps) for an NCHW batch."""
-        return _OUTPUTS[self.framework](self.model, x)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model(x)
-        return out if isinstance(out, torch.Tensor) else _transformers_logits(out)
+def _timm_points(model):
+    return model.stem, model.stages, model.head.fc
 
 
-def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True,
-              use_ema: bool = True) -> Reference:
-    """The checkpoint at `path` in the framework its keys belong to.
-
-    timm and FB layouts: timm's model (timm's `load_checkpoint` for training checkpoints:
-    its EMA choice and `module.` stripping). transformers: its model class for the `config.json`
-    beside the weights (else for `arch`), loaded strictly by its own `from_pretrained` with the
-    tensors of `path`, not with the weights file it would pick in the folder. torchvision: its
-    `ConvNeXt` class built from `arch`, strictly loaded. Every layout runs exactly the file at `path`.
-    """
-    header_only = path.name.endswith(".safetensors")
-    if header_only:  # the layout from the header: the tensors are read once, below
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            names = dict.fromkeys(f.keys())
-    else:
-        names = read_checkpoint(path, use_ema=use_ema)[0]
-    names, prefix = strip_prefix(names)
-    layout = detect(names)
-
-    def arrays() -> dict:
-        return strip_prefix(read_state_dict(path))[0] if header_only else names
-
-    if layout.framework == "transformers":
-        model = _transformers(arch, num_classes, path, names, arrays)
-        return Reference(model, "transformers", layout.name, _version("transformers"))
-    if layout.framework == "torchvision":
-        return Reference(_torchvision(arch, num_classes, arrays()), "torchvision", layout.name, _version("torchvision"))
-    if not header_only and prefix in TIMM_PREFIXES:
-        # timm's own loader: its choice of entry (EMA first), its prefix removal, its FB remapping
-        from timm.models import load_checkpoint
-        from timm.models.convnext import checkpoint_filter_fn
-
-        del names
-        model = create(arch, num_classes)
-        _strict(load_checkpoint(model, str(path), use_ema=use_ema, strict=False, filter_fn=checkpoint_filter_fn),
-                head_norm_affine, "timm")
-    elif header_only and not prefix:
-        model = loaded(arch, num_classes, path, head_norm_affine)
-    else:
-        model = create(arch, num_classes)
-        _load_arrays(model, arrays(), head_norm_affine)
-    return Reference(model.eval(), "timm", layout.name, timm.__version__)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
-
-
-def _transformers(arch: Architecture, num_classes: int, path: Path, names, arrays):
-    """transformers' own model for the tensors of exactly the file at `path`, loaded by its own loader.
+def _load_transformers(arch: Architecture, num_classes: int, state: dict, folder: Path,
+                       head_norm_affine: bool) -> torch.nn.Module:
+    """transformers' own model for `state`, loaded by its own loader.
 
     The network is the folder's `config.json` when it is a transformers config (as
-    `from_pretrained` reads it), else built from `arch`; the weights are the file's, never the
+    `from_pretrained` reads it), else built from `arch`; the weights are `state`, never the
     weights file `from_pretrained` would pick in the folder. Any key transformers leaves missing,
     finds unexpected or of the wrong shape is an error.
     """
@@ -196,11 +183,10 @@ def _transformers(arch: Architecture, num_classes: int, path: Path, names, array
     except ImportError:
         raise RuntimeError("No module named 'transformers': converting a transformers checkpoint checks it "
                            "against transformers (pip install transformers)") from None
-    config = _transformers_config(transformers, arch, num_classes, path.parent)
+    config = _transformers_config(transformers, arch, num_classes, folder)
     family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
-    headed = any(k.startswith(("convnext.", "convnextv2.")) for k in names)
+    headed = any(k.startswith(("convnext.", "convnextv2.")) for k in state)
     cls = getattr(transformers, f"{family}ForImageClassification" if headed else f"{family}Model")
-    state = {k: torch.from_numpy(v) for k, v in arrays().items()}
     # mismatched shapes listed in `info` like the other problems (else transformers raises a bare error)
     model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
                                       dtype=torch.float32, ignore_mismatched_sizes=True)
@@ -222,13 +208,93 @@ def _transformers_config(transformers, arch: Architecture, num_classes: int, fol
         layer_scale_init_value=1e-6 if arch.layer_scale else 0.0, layer_norm_eps=arch.head_eps, drop_path_rate=0.0)
 
 
-def _torchvision(arch: Architecture, num_classes: int, raw: dict):
+def _transformers_points(model):
+    base = getattr(model, "convnext", None) or getattr(model, "convnextv2", None) or model
+    head = getattr(model, "classifier", None)
+    return base.embeddings, base.encoder.stages, head if isinstance(head, torch.nn.Linear) else None
+
+
+def _transformers_logits(model, x: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+def _load_torchvision(arch: Architecture, num_classes: int, state: dict, folder: Path,
+                      head_norm_affine: bool) -> torch.nn.Module:
+    """torchvision's `ConvNeXt` class built from `arch`, holding `state`, strictly loaded."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
     settings = [CNBlockConfig(arch.dims[i], arch.dims[i + 1] if i < 3 else None, arch.depths[i]) for i in range(4)]
     model = ConvNeXt(settings, stochastic_depth_prob=0.0, layer_scale=1e-6, num_classes=num_classes)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in raw.items()}, strict=True)
+    model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _torchvision_points(model):
+    f = model.features  # [stem, stage 0, downsample, stage 1, downsample, stage 2, downsample, stage 3]
+    return f[0], [f[1], f[3], f[5], f[7]], model.classifier[2]
+
+
+# Every framework a layout can name (`Layout.framework`): a new framework is a new row here.
+ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (
+    Adapter("timm", "timm", _load_timm, _timm_points),
+    Adapter("transformers", "transformers", _load_transformers, _transformers_points, _transformers_logits),
+    Adapter("torchvision", "torchvision", _load_torchvision, _torchvision_points),
+)}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A source model loaded in its own framework.
+
+    Attributes:
+        model: the framework's own module, in eval mode.
+        adapter: how its framework loads and runs it.
+        layout: the checkpoint's key layout, as this process detected it.
+    """
+
+    model: torch.nn.Module
+    adapter: Adapter
+    layout: str
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every compared tensor (NCHW maps) for an NCHW batch."""
+        return self.adapter.outputs(self.model, x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.adapter.logits(self.model, x)
+
+
+def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True,
+              use_ema: bool = True) -> Reference:
+    """The checkpoint at `path` in the framework its keys belong to, the file read once.
+
+    Its layout names the framework, whose `Adapter` loads the tensors with the framework's own
+    model class and loader: timm's model (FB keys through timm's own remapping), transformers'
+    model class for the `config.json` beside the weights (else for `arch`), torchvision's
+    `ConvNeXt` built from `arch`. Every layout runs exactly the file at `path`.
+    """
+    found = recognise(_read(path, use_ema))
+    adapter = ADAPTERS[found.layout.framework]
+    # with another model's keys left out, the ConvNeXt's may share a prefix (`backbone.`) no loader expects
+    state = strip_prefix(found.state)[0]
+    return Reference(adapter.load(arch, num_classes, state, path.parent, head_norm_affine), adapter, found.layout.name)
+
+
+def _read(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint file at `path` (floats as float32), keys as stored.
+
+    A pickle container is read by timm's own `load_state_dict`, whatever its layout: for a
+    training checkpoint, timm's choice of entry (EMA first, unless not `use_ema`) and its removal
+    of `module.`/`_orig_mod.`, so that the parity check tests the converter's own choices. A
+    safetensors file holds no entries and is read by the converter's reader (one copy in memory).
+    """
+    if path.name.endswith(PICKLE_SUFFIXES):
+        from timm.models import load_state_dict
+
+        return {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(str(path), use_ema).items()}
+    return {k: torch.from_numpy(v) for k, v in read_state_dict(path).items()}
 
 
 def forward(model, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndarray]:
@@ -237,59 +303,13 @@ def forward(model, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndar
     Run `batch_size` images at a time, as the Keras side runs them, each output filled in place:
     a whole parity batch at once holds GBs of activations (convnextv2_huge at 512: 2.5 GB more).
     """
-    ref = model if isinstance(model, Reference) else Reference(model, "timm", "timm", timm.__version__)
+    ref = model if isinstance(model, Reference) else Reference(model, ADAPTERS["timm"], "timm")
 
     def run(part: np.ndarray) -> dict[str, np.ndarray]:
         captured = ref.outputs(torch.from_numpy(np.ascontiguousarray(part.transpose(0, 3, 1, 2))))
         return {name: (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).float().numpy() for name, t in captured.items()}
 
     return in_batches(run, inputs, batch_size)
-
-
-def _hooked(model, x, stem, stages, head_in, run) -> dict[str, torch.Tensor]:
-    """`run(model, x)` (the logits) with the stem's and each stage's output and the classifier's input captured."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        return lambda _module, _args, output: captured.__setitem__(name, output)
-
-    hooks = [stem.register_forward_hook(keep("stem"))]
-    hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(stages)]
-    if head_in is not None:
-        hooks.append(head_in.register_forward_pre_hook(
-            lambda _module, args: captured.__setitem__("pre_logits", args[0])))
-    try:
-        captured["logits"] = run(model, x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if head_in is None:  # no classifier: the pooled, normalised features are the output
-        captured["pre_logits"] = captured["logits"]
-    return captured
-
-
-def _timm_outputs(model, x):
-    return _hooked(model, x, model.stem, model.stages, model.head.fc, lambda m, x: m(x))
-
-
-def _torchvision_outputs(model, x):
-    f = model.features  # [stem, stage 0, downsample, stage 1, downsample, stage 2, downsample, stage 3]
-    return _hooked(model, x, f[0], [f[1], f[3], f[5], f[7]], model.classifier[2], lambda m, x: m(x))
-
-
-def _transformers_logits(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out.pooler_output
-
-
-def _transformers_outputs(model, x):
-    base = getattr(model, "convnext", None) or getattr(model, "convnextv2", None) or model
-    head = getattr(model, "classifier", None)
-    return _hooked(model, x, base.embeddings, base.encoder.stages,
-                   head if isinstance(head, torch.nn.Linear) else None,
-                   lambda m, x: _transformers_logits(m(pixel_values=x)))
-
-
-_OUTPUTS = {"timm": _timm_outputs, "torchvision": _torchvision_outputs, "transformers": _transformers_outputs}
 
 
 def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, out_indices,
@@ -305,7 +325,8 @@ def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndar
                               **arch.timm_kwargs()).eval()
     with torch.inference_mode():
         maps = model(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))))
-    return {f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy() for i, t in zip(out_indices, maps)}
+    return {f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy()
+            for i, t in zip(out_indices, maps, strict=True)}
 
 
 def classify(model: Reference, files: list[str], pretrained_cfg: dict, batch_size: int = 16) -> np.ndarray:
@@ -377,7 +398,8 @@ def _forward_command(spec_path: Path) -> None:
     else:
         model = reference(arch, spec["num_classes"], Path(spec["source"]), spec.get("head_norm_affine", True),
                           spec.get("use_ema", True))
-        ran = {"torch": torch.__version__, model.framework: model.version, "reference": model.framework,
+        framework = model.adapter.name
+        ran = {"torch": torch.__version__, framework: model.adapter.version(), "reference": framework,
                "layout": model.layout}
         if "files" in spec:
             outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
@@ -433,9 +455,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as error:
-        traceback.print_exc()  # for whoever runs it by hand; the parent reports the line below
-        sys.stderr.write(failure_line(error) + "\n")
-        sys.exit(1)
+    sys.exit(main())  # an error it raises is reported by `_report_failures`

@@ -1,5 +1,5 @@
 """The PyTorch reference, seen from the converter: `python -m converters.reference` run in a clean
-child process on a spec file, and its outputs (or its error, in one line) read back.
+child process on a spec file, and its outputs (or the failure it reports, in one line) read back.
 
 The child imports torch and timm only: TensorFlow imported before them in one process
 crashes timm's forward pass. `Network` is what both sides of a comparison build and feed.
@@ -7,6 +7,7 @@ crashes timm's forward pass. `Network` is what both sides of a comparison build 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -23,17 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from checkpoints.fs import reason, work_dir
-from zoo.architectures import Architecture
-from zoo.catalogue import CatalogueEntry
-from zoo.errors import ReferenceRunError, StoreError, ZooError
-from zoo.folder_config import FolderConfig
+from zoo.core.architectures import Architecture
+from zoo.core.catalogue import CatalogueEntry
+from zoo.core.errors import ReferenceRunError, StoreError, ZooError
+from zoo.core.folder_config import FolderConfig
 
 from .images import parity_batch
 
 log = logging.getLogger(__name__)
 
-# A failing child's last line on stderr: this, then its error on one line (`failure_line`).
-FAILURE = "converters.reference error: "
+# A failing child reports its failure on its stdout, kept for it alone: one JSON object,
+# {"kind": ..., "message": ...} (`failure_record`). A child that ends without one crashed.
+MISSING = "missing"  # the kind of failure: torch or timm is not installed
+NO_SPACE = "no_space"  # the kind of failure: the disk is full
+REQUIRED = ("torch", "timm")  # what the reference cannot run without
+# a full disk where the error carries no errno (numpy's writer, safetensors' Rust writer)
+_FULL_DISK = re.compile(r"No space left on device|os error 28")
 LONGEST_CAUSE = 600  # characters of the child's error quoted in the one line reported
 
 
@@ -41,8 +47,10 @@ LONGEST_CAUSE = 600  # characters of the child's error quoted in the one line re
 class Network:
     """What both sides of a comparison build and feed: an architecture, its head and its input.
 
-    Built from a catalogue entry (conversion) or from a converted folder's config (verify,
-    exports, evaluation), so that every check describes its network the same way.
+    Built from a catalogue entry (conversion), from what a checkpoint's tensors and config files say
+    (your own checkpoints), or from a converted folder's config (verify, exports, evaluation), so that
+    every check describes its network the same way; the one record both processes of a check share
+    (it travels to the child as the spec's `arch`, `num_classes`, ... fields).
     """
 
     arch: Architecture
@@ -54,11 +62,11 @@ class Network:
     use_ema: bool = True  # which weights of a training checkpoint the source framework loads
 
     @classmethod
-    def of_entry(cls, entry: CatalogueEntry) -> "Network":
+    def of_entry(cls, entry: CatalogueEntry) -> Network:
         return cls(entry.arch, entry.num_classes, entry.head_norm_affine, entry.input_size[-1], entry.mean, entry.std)
 
     @classmethod
-    def of_folder(cls, config: FolderConfig) -> "Network":
+    def of_folder(cls, config: FolderConfig) -> Network:
         return cls(config.architecture, config.num_classes, config.head_norm_affine, config.input_size,
                    config.mean, config.std, config.source.use_ema)
 
@@ -168,9 +176,9 @@ class ReferenceRun:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
         self._proc = subprocess.Popen([sys.executable, "-m", "converters.reference", *args],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self._drain = ThreadPoolExecutor(1)  # a full pipe would stall the child
-        self._stderr = self._drain.submit(self._proc.communicate)
+        self._output = self._drain.submit(self._proc.communicate)
 
     def wait(self) -> None:
         """Wait for the child to end.
@@ -179,14 +187,14 @@ class ReferenceRun:
             ReferenceRunError: torch/timm missing or the process failed.
             StoreError: $TMPDIR filled up under the child.
         """
-        stderr = self._stderr.result()[1]
+        stdout, stderr = self._output.result()
         self._drain.shutdown()
         if self._proc.returncode != 0:
-            _raise_reference_failure(self._proc.returncode, stderr)
+            _raise_reference_failure(self._proc.returncode, _reported_failure(stdout), stderr)
 
     def kill(self) -> None:
         self._proc.kill()
-        self._stderr.result()
+        self._output.result()
         self._drain.shutdown()
 
 
@@ -206,25 +214,52 @@ def reference_process(args: list[str]):
     run.wait()
 
 
-def failure_line(error: BaseException) -> str:
-    """What a failing child writes last to stderr: `error` on one line, marked as its own."""
+def failure_record(error: BaseException) -> dict[str, str]:
+    """What a failing child reports of `error`: its kind and its message on one line.
+
+    The kind is `MISSING` (torch or timm is not installed), `NO_SPACE` (the disk is full), else
+    the error's class name; either is read from the error and the errors it was raised from or
+    while handling. The message is a project error's own (a message for users); any other's, named.
+    """
     text = " ".join(str(error).split())
-    if not isinstance(error, ZooError):  # a project error is a message for users; any other, named
+    if not isinstance(error, ZooError):
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return FAILURE + text
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    if any(isinstance(e, ModuleNotFoundError) and e.name in REQUIRED for e in chain):
+        kind = MISSING
+    elif any(getattr(e, "errno", None) == errno.ENOSPC or _FULL_DISK.search(str(e)) for e in chain):
+        kind = NO_SPACE
+    else:
+        kind = type(error).__name__
+    return {"kind": kind, "message": text}
 
 
-def _raise_reference_failure(returncode: int, stderr: str) -> None:
+def _reported_failure(stdout: str) -> dict[str, str] | None:
+    """The failure a child reported on its stdout (`failure_record`); None where it reported none."""
+    lines = stdout.strip().splitlines()
+    try:
+        failure = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return failure if isinstance(failure, dict) and {"kind", "message"} <= failure.keys() else None
+
+
+def _raise_reference_failure(returncode: int, failure: dict[str, str] | None, stderr: str) -> None:
     log.debug("the PyTorch reference process's stderr:\n%s", stderr)
-    if "No module named 'torch'" in stderr or "No module named 'timm'" in stderr:
+    kind = failure["kind"] if failure else None
+    if kind == MISSING:
         raise ReferenceRunError(
             "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
-    if "No space left on device" in stderr or "os error 28" in stderr:
+    if kind == NO_SPACE:
         # the child writes random weights and its outputs under $TMPDIR: one line, not its traceback
         where = Path(tempfile.gettempdir()).absolute()
         raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
                          f"files; free some space there or set TMPDIR to another folder")
-    cause = _cause(stderr)
+    cause = failure["message"] if failure else _last_words(stderr)
+    if len(cause) > LONGEST_CAUSE:
+        cause = cause[:LONGEST_CAUSE] + " ..."
     raise ReferenceRunError(f"the PyTorch reference process {_ended(returncode)}" + (f": {cause}" if cause else ""))
 
 
@@ -237,12 +272,9 @@ def _ended(returncode: int) -> str:
         return f"was killed by signal {-returncode}"
 
 
-def _cause(stderr: str) -> str:
-    """The child's error in one line, never its stack frames: the line it wrote for it
-    (`failure_line`), else the last exception line of a traceback (an error before it could),
-    else its last line."""
+def _last_words(stderr: str) -> str:
+    """What a child that reported no failure (killed, crashed) last wrote, never its stack frames:
+    the last exception line of a traceback, else its last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    marked = [line[len(FAILURE):] for line in lines if line.startswith(FAILURE)]
     raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
-    cause = (marked or raised or lines or [""])[-1]
-    return cause if len(cause) <= LONGEST_CAUSE else cause[:LONGEST_CAUSE] + " ..."
+    return (raised or lines or [""])[-1]

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from checkpoints import hub
 from checkpoints.fs import sha256_file
+from checkpoints.hub import HF_SCHEME, parse_hf
 from checkpoints.store import store_root
-from zoo.errors import SourceError
-from zoo.folder_config import SourceRecord
+from zoo.core.errors import SourceError
+from zoo.core.folder_config import SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +108,7 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
     raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
 
 
-HF_SCHEME = "hf://"
 CONFIG_FILES = ("config.json", "preprocessor_config.json")  # read beside the weights (converters.metadata)
-
-
-def parse_hf(spec: str) -> tuple[str, str | None]:
-    """`hf://ORG/REPO[@REVISION]` -> (repo id, revision).
-
-    Raises:
-        SourceError: not of that form.
-    """
-    rest = spec[len(HF_SCHEME):]
-    repo_id, _, revision = rest.partition("@")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or (_ and not revision):
-        raise SourceError(f"{spec!r}: expected hf://ORG/REPO or hf://ORG/REPO@REVISION")
-    return repo_id, revision or None
 
 
 def fetch_repo(repo_id: str, revision: str | None = None, filename: str = "model.safetensors") -> SourceWeights:
@@ -150,13 +137,14 @@ def open_checkpoint(spec: str | Path, revision: str | None = None) -> SourceWeig
     """A source given by the user: `hf://ORG/REPO[@REVISION]`, a folder, or a checkpoint file.
 
     Local files are hashed as they are read (`reading.read_source`).
+
+    Raises:
+        HubError: a malformed `hf://` path, or one naming another revision than `revision`.
+        SourceError: as `fetch_repo` and `local`; a `revision` for a local file.
     """
     text = str(spec)
     if text.startswith(HF_SCHEME):
-        repo_id, at = parse_hf(text)
-        if at and revision and at != revision:
-            raise SourceError(f"two revisions given: @{at} and --revision {revision}")
-        return fetch_repo(repo_id, at or revision)
+        return fetch_repo(*parse_hf(text, revision))
     if revision:
         raise SourceError("--revision goes with a Hub source (hf://ORG/REPO), not a local checkpoint")
     return local(spec, hashed=False)

@@ -1,8 +1,8 @@
-"""Regenerate checkpoints/catalogue.json from timm's pretrained configs.
+"""Regenerate zoo/core/catalogue.json from timm's pretrained configs.
 
 Run from the repository root with the `convert` extra installed:
 
-    python scripts/generate_catalogue.py            # rewrite checkpoints/catalogue.json
+    python scripts/generate_catalogue.py            # rewrite zoo/core/catalogue.json
     python scripts/generate_catalogue.py --check    # exit 1 if the committed file is stale
 
 The committed JSON is what users read: loading a model never needs timm.
@@ -23,9 +23,9 @@ from timm.models._registry import _model_default_cfgs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from zoo.architectures import ARCHITECTURES  # noqa: E402  (pure data, no tensorflow)
+from zoo.core.architectures import ARCHITECTURES  # noqa: E402  (pure data, no tensorflow)
 
-OUT = ROOT / "checkpoints" / "catalogue.json"
+OUT = ROOT / "zoo" / "core" / "catalogue.json"
 FB_PREFIX = "https://dl.fbaipublicfiles.com/convnext/"
 
 # ImageNet-1k top-1 (%) published with the official checkpoints: ConvNeXt paper (arXiv

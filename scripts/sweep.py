@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters.pipeline import convert_all, summary_table  # noqa: E402
-from zoo.catalogue import representatives  # noqa: E402
+from converters.batch import convert_all, summary_table  # noqa: E402
+from zoo.core.catalogue import representatives  # noqa: E402
 
 
 def main() -> int:

@@ -22,8 +22,8 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from converters.reference import random_state_dict  # noqa: E402
 from tests.support.archs import SMALL, SMALL_V1  # noqa: E402
-from zoo.architectures import ARCHITECTURES  # noqa: E402
-from zoo.runtime import usable_cpus  # noqa: E402
+from zoo.core.architectures import ARCHITECTURES  # noqa: E402
+from zoo.core.runtime import usable_cpus  # noqa: E402
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4 (each holds TensorFlow, torch and timm, and starts
@@ -111,7 +111,7 @@ def live_weights():
     TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1 (read once per process) oneDNN keeps the weights of each
     kernel's first run, and the model refuses to train. The variable cannot be changed in this
     process any more, so such a test fails here, saying so, rather than testing stale weights."""
-    from zoo.runtime import FROZEN_VAR, frozen_weights
+    from zoo.core.runtime import FROZEN_VAR, frozen_weights
 
     if frozen_weights():
         pytest.fail(f"{FROZEN_VAR}=1 in this process: this test trains or changes weights after a first call; "

@@ -6,9 +6,9 @@ import math
 import pytest
 import timm
 
-from converters.mapping import expected_keys
-from zoo.architectures import ARCHITECTURES
-from zoo.model import build_model
+from tests.support.porting import expected_keys
+from zoo.core.architectures import ARCHITECTURES
+from zoo.core.model import build_model
 
 # Parameter counts published for ConvNeXt (1000 classes); timm must agree, and so must we.
 PUBLISHED = {

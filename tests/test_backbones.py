@@ -8,11 +8,11 @@ import pytest
 import zoo
 from checkpoints.converted import open_folder
 from converters.images import parity_batch
-from converters.pipeline import recorded_reference
+from converters.recorded import recorded_reference
 from converters.reference_process import Network, reference_outputs
 from tests.support.archs import SMALL
 from tests.support.converted import convert_small
-from zoo.reports import DEFAULT_STAGE_RTOL, Comparison
+from zoo.core.reports import DEFAULT_STAGE_RTOL, Comparison
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_pat
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
 def test_conversion_and_verify_run_in_float32_under_a_mixed_policy(converted, policy):
-    from converters.pipeline import empty_model, verify
+    from converters.pipeline import empty_model
+    from converters.verify import verify
 
     model = empty_model(Network(SMALL["linear_mlp"], 10, True, 224, (0.5,) * 3, (0.5,) * 3))
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}

@@ -11,7 +11,7 @@ import timm
 from timm.models import get_pretrained_cfg
 
 import zoo
-from zoo.catalogue import catalogue, resolve, search
+from zoo.core.catalogue import catalogue, resolve, search
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "small", "base", "large")
@@ -23,7 +23,7 @@ def test_committed_catalogue_is_what_the_generator_makes():
         import generate_catalogue
     finally:
         sys.path.pop(0)
-    committed = json.loads(resources.files("checkpoints").joinpath("catalogue.json").read_text())
+    committed = json.loads(resources.files("zoo.core").joinpath("catalogue.json").read_text())
     assert generate_catalogue.build() == committed
 
 

@@ -24,9 +24,9 @@ from converters.metadata import MAX_INPUT, MAX_RESIZE, MIN_INPUT, SourceMetadata
 from converters.reference import random_state_dict
 from tests.support.archs import SMALL
 from tests.support.cli import one_line_error, zoo_cli, zoo_inline
-from zoo.errors import SourceError, ZooError
-from zoo.labels import parse_label_file, read_label_file
-from zoo.preprocessing import Preprocessing, preprocess
+from zoo.core.errors import SourceError, ZooError
+from zoo.core.labels import parse_label_file, read_label_file
+from zoo.core.preprocessing import Preprocessing, preprocess
 
 ARCH = SMALL["conv_mlp"]  # convnext_atto's form: timm's config.json names it
 TRANSFORMERS = {"model_type": "convnext", "depths": list(ARCH.depths), "hidden_sizes": list(ARCH.dims),
@@ -186,7 +186,7 @@ def test_label_files_keep_names_as_written(tmp_path):
 
 
 def test_a_non_utf8_labels_file_of_eval_is_one_line(tmp_path):
-    from zoo.errors import DatasetError
+    from zoo.core.errors import DatasetError
     from zoo.evaluation import samples
 
     (tmp_path / "data").mkdir()

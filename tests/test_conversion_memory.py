@@ -16,7 +16,8 @@ from checkpoints.weights import write_weights
 from converters import mapping, parity, reading
 from converters.reference_process import Network
 from tests.support.archs import SMALL_V1
-from zoo.serving import fused_norm_epsilon, serving_function
+from tests.support.porting import expected_keys
+from zoo.core.serving import fused_norm_epsilon, serving_function
 
 
 def network(arch=SMALL_V1) -> Network:
@@ -35,7 +36,7 @@ def test_a_model_built_without_storage_writes_the_same_weights_file_and_stays_wi
     stored, unstored = pipeline.empty_model(network()), pipeline.empty_model(network(), storage=False)
     assert all(v._value is None for v in unstored.weights)
     state = {k: np.random.default_rng(1).standard_normal(s).astype(np.float32)
-             for k, s in mapping.expected_keys(stored).items()}
+             for k, s in expected_keys(stored).items()}
     write_weights(tmp_path / "a.weights.h5", stored, mapping.values(state, stored))
     write_weights(tmp_path / "b.weights.h5", unstored, mapping.values(state, unstored))
     assert datasets(tmp_path / "a.weights.h5") == datasets(tmp_path / "b.weights.h5")

@@ -14,10 +14,10 @@ from checkpoints import converted
 from converters.images import natural_images
 from tests.support.archs import SMALL
 from tests.support.converted import convert_small
-from zoo.errors import DatasetError, ImageError
+from zoo.core.errors import DatasetError, ImageError
 from zoo.evaluation import evaluate, samples
 from zoo.loading import from_folder
-from zoo.preprocessing import preprocess
+from zoo.core.preprocessing import preprocess
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # ImageNet-1k classes 0, 1, 2
 SIZES = [(300, 410), (224, 224), (517, 333), (150, 90)]
@@ -66,7 +66,7 @@ def test_images_are_prepared_in_parallel_exactly_as_in_one_thread(folder, image_
     """Each batch from the worker threads is the array `zoo.preprocess` gives for it in one call;
     an unreadable image fails its batch, not the process."""
     from zoo.evaluation import prepared_batches
-    from zoo.preprocessing import as_preprocessing
+    from zoo.core.preprocessing import as_preprocessing
 
     prepare = as_preprocessing(folder)
     paths = sorted(image_folder.rglob("img*"))
@@ -168,8 +168,8 @@ import numpy as np
 from checkpoints import converted
 from zoo.evaluation import distributed_runner, evaluate
 from zoo.loading import from_folder
-from zoo.preprocessing import preprocess
-from zoo.serving import runner
+from zoo.core.preprocessing import preprocess
+from zoo.core.serving import runner
 folder, data, paths = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 two = evaluate(folder, data, batch_size=5, progress=False, devices=2, workers=0)
 one = evaluate(folder, data, batch_size=5, progress=False, workers=0)

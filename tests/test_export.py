@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import converters.exports
+import converters.recorded
 import converters.pipeline as pipeline
 import zoo.export
 import zoo.loading
@@ -21,10 +21,10 @@ from converters.images import parity_batch
 from converters.reference import create, forward, random_state_dict
 from tests.support.archs import SMALL_V1
 from tests.support.cli import BLOCK_TORCH, zoo_cli
-from zoo.architectures import ARCHITECTURES
+from zoo.core.architectures import ARCHITECTURES
 from zoo.export import ExportError, bounds_for, export, read_report, report_path
-from zoo.export_formats import FORMATS
-from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL
+from zoo.export.formats import FORMATS
+from zoo.core.reports import DEFAULT_ATOL, DEFAULT_RTOL
 
 MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224  # convnext_tiny.fb_in1k's
 
@@ -58,7 +58,7 @@ def timm_in_process(monkeypatch):
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         return forward(model, inputs)["logits"]
 
-    monkeypatch.setattr(converters.exports, "pytorch_logits", pytorch_logits)
+    monkeypatch.setattr(converters.recorded, "pytorch_logits", pytorch_logits)
 
 
 def _assert_fp32_report(report, fmt):
@@ -142,7 +142,7 @@ def test_tflite_runs_in_the_interpreter_with_builtin_ops(quantize, folder, keras
 def test_keras_file_loads_in_safe_mode(folder, keras_logits, timm_in_process, tmp_path, monkeypatch):
     import keras
 
-    import zoo.model  # noqa: F401  (registers the ConvNeXt layers, as users must)
+    import zoo.core.model  # noqa: F401  (registers the ConvNeXt layers, as users must)
 
     monkeypatch.chdir(tmp_path)
     out = export(folder, "keras")  # default destination: <folder name>.keras here

@@ -20,7 +20,7 @@ import pytest
 from tests.support.archs import SMALL_V1
 from tests.support.cli import one_line_error, zoo_cli
 from tests.support.converted import convert_small
-from zoo.runtime import FROZEN_VAR
+from zoo.core.runtime import FROZEN_VAR
 
 # Every way a user runs the model, in one process; outputs saved for the parent to compare.
 CHILD = r"""
@@ -29,8 +29,8 @@ import numpy as np
 import keras
 import zoo
 from checkpoints.converted import open_folder
-from zoo.model import build_model
-from zoo.serving import runner
+from zoo.core.model import build_model
+from zoo.core.serving import runner
 
 folder, out = sys.argv[1], sys.argv[2]
 config = open_folder(folder).config
@@ -58,7 +58,7 @@ got["after load_weights eager"] = np.asarray(model(x))
 got["after load_weights predict"] = model.predict(x, verbose=0)
 np.savez(out, **got)
 # fine-tuning: trains where oneDNN does not keep weights, and is refused, saying why, where it does
-from zoo.errors import BackendError
+from zoo.core.errors import BackendError
 tuned = zoo.load(folder, num_classes=3)
 tuned.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 try:

@@ -29,7 +29,8 @@ from tests.support.cli import zoo_cli
 from tests.support.converted import convert_small
 from tests.support.hub import local_hub, set_faults
 from tests.support.hub_cache import add_file
-from zoo.folder_config import CONTENT_FILES
+from tests.support.writing import write_converted
+from zoo.core.folder_config import CONTENT_FILES
 
 TOKEN = "hf_zooTESTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
@@ -211,7 +212,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         report.update(passed=False, failure="logits: max abs error 1 (atol 0.0001), relative 0.1 (rtol 1e-05)")
         report.pop("weights_sha256")
         config = folder.config
-        store.write(failed, zoo.load(converted), config, report)
+        write_converted(failed, zoo.load(converted), config, report)
         proc = zoo_hub("publish", str(failed), "--allow-random", env=env)
         assert proc.returncode == 1 and "parity check failed" in proc.stderr and "Traceback" not in proc.stderr
         assert remote_head(url) == head
@@ -221,7 +222,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
         model = zoo.load(converted)
         layer = model.get_layer("stages.0.blocks.0.mlp.fc1")
         layer.kernel.assign(np.asarray(layer.kernel) + 0.01)
-        store.write(changed, model, config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
+        write_converted(changed, model, config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
         parity = json.loads((changed / "parity.json").read_text())
         parity["weights_sha256"] = folder.parity["weights_sha256"]
         (changed / "parity.json").write_text(json.dumps(parity))
@@ -242,7 +243,7 @@ def test_refusals_upload_nothing(converted, tmp_path):
 
         # 3. the repo moved under it (another commit landed after we looked); new weights to send
         newer = tmp_path / "newer"
-        store.write(newer, model, config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
+        write_converted(newer, model, config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
         HfApi(endpoint=url, token=TOKEN).upload_file(path_or_fileobj=b"x", path_in_repo="NOTES.md", repo_id=REPO)
         moved = remote_head(url)
         assert moved != head

@@ -23,8 +23,8 @@ from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_inline
 from tests.support.converted import convert_small
 from tests.support.hub import faults, local_hub, set_faults
-from zoo.errors import HubError, StoreError, ZooError
-from zoo.folder_config import CONTENT_FILES, MANIFEST, PARITY, WEIGHTS
+from zoo.core.errors import HubError, StoreError, ZooError
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST, PARITY, WEIGHTS
 
 TOKEN = "hf_zooFAULTtoken1234567890secret"
 NAME = "convnext_tiny.fb_in1k"
@@ -247,7 +247,7 @@ def test_convert_downloads_the_source_from_timms_repo(hub, small_tiny, tmp_path,
 def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub, small_tiny, tmp_path,
                                                                             isolated_home):
     from converters import pipeline
-    from zoo.errors import SourceError
+    from zoo.core.errors import SourceError
 
     host_source(hub)
     set_faults(hub, {"corrupt": ["model.safetensors"]})  # one byte flipped, same size and ETag
@@ -268,7 +268,7 @@ def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub
                                  pytest.param(1024, id="lfs")], indirect=True)
 def test_truncated_source_download_is_one_error_and_a_later_one_works(hub, small_tiny, tmp_path, isolated_home):
     from converters import pipeline
-    from zoo.errors import SourceError
+    from zoo.core.errors import SourceError
 
     host_source(hub)
     set_faults(hub, {"truncate": ["model.safetensors"]})  # every try cut short, Content-Length intact
@@ -385,7 +385,7 @@ def test_weights_edited_while_publishing_are_not_committed(hub, converted, tmp_p
 
 def test_a_missing_repo_or_revision_is_named(published, small_tiny, tmp_path):
     from converters import pipeline
-    from zoo.errors import SourceError
+    from zoo.core.errors import SourceError
 
     with pytest.raises(StoreError, match=r"testorg/convnext_atto\.d2_in1k: no such repo on the Hub \(or it is "
                                          r"private and HF_TOKEN cannot read it\)"):

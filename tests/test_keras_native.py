@@ -25,9 +25,9 @@ from tests.support.archs import SMALL
 from tests.support.cli import BLOCK_TORCH
 from tests.support.converted import convert_small
 from tests.support.hub import local_hub
-from zoo.errors import HubError, StoreError
-from zoo.folder_config import CONTENT_FILES, MANIFEST, RECORD
-from zoo.reports import DEFAULT_ATOL, DEFAULT_RTOL, Comparison
+from zoo.core.errors import HubError, StoreError
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST, RECORD
+from zoo.core.reports import DEFAULT_ATOL, DEFAULT_RTOL, Comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -232,7 +232,7 @@ def test_keras_torch_backend_is_refused_in_one_line(folder):
     code = textwrap.dedent("""
         import sys
         import zoo, keras  # zoo first: it registers the layers once Keras is imported
-        from zoo.errors import BackendError
+        from zoo.core.errors import BackendError
         for load in (lambda: zoo.load(sys.argv[1]), lambda: keras.saving.load_model(sys.argv[1])):
             try:
                 load()

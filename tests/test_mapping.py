@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from checkpoints import weights
-from converters import layouts, reading, source
-from converters.mapping import expected_keys, port
+from converters import reading, source
 from converters.reference import create, forward, random_state_dict
+from tests.support import sources
 from tests.support.archs import SMALL_V1
 from tests.support.fb_layout import to_fb_layout
-from zoo.errors import MappingError, SourceError
-from zoo.model import build_model
+from tests.support.porting import expected_keys, port
+from zoo.core.errors import MappingError, SourceError
+from zoo.core.model import build_model
 
 
 def weights_of(model) -> dict[str, np.ndarray]:
@@ -83,10 +84,10 @@ def test_a_layer_or_variable_without_a_rule_is_refused():
     inputs = keras.Input((8, 8, 3))
     odd = keras.Model(inputs, keras.layers.BatchNormalization(name="stem.bn")(inputs))
     with pytest.raises(MappingError, match="no mapping rule for layer 'stem.bn' of type BatchNormalization"):
-        mapping.plan(odd)
+        mapping.plan_assignments(odd)
     orphan = keras.Model(inputs, DenseWithExtra(4, name="head.fc")(inputs))
     with pytest.raises(MappingError, match="Keras variables without a mapping rule:.*extra"):
-        mapping.plan(orphan)
+        mapping.plan_assignments(orphan)
 
 
 def test_a_variable_fed_twice_is_refused(monkeypatch):
@@ -94,9 +95,9 @@ def test_a_variable_fed_twice_is_refused(monkeypatch):
 
     model = build_model(SMALL_V1, num_classes=10)
     state = random_state_dict(SMALL_V1, 10, seed=1)
-    planned = mapping.plan(model)
+    planned = mapping.plan_assignments(model)
     twice = [*planned, mapping.Assignment(planned[1].key, planned[0].variable, planned[0].rule)]
-    monkeypatch.setattr(mapping, "plan", lambda m: twice)
+    monkeypatch.setattr(mapping, "plan_assignments", lambda m: twice)
     monkeypatch.setattr(mapping, "check", lambda s, a, *_: None)
     with pytest.raises(MappingError, match=f"variable {planned[0].variable.path} would be assigned twice"):
         mapping.values(state, model)
@@ -125,7 +126,7 @@ def test_fb_layout_converts_to_the_same_weights(small_arch, tmp_path):
     assert list(fb)[0].startswith("downsample_layers.")  # order differs from timm's
     torch.save({"model": {k: torch.from_numpy(v) for k, v in fb.items()}}, tmp_path / "fb.pth")
     from_fb = build_model(small_arch, num_classes=10)
-    port(reading.load_source(tmp_path / "fb.pth", conv_mlp=small_arch.conv_mlp), from_fb)
+    port(sources.load_source(tmp_path / "fb.pth", conv_mlp=small_arch.conv_mlp), from_fb)
     from_timm = build_model(small_arch, num_classes=10)
     port(state, from_timm)
     a, b = weights_of(from_fb), weights_of(from_timm)
@@ -136,7 +137,7 @@ def test_fb_grn_is_flattened():
     fb = {"downsample_layers.0.0.weight": np.zeros((8, 3, 4, 4), np.float32),
           "stages.0.0.grn.gamma": np.ones((1, 1, 1, 32), np.float32),
           "stages.0.0.grn.beta": np.ones((1, 1, 1, 32), np.float32)}
-    out = layouts.normalise_keys(fb)
+    out = sources.normalise_keys(fb)
     assert out["stages.0.blocks.0.mlp.grn.weight"].shape == (32,)
     assert out["stages.0.blocks.0.mlp.grn.bias"].shape == (32,)
     assert "stem.0.weight" in out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.support.archs import SMALL, SMALL_CONV_MLP, SMALL_V1
-from zoo.model import DropPath, LayerScale, PointwiseDense, build_model, drop_path_rates, stage_names
+from zoo.core.model import DropPath, LayerScale, PointwiseDense, build_model, drop_path_rates, stage_names
 
 
 @pytest.fixture(params=["linear_mlp", "conv_mlp"])
@@ -322,7 +322,7 @@ def test_overlapping_stems_pad_like_torch():
 
 
 def test_grn_matches_its_formula():
-    from zoo.model import GlobalResponseNorm
+    from zoo.core.model import GlobalResponseNorm
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 6, 4)).astype("float32")
@@ -338,7 +338,7 @@ def test_grn_matches_its_formula():
 
 
 def test_simple_norm_uses_the_unbiased_variance_and_does_not_centre():
-    from zoo.model import SimpleNorm
+    from zoo.core.model import SimpleNorm
 
     x = np.random.default_rng(1).normal(2.0, 3.0, size=(3, 8)).astype("float32")
     layer = SimpleNorm(1e-6)
@@ -367,7 +367,7 @@ def test_import_zoo_turns_on_onednn_unless_the_user_chose(user_choice):
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if user_choice is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = user_choice
-    code = ("import os, zoo, tensorflow; from zoo.runtime import onednn_enabled; "
+    code = ("import os, zoo, tensorflow; from zoo.core.runtime import onednn_enabled; "
             "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == (["1", "True"] if user_choice is None else ["0", "False"])

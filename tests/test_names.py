@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-import converters.pipeline as pipeline
+from converters import plan
 from checkpoints import hub, store
 from converters.source import SourceWeights
 from tests.support.archs import SMALL_V1
 from tests.support.cli import one_line_error, zoo_cli, zoo_inline
 from tests.support.folders import PARITY, folder_config, small_model
-from zoo.catalogue import catalogue
-from zoo.errors import InvalidNameError
-from zoo.folder_config import check_name
+from tests.support.writing import write_converted
+from zoo.core.catalogue import catalogue
+from zoo.core.errors import HubError, InvalidNameError
+from zoo.core.folder_config import check_name
 
 # What must never name a folder: the folder itself, the one above, nothing, a path, a terminal
 # escape, a line break (as the CLI takes them: one argument each).
@@ -30,7 +31,7 @@ def tree(root: Path) -> dict[str, bytes | None]:
 def store_of_two() -> dict[str, bytes | None]:
     """The local store holding two converted folders; returns all of its content."""
     for seed, name in enumerate(("convnext_tiny.fb_in1k", "convnext_small.fb_in1k")):
-        store.write(store.store_path(name), small_model(seed), folder_config(name), dict(PARITY))
+        write_converted(store.store_path(name), small_model(seed), folder_config(name), dict(PARITY))
     return tree(store.store_root())
 
 
@@ -61,19 +62,39 @@ def test_every_catalogue_name_is_a_folder_name():
 
 @pytest.mark.parametrize("spec", ["hf://org/..", "hf://org/.", "hf://org/.hidden", "hf://org/..weird"])
 def test_a_default_name_from_a_repo_is_one_folder_name(spec):
-    name = pipeline.default_name(spec, None)
+    name = plan.name_from_checkpoint(spec, None)
     assert check_name(name) == name
+
+
+@pytest.mark.parametrize("spec", ["hf://org/repo@", "hf://org", "hf://org/repo/sub", "hf://my org/repo", "hf:///repo"])
+def test_a_malformed_hub_path_is_refused_alike_everywhere(spec):
+    """A published model (`zoo.load`, `zoo predict`) and a source (`zoo convert`) read `hf://` paths
+    the same way, before any download."""
+    from converters.source import open_checkpoint
+    from zoo.locating import locate
+
+    for read in (hub.parse_hf, locate, open_checkpoint):
+        with pytest.raises(HubError, match="expected hf://ORG/REPO or hf://ORG/REPO@REVISION"):
+            read(spec)
+
+
+def test_a_hub_path_and_a_revision_asked_for_must_agree():
+    assert hub.parse_hf("hf://org/repo") == ("org/repo", None)
+    assert hub.parse_hf("hf://org/repo", "v2") == hub.parse_hf("hf://org/repo@v2", "v2") == ("org/repo", "v2")
+    assert hub.parse_hf("hf://org/..") == ("org/..", None)  # the repo may be named so; its folder is not
+    with pytest.raises(HubError, match="two revisions given: 'hf://org/repo@v1' names 'v1', and 'v2'"):
+        hub.parse_hf("hf://org/repo@v1", "v2")
 
 
 def test_a_default_name_from_a_folder_or_a_file_is_one_folder_name(tmp_path):
     hidden = tmp_path / ".hidden-model"
     hidden.mkdir()
-    assert pipeline.default_name(hidden, None) == "hidden-model"
+    assert plan.name_from_checkpoint(hidden, None) == "hidden-model"
     dots = tmp_path / "..pth"
-    assert pipeline.default_name(dots, SourceWeights(dots, None)) == "converted"
+    assert plan.name_from_checkpoint(dots, SourceWeights(dots, None)) == "converted"
     long_file = tmp_path / ("x" * 230 + ".pth")
     with pytest.raises(InvalidNameError, match="--name"):
-        pipeline.default_name(long_file, SourceWeights(long_file, None))
+        plan.name_from_checkpoint(long_file, SourceWeights(long_file, None))
 
 
 @pytest.mark.parametrize("name", REFUSED, ids=IDS)

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from tests.support.archs import SMALL_V1
-from zoo.folder_config import CONTENT_FILES, MANIFEST
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST
 from tests.support.cli import BLOCK_TORCH
 
 CODE = textwrap.dedent("""
@@ -22,17 +22,17 @@ CODE = textwrap.dedent("""
     arch_config = json.loads(sys.argv[1])
 
     import zoo
-    from checkpoints import store
-    from zoo.architectures import Architecture
-    from zoo.folder_config import FolderConfig, SourceRecord
-    from zoo.model import build_model
+    from zoo.core.architectures import Architecture
+    from zoo.core.folder_config import FolderConfig, SourceRecord
+    from zoo.core.model import build_model
+    from tests.support.writing import write_converted
 
     arch = Architecture.from_config(arch_config)
     model = build_model(arch, num_classes=10)
     config = FolderConfig(name="convnext_tiny.fb_in1k", architecture=arch, num_classes=10,
                           pretrained_cfg=zoo.resolve("convnext_tiny.fb_in1k").pretrained_cfg(),
                           source=SourceRecord("random", "0" * 64, seed=0), pretrained=False)
-    store.write(out, model, config, {"passed": True})
+    write_converted(out, model, config, {"passed": True})
     loaded = zoo.load(out)
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))

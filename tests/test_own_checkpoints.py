@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from checkpoints.converted import open_folder
 from checkpoints.hub import model_card
-from converters import inference, layouts, mapping, reading
+from converters import inference, layouts, mapping, plan, reading, recorded
 from converters.parity import compare_model
 from converters.pipeline import empty_model
 from converters.reference_process import Network, reference_outputs
@@ -25,8 +25,10 @@ from tests.support import sources
 from tests.support.archs import SMALL
 from tests.support.cli import verify_then_export_keras, zoo_inline
 from tests.support.hub import local_hub
-from zoo.errors import MappingError, SourceError
-from zoo.preprocessing import Preprocessing
+from tests.support.porting import port
+from zoo.core.architectures import make_divisible
+from zoo.core.errors import MappingError, SourceError
+from zoo.core.preprocessing import Preprocessing
 
 V1, V1_CONV_MLP, V2 = SMALL["linear_mlp"], SMALL["conv_mlp"], SMALL["v2_grn"]
 LABELS = ["cat", "dog", "bird"]
@@ -298,8 +300,8 @@ def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
 
     import converters.pipeline as pipeline
     from tests.support.http_files import serve
-    from zoo.architectures import ARCHITECTURES
-    from zoo.catalogue import catalogue
+    from zoo.core.architectures import ARCHITECTURES
+    from zoo.core.catalogue import catalogue
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -317,14 +319,14 @@ def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
     config = open_folder(out).config
     assert (config.source.kind, config.source.layout) == ("url", "torchvision") and config.top1 == 82.52
 
-    shutil.copy(pipeline.recorded_source(config, tmp_path).path, tmp_path / filename)
+    shutil.copy(recorded.recorded_source(config, tmp_path).path, tmp_path / filename)
     own, _ = pipeline.convert_checkpoint(tmp_path / filename, out=tmp_path / "own")
     mine = open_folder(own).config
     assert mine.top1 == 82.52 and mine.pretrained_cfg["interpolation"] == "bilinear"
     assert mine.pretrained_cfg["crop_pct"] == entry.crop_pct and mine.license == "bsd-3-clause"
     (tmp_path / "renamed.pth").write_bytes(data)
-    assert pipeline.known_release(SourceWeights(tmp_path / "renamed.pth", hashlib.sha256(data).hexdigest())) is None
-    assert pipeline.known_release(SourceWeights(tmp_path / filename, "0" * 64)) is None
+    assert plan.known_release(SourceWeights(tmp_path / "renamed.pth", hashlib.sha256(data).hexdigest())) is None
+    assert plan.known_release(SourceWeights(tmp_path / filename, "0" * 64)) is None
 
 
 # --- the parity gate rejects broken key maps of the new layouts --------------------------------
@@ -381,7 +383,7 @@ def test_parity_rejects_a_broken_key_map(layout, source, src, monkeypatch):
 
     def converted(state, arch=found.arch):
         model = empty_model(Network(arch, found.num_classes, found.head_norm_affine, 64, (0.5,) * 3, (0.25,) * 3))
-        mapping.port(layouts.fit_mlp(state, arch.conv_mlp), model)
+        port(layouts.fit_mlp(state, arch.conv_mlp), model)
         return compare_model(model, arch, inputs, reference)
 
     assert converted(dict(state)).passed, "the control conversion must pass"
@@ -466,7 +468,7 @@ def test_inference_reads_every_architecture_row_back_from_its_tensors(variant):
     found = inference.infer(random_state_dict(arch, 5))
     assert found.num_classes == 5 and found.head_norm_affine
     if arch.stem_type == "overlap_tiered" and found.arch.stem_type == "overlap":  # as wide at 8 channels:
-        assert inference._tiered_width(arch.dims[0]) == arch.dims[0]  # the same network
+        assert make_divisible(arch.dims[0] // 2) == arch.dims[0]  # the same network
         arch = arch.replace(stem_type="overlap")
     assert found.arch.replace(name=arch.name, norm_eps=arch.norm_eps) == arch
 

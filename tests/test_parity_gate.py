@@ -12,12 +12,12 @@ import pytest
 
 import converters.mapping as mapping
 import converters.pipeline as pipeline
-import zoo.model
-import zoo.serving
+import zoo.core.model
+import zoo.core.serving
 from converters import reading
 from converters.parity import compare
-from zoo.errors import MappingError, ParityError
-from zoo.reports import Comparison, ParityReport
+from zoo.core.errors import MappingError, ParityError
+from zoo.core.reports import Comparison, ParityReport
 
 
 def converter_reads(monkeypatch, mutate):
@@ -86,14 +86,14 @@ def skipped_linear_transpose(monkeypatch):
 
 def keras_default_eps(monkeypatch):
     import keras
-    monkeypatch.setattr(zoo.model, "_norm", lambda arch, name, affine=True, eps=None: keras.layers.LayerNormalization(
+    monkeypatch.setattr(zoo.core.model, "_norm", lambda arch, name, affine=True, eps=None: keras.layers.LayerNormalization(
         name=name, center=affine, scale=affine))
 
 
 def serving_drops_norm_shift(monkeypatch):
     """The serving path loses a LayerNorm's shift (the Keras model is right): folded into fc1 with
     the scale only, or run fused without it."""
-    real_folded, real_fused = zoo.serving._folded, zoo.serving._fused_form
+    real_folded, real_fused = zoo.core.serving._folded, zoo.core.serving._fused_form
 
     def folded(layer, norm, scale):
         kernel, bias = real_folded(layer, None, scale)
@@ -101,20 +101,20 @@ def serving_drops_norm_shift(monkeypatch):
             kernel = kernel * np.asarray(norm.gamma.numpy(), np.float64)[:, None]
         return kernel, bias
 
-    monkeypatch.setattr(zoo.serving, "_folded", folded)
-    monkeypatch.setattr(zoo.serving, "_fused_form", lambda x, gamma, beta, eps: real_fused(x, gamma, beta * 0, eps))
+    monkeypatch.setattr(zoo.core.serving, "_folded", folded)
+    monkeypatch.setattr(zoo.core.serving, "_fused_form", lambda x, gamma, beta, eps: real_fused(x, gamma, beta * 0, eps))
 
 
 def serving_norm_input_unscaled(monkeypatch):
     """The fused norm form without the input scale that turns the kernel's epsilon (1e-3) into the
     model's (1e-6): every norm believes its producer scaled it."""
-    if zoo.serving.fused_norm_epsilon() is None:
+    if zoo.core.serving.fused_norm_epsilon() is None:
         pytest.skip("this TensorFlow has no fused oneDNN LayerNorm kernel: the serving path folds its norms")
 
     def prescaled(model, eps_kernel):
-        return {}, {layer.name for layer in model.layers if zoo.serving._foldable_norm(layer)}
+        return {}, {layer.name for layer in model.layers if zoo.core.serving._foldable_norm(layer)}
 
-    monkeypatch.setattr(zoo.serving, "_prescaled", prescaled)
+    monkeypatch.setattr(zoo.core.serving, "_prescaled", prescaled)
 
 
 STATE_MUTATIONS = {  # name -> (mutation, expected error, expected message)
@@ -179,10 +179,8 @@ def test_grn_over_the_wrong_axes_is_rejected(small_weights, tmp_path, monkeypatc
     from keras import ops
 
     from tests.support.archs import SMALL
-    from zoo.architectures import ARCHITECTURES
 
     arch = SMALL["v2_grn"]
-    monkeypatch.setitem(ARCHITECTURES, "convnextv2_tiny", arch)
     path, _ = small_weights(arch, 1000)
 
     def over_width_only(self, inputs):
@@ -190,10 +188,10 @@ def test_grn_over_the_wrong_axes_is_rejected(small_weights, tmp_path, monkeypatc
         nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
         return inputs + (self.bias + self.weight * (inputs * nx))
 
-    monkeypatch.setattr(zoo.model.GlobalResponseNorm, "call", over_width_only)
+    monkeypatch.setattr(zoo.core.model.GlobalResponseNorm, "call", over_width_only)
     out = tmp_path / "out"
     with pytest.raises(ParityError, match="failed at stages.0"):
-        pipeline.convert("convnextv2_tiny", out=out, checkpoint=path)
+        pipeline.convert(zoo.resolve("convnextv2_tiny").with_architecture(arch), out=out, checkpoint=path)
     assert_nothing_written(out)
 
 
@@ -329,7 +327,7 @@ def test_a_source_that_changes_between_the_reference_and_the_converter_is_refuse
     would pass parity against bytes other than those converted. The two digests must agree."""
     from safetensors.numpy import save_file
 
-    from zoo.errors import IntegrityError
+    from zoo.core.errors import IntegrityError
 
     path, _ = small_weights(small_tiny, 1000)
     _, other = small_weights(small_tiny, 1000, seed=5, name="other.safetensors")

@@ -16,20 +16,23 @@ import torch
 from safetensors.numpy import save as save_bytes
 
 import converters.pipeline as pipeline
+from converters import recorded
 import zoo
-from checkpoints import converted, store
+from checkpoints import converted
 from converters.images import parity_batch
 from converters.reference import create, forward, random_state_dict
 from converters.reference_process import Network
+from converters.verify import verify
 from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_cli, zoo_inline
 from tests.support.converted import convert_small
 from tests.support.hub_cache import add_file
-from zoo.architectures import ARCHITECTURES
-from zoo.catalogue import representatives
-from zoo.errors import IntegrityError
-from zoo.folder_config import PARITY, RECORD, WEIGHTS
-from zoo.reports import ParityReport
+from tests.support.writing import write_converted
+from zoo.core.architectures import ARCHITECTURES
+from zoo.core.catalogue import representatives
+from zoo.core.errors import IntegrityError
+from zoo.core.folder_config import PARITY, RECORD, WEIGHTS
+from zoo.core.reports import ParityReport
 
 
 # atto by default (a third of tiny's time), the README's convnext_tiny_1k with -m slow: the same path
@@ -85,7 +88,7 @@ def test_verify_passes_then_catches_changed_weights(small_converted, tmp_path):
     layer = model.get_layer("stages.1.blocks.0.mlp.fc2")
     layer.kernel.assign(np.asarray(layer.kernel) * 1.01)
     folder = converted.open_folder(out)
-    store.write(out, model, folder.config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
+    write_converted(out, model, folder.config, {k: v for k, v in folder.parity.items() if k != "weights_sha256"})
     proc = zoo_inline("verify", out)
     assert proc.exit_code == 1 and "failed at stages.1" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -96,7 +99,7 @@ def test_verify_detects_an_edited_file(small_converted, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (out / "model.weights.h5").write_bytes(bytes(data))
     with pytest.raises(IntegrityError):
-        pipeline.verify(out)
+        verify(out)
     proc = zoo_inline("verify", out)
     assert proc.exit_code == 1 and "manifest" in proc.stderr
 
@@ -106,7 +109,7 @@ def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
     config = json.loads((a / RECORD).read_text())
     assert config["pretrained"] is False and "NOT pretrained" in config["source"]["note"]
     # the same seed gives the same bytes again (as `verify` regenerates them)
-    again = pipeline.random_source(Network.of_entry(zoo.resolve("convnext_tiny_1k")), 5, tmp_path)
+    again = recorded.random_source(Network.of_entry(zoo.resolve("convnext_tiny_1k")), 5, tmp_path)
     assert again.sha256 == config["source"]["sha256"]
 
 
@@ -120,13 +123,12 @@ def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, fil
     from tests.support.fb_layout import to_fb_layout
 
     small = ARCHITECTURES[arch].replace(**{k: SMALL["linear_mlp"].__dict__[k] for k in ("depths", "dims")})
-    monkeypatch.setitem(ARCHITECTURES, arch, small)
     state = random_state_dict(small, 1000, seed=2)
     fb = to_fb_layout(state)
     assert any(k.endswith(".grn.gamma") and v.shape[:3] == (1, 1, 1) for k, v in fb.items()) == small.use_grn
     path = tmp_path / filename
     torch.save({"model": {k: torch.from_numpy(v) for k, v in fb.items()}}, path)
-    out, report = pipeline.convert(name, out=tmp_path / "out", checkpoint=path)
+    out, report = pipeline.convert(zoo.resolve(name).with_architecture(small), out=tmp_path / "out", checkpoint=path)
     assert report.passed
     assert json.loads((out / RECORD).read_text())["source"]["kind"] == "file"
 

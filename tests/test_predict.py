@@ -11,13 +11,13 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.models import get_pretrained_cfg
 
 import zoo
-from checkpoints import store
 from converters.images import natural_images
-from converters.mapping import port
 from converters.reference import create, random_state_dict
 from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_cli, zoo_inline
 from tests.support.folders import folder_config, small_model
+from tests.support.porting import port
+from tests.support.writing import write_converted
 
 NAME = "convnext_tiny.fb_in1k"
 TIMEOUT = 180
@@ -27,12 +27,12 @@ TIMEOUT = 180
 
 def write_folder(out, name: str, num_classes: int, state: dict | None = None):
     """A converted folder of SMALL_V1 labelled as catalogue entry `name` (its preprocessing)."""
-    from zoo.model import build_model
+    from zoo.core.model import build_model
 
     model = build_model(SMALL_V1, num_classes=num_classes, name=name)
     if state is not None:
         port(state, model)
-    return store.write(out, model, folder_config(name, SMALL_V1, num_classes), {"passed": True})
+    return write_converted(out, model, folder_config(name, SMALL_V1, num_classes), {"passed": True})
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,31 @@ def test_json_lists_every_class(classifier):
     np.testing.assert_array_equal(zoo.preprocess(images, folder), zoo.preprocess(images, NAME))
 
 
+def test_classify_is_what_predict_prints(classifier):
+    """The Python API finds the classifier, its preprocessing and its class names as `zoo predict`
+    does; names given replace the checkpoint's, one per class."""
+    from zoo.core.errors import ZooError
+    from zoo.prediction import classifier as find
+    from zoo.prediction import classify
+
+    folder, images, expected = classifier
+    found = find(folder)
+    assert (found.name, found.num_classes, found.folder.path) == (NAME, 1000, folder)
+    assert found.labels[:3] == tuple(first_lemma(i) for i in range(3))
+    best = classify(folder, images, top=3)
+    for row, probabilities in zip(best, expected, strict=True):
+        assert [p.index for p in row] == list(np.argsort(-probabilities, kind="stable")[:3])
+        assert [p.label for p in row] == [first_lemma(p.index) for p in row]
+        np.testing.assert_allclose([p.probability for p in row], probabilities[[p.index for p in row]], atol=1e-5)
+    names = [f"class {i}" for i in range(1000)]
+    renamed = classify(found, images[:1], top=2, labels=names)
+    assert [p.label for p in renamed[0]] == [f"class {p.index}" for p in best[0][:2]]
+    with pytest.raises(ZooError, match="3 class names for the 1000 classes"):
+        find(folder, labels=["a", "b", "c"])
+    catalogued = find("convnext_tiny_1k")  # a catalogue name: resolved, nothing looked up yet
+    assert (catalogued.name, catalogued.folder, len(catalogued.labels)) == (NAME, None, 1000)
+
+
 def test_head_without_labels_shows_indices(tmp_path):
     name = "convnext_base.clip_laion2b"  # a 640-wide CLIP embedding head
     folder = write_folder(tmp_path / "clip", name, 640)
@@ -117,11 +142,11 @@ def test_class_names_from_files_cannot_drive_the_terminal(tmp_path):
     """Names a conversion took from a source's files, as `zoo predict` prints them: each class on
     its own row, control characters escaped (no window title set, no screen cleared, no forged
     `error:` line, no reordered text), the image's path too; `--json` keeps every name exact."""
-    from zoo.text import printable
+    from zoo.core.text import printable
 
     names = HOSTILE_NAMES + ("dog", "bird")
-    folder = store.write(tmp_path / "named", small_model(num_classes=10),
-                         folder_config(NAME, SMALL_V1, 10, labels=names), {"passed": True})
+    folder = write_converted(tmp_path / "named", small_model(num_classes=10),
+                             folder_config(NAME, SMALL_V1, 10, labels=names), {"passed": True})
     image = tmp_path / "photo\x1b[2J.png"
     Image.fromarray(natural_images(1, 90, seed=2)[0]).save(image)
     table = zoo_inline("predict", image, "--model", folder, "--top", "10")
@@ -165,7 +190,7 @@ def test_help_names_the_default_model():
 @pytest.mark.parametrize("num_classes, subset", [(1000, "imagenet-1k"), (11821, "imagenet-12k"),
                                                  (21841, "imagenet-22k")])
 def test_label_sets_equal_timms(num_classes, subset):
-    from zoo.labels import descriptions, label_names, synsets
+    from zoo.core.labels import descriptions, label_names, synsets
 
     info = ImageNetInfo(subset)
     assert synsets(num_classes) == info.label_names()
@@ -177,7 +202,7 @@ def test_label_sets_equal_timms(num_classes, subset):
 
 
 def test_heads_without_a_label_set():
-    from zoo.labels import label_names, synsets
+    from zoo.core.labels import label_names, synsets
 
     for width in (0, 640, 768, 1024, 21843):
         assert label_names(width) is None and synsets(width) is None
@@ -192,12 +217,12 @@ def test_a_folder_recording_preprocessing_no_transform_can_apply_is_one_line(cha
     (their manifest is intact): predicting with one is one line, never a 22 GB resize or a traceback."""
     import dataclasses
 
-    from zoo.model import build_model
+    from zoo.core.model import build_model
 
     config = folder_config(NAME, SMALL_V1, 10)
     config = dataclasses.replace(config, pretrained_cfg={**config.pretrained_cfg, **change})
-    folder = store.write(tmp_path / "old", build_model(SMALL_V1, num_classes=10, name=NAME), config,
-                         {"passed": True})
+    folder = write_converted(tmp_path / "old", build_model(SMALL_V1, num_classes=10, name=NAME), config,
+                             {"passed": True})
     image = tmp_path / "a.png"
     Image.fromarray(natural_images(1, 64)[0]).save(image)
     result = zoo_inline("predict", image, "--model", folder)

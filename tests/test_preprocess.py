@@ -13,12 +13,12 @@ from timm.models import get_pretrained_cfg
 
 import zoo
 from converters.images import natural_images
-from converters.mapping import port
 from converters.reference import random_state_dict
 from tests.support.archs import SMALL_V1
-from zoo.catalogue import catalogue
-from zoo.errors import ImageError, UnknownModelError, ZooError
-from zoo.preprocessing import (
+from tests.support.porting import port
+from zoo.core.catalogue import catalogue
+from zoo.core.errors import ImageError, UnknownModelError, ZooError
+from zoo.core.preprocessing import (
     LAYER_MAX_ABS,
     LAYER_MEAN_ABS,
     Preprocessing,
@@ -165,7 +165,7 @@ def test_errors_say_what_is_wrong(tmp_path, image_files):
 @pytest.fixture(scope="module")
 def small_classifier():
     """A small ConvNeXt with perturbed random weights: logits of realistic spread."""
-    from zoo.model import build_model
+    from zoo.core.model import build_model
 
     model = build_model(SMALL_V1, num_classes=1000)
     port(random_state_dict(SMALL_V1, 1000, seed=0), model)
@@ -200,7 +200,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def test_keras_layer_is_exact_where_no_resampling_happens():
     """Integer sizes, offsets and padding are timm's: without resampling the outputs are equal."""
-    from zoo.preprocessing import Preprocess
+    from zoo.core.preprocessing import Preprocess
 
     image = natural(256, 300, seed=3)  # shorter side already 256 = floor(224 / 0.875)
     layer = Preprocess(**Preprocessing.from_checkpoint(zoo.resolve("convnext_tiny.fb_in1k")).to_config())

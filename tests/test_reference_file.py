@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from converters.reference_process import Network, run_reference_process, write_s
 from tests.support import sources
 from tests.support.archs import SMALL
 from tests.support.cli import one_line_error, verify_then_export_keras, zoo_cli, zoo_inline
-from zoo.errors import ReferenceRunError
+from zoo.core.errors import ReferenceRunError, StoreError
 
 V1, V2 = SMALL["linear_mlp"], SMALL["v2_grn"]
 CLASSES = 3
@@ -123,3 +124,46 @@ def test_a_reference_process_that_fails_reports_its_error_in_one_line(tmp_path):
         run_reference_process(["forward", str(spec)])
     message = str(err.value)
     assert len(message.splitlines()) == 1 and "gone.safetensors" in message and 'File "' not in message
+
+
+def test_every_layout_names_a_framework_the_reference_runs():
+    from converters.layouts import LAYOUTS
+    from converters.reference import ADAPTERS
+
+    assert {layout.framework for layout in LAYOUTS.values()} <= ADAPTERS.keys()
+
+
+# what the child's `torch` does when imported -> the one line the converter reports
+FAILURES = {
+    "missing": ("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')",
+                "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'"),
+    "error_after_output_on_stdout": (
+        "print('a line of its own on stdout')\nraise RuntimeError('the framework\\nfailed')",
+        "the PyTorch reference process failed (exit 1): RuntimeError: the framework failed"),
+    "killed": ("import os, signal, sys\nsys.stderr.write('its last words\\n')\nsys.stderr.flush()\n"
+               "os.kill(os.getpid(), signal.SIGKILL)",
+               "the PyTorch reference process was killed by SIGKILL: its last words"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_the_failure_a_child_reports_is_the_one_line(case, tmp_path, monkeypatch):
+    """The child reports its failure on its stdout, which it keeps for that alone; a child that
+    reports none (killed: out of memory, say) is named by its end and the last line it wrote."""
+    code, says = FAILURES[case]
+    (tmp_path / "shadow" / "torch").mkdir(parents=True)
+    (tmp_path / "shadow" / "torch" / "__init__.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "shadow"))  # this `torch` before the installed one
+    with pytest.raises(ReferenceRunError) as err:
+        run_reference_process(["forward", str(tmp_path / "spec.json")])
+    assert str(err.value) == says
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full to write to")
+def test_a_full_disk_under_the_reference_is_a_store_error(tmp_path):
+    network = Network(V2, CLASSES, True, 64, (0.5,) * 3, (0.25,) * 3)
+    spec = write_spec(network, tmp_path / "random.safetensors", tmp_path, inputs=network.parity_batch(),
+                      random_seed=1)
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "versions": "/dev/full"}))  # writes fail: ENOSPC
+    with pytest.raises(StoreError, match=r"^no space left on the disk holding .* for the PyTorch reference's files"):
+        run_reference_process(["forward", str(spec)])

@@ -1,4 +1,4 @@
-"""The serving path (`zoo.serving`): the Keras model's outputs from one folded TensorFlow function.
+"""The serving path (`zoo.core.serving`): the Keras model's outputs from one folded TensorFlow function.
 
 Weights are perturbed to a realistic scale first: LayerScale at 1e-6 and GRN at zero would make
 every block an identity and hide a wrong fold.
@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import zoo
-from zoo.model import pre_logits
-from zoo.serving import fused_norm_epsilon, plan, serving_function
+from zoo.core.model import pre_logits
+from zoo.core.serving import fused_norm_epsilon, plan_folds, serving_function
 
 FUSED = fused_norm_epsilon() is not None  # this TensorFlow has oneDNN's fused LayerNorm kernel
 NORM_FORMS = [False] + ([None] if FUSED else [])  # folded (TFLite, no oneDNN), and fused where it runs
@@ -98,7 +98,7 @@ def test_what_folds_into_what(images):
     np.testing.assert_allclose(serve(images).numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     kept = [v.name for t in serve.trackables if isinstance(t, tf.Module) for v in t.folded]
     assert kept and all(name.split(":")[0].endswith("/bias") for name in kept)
-    norm_into, scale_into = plan(model)
+    norm_into, scale_into = plan_folds(model)
     blocks = [layer.name[:-len(".conv_dw")] for layer in model.layers if layer.name.endswith(".conv_dw")]
     expected = {f"{b}.mlp.fc1": f"{b}.norm" for b in blocks}
     expected.update({f"stages.{i}.downsample.1": f"stages.{i}.downsample.0" for i in (1, 2, 3)})
@@ -122,11 +122,11 @@ FROZEN_CHILD = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from zoo.runtime import assume_frozen_weights
+from zoo.core.runtime import assume_frozen_weights
 assume_frozen_weights()  # what the zoo commands do, before TensorFlow's import
 import tensorflow as tf
 from test_serving import perturbed
-from zoo.serving import serving_function
+from zoo.core.serving import serving_function
 images = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
 model = perturbed("convnextv2_atto")
 serve = serving_function(model)
@@ -158,7 +158,7 @@ def test_frozen_weights_are_assumed_only_before_tensorflow_and_never_over_a_choi
     import os
     import sys
 
-    from zoo.runtime import FROZEN_VAR, assume_frozen_weights
+    from zoo.core.runtime import FROZEN_VAR, assume_frozen_weights
 
     monkeypatch.delenv(FROZEN_VAR, raising=False)
     assume_frozen_weights()  # tensorflow is imported here: too late, left alone

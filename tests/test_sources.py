@@ -13,16 +13,18 @@ from safetensors.numpy import save as save_bytes
 
 import converters.pipeline as pipeline
 from converters import source
+from converters.batch import convert_all
+from converters.verify import verify
 from converters.reference import random_state_dict
 from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_inline
 from tests.support.fb_layout import to_fb_layout
 from tests.support.http_files import serve
 from tests.support.hub_cache import add_file
-from zoo.architectures import ARCHITECTURES
-from zoo.catalogue import catalogue
-from zoo.errors import SourceError
-from zoo.folder_config import CONTENT_FILES, MANIFEST, RECORD, WEIGHTS
+from zoo.core.architectures import ARCHITECTURES
+from zoo.core.catalogue import catalogue
+from zoo.core.errors import SourceError
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST, RECORD, WEIGHTS
 
 
 def fb_pth_bytes(state) -> bytes:
@@ -53,7 +55,7 @@ def test_fb_only_entry_converts_from_its_release_url(monkeypatch, online, tmp_pa
         assert recorded["kind"] == "url" and recorded["url"].endswith("convnext_base_1k_384.pth")
         assert len(requests) == 1
     # the server is gone: verify works from the source cache, checking the recorded sha256
-    assert pipeline.verify(out).passed
+    assert verify(out).passed
 
 
 def test_release_download_errors(online, tmp_path):
@@ -82,23 +84,23 @@ def test_convert_all_is_resumable_and_survives_failures(small_tiny, tmp_path):
     state = random_state_dict(small_tiny, 1000, seed=6)
     add_file(Path(os.environ["HF_HUB_CACHE"]), "timm/convnext_tiny.fb_in1k", "model.safetensors", save_bytes(state))
     names = ["convnext_tiny.fb_in1k", "convnext_tiny.in12k_ft_in1k"]  # the second is not in the cache
-    rows, summary = pipeline.convert_all(names, out_root=tmp_path / "all")
+    rows, summary = convert_all(names, out_root=tmp_path / "all")
     assert [r["status"] for r in rows] == ["ok", "failed"], rows
     assert "not in the local Hub cache" in rows[1]["error"]
     assert rows[0]["max_abs"] <= 1e-4 and rows[0]["params"] > 0
     assert json.loads(summary.read_text())["rows"] == rows
     assert not (tmp_path / "all" / names[1]).exists()
 
-    again, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all")
+    again, _ = convert_all(names[:1], out_root=tmp_path / "all")
     assert again[0]["status"] == "skipped (done)" and again[0]["max_abs"] == rows[0]["max_abs"]
     # a sweep run: forced again, keeping no weights
-    forced, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", force=True, keep_weights=False)
+    forced, _ = convert_all(names[:1], out_root=tmp_path / "all", force=True, keep_weights=False)
     assert forced[0]["status"] == "ok"
     assert sorted(p.name for p in (tmp_path / "all" / names[0]).iterdir()) == sorted(
         {*CONTENT_FILES, MANIFEST} - {WEIGHTS})
-    resumed, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all", keep_weights=False)
+    resumed, _ = convert_all(names[:1], out_root=tmp_path / "all", keep_weights=False)
     assert resumed[0]["status"] == "skipped (done)" and resumed[0]["params"] == rows[0]["params"]
-    whole, _ = pipeline.convert_all(names[:1], out_root=tmp_path / "all")  # weights wanted: redone
+    whole, _ = convert_all(names[:1], out_root=tmp_path / "all")  # weights wanted: redone
     assert whole[0]["status"] == "ok"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from tests.support.archs import SMALL_V1
 from tests.support.cli import one_line_error, zoo_cli
 from tests.support.faults import dead_pid
 from tests.support.folders import NAME, PARITY, folder_config, small_model
-from zoo.errors import IntegrityError, StoreError
-from zoo.folder_config import CONTENT_FILES, MANIFEST, RECORD, FolderConfig
-from zoo.model import build_model
+from tests.support.writing import write_converted
+from zoo.core.errors import IntegrityError, StoreError
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST, RECORD, FolderConfig
+from zoo.core.model import build_model
 
 FILES = (*CONTENT_FILES, MANIFEST)
 
@@ -31,7 +33,7 @@ def config() -> FolderConfig:
 
 def write(out: Path, model: keras.Model | None = None) -> tuple[Path, keras.Model]:
     model = model or small_model()
-    return store.write(out, model, config(), dict(PARITY)), model
+    return write_converted(out, model, config(), dict(PARITY)), model
 
 
 def batch(n: int = 2, size: int = 64) -> np.ndarray:
@@ -62,7 +64,7 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    """One folder written by store.write, with the written model's outputs on `batch()`."""
+    """One folder written by write_converted, with the written model's outputs on `batch()`."""
     parent = tmp_path_factory.mktemp("pristine")
     model = small_model()
     out, _ = write(parent / "ckpt", model)
@@ -188,6 +190,28 @@ def test_a_manifest_that_omits_a_file_is_caught(ckpt):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError):
         converted.open_folder(out)
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda m: m["files"]["parity.json"].pop("sha256"), "parity.json needs its sha256"),
+    (lambda m: m["files"]["config.json"].update(size="12"), "config.json needs its sha256 (a string) and size"),
+    (lambda m: m.update(files=["parity.json"]), "its files must be an object"),
+    (lambda m: m.update(format="convnext-zoo/99"), "unknown format 'convnext-zoo/99'"),
+], ids=["no sha256", "size a string", "files a list", "unknown format"])
+def test_a_folder_and_a_published_repo_check_their_manifest_alike(ckpt, change, said):
+    """One check of a manifest, for a folder on disk and for a published repo's manifest before its
+    files are fetched: a manifest that cannot describe a converted folder is named, in one line."""
+    from checkpoints import hub
+    from zoo.core.errors import HubError
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    change(manifest)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises((StoreError, IntegrityError), match=re.escape(said)) as on_disk:
+        converted.open_folder(ckpt)
+    with pytest.raises(HubError, match=re.escape(said)) as published:
+        hub._published_files("org/model", ckpt / "manifest.json")
+    assert "\n" not in str(on_disk.value) and str(published.value).startswith("org/model")
 
 
 @pytest.mark.parametrize("opener", [converted.open_folder, zoo.load], ids=["open_folder", "zoo.load"])

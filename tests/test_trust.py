@@ -11,7 +11,7 @@ import torch
 from checkpoints import converted
 from converters.reading import read_state_dict
 from tests.support.cli import zoo_cli
-from zoo.errors import SourceError
+from zoo.core.errors import SourceError
 
 
 class Gadget:
@@ -67,8 +67,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.numpy import save as save_bytes  # noqa: E402
 
-from converters.layouts import normalise_keys  # noqa: E402
-from zoo.errors import ZooError  # noqa: E402
+from tests.support.sources import normalise_keys  # noqa: E402
+from zoo.core.errors import ZooError  # noqa: E402
 
 VALID = save_bytes({"stem.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
                     "stem.0.bias": np.ones(2, np.float16)})

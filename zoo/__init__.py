@@ -5,16 +5,16 @@
 model, and torch never (only the converter's separate reference process uses it). Once Keras
 is imported (before or after zoo), the project's layers are registered with its serialization,
 so `keras.saving.load_model(folder or "hf://ORG/NAME")` reads converted folders. Importing
-zoo before tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.runtime`). This
+zoo before tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.core.runtime`). This
 facade is the top of the user layer: modules below it import the modules they need
-(`zoo.errors`, `zoo.catalogue`, ...), never `zoo` itself.
+(`zoo.core.errors`, `zoo.core.catalogue`, ...), never `zoo` itself.
 """
 from __future__ import annotations
 
 import importlib
 
-from . import runtime as _runtime
-from .version import __version__
+from .core import runtime as _runtime
+from .core.version import __version__
 
 _runtime.prefer_onednn()  # before anything imports tensorflow
 
@@ -23,18 +23,18 @@ def _register_layers() -> None:
     """Register the project's Keras model class and layers (`convnext_zoo>ConvNeXt`, ...) by importing
     their module, and on TensorFlow the `Preprocess` layer (TensorFlow ops) of saved models with
     preprocessing."""
-    importlib.import_module(".model", __name__)
+    importlib.import_module(".core.model", __name__)
     import keras
 
     if keras.backend.backend() == "tensorflow":
-        importlib.import_module(".preprocessing", __name__).Preprocess  # noqa: B018  (defines and registers it)
+        importlib.import_module(".core.preprocessing", __name__).Preprocess  # noqa: B018  (defines and registers it)
 
 
 _runtime.after_import("keras", _register_layers)
 
-from .architectures import ARCHITECTURES, Architecture, get_architecture  # noqa: E402  (ground: cheap)
-from .catalogue import CatalogueEntry, catalogue, resolve, search  # noqa: E402
-from .errors import (  # noqa: E402
+from .core.architectures import ARCHITECTURES, Architecture, get_architecture  # noqa: E402  (ground: cheap)
+from .core.catalogue import CatalogueEntry, catalogue, resolve, search  # noqa: E402
+from .core.errors import (  # noqa: E402
     HubError,
     ImageError,
     IntegrityError,
@@ -46,14 +46,15 @@ from .errors import (  # noqa: E402
     UnknownModelError,
     ZooError,
 )
-from .folder_config import FolderConfig  # noqa: E402
+from .core.folder_config import FolderConfig  # noqa: E402
 
 # Resolved on first use: these import Keras (so TensorFlow), PIL, or the layers above.
 _LAZY = {  # public name -> (module, attribute in it)
-    "preprocess": ("locating", "preprocess"),
-    "freeze_stages": ("model", "freeze_stages"),
+    "preprocess": ("preprocessing", "preprocess"),
+    "freeze_stages": ("core.model", "freeze_stages"),
     "load": ("loading", "load"),
     "build": ("loading", "build_untrained"),
+    "classify": ("prediction", "classify"),
 }
 
 
@@ -74,6 +75,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "ARCHITECTURES", "Architecture", "CatalogueEntry", "FolderConfig", "HubError", "ImageError", "IntegrityError",
     "MappingError", "ParityError", "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError",
-    "__version__", "build", "catalogue", "freeze_stages", "get_architecture", "load", "preprocess", "resolve",
+    "__version__", "build", "catalogue", "classify", "freeze_stages", "get_architecture", "load", "preprocess", "resolve",
     "search",
 ]

@@ -13,16 +13,15 @@ import click
 from checkpoints import hub, store
 from checkpoints.converted import is_converted_folder, open_folder
 
-from .catalogue import resolve, search
-from .errors import ExportError, ParityError, ZooError
-from .export_formats import check_options
-from .labels import label_names, read_label_file
-from .locating import HF_PREFIX, locate
-from .prediction import predict as top_classes
-from .preprocessing import Preprocessing, preprocess
-from .reports import DEFAULT_ATOL, DEFAULT_RTOL
-from .runtime import assume_frozen_weights, check_frozen_weights_value, import_tensorflow_quietly
-from .text import printable, printable_lines
+from .core.catalogue import resolve, search
+from .core.errors import ExportError, ParityError, ZooError
+from .export.formats import check_options
+from .core.labels import read_label_file
+from .prediction import DEFAULT_MODEL as DEFAULT_PREDICT_MODEL
+from .prediction import classifier, classify
+from .core.reports import DEFAULT_ATOL, DEFAULT_RTOL
+from .core.runtime import assume_frozen_weights, check_frozen_weights_value, import_tensorflow_quietly
+from .core.text import printable, printable_lines
 
 # Modules that import Keras (so TensorFlow: seconds) are imported in the commands that need
 # them, once their arguments are known to be good: converters.pipeline, zoo.loading, zoo.export,
@@ -89,7 +88,7 @@ def _tensorflow(fn=None, *, frozen: bool = True):
     """Import TensorFlow first, its start-up lines hidden unless `TF_CPP_MIN_LOG_LEVEL` < 2
     asks for them (runs once the arguments are parsed: `--help` and usage errors skip it).
 
-    `frozen`: oneDNN keeps its packed weights (`zoo.runtime.assume_frozen_weights`), for the
+    `frozen`: oneDNN keeps its packed weights (`zoo.core.runtime.assume_frozen_weights`), for the
     commands that run a model on batch after batch; `convert` and `verify` run each graph of their
     parity check four times, where the packed copies would hold the weights a second time beside
     the model and a third beside its serving path.
@@ -108,6 +107,8 @@ def _tensorflow(fn=None, *, frozen: bool = True):
             quiet = True
         if quiet:
             import_tensorflow_quietly()
+        else:
+            import tensorflow  # noqa: F401  (its start-up lines shown, as asked, whatever the command reaches)
         return fn(*args, **kwargs)
     return wrapper
 
@@ -163,7 +164,32 @@ def _label_file(ctx, param, value):
         raise click.BadParameter(printable(str(e))) from None
 
 
-_INFERRED = ("name", "arch", "input_size", "mean", "std", "labels", "no_ema", "verbose")
+_OWN_OPTIONS = (  # `zoo convert`'s options for your own checkpoints only, in --help's order
+    click.option("--name", "model_name", help="Name of the converted model (default: the file's, folder's or repo's)."),
+    click.option("--arch", help="timm architecture the checkpoint must be (checked against its tensors)."),
+    click.option("--input-size", type=click.IntRange(min=32), help="Input resolution, where the source does not say."),
+    click.option("--mean", callback=_floats3, help="Normalisation mean per channel, where the source does not say."),
+    click.option("--std", callback=_floats3, help="Normalisation std per channel, where the source does not say."),
+    click.option("--labels", type=click.Path(exists=True, dir_okay=False), callback=_label_file,
+                 help="Class names, one per line in index order, where the source does not name them."),
+    click.option("--no-ema", is_flag=True, help="Of a training checkpoint, take the plain weights, not the EMA ones."),
+    click.option("--verbose", is_flag=True, help="List every key of a checkpoint that does not match, not the first few."),
+)
+_OWN_NAMES = {"model_name": "name", "arch": "arch", "input_size": "input_size", "mean": "mean", "std": "std",
+              "labels": "labels", "no_ema": "no_ema", "verbose": "verbose"}  # parameter -> key of `own`
+
+
+def _own_checkpoint_options(fn):
+    """Add the options only your own checkpoints take; the command gets them as one dict, `own`,
+    of those given (a flag not set and an option left out are not given), keyed as `convert_checkpoint`
+    names them (`name`, `arch`, ...; and `no_ema`, `verbose`)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        own = {key: kwargs.pop(parameter) for parameter, key in _OWN_NAMES.items()}
+        return fn(*args, own={key: value for key, value in own.items() if value not in (None, False)}, **kwargs)
+    for option in reversed(_OWN_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @main.command()
@@ -183,22 +209,14 @@ _INFERRED = ("name", "arch", "input_size", "mean", "std", "labels", "no_ema", "v
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
 @click.option("--from-url", is_flag=True,
               help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy.")
-@click.option("--name", "model_name", help="Name of the converted model (default: the file's, folder's or repo's).")
-@click.option("--arch", help="timm architecture the checkpoint must be (checked against its tensors).")
-@click.option("--input-size", type=click.IntRange(min=32), help="Input resolution, where the source does not say.")
-@click.option("--mean", callback=_floats3, help="Normalisation mean per channel, where the source does not say.")
-@click.option("--std", callback=_floats3, help="Normalisation std per channel, where the source does not say.")
-@click.option("--labels", "labels", type=click.Path(exists=True, dir_okay=False), callback=_label_file,
-              help="Class names, one per line in index order, where the source does not name them.")
-@click.option("--no-ema", is_flag=True, help="Of a training checkpoint, take the plain weights, not the EMA ones.")
-@click.option("--verbose", is_flag=True, help="List every key of a checkpoint that does not match, not the first few.")
+@_own_checkpoint_options
 @_tolerances("Parity gate")
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
 @_tensorflow(frozen=False)
-def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, model_name, arch,
-            input_size, mean, std, labels, no_ema, verbose, atol, rtol, publish_after, repo_id):
+def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, own, atol, rtol,
+            publish_after, repo_id):
     """Convert a checkpoint, prove parity with its PyTorch framework, and save it.
 
     NAME is a catalogue name (convnext_tiny.fb_in1k), an official alias (convnext_tiny_1k)
@@ -213,13 +231,11 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
         raise click.UsageError("--random-weights and --checkpoint exclude each other")
     if repo_id and not publish_after:
         raise click.UsageError("--repo-id names where --publish sends the result; add --publish or drop it")
-    own = bool(name and name.startswith("hf://")) or (checkpoint is not None and not name)
-    options = {"name": model_name, "arch": arch, "input_size": input_size, "mean": mean, "std": std,
-               "labels": labels, "no_ema": no_ema or None, "verbose": verbose or None}
-    if not own and any(options[o] is not None for o in _INFERRED):
-        given = ", ".join("--" + o.replace("_", "-") for o in _INFERRED if options[o] is not None)
+    is_own = bool(name and name.startswith("hf://")) or (checkpoint is not None and not name)
+    if own and not is_own:
+        given = ", ".join("--" + key.replace("_", "-") for key in own)  # (`name` is --name)
         raise click.UsageError(f"{given}: only for your own checkpoints (--checkpoint FILE without NAME, or hf://...)")
-    if own and (convert_all or random_weights or from_url or (checkpoint and name)):
+    if is_own and (convert_all or random_weights or from_url or (checkpoint and name)):
         raise click.UsageError("hf://... and --checkpoint name one checkpoint: no --all, --random-weights, "
                                "--from-url, or a second source")
     if random_weights:
@@ -231,23 +247,22 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
             raise click.UsageError("--checkpoint and --revision name one checkpoint; they do not go with --all")
         _convert_many(name, out, force, seed if random_weights else None, from_url, atol, rtol)
         return
-    if own:
-        from converters.pipeline import convert_checkpoint  # imports Keras: only once the arguments are good
+    if is_own:
+        from converters.pipeline import Options, convert_checkpoint  # imports Keras: once the arguments are good
 
-        path, report = convert_checkpoint(checkpoint or name, out=out, name=model_name, arch=arch,
-                                          input_size=input_size, mean=mean, std=std, labels=labels,
-                                          use_ema=not no_ema, revision=revision, atol=atol, rtol=rtol,
-                                          verbose=verbose, echo=_echo)
+        verbose, use_ema = own.pop("verbose", False), not own.pop("no_ema", False)
+        path, report = convert_checkpoint(checkpoint or name, out=out, options=Options(atol, rtol, verbose, _echo),
+                                          use_ema=use_ema, revision=revision, **own)
     else:
         if not name:
             raise click.UsageError("missing NAME, --checkpoint FILE, hf://ORG/REPO or --all")
-        from converters.pipeline import convert as run  # imports Keras: only once the arguments are good
+        from converters.pipeline import Options, convert as run  # imports Keras: once the arguments are good
 
         ckpt = resolve(name)
         if random_weights:
             out = out or f"{ckpt.name}.random-seed{seed}"
         path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
-                           revision=revision, from_url=from_url, atol=atol, rtol=rtol, echo=_echo)
+                           revision=revision, from_url=from_url, options=Options(atol, rtol, echo=_echo))
     _echo(f"parity passed: {report.summary()}")
     if publish_after:
         _publish(path, repo_id, private=False, branch=None, expect_parent=None, allow_random=random_weights)
@@ -267,7 +282,8 @@ def _publish(path, repo_id, private, branch, expect_parent, allow_random=False):
 
 
 def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
-    from converters.pipeline import convert_all, summary_table
+    from converters.batch import convert_all, summary_table
+    from converters.plan import Options
 
     names = [c.name for c in search(pattern)]
     if not names:
@@ -275,7 +291,7 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
     if random_seed is not None:
         out = out or "convnext-zoo-random"
     rows, summary = convert_all(names, out_root=out, force=force, random_seed=random_seed, from_url=from_url,
-                                atol=atol, rtol=rtol, echo=_echo)
+                                options=Options(atol, rtol, echo=_echo))
     click.echo(summary_table(rows))
     click.echo(f"summary: {summary}")
     failed = [r["name"] for r in rows if r["status"] == "failed"]
@@ -292,7 +308,7 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
 def verify(folder, checkpoint):
     """Re-check a converted FOLDER: file hashes, then parity against the framework its source came from
     (timm, transformers or torchvision), on the recorded source weights."""
-    from converters.pipeline import verify as run
+    from converters.verify import verify as run
 
     report = run(folder, checkpoint=checkpoint, echo=_echo)
     if not report.passed:
@@ -322,7 +338,6 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
     click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
 
 
-DEFAULT_PREDICT_MODEL = "convnext_tiny.fb_in1k"
 _DTYPE = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                       show_default=True, help="Compute precision (bfloat16: ~2x faster on CPUs with AVX-512 BF16 "
                                               "or AMX; float16 for GPUs).")
@@ -348,17 +363,12 @@ def predict(images, model_name, top, as_json, dtype):
     heads of 11821 (ImageNet-12k) and 21841 (ImageNet-22k) classes are named too, other heads
     show class indices. Feature checkpoints (0 classes) cannot predict.
     """
-    name, num_classes, preprocessing, load, own_names = _classifier(model_name)
-    if num_classes == 0:
-        raise ZooError(f"{printable(name)} is a feature checkpoint without a classifier head: it has no classes to "
-                       f"predict. Use a classifier (e.g. --model {DEFAULT_PREDICT_MODEL}; `zoo list` shows the classes), "
-                       f"or zoo.load({name!r}, include_top=False) for features")
-    batch = preprocess(list(images), preprocessing)  # unreadable images fail before the model loads
-    names = list(own_names) if own_names else label_names(num_classes)
+    found = classifier(model_name)
+    predictions = classify(found, list(images), top=top, dtype=dtype)
+    names = found.labels
     if names is None:
-        _echo(f"note: {printable(name)} has a {num_classes}-way head without class names (the 1000-, 11821- and "
-              f"21841-class ImageNet heads are named, and conversions given names); showing class indices")
-    predictions = top_classes(load(dtype=dtype), batch, top=top, names=names)
+        _echo(f"note: {printable(found.name)} has a {found.num_classes}-way head without class names (the 1000-, "
+              f"11821- and 21841-class ImageNet heads are named, and conversions given names); showing class indices")
     if as_json:
         click.echo(json.dumps([{"image": image, "predictions": [p.to_json() for p in best]}
                                for image, best in zip(images, predictions)], indent=1))
@@ -369,32 +379,6 @@ def predict(images, model_name, top, as_json, dtype):
         for rank, p in enumerate(best, 1):
             label = f"  {printable(p.label)}" if names else ""
             click.echo(f"  {rank:>4}  {p.probability:>11.2%}  {p.index:>5}{label}")
-
-
-def _classifier(model_name):
-    """(name, classes, preprocessing, loader, class names or None) of a converted folder or a
-    catalogue name, loading nothing."""
-    if model_name.startswith(HF_PREFIX) or Path(model_name).expanduser().is_dir():
-        folder = locate(model_name)  # a published repo is fetched and checked, as zoo.load does
-        config = folder.config
-        return (config.name, config.num_classes, Preprocessing.from_pretrained_cfg(config.pretrained_cfg),
-                functools.partial(_load_folder, folder), config.labels)
-    ckpt = resolve(model_name, or_folder=True)
-    return (ckpt.name, ckpt.num_classes, Preprocessing.from_checkpoint(ckpt), functools.partial(_load_name, ckpt.name),
-            None)
-
-
-# Keras (so TensorFlow) is imported only once the inputs are known to be good.
-def _load_folder(folder, dtype="float32"):
-    from .loading import from_folder
-
-    return from_folder(folder, dtype=dtype)
-
-
-def _load_name(name, dtype="float32"):
-    from .loading import load
-
-    return load(name, dtype=dtype)
 
 
 @main.command("eval")

@@ -12,10 +12,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import DatasetError, ZooError
-from .folder_config import FolderConfig
-from .runtime import usable_cpus
-from .text import printable
+from .core.errors import DatasetError, ZooError
+from .core.folder_config import FolderConfig
+from .core.reports import topk_accuracy
+from .core.runtime import usable_cpus
+from .core.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | Non
     Raises:
         DatasetError: no such folder, no images, or labels that do not fit the head.
     """
-    from .labels import synsets
+    from .core.labels import synsets
 
     root = Path(data).expanduser()
     if not root.is_dir():
@@ -152,18 +153,13 @@ def _from_labels_file(root: Path, path: Path, label_of) -> list[Sample]:
     return found
 
 
-def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    top = np.argsort(-logits, axis=-1)[:, :k]
-    return (top == labels[:, None]).any(axis=-1)
-
-
 def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Path | None = None,
              limit: int | None = None, batch_size: int = 32, compare_torch: bool = False,
              progress: bool = True, dtype: str = "float32", workers: int | None = None,
              devices: int | None = None) -> EvalReport:
     """Top-1/top-5 of a converted checkpoint on a labelled image folder.
 
-    Images are prepared with the checkpoint's own eval transform (`zoo.preprocessing`, equal to
+    Images are prepared with the checkpoint's own eval transform (`zoo.core.preprocessing`, equal to
     timm's), decoded and prepared on `workers` threads (default: one per CPU this process may
     use; 0: in this thread, before each batch runs) up to two batches ahead of the model, so
     that on a machine with many cores the model, not the input, sets the pace; the numbers are
@@ -171,19 +167,19 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     source weights (a separate process; needs the `convert` extra) with timm's own transform on
     the same files, and the report adds its accuracy, the rate at which both predict the same
     class, and the largest logit difference. `dtype` is the Keras model's precision (see
-    `zoo.load`). The model runs its serving path (`zoo.serving`); with `devices` > 1, the Keras
+    `zoo.load`). The model runs its serving path (`zoo.core.serving`); with `devices` > 1, the Keras
     model runs on that many devices through `tf.distribute.MirroredStrategy`, each batch split
     between them (`distributed_runner`).
 
     Raises:
-        DatasetError, ImageError: unusable data (`zoo.errors`).
+        DatasetError, ImageError: unusable data (`zoo.core.errors`).
         ZooError: the model cannot be loaded, or the PyTorch side cannot run.
     """
     from tqdm.auto import tqdm
 
+    from .core.preprocessing import Preprocessing
+    from .core.serving import runner
     from .loading import from_folder, locate
-    from .preprocessing import Preprocessing
-    from .serving import runner
 
     folder = locate(model_name)
     config = folder.config
@@ -208,14 +204,14 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     logits = np.concatenate(chunks)
     labels = np.array([s.label for s in found])
     report = EvalReport(model=config.name, data=str(data), labels=how, num_images=len(found),
-                        top1=float(_topk_hits(logits, labels, 1).mean()),
-                        top5=float(_topk_hits(logits, labels, 5).mean()),
+                        top1=topk_accuracy(logits, labels, 1),
+                        top5=topk_accuracy(logits, labels, 5),
                         seconds=round(time.perf_counter() - start, 2), dtype=dtype,
                         model_seconds=round(in_model, 2), devices=devices or 1)
     if compare_torch:
         theirs = _torch_logits(config, [s.path for s in found])
-        report.torch = {"top1": float(_topk_hits(theirs, labels, 1).mean()),
-                        "top5": float(_topk_hits(theirs, labels, 5).mean()),
+        report.torch = {"top1": topk_accuracy(theirs, labels, 1),
+                        "top5": topk_accuracy(theirs, labels, 5),
                         "agreement": float((theirs.argmax(-1) == logits.argmax(-1)).mean()),
                         "max_abs": float(np.abs(theirs.astype(np.float64) - logits).max())}
     return report
@@ -297,7 +293,7 @@ def prepared_batches(prepare: Callable[[list], np.ndarray], paths: list[Path], b
 
 
 def _torch_logits(config: FolderConfig, files: list[Path]) -> np.ndarray:
-    from converters.exports import pytorch_classify
+    from converters.recorded import pytorch_classify
 
     return pytorch_classify(config, files)
 

@@ -8,11 +8,11 @@ import keras
 
 from checkpoints.converted import ConvertedFolder
 
-from .architectures import Architecture
-from .catalogue import resolve
+from .core.architectures import Architecture
+from .core.catalogue import resolve
 from .locating import locate
-from .model import ConvNeXt, build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
-from .runtime import policy_name
+from .core.model import ConvNeXt, build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
+from .core.runtime import policy_name
 
 log = logging.getLogger(__name__)
 

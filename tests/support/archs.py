@@ -1,7 +1,7 @@
 """Small rows of real architectures: every code path of the full network, a fraction of the cost."""
 from __future__ import annotations
 
-from zoo.architectures import ARCHITECTURES
+from zoo.core.architectures import ARCHITECTURES
 
 SMALL_V1 = ARCHITECTURES["convnext_tiny"].replace(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
 SMALL_CONV_MLP = ARCHITECTURES["convnext_atto"].replace(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))

@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from zoo.architectures import ARCHITECTURES, Architecture
+from zoo.core.architectures import Architecture
+from zoo.core.catalogue import resolve
 
 
 def convert_small(out: Path, arch: Architecture, *, seed: int = 0, name: str = "convnext_tiny.fb_in1k") -> Path:
-    """Convert catalogue entry `name` with its architecture row replaced by `arch` (a small one).
+    """Convert catalogue entry `name` built on `arch` (a small row) instead of its own architecture.
 
     The folder records the seed of its random source, so the PyTorch side can be rebuilt from it.
     """
     from converters.pipeline import convert
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(ARCHITECTURES, name.split(".")[0], arch)
-        path, _ = convert(name, out=out, random_seed=seed)
+    path, _ = convert(resolve(name).with_architecture(arch), out=out, random_seed=seed)
     return path

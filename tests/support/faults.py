@@ -1,8 +1,8 @@
 """Filesystem faults on demand: a disk that fills up mid-write, a tmpfs, a read-only mount.
 
-The injected faults hit the steps `checkpoints.store.write` takes to assemble a folder, so
-each step's clean-up can be checked on its own; the mounts give the real errors where the
-tests run as root (elsewhere they skip).
+The injected faults hit the steps the store's writer (`checkpoints.store.writing`) takes to
+assemble a folder, so each step's clean-up can be checked on its own; the mounts give the real
+errors where the tests run as root (elsewhere they skip).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ WRITE_STEPS = ("weights", "keras config", "record", "parity", "manifest", "fsync
 
 
 def fail_nth_write(n: int, setattr_=setattr, err: int = errno.ENOSPC) -> list[str]:
-    """Make write step `n` (0-based, see WRITE_STEPS) of `store.write` fail with OSError(err).
+    """Make write step `n` (0-based, see WRITE_STEPS) of a folder's writing fail with OSError(err).
 
     A failing file write first writes its file, then cuts it in half, as a disk filling up
     mid-file does. Returns the list of steps run, filled in as they run.

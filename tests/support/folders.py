@@ -8,11 +8,11 @@ import keras
 import numpy as np
 
 from tests.support.archs import SMALL_V1
-from zoo.architectures import Architecture
-from zoo.catalogue import resolve
-from zoo.folder_config import FolderConfig, SourceRecord
-from zoo.model import build_model
-from zoo.version import __version__
+from zoo.core.architectures import Architecture
+from zoo.core.catalogue import resolve
+from zoo.core.folder_config import FolderConfig, SourceRecord
+from zoo.core.model import build_model
+from zoo.core.version import __version__
 
 NAME = "convnext_tiny.fb_in1k"
 PARITY = {"passed": True, "atol": 1e-4, "rtol": 1e-5, "stage_rtol": 1e-4, "comparisons": []}

@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.layouts import fit_mlp, recognise, to_timm
+from converters.reading import read_source
 from converters.reference import perturbed
-from zoo.architectures import Architecture
+from converters.source import SourceWeights
+from zoo.core.architectures import Architecture
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -77,3 +80,16 @@ def ddp_save(model: torch.nn.Module, path: Path) -> Path:
     """`torch.save(DistributedDataParallel(model).state_dict())`: every key prefixed `module.`."""
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
     return path
+
+
+def normalise_keys(state_dict: dict[str, np.ndarray], conv_mlp: bool = False) -> dict[str, np.ndarray]:
+    """A state dict in any known layout renamed as the converter reads it (`reading.read_source`):
+    timm's keys, MLP weights shaped for `conv_mlp`."""
+    found = recognise(state_dict)
+    return fit_mlp(to_timm(found.state, found.layout), conv_mlp)
+
+
+def load_source(path: Path, conv_mlp: bool = False) -> dict[str, np.ndarray]:
+    """A checkpoint file in any known layout as the converter ports it: read by `reading.read_source`
+    (timm's keys), MLP weights shaped for `conv_mlp`."""
+    return fit_mlp(read_source(SourceWeights(Path(path), None))[0], conv_mlp)

@@ -16,7 +16,9 @@ class Architecture:
     """Everything that fixes the shape of a ConvNeXt network (not its head size).
 
     Field names follow timm's `ConvNeXt.__init__` arguments so that the PyTorch reference can
-    be built from the same row (`timm_kwargs`).
+    be built from the same row (`timm_kwargs`). A record of its own: one row serves every
+    checkpoint of that network (`CatalogueEntry`), what a checkpoint's tensors turn out to be
+    (`converters.inference`) and every converted folder (`FolderConfig`).
 
     Attributes:
         name: timm architecture name (`convnext_tiny`).
@@ -149,6 +151,13 @@ class Architecture:
             return cls(**values)
         except TypeError as e:  # a required field missing
             raise ArchitectureError(f"architecture fields: {e}") from None
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """timm's `make_divisible` (round to a multiple of 8, never down by more than 10%): the width of
+    the first conv of its tiered stem is `make_divisible(dims[0] // 2)`."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
 
 
 def _positive_int(value) -> bool:

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .reports import DEFAULT_ATOL, DEFAULT_RTOL, Comparison, topk_hits
+from ..core.reports import DEFAULT_ATOL, DEFAULT_RTOL, Comparison, topk_hits
 
 REPORT_FORMAT = "convnext-zoo-export/1"
 

@@ -3,7 +3,7 @@
 Every export is run on the parity images and compared with the Keras model and with PyTorch
 (timm on the recorded source weights, in its own process) before it is renamed into place;
 a report sits next to it (`parity.json` inside a SavedModel, `<file>.parity.json` beside a file).
-The formats are `zoo.export_formats`, the bounds and the report `zoo.export_report`.
+The formats are `zoo.export.formats`, the bounds and the report `zoo.export.report`.
 """
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ import tensorflow as tf
 
 from checkpoints import fs
 from checkpoints.converted import ConvertedFolder
-from converters import exports as pytorch_side
+from converters import recorded as pytorch_side
 from converters.images import parity_batch
 from converters.layouts import LAYOUTS
 
-from . import loading
-from .errors import ExportError, StoreError, ZooError
-from .export_formats import FORMATS, INPUT_NAME, SIGNATURE, Format, check_backend, check_options, output_name
-from .export_report import REPORT_FORMAT, Agreement, ExportReport, bounds_for
-from .reports import DEFAULT_ATOL, DEFAULT_RTOL
-from .runtime import installed
-from .steps import Echo, step
+from .. import loading
+from ..core.errors import ExportError, StoreError, ZooError
+from ..core.reports import DEFAULT_ATOL, DEFAULT_RTOL
+from ..core.runtime import installed
+from ..core.steps import Echo, step
+from .formats import INPUT_NAME, SIGNATURE, Format, check_backend, check_options, output_name
+from .report import REPORT_FORMAT, Agreement, ExportReport, bounds_for
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,6 @@ def read_report(path: str | Path) -> ExportReport:
     if not isinstance(data, dict) or data.get("report_format") != REPORT_FORMAT:
         raise ExportError(f"{report_path(path)} is not a convnext-zoo export report")
     return ExportReport.from_json(data)
-
-
-def default_name(folder_name: str, format: str, quantize: str = "none") -> str:
-    """The export's file or folder name for a converted folder's name."""
-    return FORMATS[format].default_name(folder_name, quantize)
 
 
 # --- the steps --------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ log = logging.getLogger("zoo")
 # Names accepted by `dtype=` and the Keras dtype policy each one builds the model under.
 # "bfloat16" is for inference: weights held in bfloat16 too, so no layer casts its float32
 # weights on every call (at batch 1 those casts cost a third of the forward pass); the
-# normalisation statistics and the classifier stay float32 (see `zoo.model`). Fine-tuning
+# normalisation statistics and the classifier stay float32 (see `zoo.core.model`). Fine-tuning
 # wants float32 weights: set Keras' global "mixed_bfloat16" policy instead.
 PRECISIONS = {
     "float32": "float32",
@@ -118,7 +118,7 @@ def assume_frozen_weights() -> None:
     one shape runs one kernel (TensorFlow caches eager kernels by op and attributes), so it would
     reuse the first layer's weights for all of them, and a graph's kernel keeps the weights of its
     first run. The commands therefore run models only as graphs made after their weights are
-    final, and `zoo.model.ConvNeXt` turns its own eager calls into such graphs whenever
+    final, and `zoo.core.model.ConvNeXt` turns its own eager calls into such graphs whenever
     `frozen_weights()` is on, so the variable changes no number. TensorFlow reads it once, when it
     first makes a oneDNN kernel: it is set only before TensorFlow's import and only where the user
     chose no value."""

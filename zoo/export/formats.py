@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import BackendError, ExportError
-from .runtime import installed, native_stderr_held
+from ..core.errors import BackendError, ExportError
+from ..core.runtime import installed, native_stderr_held
 
 INPUT_NAME = "pixels"
 SIGNATURE = "serving_default"
@@ -63,11 +63,11 @@ def output_name(model) -> str:
 
 def _saved_model(model, path: Path, size: int | None, fused_norms: bool | None = None) -> None:
     """A SavedModel with one named signature; `size` None leaves height and width free.
-    `fused_norms` as `zoo.serving.serving_function`'s (False for TFLite: norms folded away)."""
+    `fused_norms` as `zoo.core.serving.serving_function`'s (False for TFLite: norms folded away)."""
     import keras
     import tensorflow as tf
 
-    from .serving import serving_function
+    from ..core.serving import serving_function
 
     name = output_name(model)
     serve = serving_function(model, fused_norms=fused_norms)  # the inference graph `zoo predict` runs
@@ -119,7 +119,7 @@ def _run_savedmodel(path: Path, inputs: np.ndarray) -> tuple[np.ndarray, str]:
 def _run_keras(path: Path, inputs: np.ndarray) -> tuple[np.ndarray, str]:
     import keras
 
-    from . import model as _registers_layers  # noqa: F401
+    from ..core import model as _registers_layers  # noqa: F401
 
     loaded = keras.saving.load_model(path, safe_mode=True)
     return np.asarray(loaded(inputs, training=False)), f"keras {keras.__version__} (keras.saving.load_model)"

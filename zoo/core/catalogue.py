@@ -17,6 +17,10 @@ from .errors import UnknownModelError
 class CatalogueEntry:
     """One pretrained checkpoint: where its weights live and how its inputs are prepared.
 
+    A record of its own: it is the catalogue's data (`catalogue.json`, timm's `pretrained_cfg`
+    fields), before anything is converted; `converters.reference_process.Network` is what a
+    parity check builds from it, `FolderConfig` what a conversion records.
+
     Attributes:
         name: canonical name, timm's `arch.tag` (`convnext_tiny.fb_in1k`).
         architecture: timm architecture name.
@@ -57,11 +61,18 @@ class CatalogueEntry:
     origin_url: str | None
     head_norm_affine: bool = True
     params: int | None = None
+    architecture_row: Architecture | None = dataclasses.field(default=None, repr=False)
 
     @property
     def arch(self) -> Architecture:
-        """The architecture row this checkpoint is built on."""
-        return ARCHITECTURES[self.architecture]
+        """The architecture row this checkpoint is built on (`ARCHITECTURES[architecture]` unless one
+        travels with the entry: `with_architecture`)."""
+        return self.architecture_row or ARCHITECTURES[self.architecture]
+
+    def with_architecture(self, row: Architecture) -> "CatalogueEntry":
+        """This checkpoint built on another architecture row (a smaller network of the same kind, for
+        checks that need the whole pipeline fast), without touching the shared table."""
+        return dataclasses.replace(self, architecture_row=row)
 
     def pretrained_cfg(self) -> dict:
         """Preprocessing and head facts in the shape of timm's `pretrained_cfg`."""
@@ -94,7 +105,7 @@ class CatalogueEntry:
 @functools.lru_cache(maxsize=1)
 def catalogue() -> dict[str, CatalogueEntry]:
     """Every catalogued checkpoint by canonical name, in catalogue order."""
-    text = resources.files("checkpoints").joinpath("catalogue.json").read_text()
+    text = resources.files("zoo.core").joinpath("catalogue.json").read_text()
     rows = json.loads(text)["checkpoints"]
     return {row["name"]: CatalogueEntry.from_json(row) for row in rows}
 

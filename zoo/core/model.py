@@ -7,7 +7,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from .architectures import Architecture
+from .architectures import Architecture, make_divisible
 from .errors import BackendError
 from .runtime import FROZEN_VAR, check_onednn, frozen_weights
 
@@ -33,7 +33,7 @@ class ConvNeXt(keras.Model):
     whose class is registered as `convnext_zoo>ConvNeXt`, so that `keras.saving.load_model`
     can refuse a backend the model cannot run on before it builds any layer.
 
-    Where oneDNN keeps packed weights (`TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1`, `zoo.runtime`), an
+    Where oneDNN keeps packed weights (`TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1`, `zoo.core.runtime`), an
     eager call runs the model as a graph of its own instead, made again after `load_weights` or
     `set_weights`: eagerly, every convolution of one shape shares one kernel and so the first
     layer's packed weights. Training is refused there: each graph kernel keeps the weights of its
@@ -272,12 +272,6 @@ def _conv(filters: int, size: int, stride: int, padding: int, bias: bool, name: 
             x = layers.ZeroPadding2D(padding, name=f"{name}.pad")(x)
         return layers.Conv2D(filters, size, strides=stride, use_bias=bias, name=name, **init)(x)
     return apply
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """timm's `make_divisible` (round to a multiple of 8, never down by more than 10%)."""
-    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return out + divisor if out < 0.9 * value else out
 
 
 def _stem(x, arch: Architecture, init: dict):

@@ -133,6 +133,10 @@ _KEPT = {"hub": ("repo_id", "revision", "filename", "url"), "url": ("repo_id", "
 class FolderConfig:
     """A converted folder's record (`convnext_zoo.json`): what the weights are, for which network, from where.
 
+    A record of its own: it is a file format, read back by later versions and by users' tools (one
+    typed schema, checked on read), and it says where the weights came from (`SourceRecord`), which
+    no other record does.
+
     Attributes:
         name: the catalogue name the folder was converted as (`convnext_tiny.fb_in1k`).
         architecture: the network's architecture row.

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import ParityError
 
 COMPARED = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
-SERVING = "serving"  # the serving path's logits (`zoo.serving`), compared with the reference logits
+SERVING = "serving"  # the serving path's logits (`zoo.core.serving`), compared with the reference logits
 DEFAULT_ATOL = 1e-4  # logits max abs error
 DEFAULT_RTOL = 1e-5  # logits max abs error / max |reference logit|
 # Intermediate outputs pass through up to 36 blocks of float32 arithmetic whose rounding
@@ -164,14 +164,22 @@ class ParityReport:
             raise ParityError(f"parity check failed at {self.failure}\n{self.table()}", report=self)
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The classes of each row's `k` highest scores (all of them where a row has fewer), highest
+    first; of equal scores, the lower class first."""
+    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+
+
 def topk_hits(ours: np.ndarray, ref: np.ndarray, k: int) -> int:
     """On how many rows the two sets of top-k classes are the same."""
-    k = min(k, ref.shape[-1])
-    top_ours = np.argsort(-ours, axis=-1, kind="stable")[:, :k]
-    top_ref = np.argsort(-ref, axis=-1, kind="stable")[:, :k]
-    return int(sum(set(a) == set(b) for a, b in zip(top_ours, top_ref)))
+    return int(sum(set(a) == set(b) for a, b in zip(top_k(ours, k), top_k(ref, k), strict=False)))
 
 
 def topk_agreement(ours: np.ndarray, ref: np.ndarray, k: int) -> float:
     """The fraction of rows whose two sets of top-k classes are the same."""
     return topk_hits(ours, ref, k) / len(ref)
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """The fraction of rows whose top-k classes hold the row's label."""
+    return float((top_k(scores, k) == np.asarray(labels)[:, None]).any(axis=-1).mean())
