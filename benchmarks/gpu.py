@@ -17,6 +17,7 @@ around each pass: torch.cuda.synchronize, a host copy of TensorFlow's output). C
 The TensorFlow side needs a CUDA build of TensorFlow (`pip install tensorflow[and-cuda]`),
 the torch side a CUDA build of torch. Writes a Markdown table with the machine's GPU name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,12 +62,18 @@ def tensorflow_side(args) -> dict:
         xla = tf.function(lambda x, m=mixed: m(x, training=False), jit_compile=True)
         for batch in args.batches:
             x = tf.constant(np.random.default_rng(0).standard_normal((batch, args.size, args.size, 3)), tf.float32)
-            for column, run in (("zoo fp32", lambda: exact(x)), ("zoo fp16", lambda: mixed(x, training=False)),
-                                ("zoo XLA fp16", lambda: xla(x))):
+            for column, run in (
+                ("zoo fp32", lambda: exact(x)),
+                ("zoo fp16", lambda: mixed(x, training=False)),
+                ("zoo XLA fp16", lambda: xla(x)),
+            ):
                 seconds = _timed(run, args.iters, args.warmup, lambda y: np.asarray(y))
                 out[f"{model}/{batch}/{column}"] = batch / seconds
-    out["device"] = (tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-                     .get("device_name", "GPU") if tf.config.list_physical_devices("GPU") else "CPU")
+    out["device"] = (
+        tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0]).get("device_name", "GPU")
+        if tf.config.list_physical_devices("GPU")
+        else "CPU"
+    )
     return out
 
 
@@ -96,6 +103,7 @@ def torch_side(args) -> dict:
             def amp():
                 with torch.inference_mode(), torch.autocast(device, dtype=torch.float16 if cuda else torch.bfloat16):
                     return net(x)
+
             out[f"{model}/{batch}/timm fp32"] = batch / _timed(exact, args.iters, args.warmup, sync)
             out[f"{model}/{batch}/timm AMP"] = batch / _timed(amp, args.iters, args.warmup, sync)
     out["torch_device"] = torch.cuda.get_device_name(0) if cuda else "CPU"
@@ -103,25 +111,34 @@ def torch_side(args) -> dict:
 
 
 def report(args, results: dict) -> str:
-    lines = ["# GPU benchmark", "", f"Command: `python benchmarks/gpu.py {' '.join(sys.argv[1:])}`",
-             f"Device: {results.get('device')} (torch: {results.get('torch_device')}); input {args.size}; "
-             f"median of {args.iters} passes after {args.warmup} warm-up", "",
-             "| model | batch | " + " | ".join(COLUMNS) + " | zoo fp32 / timm fp32 | best zoo / timm AMP |",
-             "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+    lines = [
+        "# GPU benchmark",
+        "",
+        f"Command: `python benchmarks/gpu.py {' '.join(sys.argv[1:])}`",
+        f"Device: {results.get('device')} (torch: {results.get('torch_device')}); input {args.size}; "
+        f"median of {args.iters} passes after {args.warmup} warm-up",
+        "",
+        "| model | batch | " + " | ".join(COLUMNS) + " | zoo fp32 / timm fp32 | best zoo / timm AMP |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 2),
+    ]
     for model in args.models:
         for batch in args.batches:
             cells = [results.get(f"{model}/{batch}/{c}") for c in COLUMNS]
             best = max(c for c in cells[:3] if c)
             ratio = f"{cells[0] / cells[3]:.2f}x" if cells[0] and cells[3] else "-"
             amp = f"{best / cells[4]:.2f}x" if cells[4] else "-"
-            lines.append(f"| convnext_{model} | {batch} | " + " | ".join(f"{c:.1f}" if c else "-" for c in cells)
-                         + f" | {ratio} | {amp} |")
+            lines.append(
+                f"| convnext_{model} | {batch} | "
+                + " | ".join(f"{c:.1f}" if c else "-" for c in cells)
+                + f" | {ratio} | {amp} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--models", nargs="+", default=["tiny", "base"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 128])
     parser.add_argument("--size", type=int, default=224)
@@ -136,8 +153,12 @@ def main() -> int:
         return 0
     results = {}
     for side in ("tensorflow", "torch"):
-        done = subprocess.run([sys.executable, __file__, "--side", side, *sys.argv[1:]], capture_output=True, text=True,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        done = subprocess.run(
+            [sys.executable, __file__, "--side", side, *sys.argv[1:]],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
             return done.returncode

@@ -9,6 +9,7 @@ the processes read or write count only where they are mapped (page cache is not 
 process's own peak as the kernel keeps it (`VmHWM`, read at every sample) bounds what a peak
 shorter than the interval could add: their sum is reported beside it.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ def _processes() -> dict[int, tuple[int, int]]:
                 stat = f.read()
         except OSError:  # ended meanwhile
             continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold spaces
+        fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold spaces
         out[int(entry.name)] = (int(fields[1]), int(fields[21]) * PAGE)
     return out
 
@@ -96,8 +97,7 @@ class Sampled:
 
     def peak(self, role: str | None = None, start: float = 0.0, end: float = float("inf")) -> int:
         """The largest RSS of `role` (None: all roles summed) over the samples in [start, end)."""
-        values = [sum(by.values()) if role is None else by.get(role, 0)
-                  for t, by in self.samples if start <= t < end]
+        values = [sum(by.values()) if role is None else by.get(role, 0) for t, by in self.samples if start <= t < end]
         return max(values, default=0)
 
     def steps(self) -> list[tuple[str, float, float]]:
@@ -117,8 +117,14 @@ class Sampled:
         return spans
 
 
-def run_sampled(command: list[str], *, env: dict | None = None, cwd: Path | None = None, interval: float = 0.05,
-                watch: tuple[Path, str] | None = None) -> Sampled:
+def run_sampled(
+    command: list[str],
+    *,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    interval: float = 0.05,
+    watch: tuple[Path, str] | None = None,
+) -> Sampled:
     """Run `command` to its end, sampling its process tree's RSS every `interval` seconds.
 
     Args:

@@ -13,6 +13,7 @@
 
 Frameworks never share a process: torch+timm after tensorflow in one process crashes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,31 +30,48 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-FRAMEWORKS = ("zoo", "zoo-bf16", "zoo-model", "timm", "timm-bf16", "ort", "kimm", "keras-apps",
-              "zoo-savedmodel", "zoo-keras", "zoo-tflite", "zoo-tflite-fp16")
+FRAMEWORKS = (
+    "zoo",
+    "zoo-bf16",
+    "zoo-model",
+    "timm",
+    "timm-bf16",
+    "ort",
+    "kimm",
+    "keras-apps",
+    "zoo-savedmodel",
+    "zoo-keras",
+    "zoo-tflite",
+    "zoo-tflite-fp16",
+)
 # What each one runs (RESULTS.md's legend).
 DESCRIPTIONS = {
     "zoo": "zoo.core.serving.serving_function(zoo.build(..., dtype='float32')): the serving path zoo predict, "
-           "zoo eval and the exports run (every TensorFlow column with TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, "
-           "as the zoo commands run)",
+    "zoo eval and the exports run (every TensorFlow column with TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, "
+    "as the zoo commands run)",
     "zoo-bf16": "the same with dtype='bfloat16'",
     "zoo-model": "the trainable Keras model itself, zoo.build(..., dtype='float32').predict_on_batch",
     "timm": "timm eager fp32, torch.inference_mode",
     "timm-bf16": "timm eager under torch.autocast('cpu', bfloat16)",
     "keras-apps": "keras.applications ConvNeXt (weights=None), predict_on_batch",
     "ort": "ONNX Runtime (CPU provider, intra-op threads as the others, sequential) on timm's model exported "
-           "by torch.onnx.export, opset 17, dynamic batch",
+    "by torch.onnx.export, opset 17, dynamic batch",
     "kimm": "kimm's ConvNeXt (Keras 3, weights=None, no preprocessing), predict_on_batch",
     "zoo-savedmodel": "the project's SavedModel export (zoo export --format savedmodel), tf.saved_model.load, "
-                      "its serving_default signature",
+    "its serving_default signature",
     "zoo-keras": "the project's .keras export reloaded by keras.saving.load_model, predict_on_batch "
-                 "(compared with zoo-model: both are the Keras model)",
+    "(compared with zoo-model: both are the Keras model)",
     "zoo-tflite": "the project's TFLite export (fp32), tf.lite.Interpreter with num_threads, signature runner",
     "zoo-tflite-fp16": "the project's TFLite export with float16 weights, as zoo-tflite",
 }
 _KEPT = []  # temporary folders, kept while the worker lives
-KERAS_APPS = {"atto": None, "tiny": "ConvNeXtTiny", "small": "ConvNeXtSmall", "base": "ConvNeXtBase",
-              "large": "ConvNeXtLarge"}
+KERAS_APPS = {
+    "atto": None,
+    "tiny": "ConvNeXtTiny",
+    "small": "ConvNeXtSmall",
+    "base": "ConvNeXtBase",
+    "large": "ConvNeXtLarge",
+}
 
 
 def peak_rss_mb() -> float:
@@ -107,13 +125,16 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int, exp
         net = _realistic_torch(timm.create_model(f"convnext_{model}", pretrained=False).eval())
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         if framework == "timm-bf16":
+
             def run():
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                     return net(xt)
         else:
+
             def run():
                 with torch.inference_mode():
                     return net(xt)
+
         return run
     _set_tf_threads(threads)
     if framework == "keras-apps":
@@ -121,19 +142,24 @@ def _runner(framework: str, model: str, batch: int, size: int, threads: int, exp
 
         if not KERAS_APPS.get(model):
             raise SystemExit(f"keras.applications has no ConvNeXt {model}")
-        net = _realistic_keras(getattr(keras.applications, KERAS_APPS[model])(
-            weights=None, include_preprocessing=False, input_shape=(size, size, 3)))
+        net = _realistic_keras(
+            getattr(keras.applications, KERAS_APPS[model])(
+                weights=None, include_preprocessing=False, input_shape=(size, size, 3)
+            )
+        )
     elif framework == "kimm":
         import kimm
 
-        net = _realistic_keras(getattr(kimm.models, KERAS_APPS[model] or "ConvNeXtAtto")(
-            weights=None, include_preprocessing=False, input_shape=(size, size, 3), classifier_activation=None))
+        net = _realistic_keras(
+            getattr(kimm.models, KERAS_APPS[model] or "ConvNeXtAtto")(
+                weights=None, include_preprocessing=False, input_shape=(size, size, 3), classifier_activation=None
+            )
+        )
     else:
         import zoo
-
         from zoo.core.serving import serving_function
 
-        kind = framework[len("zoo-"):] if framework.startswith("zoo-") else ""
+        kind = framework[len("zoo-") :] if framework.startswith("zoo-") else ""
         if kind not in ("", "bf16", "model"):
             if exports is None:
                 raise SystemExit(f"{framework} needs --exports: the folder `worker.py export` wrote")
@@ -151,8 +177,12 @@ def _tf_constant(x):
     return tf.constant(x)
 
 
-EXPORT_FILES = {"savedmodel": "savedmodel", "keras": "model.keras", "tflite": "model.tflite",
-                "tflite-fp16": "model-fp16.tflite"}
+EXPORT_FILES = {
+    "savedmodel": "savedmodel",
+    "keras": "model.keras",
+    "tflite": "model.tflite",
+    "tflite-fp16": "model-fp16.tflite",
+}
 
 
 def export(model: str, size: int, kinds: list[str], out: Path) -> dict:
@@ -213,9 +243,16 @@ def _onnx_runtime(model: str, x, threads: int):
     path = Path(folder.name) / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(net, (torch.zeros(1, 3, x.shape[1], x.shape[2]),), str(path), opset_version=17,
-                          input_names=["pixels"], output_names=["logits"], dynamo=False,
-                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 3, x.shape[1], x.shape[2]),),
+            str(path),
+            opset_version=17,
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamo=False,
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -278,12 +315,18 @@ def convert(arch: str, source: Path, out: Path, alone: bool = False) -> dict:
     baseline = peak_rss_mb()
     import keras  # noqa: F401  (the framework import baseline)
     import tensorflow  # noqa: F401
+
     imported = peak_rss_mb()
     start = time.perf_counter()
     pipeline.convert(arch, checkpoint=source, out=out, options=pipeline.Options(echo=echo))
     total = time.perf_counter() - start
-    return {"steps": steps, "total_s": total, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": imported,
-            "start_rss_mb": baseline}
+    return {
+        "steps": steps,
+        "total_s": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "import_rss_mb": imported,
+        "start_rss_mb": baseline,
+    }
 
 
 def _started_at_check(started):
@@ -354,16 +397,24 @@ def precision(folder: Path) -> dict:
     from zoo.core.serving import runner
 
     config = FolderConfig.read(folder)
-    sets = {"parity": parity_batch(config.input_size, config.mean, config.std),
-            "natural": parity_batch(config.input_size, config.mean, config.std, natural=96, noise=0, seed=11)}
+    sets = {
+        "parity": parity_batch(config.input_size, config.mean, config.std),
+        "natural": parity_batch(config.input_size, config.mean, config.std, natural=96, noise=0, seed=11),
+    }
     # the serving path, as `zoo predict`/`zoo eval` and the inference benchmark run each dtype
     runs = {dtype: runner(zoo.load(folder, dtype=dtype)) for dtype in ("float32", "bfloat16")}
     out = {}
     for name, x in sets.items():
-        exact, low = (np.concatenate([np.asarray(runs[d](x[i:i + 8]), np.float32) for i in range(0, len(x), 8)])
-                      for d in ("float32", "bfloat16"))
-        out[name] = {"images": len(x), "top1_agree": topk_hits(low, exact, 1),
-                     "max_abs": float(np.abs(exact - low).max()), "max_ref": float(np.abs(exact).max())}
+        exact, low = (
+            np.concatenate([np.asarray(runs[d](x[i : i + 8]), np.float32) for i in range(0, len(x), 8)])
+            for d in ("float32", "bfloat16")
+        )
+        out[name] = {
+            "images": len(x),
+            "top1_agree": topk_hits(low, exact, 1),
+            "max_abs": float(np.abs(exact - low).max()),
+            "max_ref": float(np.abs(exact).max()),
+        }
     return out
 
 

@@ -7,13 +7,14 @@ A folder is a Keras model folder: `config.json` (the serialized Keras model), `m
 `zoo.core.folder_config.FolderConfig`), `parity.json` (the parity report) and `manifest.json` (sha256
 and size of every other file).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
 
 from zoo.core.errors import IntegrityError, StoreError
 from zoo.core.folder_config import (
@@ -66,8 +67,10 @@ def listed_files(manifest, where: str | Path, remedy: str = "convert it again") 
     if not isinstance(manifest, dict):
         raise IntegrityError(f"{at} is not a manifest (a JSON object)")
     if manifest.get("format") in OLD_FORMATS:
-        raise StoreError(f"{where} was written by an earlier convnext-zoo (format {manifest['format']}, which "
-                         f"Keras cannot load by itself); {remedy}")
+        raise StoreError(
+            f"{where} was written by an earlier convnext-zoo (format {manifest['format']}, which "
+            f"Keras cannot load by itself); {remedy}"
+        )
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{where}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
     listed = manifest.get("files", {})
@@ -119,8 +122,11 @@ def _unlisted(path: Path, own: Collection[str]) -> list[str]:
     def folder(entry: Path) -> bool:
         return entry.is_dir() and not entry.is_symlink()
 
-    return sorted(entry.name + ("/" if folder(entry) else "") for entry in path.iterdir()
-                  if entry.name not in own or folder(entry))
+    return sorted(
+        entry.name + ("/" if folder(entry) else "")
+        for entry in path.iterdir()
+        if entry.name not in own or folder(entry)
+    )
 
 
 def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
@@ -137,9 +143,13 @@ def assemble(folder: Path, config: FolderConfig, parity: dict) -> None:
         flushed.result()
     write_json(folder / RECORD, config.with_weights(weights_sha).to_json())
     write_json(folder / PARITY, {**parity, "weights_sha256": weights_sha})
-    files = {name: {"sha256": weights_sha if name == WEIGHTS else sha256_file(folder / name),
-                    "size": (folder / name).stat().st_size}
-             for name in CONTENT_FILES}  # the weights are hashed once (0.6 s for convnext_large)
+    files = {
+        name: {
+            "sha256": weights_sha if name == WEIGHTS else sha256_file(folder / name),
+            "size": (folder / name).stat().st_size,
+        }
+        for name in CONTENT_FILES
+    }  # the weights are hashed once (0.6 s for convnext_large)
     write_json(folder / MANIFEST, {"format": FORMAT, "files": files})
     fsync_tree(folder)
 
@@ -197,15 +207,18 @@ def _open_once(path: Path, others_allowed: bool) -> ConvertedFolder:
         raise IntegrityError(f"{path / MANIFEST} is not valid JSON: {e}") from None
     listed = listed_files(manifest, path)
     if not others_allowed and (unlisted := _unlisted(path, {*CONTENT_FILES, MANIFEST})):
-        raise IntegrityError(f"{path} holds {', '.join(map(repr, unlisted))}, which its {MANIFEST} does not list: "
-                             "a converted folder holds its listed files only; move the others out of it")
+        raise IntegrityError(
+            f"{path} holds {', '.join(map(repr, unlisted))}, which its {MANIFEST} does not list: "
+            "a converted folder holds its listed files only; move the others out of it"
+        )
     for name, meta in listed.items():
         file = path / name
         if not file.is_file():
             raise StoreError(f"{path} is incomplete: {name} is missing")
         if file.stat().st_size != meta["size"] or sha256_file(file) != meta["sha256"]:
-            raise IntegrityError(f"{file} does not match its manifest sha256: the file was modified "
-                                 f"or corrupted; convert again")
+            raise IntegrityError(
+                f"{file} does not match its manifest sha256: the file was modified or corrupted; convert again"
+            )
     try:
         config = FolderConfig.read(path)
     except ValueError as e:

@@ -5,6 +5,7 @@ Everything here is written whole or not at all: new content is assembled in a st
 of its destination (named with the writer's process id, so that the next writer removes what a
 killed one left) and renamed into place under a lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Collection, Iterator
 
 from zoo.core.errors import StoreError
 
@@ -111,8 +112,11 @@ def reason(error: OSError, where: Path, remedy: str = NO_SPACE_REMEDY) -> str:
     """One line saying why a write under `where` failed (h5py's messages span lines)."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(where)
-        return (f"no space left on the disk holding {nearest(where)}"
-                + (f" ({megabytes(free)} free)" if free is not None else "") + f"; {remedy}")
+        return (
+            f"no space left on the disk holding {nearest(where)}"
+            + (f" ({megabytes(free)} free)" if free is not None else "")
+            + f"; {remedy}"
+        )
     text = error.strerror or str(error) or type(error).__name__
     return text.strip().splitlines()[0]
 
@@ -146,8 +150,10 @@ def check_space(out: str | Path, needed: int) -> None:
     out = Path(out).expanduser().absolute()
     free = free_bytes(out.parent)
     if free is not None and free < needed:
-        raise StoreError(f"cannot write {out}: no space left on the disk holding {nearest(out.parent)} "
-                         f"(about {megabytes(needed)} needed, {megabytes(free)} free); {NO_SPACE_REMEDY}")
+        raise StoreError(
+            f"cannot write {out}: no space left on the disk holding {nearest(out.parent)} "
+            f"(about {megabytes(needed)} needed, {megabytes(free)} free); {NO_SPACE_REMEDY}"
+        )
 
 
 @contextlib.contextmanager
@@ -257,8 +263,7 @@ def _discard(previous: Path, out: Path, owned: Collection[str] | None) -> None:
     except OSError:
         kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.kept-", dir=out.parent))
         os.replace(previous, kept)  # onto the empty folder just made: a name nobody else holds
-        log.warning("%s held entries that were not its own when it was replaced; they are kept in %s",
-                    out, kept)
+        log.warning("%s held entries that were not its own when it was replaced; they are kept in %s", out, kept)
 
 
 def remove(path: Path) -> None:
@@ -303,7 +308,7 @@ def remove_stale(parent: Path, prefix: str) -> None:
     leaves the link under its staging name).
     """
     for path in parent.glob(f"{glob.escape(prefix)}*"):
-        pid, sep, _ = path.name[len(prefix):].partition("-")
+        pid, sep, _ = path.name[len(prefix) :].partition("-")
         if sep and pid.isdigit() and not _alive(int(pid)):
             remove(path)
 

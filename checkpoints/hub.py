@@ -6,6 +6,7 @@ Hub gave it); a file that does not match is evicted from the cache, never used, 
 that fails part-way takes back the snapshot files it added. A publish that is run again finds
 its files already on the branch and commits nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,12 @@ log = logging.getLogger(__name__)
 DEFAULT_ORG = "convnext-zoo"
 CARD = "README.md"
 DATASETS = {  # tag fragment -> Hub dataset id
-    "in1k": "imagenet-1k", "in22k": "imagenet-22k", "in12k": "imagenet-12k",
-    "laion2b": "laion-2b", "laiona": "laion-aesthetic", "lvd1689m": "lvd-1689m",
+    "in1k": "imagenet-1k",
+    "in22k": "imagenet-22k",
+    "in12k": "imagenet-12k",
+    "laion2b": "laion-2b",
+    "laiona": "laion-aesthetic",
+    "lvd1689m": "lvd-1689m",
 }
 
 
@@ -43,12 +48,11 @@ def parse_hf(spec: str, revision: str | None = None) -> tuple[str, str | None]:
     Raises:
         HubError: not of that form, or two different revisions asked for.
     """
-    repo_id, at, pinned = spec[len(HF_SCHEME):].partition("@")
+    repo_id, at, pinned = spec[len(HF_SCHEME) :].partition("@")
     if not spec.startswith(HF_SCHEME) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or (at and not pinned):
         raise HubError(f"{spec!r}: expected hf://ORG/REPO or hf://ORG/REPO@REVISION")
     if pinned and revision and pinned != revision:
-        raise HubError(f"two revisions given: {spec!r} names {pinned!r}, and {revision!r} was asked for too; "
-                       "give one")
+        raise HubError(f"two revisions given: {spec!r} names {pinned!r}, and {revision!r} was asked for too; give one")
     return repo_id, pinned or revision
 
 
@@ -88,8 +92,10 @@ _PROBE_TIMEOUT = 3.0
 _PROBE_TTL = 60.0
 _probes: dict[str, tuple[float, str | None]] = {}
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-OFFLINE_REMEDY = ("set HF_HUB_OFFLINE=1 to work from the local Hub cache alone, run once with network access, "
-                  "or convert from a file (--checkpoint PATH) or offline (--random-weights)")
+OFFLINE_REMEDY = (
+    "set HF_HUB_OFFLINE=1 to work from the local Hub cache alone, run once with network access, "
+    "or convert from a file (--checkpoint PATH) or offline (--random-weights)"
+)
 
 
 def unreachable() -> str | None:
@@ -172,8 +178,10 @@ def download(repo_id: str, revision: str | None = None) -> ConvertedFolder:
         commit = manifest_path.parent.name  # snapshots/<commit>/manifest.json
         if not matches_cache_name(manifest_path):
             evict(manifest_path)
-            raise IntegrityError(f"{repo_id}@{commit}: downloaded {MANIFEST} does not match the id the Hub "
-                                 "gave it (corrupted in transit or in the cache); it was discarded, retry")
+            raise IntegrityError(
+                f"{repo_id}@{commit}: downloaded {MANIFEST} does not match the id the Hub "
+                "gave it (corrupted in transit or in the cache); it was discarded, retry"
+            )
         try:
             files = _published_files(repo_id, manifest_path)
         except HubError:
@@ -183,8 +191,10 @@ def download(repo_id: str, revision: str | None = None) -> ConvertedFolder:
             path = _fetch(repo_id, name, commit, added)
             if sha256_file(path) != files[name]["sha256"]:
                 evict(path)
-                raise IntegrityError(f"{repo_id}@{commit}: downloaded {name} does not match the published "
-                                     "sha256 (corrupted in transit or in the cache); it was discarded, retry")
+                raise IntegrityError(
+                    f"{repo_id}@{commit}: downloaded {name} does not match the published "
+                    "sha256 (corrupted in transit or in the cache); it was discarded, retry"
+                )
     except BaseException:
         for path in added:
             path.unlink(missing_ok=True)  # the link only: a blob that passed its check may serve a retry
@@ -207,8 +217,9 @@ def _fetch(repo_id: str, name: str, revision: str | None, added: list[Path]) -> 
     except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError)
         if isinstance(e.__cause__, HfHubHTTPError):  # online, but the Hub kept failing
             raise HubError(f"cannot fetch {repo_id}: {name}: {_short(e.__cause__)}") from None
-        raise HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached "
-                       f"({offline_reason(e)})") from None
+        raise HubError(
+            f"{repo_id} is not in the local Hub cache and the Hub cannot be reached ({offline_reason(e)})"
+        ) from None
     except EntryNotFoundError:
         raise HubError(f"cannot fetch {repo_id}: {name} is missing from the repo at {revision or 'main'}") from None
     except http_errors() as e:
@@ -272,27 +283,47 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
     reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
     classifier = config.num_classes > 0
     task = "image-classification" if classifier else "image-feature-extraction"
-    metrics = [("max_abs_logit_error", logits["max_abs"]), ("relative_logit_error", logits["rel"]),
-               ("top1_agreement", report["top1_agreement"])]
+    metrics = [
+        ("max_abs_logit_error", logits["max_abs"]),
+        ("relative_logit_error", logits["rel"]),
+        ("top1_agreement", report["top1_agreement"]),
+    ]
     data = ModelCardData(
-        library_name="keras", pipeline_tag=task, license=config.license or "other",
+        library_name="keras",
+        pipeline_tag=task,
+        license=config.license or "other",
         tags=list(dict.fromkeys(["convnext", task, reference, "keras", "convnext-zoo"])),
-        base_model=base, datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
+        base_model=base,
+        datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
         model_name=name,
-        eval_results=[EvalResult(task_type=task, dataset_type="convnext-zoo/parity",
-                                 dataset_name=f"parity batch ({report['num_images']} images, "
-                                              f"{report['input_size']}px) vs {reference}",
-                                 metric_type=m, metric_value=v) for m, v in metrics],
+        eval_results=[
+            EvalResult(
+                task_type=task,
+                dataset_type="convnext-zoo/parity",
+                dataset_name=f"parity batch ({report['num_images']} images, {report['input_size']}px) vs {reference}",
+                metric_type=m,
+                metric_value=v,
+            )
+            for m, v in metrics
+        ],
     )
-    warning = "" if config.pretrained else (
-        "\n> **Not pretrained.** These are seeded random weights used to test the conversion "
-        "pipeline; they carry no learned features.\n")
-    rows = "\n".join(f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |"
-                     for c in report["comparisons"])
+    warning = (
+        ""
+        if config.pretrained
+        else (
+            "\n> **Not pretrained.** These are seeded random weights used to test the conversion "
+            "pipeline; they carry no learned features.\n"
+        )
+    )
+    rows = "\n".join(
+        f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |" for c in report["comparisons"]
+    )
     path = f"hf://{repo_id}"
     if classifier:
-        run = ("logits = model.predict(images, verbose=0)  # (1, %d), no softmax\nprint(logits.argmax(-1))"
-               % config.num_classes)
+        run = (
+            f"logits = model.predict(images, verbose=0)  # (1, {config.num_classes}), no softmax\n"
+            "print(logits.argmax(-1))"
+        )
         cli = f"""
 From the command line, the top classes of an image:
 
@@ -301,8 +332,10 @@ zoo predict --model {path} image.jpg
 ```
 """
     else:
-        run = ("features = model.predict(images, verbose=0)  # the pooled features (timm's pre-logits)\n"
-               "print(features.shape)")
+        run = (
+            "features = model.predict(images, verbose=0)  # the pooled features (timm's pre-logits)\n"
+            "print(features.shape)"
+        )
         cli = ""
     return f"""---
 {data.to_yaml()}
@@ -311,15 +344,15 @@ zoo predict --model {path} image.jpg
 # {name} for Keras 3
 {warning}
 `{name}` ({config.architecture.name}, {config.params or 0:,} parameters) converted from
-`{base or config.source.url or 'a local file'}` by convnext-zoo. The Keras model was run
+`{base or config.source.url or "a local file"}` by convnext-zoo. The Keras model was run
 side by side with {reference} on the same weights and passed the parity gate (logits max abs error
-<= {report['atol']:g}, relative <= {report['rtol']:g}):
+<= {report["atol"]:g}, relative <= {report["rtol"]:g}):
 
 | output | shape | max abs error | relative error |
 |---|---|---|---|
 {rows}
 
-Top-1 agreement {report['top1_agreement']:.0%}, top-5 {report['top5_agreement']:.0%}.
+Top-1 agreement {report["top1_agreement"]:.0%}, top-5 {report["top5_agreement"]:.0%}.
 `parity.json` has the full report, `manifest.json` the sha256 of every file, and
 `{RECORD}` the architecture, the source and its sha256, and the preprocessing.
 
@@ -352,14 +385,21 @@ registers them. The model runs on Keras' TensorFlow and JAX backends (not on tor
 names are timm's dotted module paths). SavedModel and TFLite exports:
 `zoo export {path} --format tflite`.
 
-Preprocessing: input {config.input_size}px, crop_pct {cfg['crop_pct']}, {cfg['crop_mode']} crop,
-{cfg['interpolation']} interpolation, mean {list(config.mean)}, std {list(config.std)}.
+Preprocessing: input {config.input_size}px, crop_pct {cfg["crop_pct"]}, {cfg["crop_mode"]} crop,
+{cfg["interpolation"]} interpolation, mean {list(config.mean)}, std {list(config.std)}.
 """
 
 
-def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-            expect_parent: str | None = None, token: str | None = None,
-            allow_random: bool = False) -> tuple[str, bool]:
+def publish(
+    path: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    expect_parent: str | None = None,
+    token: str | None = None,
+    allow_random: bool = False,
+) -> tuple[str, bool]:
     """Upload a converted folder as one commit, only if its parity report passed for these bytes.
 
     Args:
@@ -400,34 +440,48 @@ def publish(path: str | Path, repo_id: str, *, private: bool = False, revision: 
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         head = api.model_info(repo_id, revision=branch, files_metadata=True)
         parent = parent or head.sha
-        if head.sha.startswith(parent) and not _differences({s.rfilename: s for s in head.siblings or []},
-                                                             sent, expected):
+        if head.sha.startswith(parent) and not _differences(
+            {s.rfilename: s for s in head.siblings or []}, sent, expected
+        ):
             return head.sha, False  # already there (a re-run, or a retry after a commit that landed)
-        operations = [CommitOperationAdd(name, source if isinstance(source, bytes) else str(source))
-                      for name, source in sent.items()]
+        operations = [
+            CommitOperationAdd(name, source if isinstance(source, bytes) else str(source))
+            for name, source in sent.items()
+        ]
         changed = [op.path_in_repo for op in operations if op.upload_info.sha256.hex() != expected[op.path_in_repo]]
         if changed:  # the client uploads what it hashed here (the Hub checks LFS content against it)
-            raise HubError(f"refusing to publish {folder.path}: {', '.join(changed)} changed after it was "
-                           "checked against the manifest; nothing was published")
+            raise HubError(
+                f"refusing to publish {folder.path}: {', '.join(changed)} changed after it was "
+                "checked against the manifest; nothing was published"
+            )
         info = api.create_commit(
-            repo_id, operations, revision=branch, parent_commit=parent,
-            commit_message=f"{folder.config.name}: parity {report.summary()}")
+            repo_id,
+            operations,
+            revision=branch,
+            parent_commit=parent,
+            commit_message=f"{folder.config.name}: parity {report.summary()}",
+        )
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status == 412:
-            raise HubError(f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
-                           "nothing was published, retry") from None
+            raise HubError(
+                f"{repo_id}@{branch} moved while publishing (expected parent {str(parent)[:12]}); "
+                "nothing was published, retry"
+            ) from None
         if status in (401, 403):
-            raise HubError(f"the Hub refused to let this token write to {repo_id} ({_short(e)}); set HF_TOKEN "
-                           "to a token with write access (or run `hf auth login`)") from None
+            raise HubError(
+                f"the Hub refused to let this token write to {repo_id} ({_short(e)}); set HF_TOKEN "
+                "to a token with write access (or run `hf auth login`)"
+            ) from None
         raise HubError(f"publishing to {repo_id} failed: {_short(e)}; {RETRY}") from None
     except (RuntimeError, *http_errors()) as e:  # an LFS upload that failed is a RuntimeError
         raise HubError(f"publishing to {repo_id} failed: {_cause(e)}; {RETRY}") from None
     try:
         _check_remote(api, repo_id, info.oid, sent, expected)
     except http_errors() as e:
-        raise HubError(f"{repo_id}@{info.oid[:12]}: committed, but reading it back failed ({_short(e)}); "
-                       f"{RETRY}") from None
+        raise HubError(
+            f"{repo_id}@{info.oid[:12]}: committed, but reading it back failed ({_short(e)}); {RETRY}"
+        ) from None
     return info.oid, info.oid != parent  # the client also skips a commit that would change nothing
 
 
@@ -437,8 +491,10 @@ RETRY = "run the same publish again (files already there are not committed twice
 def _publishable(folder: ConvertedFolder, allow_random: bool) -> ParityReport:
     """The folder's parity report, if it passed for exactly these weights (else HubError)."""
     if not folder.config.pretrained and not allow_random:
-        raise HubError(f"refusing to publish {folder.path}: it holds random weights, not a pretrained model; "
-                       "pass --allow-random to publish it anyway")
+        raise HubError(
+            f"refusing to publish {folder.path}: it holds random weights, not a pretrained model; "
+            "pass --allow-random to publish it anyway"
+        )
     try:
         report = ParityReport.from_json(folder.parity)
     except (TypeError, ValueError, KeyError) as e:
@@ -446,8 +502,10 @@ def _publishable(folder: ConvertedFolder, allow_random: bool) -> ParityReport:
     if not report.passed:
         raise HubError(f"refusing to publish {folder.path}: its parity check failed ({report.failure})")
     if folder.parity.get("weights_sha256") != folder.files[WEIGHTS]["sha256"]:
-        raise HubError(f"refusing to publish {folder.path}: the weights changed after the parity report; "
-                       "run `zoo verify` or convert again")
+        raise HubError(
+            f"refusing to publish {folder.path}: the weights changed after the parity report; "
+            "run `zoo verify` or convert again"
+        )
     return report
 
 
@@ -462,8 +520,10 @@ def _check_remote(api, repo_id: str, commit: str, sent: dict, expected: dict) ->
     remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)}
     wrong = _differences(remote, sent, expected)
     if wrong:
-        raise HubError(f"{repo_id}@{commit}: after the upload, the remote {', '.join(wrong)} "
-                       "missing or different from the manifest; do not use that commit")
+        raise HubError(
+            f"{repo_id}@{commit}: after the upload, the remote {', '.join(wrong)} "
+            "missing or different from the manifest; do not use that commit"
+        )
 
 
 def _differences(remote: dict, sent: dict, expected: dict) -> list[str]:

@@ -3,12 +3,13 @@
 A folder is assembled in a staging sibling of its destination (`fs.staging`) and swapped into
 place under a lock; its format is `checkpoints.converted`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from zoo.core.errors import StoreError
 from zoo.core.folder_config import MANIFEST, WEIGHTS, FolderConfig, check_name
@@ -36,7 +37,7 @@ def store_path(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def writing(out: str | Path, model) -> Iterator["FolderWriter"]:
+def writing(out: str | Path, model) -> Iterator[FolderWriter]:
     """A converted folder being written in a staging sibling of `out`, for the block.
 
     The Keras files are written first (`save_model`) and can be loaded back (`load_model`)
@@ -113,8 +114,10 @@ def check_destination(out: str | Path) -> Path:
     out = _followed(Path(out).expanduser().absolute())
     replaceable(out)
     if is_converted_folder(out.parent):
-        raise StoreError(f"{out} would be inside the converted folder {out.parent}, which holds the files its "
-                         f"{MANIFEST} lists only; choose another --out")
+        raise StoreError(
+            f"{out} would be inside the converted folder {out.parent}, which holds the files its "
+            f"{MANIFEST} lists only; choose another --out"
+        )
     fs.check_writable(out.parent)
     return out
 
@@ -146,9 +149,11 @@ def replaceable(out: Path) -> frozenset[str]:
         if folder and is_converted_folder(out):
             extra = unlisted_entries(out)
             if extra:
-                raise StoreError(f"{out} is a converted folder but also holds {', '.join(map(repr, extra))}, which "
-                                 f"its {MANIFEST} does not list; nothing was changed: move them out of it or choose "
-                                 "another --out")
+                raise StoreError(
+                    f"{out} is a converted folder but also holds {', '.join(map(repr, extra))}, which "
+                    f"its {MANIFEST} does not list; nothing was changed: move them out of it or choose "
+                    "another --out"
+                )
             return own_entries(out)
     except OSError as e:
         raise StoreError(f"cannot write {out}: {fs.reason(e, out.parent)}") from None

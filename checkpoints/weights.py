@@ -2,6 +2,7 @@
 the mapped values by Keras' own saving code and let go of cleanly when the disk fills up, and the
 serialized model (`config.json`, `metadata.json`) as Keras' own directory save writes them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from zoo.core.folder_config import KERAS_CONFIG, KERAS_METADATA
 
@@ -85,8 +87,9 @@ def keras_model_files(model, name: str) -> tuple[str, str]:
         config, metadata = saving_lib._serialize_model_as_json(model)  # the very code model.save runs
     except (ImportError, AttributeError):  # a Keras shaped otherwise: its public pieces
         config = json.dumps(keras.saving.serialize_keras_object(model))
-        metadata = json.dumps({"keras_version": keras.__version__,
-                               "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")})
+        metadata = json.dumps(
+            {"keras_version": keras.__version__, "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
+        )
     serialized = json.loads(config)
     serialized["config"]["name"] = name
     return json.dumps(serialized), metadata
@@ -94,7 +97,7 @@ def keras_model_files(model, name: str) -> tuple[str, str]:
 
 def write_keras_files(folder: Path, model, name: str) -> None:
     """Write `config.json` and `metadata.json` of `model` named `name` into `folder` (`keras_model_files`)."""
-    for file, text in zip((KERAS_CONFIG, KERAS_METADATA), keras_model_files(model, name)):
+    for file, text in zip((KERAS_CONFIG, KERAS_METADATA), keras_model_files(model, name), strict=False):
         (folder / file).write_text(text)
 
 

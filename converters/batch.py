@@ -1,4 +1,5 @@
 """Many catalogue conversions in one run (`zoo convert --all`): one failure does not stop the rest."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,16 @@ from .plan import Options
 log = logging.getLogger(__name__)
 
 
-def convert_all(names: list[str], *, out_root: str | Path | None = None, force: bool = False,
-                random_seed: int | None = None, from_url: bool = False, keep_weights: bool = True,
-                options: Options = Options()) -> tuple[list[dict], Path]:
+def convert_all(
+    names: list[str],
+    *,
+    out_root: str | Path | None = None,
+    force: bool = False,
+    random_seed: int | None = None,
+    from_url: bool = False,
+    keep_weights: bool = True,
+    options: Options = Options(),
+) -> tuple[list[dict], Path]:
     """Convert many checkpoints; one failure does not stop the rest.
 
     Already converted entries (a valid folder whose report passed) are skipped unless
@@ -85,9 +93,14 @@ def summary_table(rows: list[dict]) -> str:
     """A fixed-width table of `convert_all` rows."""
     lines = [f"{'name':<52} {'params':>12} {'max abs':>9} {'relative':>9} {'top-1':>6} {'s':>7}  status"]
     for r in rows:
-        figures = (f"{r['max_abs']:>9.2e} {r['rel']:>9.2e} {r['top1_agreement']:>6.0%}"
-                   if "max_abs" in r else f"{'-':>9} {'-':>9} {'-':>6}")
+        figures = (
+            f"{r['max_abs']:>9.2e} {r['rel']:>9.2e} {r['top1_agreement']:>6.0%}"
+            if "max_abs" in r
+            else f"{'-':>9} {'-':>9} {'-':>6}"
+        )
         params = f"{r['params']:>12,}" if r.get("params") else f"{'-':>12}"
-        lines.append(f"{r['name']:<52} {params} {figures} {r['seconds']:>7.1f}  {r['status']}"
-                     + (f": {r['error']}" if r.get("error") else ""))
+        lines.append(
+            f"{r['name']:<52} {params} {figures} {r['seconds']:>7.1f}  {r['status']}"
+            + (f": {r['error']}" if r.get("error") else "")
+        )
     return "\n".join(lines)

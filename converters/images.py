@@ -3,6 +3,7 @@
 Natural images have a 1/f amplitude spectrum, smooth regions and sharp edges; the generated
 scenes have all three so that activations reach realistic ranges (pure noise does not).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,8 +71,8 @@ def in_batches(run, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.nda
     activations more for the largest networks (convnextv2_huge at 512)."""
     out: dict[str, np.ndarray] = {}
     for i in range(0, len(inputs), batch_size):
-        for name, value in run(inputs[i:i + batch_size]).items():
+        for name, value in run(inputs[i : i + batch_size]).items():
             if name not in out:
                 out[name] = np.empty((len(inputs), *value.shape[1:]), value.dtype)
-            out[name][i:i + len(value)] = value
+            out[name][i : i + len(value)] = value
     return out

@@ -2,6 +2,7 @@
 
 Numpy only (this module also runs inside the PyTorch reference process).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,13 @@ class Inferred:
     head_norm_affine: bool
 
 
-def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps: float | None = None,
-          head_norm_eps: float | None = None) -> Inferred:
+def infer(
+    state: dict[str, np.ndarray],
+    *,
+    mlp_form_known: bool = True,
+    norm_eps: float | None = None,
+    head_norm_eps: float | None = None,
+) -> Inferred:
     """Read depths, widths, V1/V2, MLP form, stem, norms and head from a timm-keyed state dict.
 
     Args:
@@ -63,8 +69,9 @@ def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps
         if key not in state:
             raise SourceError(f"not a ConvNeXt this project can build: no {key}")
         if state[key].ndim not in ndims:
-            raise SourceError(f"{key} has shape {list(state[key].shape)}; a ConvNeXt's has "
-                              f"{' or '.join(map(str, ndims))} dimensions")
+            raise SourceError(
+                f"{key} has shape {list(state[key].shape)}; a ConvNeXt's has {' or '.join(map(str, ndims))} dimensions"
+            )
         return state[key]
 
     dw = [tensor(f"stages.{i}.blocks.0.conv_dw.weight", 4) for i in range(4)]
@@ -74,14 +81,19 @@ def infer(state: dict[str, np.ndarray], *, mlp_form_known: bool = True, norm_eps
     fc1 = tensor("stages.0.blocks.0.mlp.fc1.weight", 2, 4)
     stem = _stem_type(state, dims[0])
     fields = dict(
-        depths=tuple(depths), dims=dims, kernel_size=int(dw[0].shape[-1]),
+        depths=tuple(depths),
+        dims=dims,
+        kernel_size=int(dw[0].shape[-1]),
         use_grn="stages.0.blocks.0.mlp.grn.weight" in state,
         layer_scale="stages.0.blocks.0.gamma" in state,
-        conv_mlp=fc1.ndim == 4, mlp_ratio=int(fc1.shape[0]) // dims[0],
+        conv_mlp=fc1.ndim == 4,
+        mlp_ratio=int(fc1.shape[0]) // dims[0],
         norm="layernorm" if "stages.0.blocks.0.norm.bias" in state else "simplenorm",
         conv_bias="stages.0.blocks.0.conv_dw.bias" in state,
-        stem_type=stem, head_norm_first="norm_pre.weight" in state,
-        head_hidden_size=int(tensor("head.pre_logits.fc.weight", 2).shape[0]) if "head.pre_logits.fc.weight" in state
+        stem_type=stem,
+        head_norm_first="norm_pre.weight" in state,
+        head_hidden_size=int(tensor("head.pre_logits.fc.weight", 2).shape[0])
+        if "head.pre_logits.fc.weight" in state
         else None,
     )
     if len({int(w.shape[-1]) for w in dw}) != 1:
@@ -114,18 +126,20 @@ def _stem_type(state: dict, width: int) -> str:
     if "stem.2.weight" in state:
         return "overlap" if first.shape[0] == width else "overlap_tiered"
     if first.shape[2:] != (4, 4):
-        raise SourceError(f"stem.0.weight {first.shape}: only 4x4 patch stems (or timm's overlapping stems) are "
-                          "supported")
+        raise SourceError(
+            f"stem.0.weight {first.shape}: only 4x4 patch stems (or timm's overlapping stems) are supported"
+        )
     return "patch"
 
 
 def _closest_row(fields: dict) -> Architecture:
     """The timm architecture that agrees with the most fields (same shape first): its name
     builds the PyTorch reference (timm takes every field as an argument)."""
+
     def score(row: Architecture) -> tuple:
         same_shape = row.depths == fields["depths"] and row.dims == fields["dims"]
-        return (same_shape, row.use_grn == fields["use_grn"],
-                sum(getattr(row, k) == v for k, v in fields.items()))
+        return (same_shape, row.use_grn == fields["use_grn"], sum(getattr(row, k) == v for k, v in fields.items()))
+
     return max(ARCHITECTURES.values(), key=score)
 
 
@@ -136,8 +150,10 @@ def check_named(named: Architecture, inferred: Architecture, mlp_form_known: boo
         SourceError: listing every field that differs.
     """
     skip = {"name", "norm_eps", "head_norm_eps"} | (set() if mlp_form_known else {"conv_mlp"})  # not in the tensors
-    diffs = [f"{f.name}: {getattr(named, f.name)} named, {getattr(inferred, f.name)} in the checkpoint"
-             for f in dataclasses.fields(Architecture)
-             if f.name not in skip and getattr(named, f.name) != getattr(inferred, f.name)]
+    diffs = [
+        f"{f.name}: {getattr(named, f.name)} named, {getattr(inferred, f.name)} in the checkpoint"
+        for f in dataclasses.fields(Architecture)
+        if f.name not in skip and getattr(named, f.name) != getattr(inferred, f.name)
+    ]
     if diffs:
         raise SourceError(f"the checkpoint is not a {named.name}:\n  " + "\n  ".join(diffs))

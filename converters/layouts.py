@@ -4,6 +4,7 @@ Each layout is data: a key that only it has, the framework that runs it, an orde
 renames to timm's keys, and the keys of another model its checkpoints may hold beside the ConvNeXt.
 Numpy only (this module also runs inside the PyTorch reference process).
 """
+
 from __future__ import annotations
 
 import re
@@ -58,56 +59,73 @@ class Layout:
         return self.is_foreign(key) or bool(TIMM_KEY.match(self.timm_key(key)))
 
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
-    Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), ()),
-    # the official releases (facebookresearch/ConvNeXt, ConvNeXt-V2)
-    Layout("fb", "timm", re.compile(r"^downsample_layers\.0\.0\.weight$"), _rules(
-        (r"^downsample_layers\.0\.", "stem."),
-        (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-        (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-        (r"\.dwconv\.", ".conv_dw."),
-        (r"\.pwconv(\d)\.", r".mlp.fc\1."),
-        (r"\.grn\.gamma$", ".mlp.grn.weight"),
-        (r"\.grn\.beta$", ".mlp.grn.bias"),
-        (r"^norm\.", "head.norm."),
-        (r"^head\.(weight|bias)$", r"head.fc.\1"),
-    )),
-    # Hugging Face transformers ConvNext/ConvNextV2 (ForImageClassification, or the bare Model
-    # without the `convnext.` prefix); its final LayerNorm's eps is the config's layer_norm_eps
-    Layout("transformers", "transformers",
-           re.compile(r"^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$"), _rules(
-               (r"^convnext(v2)?\.", ""),
-               (r"^embeddings\.patch_embeddings\.", "stem.0."),
-               (r"^embeddings\.layernorm\.", "stem.1."),
-               (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
-               (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2."),
-               (r"\.dwconv\.", ".conv_dw."),
-               (r"\.blocks\.(\d+)\.layernorm\.", r".blocks.\1.norm."),
-               (r"\.pwconv(\d)\.", r".mlp.fc\1."),
-               (r"\.layer_scale_parameter$", ".gamma"),
-               (r"\.grn\.", ".mlp.grn."),
-               (r"^layernorm\.", "head.norm."),
-               (r"^classifier\.", "head.fc."),
-           )),
-    # torchvision.models.convnext_*: features.0 stem, odd features stages, even ones downsample
-    Layout("torchvision", "torchvision", re.compile(r"^features\.0\.0\.weight$"), _rules(
-        (r"^features\.0\.", "stem."),
-        (r"^features\.1\.(\d+)\.", r"stages.0.blocks.\1."),
-        (r"^features\.2\.", "stages.1.downsample."),
-        (r"^features\.3\.(\d+)\.", r"stages.1.blocks.\1."),
-        (r"^features\.4\.", "stages.2.downsample."),
-        (r"^features\.5\.(\d+)\.", r"stages.2.blocks.\1."),
-        (r"^features\.6\.", "stages.3.downsample."),
-        (r"^features\.7\.(\d+)\.", r"stages.3.blocks.\1."),
-        (r"\.block\.0\.", ".conv_dw."),
-        (r"\.block\.2\.", ".norm."),
-        (r"\.block\.3\.", ".mlp.fc1."),
-        (r"\.block\.5\.", ".mlp.fc2."),
-        (r"\.layer_scale$", ".gamma"),
-        (r"^classifier\.0\.", "head.norm."),
-        (r"^classifier\.2\.", "head.fc."),
-    )),
-)}
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), ()),
+        # the official releases (facebookresearch/ConvNeXt, ConvNeXt-V2)
+        Layout(
+            "fb",
+            "timm",
+            re.compile(r"^downsample_layers\.0\.0\.weight$"),
+            _rules(
+                (r"^downsample_layers\.0\.", "stem."),
+                (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+                (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+                (r"\.dwconv\.", ".conv_dw."),
+                (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+                (r"\.grn\.gamma$", ".mlp.grn.weight"),
+                (r"\.grn\.beta$", ".mlp.grn.bias"),
+                (r"^norm\.", "head.norm."),
+                (r"^head\.(weight|bias)$", r"head.fc.\1"),
+            ),
+        ),
+        # Hugging Face transformers ConvNext/ConvNextV2 (ForImageClassification, or the bare Model
+        # without the `convnext.` prefix); its final LayerNorm's eps is the config's layer_norm_eps
+        Layout(
+            "transformers",
+            "transformers",
+            re.compile(r"^(convnext(v2)?\.)?embeddings\.patch_embeddings\.weight$"),
+            _rules(
+                (r"^convnext(v2)?\.", ""),
+                (r"^embeddings\.patch_embeddings\.", "stem.0."),
+                (r"^embeddings\.layernorm\.", "stem.1."),
+                (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
+                (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2."),
+                (r"\.dwconv\.", ".conv_dw."),
+                (r"\.blocks\.(\d+)\.layernorm\.", r".blocks.\1.norm."),
+                (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+                (r"\.layer_scale_parameter$", ".gamma"),
+                (r"\.grn\.", ".mlp.grn."),
+                (r"^layernorm\.", "head.norm."),
+                (r"^classifier\.", "head.fc."),
+            ),
+        ),
+        # torchvision.models.convnext_*: features.0 stem, odd features stages, even ones downsample
+        Layout(
+            "torchvision",
+            "torchvision",
+            re.compile(r"^features\.0\.0\.weight$"),
+            _rules(
+                (r"^features\.0\.", "stem."),
+                (r"^features\.1\.(\d+)\.", r"stages.0.blocks.\1."),
+                (r"^features\.2\.", "stages.1.downsample."),
+                (r"^features\.3\.(\d+)\.", r"stages.1.blocks.\1."),
+                (r"^features\.4\.", "stages.2.downsample."),
+                (r"^features\.5\.(\d+)\.", r"stages.2.blocks.\1."),
+                (r"^features\.6\.", "stages.3.downsample."),
+                (r"^features\.7\.(\d+)\.", r"stages.3.blocks.\1."),
+                (r"\.block\.0\.", ".conv_dw."),
+                (r"\.block\.2\.", ".norm."),
+                (r"\.block\.3\.", ".mlp.fc1."),
+                (r"\.block\.5\.", ".mlp.fc2."),
+                (r"\.layer_scale$", ".gamma"),
+                (r"^classifier\.0\.", "head.norm."),
+                (r"^classifier\.2\.", "head.fc."),
+            ),
+        ),
+    )
+}
 
 # Every key a timm ConvNeXt can hold: what a layout must rename a key into.
 TIMM_KEY = re.compile(
@@ -135,7 +153,7 @@ def strip_prefix(state_dict: dict) -> tuple[dict, str]:
         if prefix is None:
             break
         removed += prefix
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
     return state_dict, removed
 
 
@@ -162,12 +180,15 @@ def detect(keys, hint: str | None = None) -> Layout:
         unknown = [k for k in keys if not found[0].places(k)]
         if not unknown:
             return found[0]
-        raise SourceError(f"{len(unknown)} of {len(keys)} keys have no place in a ConvNeXt of the {found[0].name} "
-                          f"layout:\n{_listed(unknown)}")
+        raise SourceError(
+            f"{len(unknown)} of {len(keys)} keys have no place in a ConvNeXt of the {found[0].name} "
+            f"layout:\n{_listed(unknown)}"
+        )
     closest, unknown = _closest(keys)
     raise SourceError(
         f"not a ConvNeXt checkpoint in a known layout (timm, fb, transformers, torchvision); the closest is "
-        f"{closest.name}, where {len(unknown)} of {len(keys)} keys have no place:\n{_listed(unknown)}")
+        f"{closest.name}, where {len(unknown)} of {len(keys)} keys have no place:\n{_listed(unknown)}"
+    )
 
 
 def _listed(keys: list[str], shown: int = 8) -> str:
@@ -177,6 +198,7 @@ def _listed(keys: list[str], shown: int = 8) -> str:
 
 def _closest(keys: list[str]) -> tuple[Layout, list[str]]:
     """The layout whose names the keys use most (keys it renames or places), and the keys it cannot place."""
+
     def score(layout: Layout) -> tuple[int, int]:
         renamed = [layout.timm_key(k) for k in keys]
         used = sum(new != k or bool(TIMM_KEY.match(new)) for k, new in zip(keys, renamed, strict=True))
@@ -227,8 +249,9 @@ def to_timm(state_dict: dict[str, np.ndarray], layout: Layout) -> dict[str, np.n
         new = layout.timm_key(key)
         if _VECTORS.search(new) and value.ndim != 1:
             if value.ndim == 0 or value.size != max(value.shape):
-                raise SourceError(f"{key}: a per-channel parameter of shape {value.shape}; expected (C,) "
-                                  "or C with unit axes")
+                raise SourceError(
+                    f"{key}: a per-channel parameter of shape {value.shape}; expected (C,) or C with unit axes"
+                )
             value = value.reshape(-1)
         if new in out:
             raise SourceError(f"two {layout.name} keys map to {new!r}")

@@ -4,11 +4,12 @@ Keras layers are named after timm's module paths, so the whole mapping is one ta
 Keras layer type: which variable takes which `<layer name><suffix>` tensor, and how it is
 transposed. Nothing is picked by position.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 import numpy as np
@@ -113,8 +114,10 @@ def check(state_dict: dict[str, np.ndarray], assignments: list[Assignment], list
         if tuple(state_dict[key].shape) != expected:
             mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model expects {expected}")
     if missing or unexpected or mismatched:
-        lines = [f"the checkpoint does not match the model ({len(missing)} missing, "
-                 f"{len(unexpected)} unexpected, {len(mismatched)} shape mismatches):"]
+        lines = [
+            f"the checkpoint does not match the model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} shape mismatches):"
+        ]
         found = [f" - in model, not in checkpoint: {k}" for k in missing]
         found += [f" + in checkpoint, not in model: {k}" for k in unexpected]
         found += [f" ~ shape mismatch: {m}" for m in mismatched]
@@ -123,8 +126,9 @@ def check(state_dict: dict[str, np.ndarray], assignments: list[Assignment], list
         raise MappingError("\n".join(lines + found))
 
 
-def values(state_dict: dict[str, np.ndarray], model: keras.Model,
-           listed: int | None = LISTED) -> dict[int, Callable[[], np.ndarray]]:
+def values(
+    state_dict: dict[str, np.ndarray], model: keras.Model, listed: int | None = LISTED
+) -> dict[int, Callable[[], np.ndarray]]:
     """The value of every Keras variable of `model` in the Keras layout, keyed by `id(variable)`.
 
     Every check runs first: a mismatch raises before any value exists. Each value is computed

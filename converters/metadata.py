@@ -4,6 +4,7 @@ preprocessing, norm epsilons). The tensors say the rest (`converters.inference`)
 
 No torch and no tensorflow: this module also runs inside the PyTorch reference process.
 """
+
 from __future__ import annotations
 
 import json
@@ -120,7 +121,7 @@ def _json(path: Path, data: bytes | None):
         raise SourceError(f"{path}: cannot be read as JSON: {e}") from None
 
 
-def _transformers(fields: "_Fields", config: dict, processor: tuple | None) -> SourceMetadata:
+def _transformers(fields: _Fields, config: dict, processor: tuple | None) -> SourceMetadata:
     for key, wanted in (("patch_size", 4), ("num_channels", 3), ("hidden_act", "gelu"), ("num_stages", 4)):
         if config.get(key, wanted) != wanted:
             raise SourceError(f"{fields.where}: {key}={_shown(config[key])}; only {key}={wanted!r} ConvNeXts convert")
@@ -136,30 +137,38 @@ def _transformers(fields: "_Fields", config: dict, processor: tuple | None) -> S
         preprocessing = _processor(*processor)
         notes.append("preprocessing from preprocessor_config.json (ConvNextImageProcessor)")
     return SourceMetadata(
-        layout="transformers", num_classes=num_classes, labels=labels, preprocessing=preprocessing,
+        layout="transformers",
+        num_classes=num_classes,
+        labels=labels,
+        preprocessing=preprocessing,
         head_norm_eps=fields.eps("layer_norm_eps", config.get("layer_norm_eps"), 1e-12),
-        shape=(fields.stages("depths", config.get("depths")),
-               fields.stages("hidden_sizes", config.get("hidden_sizes"))),
-        notes=tuple(notes))
+        shape=(
+            fields.stages("depths", config.get("depths")),
+            fields.stages("hidden_sizes", config.get("hidden_sizes")),
+        ),
+        notes=tuple(notes),
+    )
 
 
-def _processor(fields: "_Fields", p: dict) -> dict:
+def _processor(fields: _Fields, p: dict) -> dict:
     """ConvNextImageProcessor's settings as timm's preprocessing fields: below 384 it resizes the
     shortest edge to size/crop_pct and crops the centre; at 384 and above it resizes to a square."""
     name, edge = _processor_size(fields, p.get("size"))
     edge = fields.side(name, edge)
     crop_pct = 224 / 256 if p.get("crop_pct") is None else fields.fraction("crop_pct", p["crop_pct"])
     cfg = default_preprocessing(edge, crop_pct)
-    cfg.update({
-        "interpolation": _resample(fields, _default(p.get("resample"), 3)),
-        "mean": fields.channels("image_mean", p.get("image_mean"), cfg["mean"], one_for_all=True),
-        "std": fields.channels("image_std", p.get("image_std"), cfg["std"], one_for_all=True, spread=True),
-        "crop_offsets": "floor",  # transformers' center_crop: (margin // 2)
-    })
+    cfg.update(
+        {
+            "interpolation": _resample(fields, _default(p.get("resample"), 3)),
+            "mean": fields.channels("image_mean", p.get("image_mean"), cfg["mean"], one_for_all=True),
+            "std": fields.channels("image_std", p.get("image_std"), cfg["std"], one_for_all=True, spread=True),
+            "crop_offsets": "floor",  # transformers' center_crop: (margin // 2)
+        }
+    )
     return check_preprocessing(cfg, fields.where)
 
 
-def _processor_size(fields: "_Fields", size) -> tuple[str, object]:
+def _processor_size(fields: _Fields, size) -> tuple[str, object]:
     """(the field, the edge) of the processor's `size`: `{"shortest_edge": N}` as it saves it, a
     square `{"height": N, "width": N}`, or a bare number (older saves)."""
     if size is None:
@@ -174,17 +183,16 @@ def _processor_size(fields: "_Fields", size) -> tuple[str, object]:
     fields.fail("size", '{"shortest_edge": N} or a square {"height": N, "width": N}', size)
 
 
-def _resample(fields: "_Fields", value) -> str:
+def _resample(fields: _Fields, value) -> str:
     if isinstance(value, str) and value in INTERPOLATIONS:
         return value
     if _is_int(value) and _RESAMPLE.get(value) in INTERPOLATIONS:
         return _RESAMPLE[value]
     known = f" ({_RESAMPLE[value]})" if _is_int(value) and value in _RESAMPLE else ""
-    fields.fail("resample", "2 (bilinear) or 3 (bicubic), the resampling zoo.preprocess reproduces",
-                value, known)
+    fields.fail("resample", "2 (bilinear) or 3 (bicubic), the resampling zoo.preprocess reproduces", value, known)
 
 
-def _timm(fields: "_Fields", config: dict) -> SourceMetadata:
+def _timm(fields: _Fields, config: dict) -> SourceMetadata:
     cfg = fields.object("pretrained_cfg", config.get("pretrained_cfg"))
     preprocessing = None
     if cfg.get("input_size") is not None:
@@ -193,13 +201,20 @@ def _timm(fields: "_Fields", config: dict) -> SourceMetadata:
     labels = fields.label_names("label_names", config.get("label_names"))
     num_classes = fields.count("num_classes", config.get("num_classes"))
     if labels is not None and num_classes is not None and len(labels) != num_classes:
-        raise SourceError(f"{fields.where}: label_names has {len(labels)} names for num_classes {num_classes}; "
-                          "give one name per class")
+        raise SourceError(
+            f"{fields.where}: label_names has {len(labels)} names for num_classes {num_classes}; "
+            "give one name per class"
+        )
     args = fields.object("model_args", config.get("model_args"))
     return SourceMetadata(
-        layout="timm", num_classes=num_classes, labels=labels, preprocessing=preprocessing,
-        architecture=config["architecture"], norm_eps=fields.eps("model_args.norm_eps", args.get("norm_eps")),
-        notes=("classes and preprocessing from config.json (timm)",))
+        layout="timm",
+        num_classes=num_classes,
+        labels=labels,
+        preprocessing=preprocessing,
+        architecture=config["architecture"],
+        norm_eps=fields.eps("model_args.norm_eps", args.get("norm_eps")),
+        notes=("classes and preprocessing from config.json (timm)",),
+    )
 
 
 def check_preprocessing(cfg: dict, where: str | Path | None = None, prefix: str = "") -> dict:
@@ -220,10 +235,15 @@ def check_preprocessing(cfg: dict, where: str | Path | None = None, prefix: str 
     crop_pct = fields.fraction("crop_pct", cfg["crop_pct"])
     edge = max(size[1:])
     if edge / crop_pct > MAX_RESIZE:
-        fields.fail("crop_pct", f"a number in (0, 1] and at least {edge / MAX_RESIZE:.4g} for input size {edge} "
-                    f"(images are resized to {edge} / crop_pct before the crop: at most {MAX_RESIZE} pixels)", crop_pct)
+        fields.fail(
+            "crop_pct",
+            f"a number in (0, 1] and at least {edge / MAX_RESIZE:.4g} for input size {edge} "
+            f"(images are resized to {edge} / crop_pct before the crop: at most {MAX_RESIZE} pixels)",
+            crop_pct,
+        )
     checked = {
-        "input_size": size, "crop_pct": crop_pct,
+        "input_size": size,
+        "crop_pct": crop_pct,
         "crop_mode": fields.choice("crop_mode", cfg["crop_mode"], CROP_MODES),
         "interpolation": fields.choice("interpolation", cfg["interpolation"], INTERPOLATIONS),
         "mean": fields.channels("mean", cfg["mean"]),
@@ -274,10 +294,18 @@ class _Fields:
         return value
 
     def input_size(self, name: str, value) -> list[int]:
-        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value)
-                and value[0] == 3 and all(MIN_INPUT <= v <= MAX_INPUT for v in value[1:])):
-            self.fail(name, f"[3, height, width]: 3 (RGB) channels, whole numbers of pixels in "
-                      f"[{MIN_INPUT}, {MAX_INPUT}]", value)
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 3
+            and all(_is_int(v) for v in value)
+            and value[0] == 3
+            and all(MIN_INPUT <= v <= MAX_INPUT for v in value[1:])
+        ):
+            self.fail(
+                name,
+                f"[3, height, width]: 3 (RGB) channels, whole numbers of pixels in [{MIN_INPUT}, {MAX_INPUT}]",
+                value,
+            )
         return list(value)
 
     def fraction(self, name: str, value) -> float:
@@ -326,8 +354,9 @@ class _Fields:
         if isinstance(value, dict):
             return self.label_map(name, value)
         if not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
-            self.fail(name, "a list of class names (strings) in index order, or an object of class index -> name",
-                      value)
+            self.fail(
+                name, "a list of class names (strings) in index order, or an object of class index -> name", value
+            )
         return tuple(value)
 
     def label_map(self, name: str, value) -> tuple[str, ...]:
@@ -349,8 +378,11 @@ class _Fields:
         missing = next((i for i in range(len(names)) if i not in names), None)
         if missing is not None:
             keys = sorted(names)
-            self.fail(f"{name} keys", f"the class indices 0..{len(names) - 1}, each once (no class {missing})",
-                      keys if len(keys) <= 8 else keys[:8] + ["..."])
+            self.fail(
+                f"{name} keys",
+                f"the class indices 0..{len(names) - 1}, each once (no class {missing})",
+                keys if len(keys) <= 8 else keys[:8] + ["..."],
+            )
         return tuple(names[i][1] for i in range(len(names)))
 
 
@@ -379,7 +411,7 @@ def _shown(value) -> str:
         text = repr(value)
     except (RecursionError, ValueError):  # nested past repr's depth, or an integer past str's length
         text = f"a {type(value).__name__}"
-    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 def default_preprocessing(input_size: int = 224, crop_pct: float = Preprocessing.crop_pct) -> dict:
@@ -390,4 +422,3 @@ def default_preprocessing(input_size: int = 224, crop_pct: float = Preprocessing
     if input_size >= 384:
         cfg.update(crop_pct=1.0, crop_mode="squash")
     return with_defaults(cfg)
-

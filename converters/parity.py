@@ -5,12 +5,13 @@ The PyTorch reference runs in its own process on the same weights and the same f
 pre-logits are compared into a `ParityReport` (`zoo.core.reports`). Parity is an assertion:
 `assert_passed` raises, naming the first stage that diverged.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -40,21 +41,36 @@ from .reference_process import (
 )
 
 
-def compare(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL,
-            rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL,
-            versions: dict | None = None) -> ParityReport:
+def compare(
+    ours: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    stage_rtol: float = DEFAULT_STAGE_RTOL,
+    versions: dict | None = None,
+) -> ParityReport:
     """Compare every output; the report's `passed` is the gate."""
     _check_present(ours, ref)
     comparisons = [Comparison.of(n, ours[n], ref[n]) for n in COMPARED]
     if SERVING in ours:  # the serving path's logits, held to the logits' tolerances
         comparisons.append(Comparison.of(SERVING, ours[SERVING], ref["logits"]))
-    return _report(comparisons, ours["logits"], ref["logits"], atol=atol, rtol=rtol, stage_rtol=stage_rtol,
-                   versions=versions)
+    return _report(
+        comparisons, ours["logits"], ref["logits"], atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=versions
+    )
 
 
-def compare_model(model, arch: Architecture, inputs: np.ndarray, ref: Mapping[str, np.ndarray], *,
-                  atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL,
-                  versions: dict | None = None) -> ParityReport:
+def compare_model(
+    model,
+    arch: Architecture,
+    inputs: np.ndarray,
+    ref: Mapping[str, np.ndarray],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    stage_rtol: float = DEFAULT_STAGE_RTOL,
+    versions: dict | None = None,
+) -> ParityReport:
     """`compare` of the Keras model's outputs on `inputs` (every compared tensor, and the logits of
     its serving path, `zoo.core.serving`) with the reference's `ref`, each output let go of once compared.
 
@@ -80,7 +96,7 @@ def _serving_logits(model, inputs: np.ndarray) -> np.ndarray:
     from zoo.core.serving import runner
 
     run = runner(model, shared=True)
-    return np.concatenate([np.asarray(run(inputs[i:i + 2])) for i in range(0, len(inputs), 2)])
+    return np.concatenate([np.asarray(run(inputs[i : i + 2])) for i in range(0, len(inputs), 2)])
 
 
 def _check_present(ours: Mapping, ref: Mapping) -> None:
@@ -89,15 +105,26 @@ def _check_present(ours: Mapping, ref: Mapping) -> None:
         raise ParityError(f"outputs missing from the comparison: {missing}")
 
 
-def _report(comparisons: list[Comparison], logits: np.ndarray, ref_logits: np.ndarray, *, atol: float,
-            rtol: float, stage_rtol: float, versions: dict | None) -> ParityReport:
+def _report(
+    comparisons: list[Comparison],
+    logits: np.ndarray,
+    ref_logits: np.ndarray,
+    *,
+    atol: float,
+    rtol: float,
+    stage_rtol: float,
+    versions: dict | None,
+) -> ParityReport:
     batch = next(c.shape for c in comparisons if c.name == "stem")  # the reference's
     return ParityReport(
         comparisons=comparisons,
         top1_agreement=topk_agreement(logits, ref_logits, 1),
         top5_agreement=topk_agreement(logits, ref_logits, 5),
-        atol=atol, rtol=rtol, stage_rtol=stage_rtol,
-        num_images=int(batch[0]), input_size=int(batch[1] * 4),
+        atol=atol,
+        rtol=rtol,
+        stage_rtol=stage_rtol,
+        num_images=int(batch[0]),
+        input_size=int(batch[1] * 4),
         versions=versions or {},
     )
 
@@ -119,8 +146,10 @@ def check_same_source(report: ParityReport, sha256: str | None) -> None:
     """
     ran = report.versions.get(SOURCE_SHA256)
     if ran is not None and sha256 is not None and ran != sha256:
-        raise IntegrityError(f"the source changed during the conversion: the PyTorch reference ran sha256 "
-                             f"{ran[:16]}..., the converter read {sha256[:16]}...; convert again")
+        raise IntegrityError(
+            f"the source changed during the conversion: the PyTorch reference ran sha256 "
+            f"{ran[:16]}..., the converter read {sha256[:16]}...; convert again"
+        )
 
 
 def _our_versions() -> dict:
@@ -132,7 +161,7 @@ def _our_versions() -> dict:
 
 
 @contextlib.contextmanager
-def started(network: Network, source: Path, *, random_seed: int | None = None) -> Iterator["PendingCheck"]:
+def started(network: Network, source: Path, *, random_seed: int | None = None) -> Iterator[PendingCheck]:
     """A parity check whose PyTorch side starts now, in its own process.
 
     timm imports, loads `source` and runs the parity batch while the block prepares the
@@ -167,8 +196,9 @@ class PendingCheck:
         """
         self.run.wait()
 
-    def check(self, model, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-              stage_rtol: float = DEFAULT_STAGE_RTOL) -> ParityReport:
+    def check(
+        self, model, *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, stage_rtol: float = DEFAULT_STAGE_RTOL
+    ) -> ParityReport:
         """Wait for timm's outputs, run `model` on the parity batch, compare (does not raise on failure).
 
         The PyTorch side ends first, so that the two never hold the weights and the parity
@@ -179,5 +209,13 @@ class PendingCheck:
         """
         self.run.wait()
         with np.load(outputs_file(self.spec)) as ref:  # each output read when it is compared
-            return compare_model(model, self.arch, self.inputs, ref, atol=atol, rtol=rtol, stage_rtol=stage_rtol,
-                                 versions={**_our_versions(), **versions(self.spec)})
+            return compare_model(
+                model,
+                self.arch,
+                self.inputs,
+                ref,
+                atol=atol,
+                rtol=rtol,
+                stage_rtol=stage_rtol,
+                versions={**_our_versions(), **versions(self.spec)},
+            )

@@ -5,12 +5,13 @@ source -> (the source framework runs the parity batch, in its own process) -> re
 (your own checkpoint) are the two front ends; `verify`, `convert_all` and a folder's recorded source
 live in `converters.verify`, `converters.batch` and `converters.recorded`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from checkpoints import store
 from checkpoints.fs import work_dir
@@ -62,9 +63,16 @@ def run(plan: Plan, options: Options = Options()) -> tuple[Path, ParityReport]:
     return folder.out, report
 
 
-def convert(name: str | CatalogueEntry, *, out: str | Path | None = None, checkpoint: str | Path | None = None,
-            random_seed: int | None = None, revision: str | None = None, from_url: bool = False,
-            options: Options = Options()) -> tuple[Path, ParityReport]:
+def convert(
+    name: str | CatalogueEntry,
+    *,
+    out: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    random_seed: int | None = None,
+    revision: str | None = None,
+    from_url: bool = False,
+    options: Options = Options(),
+) -> tuple[Path, ParityReport]:
     """Convert one catalogued checkpoint and write it only if parity passes.
 
     Args:
@@ -88,19 +96,23 @@ def convert(name: str | CatalogueEntry, *, out: str | Path | None = None, checkp
     out = store.check_destination(out if out else store.store_path(entry.name))  # before the slow work
     with work_dir("zoo-convert-") as work:
         with step(options.echo, "source weights"):
-            plan = for_entry(entry, out, work, checkpoint=checkpoint, random_seed=random_seed, revision=revision,
-                             from_url=from_url)
+            plan = for_entry(
+                entry, out, work, checkpoint=checkpoint, random_seed=random_seed, revision=revision, from_url=from_url
+            )
         try:
             return run(plan, options)
         except MappingError as e:
             if checkpoint is None:
                 raise
-            raise MappingError(f"{e}\n(a fine-tune of {entry.name} with another head converts without the "
-                               "catalogue name: zoo convert --checkpoint FILE --out DIR)") from None
+            raise MappingError(
+                f"{e}\n(a fine-tune of {entry.name} with another head converts without the "
+                "catalogue name: zoo convert --checkpoint FILE --out DIR)"
+            ) from None
 
 
-def convert_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None, options: Options = Options(),
-                       **choices) -> tuple[Path, ParityReport]:
+def convert_checkpoint(
+    checkpoint: str | Path, *, out: str | Path | None = None, options: Options = Options(), **choices
+) -> tuple[Path, ParityReport]:
     """Convert any PyTorch ConvNeXt checkpoint, its architecture and head read from its tensors.
 
     Takes timm, FB, transformers (ConvNext, ConvNextV2) and torchvision layouts, in safetensors
@@ -164,9 +176,10 @@ def empty_model(network: Network, *, storage: bool = True):
     """
     from zoo.core.model import build_model, dtype_policy
 
-    with dtype_policy("float32"), (contextlib.nullcontext() if storage else _without_storage()):
-        return build_model(network.arch, num_classes=network.num_classes,
-                           head_norm_affine=network.head_norm_affine, initialize=False)
+    with dtype_policy("float32"), contextlib.nullcontext() if storage else _without_storage():
+        return build_model(
+            network.arch, num_classes=network.num_classes, head_norm_affine=network.head_norm_affine, initialize=False
+        )
 
 
 @contextlib.contextmanager

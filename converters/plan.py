@@ -4,6 +4,7 @@ A catalogue name gives its entry's network and source (`for_entry`); your own ch
 network its tensors hold, checked against the config files beside them (`for_checkpoint`). Both
 hand `converters.pipeline.run` the same plan.
 """
+
 from __future__ import annotations
 
 import logging
@@ -122,14 +123,31 @@ class Plan:
         else:
             origin = src.record("hub", url=self.release_url)
         n = self.network
-        return FolderConfig(name=self.name, architecture=n.arch, num_classes=n.num_classes,
-                            pretrained_cfg=self.pretrained_cfg, source=origin, pretrained=self.random_seed is None,
-                            head_norm_affine=n.head_norm_affine, top1=self.top1,
-                            converter={"convnext_zoo": __version__}, params=params, labels=self.labels)
+        return FolderConfig(
+            name=self.name,
+            architecture=n.arch,
+            num_classes=n.num_classes,
+            pretrained_cfg=self.pretrained_cfg,
+            source=origin,
+            pretrained=self.random_seed is None,
+            head_norm_affine=n.head_norm_affine,
+            top1=self.top1,
+            converter={"convnext_zoo": __version__},
+            params=params,
+            labels=self.labels,
+        )
 
 
-def for_entry(entry: CatalogueEntry, out: Path, work: Path, *, checkpoint: str | Path | None = None,
-              random_seed: int | None = None, revision: str | None = None, from_url: bool = False) -> Plan:
+def for_entry(
+    entry: CatalogueEntry,
+    out: Path,
+    work: Path,
+    *,
+    checkpoint: str | Path | None = None,
+    random_seed: int | None = None,
+    revision: str | None = None,
+    from_url: bool = False,
+) -> Plan:
     """The plan of a catalogue conversion: the entry's network, its weights from the Hub, the release
     URL, a local `checkpoint` file, or perturbed random weights of `random_seed` (written under `work`
     by the parity check's reference process, then read here)."""
@@ -146,8 +164,16 @@ def for_entry(entry: CatalogueEntry, out: Path, work: Path, *, checkpoint: str |
         src = source.fetch_url(entry.url)
     else:
         src = source.fetch(entry.hf_hub_id, entry.hf_hub_filename, revision=revision)
-    return Plan(entry.name, out, Network.of_entry(entry), src, entry.pretrained_cfg(), top1=entry.top1,
-                release_url=entry.url, random_seed=random_seed)
+    return Plan(
+        entry.name,
+        out,
+        Network.of_entry(entry),
+        src,
+        entry.pretrained_cfg(),
+        top1=entry.top1,
+        release_url=entry.url,
+        random_seed=random_seed,
+    )
 
 
 def for_checkpoint(checkpoint: str | Path, choices: Choices, out: str | Path | None, echo: Echo) -> Plan:
@@ -170,22 +196,46 @@ def for_checkpoint(checkpoint: str | Path, choices: Choices, out: str | Path | N
         state, src = reading.read_source(src, use_ema=choices.use_ema, hint=meta.layout)
     release = known_release(src)
     if release is not None:
-        echo(f"recognised {release.name}'s release file (sha256 {src.sha256[:8]}...): its preprocessing, "
-             f"classes and top-1 ({release.top1}) are recorded")
+        echo(
+            f"recognised {release.name}'s release file (sha256 {src.sha256[:8]}...): its preprocessing, "
+            f"classes and top-1 ({release.top1}) are recorded"
+        )
         meta = _release_metadata(release)
     found = _infer(state, src, meta, choices.arch)
     if meta.preprocessing is None and src.layout == "torchvision":
         meta = _torchvision_preprocessing(meta, found, echo)
     preprocessing = _preprocessing(meta, choices, echo)
     names = _labels(choices.labels, meta, found.num_classes, echo)
-    network = Network(found.arch, found.num_classes, found.head_norm_affine, int(preprocessing["input_size"][-1]),
-                      tuple(preprocessing["mean"]), tuple(preprocessing["std"]), src.state_key not in PLAIN_KEYS)
+    network = Network(
+        found.arch,
+        found.num_classes,
+        found.head_norm_affine,
+        int(preprocessing["input_size"][-1]),
+        tuple(preprocessing["mean"]),
+        tuple(preprocessing["std"]),
+        src.state_key not in PLAIN_KEYS,
+    )
     echo(_describe(src, found))
-    cfg = {"architecture": found.arch.name, "tag": release.tag if release else "", "hf_hub_id": src.repo_id,
-           "num_classes": found.num_classes, "test_input_size": None, "test_crop_pct": None, **preprocessing,
-           "license": release.license if release else None}
-    return Plan(name, out, network, src, cfg, labels=names, top1=release.top1 if release else None,
-                tensors=Tensors(fit_mlp(state, found.arch.conv_mlp), src))
+    cfg = {
+        "architecture": found.arch.name,
+        "tag": release.tag if release else "",
+        "hf_hub_id": src.repo_id,
+        "num_classes": found.num_classes,
+        "test_input_size": None,
+        "test_crop_pct": None,
+        **preprocessing,
+        "license": release.license if release else None,
+    }
+    return Plan(
+        name,
+        out,
+        network,
+        src,
+        cfg,
+        labels=names,
+        top1=release.top1 if release else None,
+        tensors=Tensors(fit_mlp(state, found.arch.conv_mlp), src),
+    )
 
 
 def framework_of(src: source.SourceWeights) -> str:
@@ -196,15 +246,18 @@ def framework_of(src: source.SourceWeights) -> str:
 def _infer(state: dict, src: source.SourceWeights, meta: SourceMetadata, named: str | None) -> Inferred:
     """The network in the tensors, checked against the config beside them and a named architecture."""
     layout = LAYOUTS[src.layout]
-    found = inference.infer(state, mlp_form_known=layout.name == "timm", norm_eps=meta.norm_eps,
-                            head_norm_eps=meta.head_norm_eps)
+    found = inference.infer(
+        state, mlp_form_known=layout.name == "timm", norm_eps=meta.norm_eps, head_norm_eps=meta.head_norm_eps
+    )
     if meta.head_norm_eps is not None and meta.head_norm_eps == found.arch.norm_eps:
         found = replace(found, arch=found.arch.replace(head_norm_eps=None))
     if meta.num_classes is not None and found.num_classes and meta.num_classes != found.num_classes:
         raise SourceError(f"config.json says {meta.num_classes} classes; the classifier has {found.num_classes}")
     if meta.shape and all(meta.shape) and meta.shape != (found.arch.depths, found.arch.dims):
-        raise SourceError(f"config.json says depths {list(meta.shape[0])}, widths {list(meta.shape[1])}; "
-                          f"the tensors have {list(found.arch.depths)}, {list(found.arch.dims)}")
+        raise SourceError(
+            f"config.json says depths {list(meta.shape[0])}, widths {list(meta.shape[1])}; "
+            f"the tensors have {list(found.arch.depths)}, {list(found.arch.dims)}"
+        )
     if named:
         row = get_architecture(named)
         inference.check_named(row, found.arch, mlp_form_known=layout.name == "timm")
@@ -221,9 +274,11 @@ def _torchvision_preprocessing(meta: SourceMetadata, found: Inferred, echo: Echo
     same = row is not None and (row.depths, row.dims) == (found.arch.depths, found.arch.dims)
     like = catalogue().get(f"{found.arch.name}.tv_in1k") if same else None
     like = like or catalogue()["convnext_base.tv_in1k"]  # torchvision's recipe beyond its four sizes
-    echo(f"note: torchvision's eval transform for {like.architecture} assumed (bilinear, resize to "
-         f"{math.floor(like.input_size[-1] / like.crop_pct)}, crop {like.input_size[-1]}; --input-size/--mean/"
-         "--std to change)")
+    echo(
+        f"note: torchvision's eval transform for {like.architecture} assumed (bilinear, resize to "
+        f"{math.floor(like.input_size[-1] / like.crop_pct)}, crop {like.input_size[-1]}; --input-size/--mean/"
+        "--std to change)"
+    )
     return replace(meta, preprocessing=_release_metadata(like).preprocessing)
 
 
@@ -234,8 +289,10 @@ def _preprocessing(meta: SourceMetadata, choices: Choices, echo: Echo) -> dict:
     else:
         cfg = default_preprocessing(input_size or 224)
         if input_size is None or mean is None or std is None:
-            echo("note: the source says nothing of its preprocessing: ImageNet mean/std, bicubic resize, "
-                 "crop 0.875 at 224 assumed (--input-size/--mean/--std to change)")
+            echo(
+                "note: the source says nothing of its preprocessing: ImageNet mean/std, bicubic resize, "
+                "crop 0.875 at 224 assumed (--input-size/--mean/--std to change)"
+            )
     if input_size is not None:
         cfg.update(default_preprocessing(input_size) if meta.preprocessing is None else {})
         cfg["input_size"] = [3, input_size, input_size]
@@ -283,8 +340,10 @@ def _describe(src: source.SourceWeights, found: Inferred) -> str:
     if src.state_key:
         parts.append(f"weights from {src.state_key!r}")
     head = f"{found.num_classes} classes" if found.num_classes else "no classifier"
-    return (f"{', '.join(parts)}: {'ConvNeXt-V2' if a.use_grn else 'ConvNeXt'} like {a.name}, depths "
-            f"{list(a.depths)}, widths {list(a.dims)}, {head}")
+    return (
+        f"{', '.join(parts)}: {'ConvNeXt-V2' if a.use_grn else 'ConvNeXt'} like {a.name}, depths "
+        f"{list(a.depths)}, widths {list(a.dims)}, {head}"
+    )
 
 
 def known_release(src: source.SourceWeights) -> CatalogueEntry | None:
@@ -300,10 +359,21 @@ def known_release(src: source.SourceWeights) -> CatalogueEntry | None:
 
 def _release_metadata(entry: CatalogueEntry) -> SourceMetadata:
     cfg = entry.pretrained_cfg()
-    return SourceMetadata(num_classes=entry.num_classes, architecture=entry.architecture,
-                          preprocessing={k: cfg[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation",
-                                                             "mean", "std")})
+    return SourceMetadata(
+        num_classes=entry.num_classes,
+        architecture=entry.architecture,
+        preprocessing={k: cfg[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")},
+    )
 
 
-__all__ = ["Choices", "Options", "Plan", "Tensors", "for_checkpoint", "for_entry", "framework_of", "known_release",
-           "name_from_checkpoint"]
+__all__ = [
+    "Choices",
+    "Options",
+    "Plan",
+    "Tensors",
+    "for_checkpoint",
+    "for_entry",
+    "framework_of",
+    "known_release",
+    "name_from_checkpoint",
+]

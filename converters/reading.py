@@ -3,6 +3,7 @@
 Numpy and safetensors only: torch is imported solely to read `.pth/.pt/.bin` files, and
 tensorflow never (this module also runs inside the PyTorch reference process).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,9 @@ from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SourceWeights
 log = logging.getLogger(__name__)
 
 
-def read_source(src: SourceWeights, *, use_ema: bool = True,
-                hint: str | None = None) -> tuple[dict[str, np.ndarray], SourceWeights]:
+def read_source(
+    src: SourceWeights, *, use_ema: bool = True, hint: str | None = None
+) -> tuple[dict[str, np.ndarray], SourceWeights]:
     """Read a source checkpoint in any known layout, renamed to timm's keys, hashing the file's
     bytes as they are read (one pass over the file).
 
@@ -44,14 +46,19 @@ def read_source(src: SourceWeights, *, use_ema: bool = True,
     raw, key = read_checkpoint(src.path, digest, use_ema=use_ema)
     found = recognise(raw, hint)
     if found.left:
-        log.info("%s: %d keys of another model left out (the %s layout says they are not the ConvNeXt's)",
-                 src.path.name, found.left, found.layout.name)
+        log.info(
+            "%s: %d keys of another model left out (the %s layout says they are not the ConvNeXt's)",
+            src.path.name,
+            found.left,
+            found.layout.name,
+        )
     state = to_timm(found.state, found.layout)
     if src.sha256 is not None and digest.hexdigest() != src.sha256:
-        raise SourceError(f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
-                          f"expected {src.sha256}); fetch it again")
-    return state, replace(src, sha256=digest.hexdigest(), layout=found.layout.name, state_key=key,
-                          prefix=found.prefix)
+        raise SourceError(
+            f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
+            f"expected {src.sha256}); fetch it again"
+        )
+    return state, replace(src, sha256=digest.hexdigest(), layout=found.layout.name, state_key=key, prefix=found.prefix)
 
 
 def read_state_dict(path: Path, digest=None, *, use_ema: bool = True) -> dict[str, np.ndarray]:
@@ -95,8 +102,20 @@ def read_checkpoint(path: Path, digest=None, *, use_ema: bool = True) -> tuple[d
 
 
 # safetensors dtype -> numpy (little-endian, as the format stores them); BF16 is widened by hand
-_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-                 "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+_NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
 
 
 def _read_safetensors(path: Path, digest=None) -> dict[str, np.ndarray]:
@@ -176,10 +195,13 @@ def _read_torch(path: Path, use_ema: bool = True) -> tuple[dict[str, np.ndarray]
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         held = ", ".join(map(repr, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
-        raise SourceError(f"{path.name} does not hold a state dict of tensors (it holds {held}); weights are "
-                          f"read from the file itself or from its {', '.join(EMA_KEYS + PLAIN_KEYS)} entry")
-    return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
-            for k, v in obj.items()}, key
+        raise SourceError(
+            f"{path.name} does not hold a state dict of tensors (it holds {held}); weights are "
+            f"read from the file itself or from its {', '.join(EMA_KEYS + PLAIN_KEYS)} entry"
+        )
+    return {
+        k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()
+    }, key
 
 
 def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
@@ -190,13 +212,16 @@ def _as_float32(key: str, value: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(value, dtype=np.float32)
     if not np.isfinite(out).all():
         bad = int(out.size - np.isfinite(out).sum())
-        raise SourceError(f"tensor {key!r} has {bad} non-finite values (NaN/Inf) out of {out.size}: "
-                          "the checkpoint is damaged")
+        raise SourceError(
+            f"tensor {key!r} has {bad} non-finite values (NaN/Inf) out of {out.size}: the checkpoint is damaged"
+        )
     return out
 
 
 def _check_size(key: str, shape) -> None:
     """A tensor with a zero in its shape holds no values: no ConvNeXt weight is empty."""
     if 0 in shape:
-        raise SourceError(f"tensor {key!r} has shape {list(shape)}, no values: ConvNeXt weights are never empty; "
-                          "the checkpoint is damaged")
+        raise SourceError(
+            f"tensor {key!r} has shape {list(shape)}, no values: ConvNeXt weights are never empty; "
+            "the checkpoint is damaged"
+        )

@@ -4,13 +4,14 @@
 own process, as the parity gate does) on the weights a folder was converted from, checked against the
 sha256 recorded at conversion.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -23,8 +24,9 @@ from .reference_process import Network, reference_classify, reference_outputs, r
 
 
 @contextlib.contextmanager
-def recorded_reference(config: FolderConfig, work: Path,
-                       checkpoint: str | Path | None = None) -> Iterator[tuple[source.SourceWeights, int | None]]:
+def recorded_reference(
+    config: FolderConfig, work: Path, checkpoint: str | Path | None = None
+) -> Iterator[tuple[source.SourceWeights, int | None]]:
     """The source of a converted folder for a reference run during the block, and the seed its
     reference process writes it from (random weights: one process, not two), else None.
 
@@ -80,9 +82,20 @@ def random_source(network: Network, seed: int, work: Path) -> source.SourceWeigh
     A conversion has the parity check's reference process write them instead (one process).
     """
     path = random_path(work, seed)
-    run_reference_process(["random", "--arch", json.dumps(network.arch.to_config()),
-                           "--num-classes", str(network.num_classes), "--seed", str(seed), "--out", str(path)]
-                          + ([] if network.head_norm_affine else ["--no-head-norm"]))
+    run_reference_process(
+        [
+            "random",
+            "--arch",
+            json.dumps(network.arch.to_config()),
+            "--num-classes",
+            str(network.num_classes),
+            "--seed",
+            str(seed),
+            "--out",
+            str(path),
+        ]
+        + ([] if network.head_norm_affine else ["--no-head-norm"])
+    )
     return source.local(path)
 
 

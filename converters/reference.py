@@ -7,6 +7,7 @@ each framework an `Adapter` of `ADAPTERS`: its own model class and checkpoint lo
 converter's key map), and writes every compared tensor back as NHWC numpy. Its stdout carries
 one thing, the failure it reports (`reference_process.failure_record`); all else goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,8 +125,9 @@ class Adapter:
         hooks = [stem.register_forward_hook(keep("stem"))]
         hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(stages)]
         if classifier is not None:
-            hooks.append(classifier.register_forward_pre_hook(
-                lambda _module, args: captured.__setitem__("pre_logits", args[0])))
+            hooks.append(
+                classifier.register_forward_pre_hook(lambda _module, args: captured.__setitem__("pre_logits", args[0]))
+            )
         try:
             captured["logits"] = self.logits(model, x)
         finally:
@@ -136,8 +138,9 @@ class Adapter:
         return captured
 
 
-def _load_timm(arch: Architecture, num_classes: int, state: dict, folder: Path,
-               head_norm_affine: bool) -> torch.nn.Module:
+def _load_timm(
+    arch: Architecture, num_classes: int, state: dict, folder: Path, head_norm_affine: bool
+) -> torch.nn.Module:
     """timm's model for `arch` holding `state`, in timm's or FB's layout: FB keys go through timm's
     own `checkpoint_filter_fn`, so that the parity check tests the converter's FB renaming.
 
@@ -169,8 +172,9 @@ def _timm_points(model):
     return model.stem, model.stages, model.head.fc
 
 
-def _load_transformers(arch: Architecture, num_classes: int, state: dict, folder: Path,
-                       head_norm_affine: bool) -> torch.nn.Module:
+def _load_transformers(
+    arch: Architecture, num_classes: int, state: dict, folder: Path, head_norm_affine: bool
+) -> torch.nn.Module:
     """transformers' own model for `state`, loaded by its own loader.
 
     The network is the folder's `config.json` when it is a transformers config (as
@@ -181,15 +185,23 @@ def _load_transformers(arch: Architecture, num_classes: int, state: dict, folder
     try:
         import transformers
     except ImportError:
-        raise RuntimeError("No module named 'transformers': converting a transformers checkpoint checks it "
-                           "against transformers (pip install transformers)") from None
+        raise RuntimeError(
+            "No module named 'transformers': converting a transformers checkpoint checks it "
+            "against transformers (pip install transformers)"
+        ) from None
     config = _transformers_config(transformers, arch, num_classes, folder)
     family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
     headed = any(k.startswith(("convnext.", "convnextv2.")) for k in state)
     cls = getattr(transformers, f"{family}ForImageClassification" if headed else f"{family}Model")
     # mismatched shapes listed in `info` like the other problems (else transformers raises a bare error)
-    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
-                                      dtype=torch.float32, ignore_mismatched_sizes=True)
+    model, info = cls.from_pretrained(
+        None,
+        config=config,
+        state_dict=state,
+        output_loading_info=True,
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,
+    )
     problems = {k: sorted(v) for k, v in info.items() if v}
     if problems:
         raise RuntimeError(f"transformers refused the checkpoint: {problems}")
@@ -204,8 +216,13 @@ def _transformers_config(transformers, arch: Architecture, num_classes: int, fol
         return transformers.AutoConfig.from_pretrained(folder)
     family = "ConvNextV2" if arch.use_grn else "ConvNext"
     return getattr(transformers, f"{family}Config")(
-        depths=list(arch.depths), hidden_sizes=list(arch.dims), num_labels=num_classes,
-        layer_scale_init_value=1e-6 if arch.layer_scale else 0.0, layer_norm_eps=arch.head_eps, drop_path_rate=0.0)
+        depths=list(arch.depths),
+        hidden_sizes=list(arch.dims),
+        num_labels=num_classes,
+        layer_scale_init_value=1e-6 if arch.layer_scale else 0.0,
+        layer_norm_eps=arch.head_eps,
+        drop_path_rate=0.0,
+    )
 
 
 def _transformers_points(model):
@@ -219,8 +236,9 @@ def _transformers_logits(model, x: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.pooler_output
 
 
-def _load_torchvision(arch: Architecture, num_classes: int, state: dict, folder: Path,
-                      head_norm_affine: bool) -> torch.nn.Module:
+def _load_torchvision(
+    arch: Architecture, num_classes: int, state: dict, folder: Path, head_norm_affine: bool
+) -> torch.nn.Module:
     """torchvision's `ConvNeXt` class built from `arch`, holding `state`, strictly loaded."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
@@ -236,11 +254,14 @@ def _torchvision_points(model):
 
 
 # Every framework a layout can name (`Layout.framework`): a new framework is a new row here.
-ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (
-    Adapter("timm", "timm", _load_timm, _timm_points),
-    Adapter("transformers", "transformers", _load_transformers, _transformers_points, _transformers_logits),
-    Adapter("torchvision", "torchvision", _load_torchvision, _torchvision_points),
-)}
+ADAPTERS: dict[str, Adapter] = {
+    adapter.name: adapter
+    for adapter in (
+        Adapter("timm", "timm", _load_timm, _timm_points),
+        Adapter("transformers", "transformers", _load_transformers, _transformers_points, _transformers_logits),
+        Adapter("torchvision", "torchvision", _load_torchvision, _torchvision_points),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -266,8 +287,9 @@ class Reference:
             return self.adapter.logits(self.model, x)
 
 
-def reference(arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True,
-              use_ema: bool = True) -> Reference:
+def reference(
+    arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True, use_ema: bool = True
+) -> Reference:
     """The checkpoint at `path` in the framework its keys belong to, the file read once.
 
     Its layout names the framework, whose `Adapter` loads the tensors with the framework's own
@@ -312,21 +334,29 @@ def forward(model, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndar
     return in_batches(run, inputs, batch_size)
 
 
-def features(arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, out_indices,
-             head_norm_affine: bool = True) -> dict[str, np.ndarray]:
+def features(
+    arch: Architecture, num_classes: int, source: Path, inputs: np.ndarray, out_indices, head_norm_affine: bool = True
+) -> dict[str, np.ndarray]:
     """timm's `features_only=True` outputs (NHWC), the model loaded by timm's own pretrained path.
 
     The weights file goes in as `pretrained_cfg_overlay=dict(file=...)`, so timm applies its own
     loading and FB-layout filtering, then wraps the model in its feature extractor.
     """
-    model = timm.create_model(arch.name, pretrained=True, features_only=True, out_indices=tuple(out_indices),
-                              num_classes=num_classes, pretrained_strict=head_norm_affine,
-                              pretrained_cfg_overlay=dict(file=str(source), num_classes=num_classes),
-                              **arch.timm_kwargs()).eval()
+    model = timm.create_model(
+        arch.name,
+        pretrained=True,
+        features_only=True,
+        out_indices=tuple(out_indices),
+        num_classes=num_classes,
+        pretrained_strict=head_norm_affine,
+        pretrained_cfg_overlay=dict(file=str(source), num_classes=num_classes),
+        **arch.timm_kwargs(),
+    ).eval()
     with torch.inference_mode():
         maps = model(torch.from_numpy(np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))))
-    return {f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy()
-            for i, t in zip(out_indices, maps, strict=True)}
+    return {
+        f"features.{i}": t.permute(0, 2, 3, 1).float().numpy().copy() for i, t in zip(out_indices, maps, strict=True)
+    }
 
 
 def classify(model: Reference, files: list[str], pretrained_cfg: dict, batch_size: int = 16) -> np.ndarray:
@@ -339,15 +369,16 @@ def classify(model: Reference, files: list[str], pretrained_cfg: dict, batch_siz
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
             batch = []
-            for f in files[i:i + batch_size]:
+            for f in files[i : i + batch_size]:
                 with Image.open(f) as image:  # timm's ImageDataset loader: RGB
                     batch.append(transform(image.convert("RGB")))
             out.append(model.logits(torch.stack(batch)).float().numpy())
     return np.concatenate(out)
 
 
-def random_state_dict(arch: Architecture, num_classes: int, seed: int = 0,
-                      head_norm_affine: bool = True) -> dict[str, np.ndarray]:
+def random_state_dict(
+    arch: Architecture, num_classes: int, seed: int = 0, head_norm_affine: bool = True
+) -> dict[str, np.ndarray]:
     """timm's state dict for `arch` with every tensor drawn at a realistic, non-trivial scale.
 
     timm initialises LayerScale to 1e-6, which makes every block an identity and hides mapping
@@ -386,21 +417,37 @@ def _forward_command(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     arch = Architecture.from_config(spec["arch"])
     if "random_seed" in spec:  # the source is random weights this process writes first
-        write_random(arch, spec["num_classes"], spec["random_seed"], Path(spec["source"]),
-                     spec.get("head_norm_affine", True))
+        write_random(
+            arch, spec["num_classes"], spec["random_seed"], Path(spec["source"]), spec.get("head_norm_affine", True)
+        )
     # The bytes this process runs, for the converter to check against the bytes it converted: the
     # same digest before and after loading, or the file changed while it was read.
     digest = sha256_file(Path(spec["source"]))
     inputs = np.load(spec["inputs"]) if "inputs" in spec else None
     if "out_indices" in spec:
-        outputs = features(arch, spec["num_classes"], Path(spec["source"]), inputs, spec["out_indices"],
-                           spec.get("head_norm_affine", True))
+        outputs = features(
+            arch,
+            spec["num_classes"],
+            Path(spec["source"]),
+            inputs,
+            spec["out_indices"],
+            spec.get("head_norm_affine", True),
+        )
     else:
-        model = reference(arch, spec["num_classes"], Path(spec["source"]), spec.get("head_norm_affine", True),
-                          spec.get("use_ema", True))
+        model = reference(
+            arch,
+            spec["num_classes"],
+            Path(spec["source"]),
+            spec.get("head_norm_affine", True),
+            spec.get("use_ema", True),
+        )
         framework = model.adapter.name
-        ran = {"torch": torch.__version__, framework: model.adapter.version(), "reference": framework,
-               "layout": model.layout}
+        ran = {
+            "torch": torch.__version__,
+            framework: model.adapter.version(),
+            "reference": framework,
+            "layout": model.layout,
+        }
         if "files" in spec:
             outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
         else:
@@ -428,16 +475,24 @@ def write_random(arch: Architecture, num_classes: int, seed: int, out: Path, hea
 
 
 def _random_command(args) -> None:
-    write_random(Architecture.from_config(json.loads(args.arch)), args.num_classes, args.seed, Path(args.out),
-                 not args.no_head_norm)
+    write_random(
+        Architecture.from_config(json.loads(args.arch)),
+        args.num_classes,
+        args.seed,
+        Path(args.out),
+        not args.no_head_norm,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m converters.reference", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fwd = sub.add_parser("forward", help="run timm on a spec written by the parity check "
-                         "(its features_only model when the spec has out_indices; "
-                         "image files through timm's transform when it has files)")
+    fwd = sub.add_parser(
+        "forward",
+        help="run timm on a spec written by the parity check "
+        "(its features_only model when the spec has out_indices; "
+        "image files through timm's transform when it has files)",
+    )
     fwd.add_argument("spec", type=Path)
     rnd = sub.add_parser("random", help="write perturbed random weights in timm's layout")
     rnd.add_argument("--arch", required=True, help="architecture config as JSON")

@@ -4,6 +4,7 @@ child process on a spec file, and its outputs (or the failure it reports, in one
 The child imports torch and timm only: TensorFlow imported before them in one process
 crashes timm's forward pass. `Network` is what both sides of a comparison build and feed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,25 +68,45 @@ class Network:
 
     @classmethod
     def of_folder(cls, config: FolderConfig) -> Network:
-        return cls(config.architecture, config.num_classes, config.head_norm_affine, config.input_size,
-                   config.mean, config.std, config.source.use_ema)
+        return cls(
+            config.architecture,
+            config.num_classes,
+            config.head_norm_affine,
+            config.input_size,
+            config.mean,
+            config.std,
+            config.source.use_ema,
+        )
 
     def parity_batch(self) -> np.ndarray:
         """The fixed parity inputs for this network, normalised as its checkpoint expects."""
         return parity_batch(self.input_size, self.mean, self.std)
 
 
-def write_spec(network: Network, source: Path, workdir: Path, *, inputs: np.ndarray | None = None,
-               out_indices: tuple[int, ...] | None = None, files: list[Path] | None = None,
-               pretrained_cfg: dict | None = None, random_seed: int | None = None) -> Path:
+def write_spec(
+    network: Network,
+    source: Path,
+    workdir: Path,
+    *,
+    inputs: np.ndarray | None = None,
+    out_indices: tuple[int, ...] | None = None,
+    files: list[Path] | None = None,
+    pretrained_cfg: dict | None = None,
+    random_seed: int | None = None,
+) -> Path:
     """The spec file of one reference run: `network` loaded from `source`, run on `inputs`
     (every compared tensor, or timm's `features_only` maps for `out_indices`) or on image
     `files` prepared by timm's transform for `pretrained_cfg`. With `random_seed`, the
     reference first writes `source` itself: perturbed random weights in timm's layout."""
-    spec = {"arch": network.arch.to_config(), "num_classes": network.num_classes, "source": str(source),
-            "head_norm_affine": network.head_norm_affine, "use_ema": network.use_ema,
-            "outputs": str(workdir / "reference.npz"),
-            "versions": str(workdir / "reference-versions.json")}
+    spec = {
+        "arch": network.arch.to_config(),
+        "num_classes": network.num_classes,
+        "source": str(source),
+        "head_norm_affine": network.head_norm_affine,
+        "use_ema": network.use_ema,
+        "outputs": str(workdir / "reference.npz"),
+        "versions": str(workdir / "reference-versions.json"),
+    }
     files_written = {}
     if inputs is not None:
         buffer = io.BytesIO()
@@ -128,9 +149,13 @@ def versions(spec: Path) -> dict:
     return json.loads(reported.read_text()) if reported.exists() else {}
 
 
-def reference_outputs(network: Network, source: Path, inputs: np.ndarray,
-                      out_indices: tuple[int, ...] | None = None,
-                      random_seed: int | None = None) -> dict[str, np.ndarray]:
+def reference_outputs(
+    network: Network,
+    source: Path,
+    inputs: np.ndarray,
+    out_indices: tuple[int, ...] | None = None,
+    random_seed: int | None = None,
+) -> dict[str, np.ndarray]:
     """Run timm on `inputs` in a separate process and return its outputs (NHWC).
 
     With `out_indices`, the outputs are timm's `features_only=True` maps, `features.{i}`. With
@@ -140,20 +165,23 @@ def reference_outputs(network: Network, source: Path, inputs: np.ndarray,
         ReferenceRunError: torch/timm missing or the process failed.
     """
     with work_dir("zoo-reference-") as work:
-        return _run_forward(write_spec(network, source, work, inputs=inputs, out_indices=out_indices,
-                                       random_seed=random_seed))
+        return _run_forward(
+            write_spec(network, source, work, inputs=inputs, out_indices=out_indices, random_seed=random_seed)
+        )
 
 
-def reference_classify(network: Network, source: Path, files: list[Path], pretrained_cfg: dict,
-                       random_seed: int | None = None) -> np.ndarray:
+def reference_classify(
+    network: Network, source: Path, files: list[Path], pretrained_cfg: dict, random_seed: int | None = None
+) -> np.ndarray:
     """timm's logits for image files, each prepared by timm's own eval transform (separate process).
 
     Raises:
         ReferenceRunError: torch/timm missing or the process failed.
     """
     with work_dir("zoo-reference-") as work:
-        return _run_forward(write_spec(network, source, work, files=files, pretrained_cfg=pretrained_cfg,
-                                       random_seed=random_seed))["logits"]
+        return _run_forward(
+            write_spec(network, source, work, files=files, pretrained_cfg=pretrained_cfg, random_seed=random_seed)
+        )["logits"]
 
 
 def _run_forward(spec: Path) -> dict[str, np.ndarray]:
@@ -175,8 +203,13 @@ class ReferenceRun:
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["ZOO_PARENT_PID"] = str(os.getpid())  # the child ends itself if this process dies
-        self._proc = subprocess.Popen([sys.executable, "-m", "converters.reference", *args],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "converters.reference", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self._drain = ThreadPoolExecutor(1)  # a full pipe would stall the child
         self._output = self._drain.submit(self._proc.communicate)
 
@@ -250,13 +283,14 @@ def _raise_reference_failure(returncode: int, failure: dict[str, str] | None, st
     log.debug("the PyTorch reference process's stderr:\n%s", stderr)
     kind = failure["kind"] if failure else None
     if kind == MISSING:
-        raise ReferenceRunError(
-            "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
+        raise ReferenceRunError("the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'")
     if kind == NO_SPACE:
         # the child writes random weights and its outputs under $TMPDIR: one line, not its traceback
         where = Path(tempfile.gettempdir()).absolute()
-        raise StoreError(f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
-                         f"files; free some space there or set TMPDIR to another folder")
+        raise StoreError(
+            f"no space left on the disk holding {where} ($TMPDIR) for the PyTorch reference's "
+            f"files; free some space there or set TMPDIR to another folder"
+        )
     cause = failure["message"] if failure else _last_words(stderr)
     if len(cause) > LONGEST_CAUSE:
         cause = cause[:LONGEST_CAUSE] + " ..."

@@ -3,6 +3,7 @@
 No torch and no tensorflow: this module also runs inside the PyTorch reference process.
 Reading the file is `converters.reading`; its key layouts are `converters.layouts`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,10 +63,20 @@ class SourceWeights:
 
     def record(self, kind: str, **extra) -> SourceRecord:
         """What a converted folder records of these weights (`kind`: hub, url or file)."""
-        return SourceRecord(kind, self.sha256, **{"repo_id": self.repo_id, "revision": self.revision,
-                                                  "filename": self.filename or self.path.name, "url": self.url,
-                                                  "layout": self.layout, "state_key": self.state_key,
-                                                  "prefix": self.prefix or None, **extra})
+        return SourceRecord(
+            kind,
+            self.sha256,
+            **{
+                "repo_id": self.repo_id,
+                "revision": self.revision,
+                "filename": self.filename or self.path.name,
+                "url": self.url,
+                "layout": self.layout,
+                "state_key": self.state_key,
+                "prefix": self.prefix or None,
+                **extra,
+            },
+        )
 
 
 def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | None = None) -> SourceWeights:
@@ -98,13 +109,17 @@ def fetch(repo_id: str, filename: str = "model.safetensors", revision: str | Non
         digest = sha256_file(local)
         if not hub.matches_cache_name(local, digest):
             hub.evict(local)
-            raise SourceError(f"{repo_id}/{name} as downloaded does not match the id the Hub gave it "
-                              "(corrupted in transit or in the cache); it was discarded, retry")
+            raise SourceError(
+                f"{repo_id}/{name} as downloaded does not match the id the Hub gave it "
+                "(corrupted in transit or in the cache); it was discarded, retry"
+            )
         commit = local.parent.name if re.fullmatch(r"[0-9a-f]{40}", local.parent.name) else revision
         return SourceWeights(local, digest, repo_id, commit, name)
     if offline:
-        raise SourceError(f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
-                          f"({offline}); {hub.OFFLINE_REMEDY}")
+        raise SourceError(
+            f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
+            f"({offline}); {hub.OFFLINE_REMEDY}"
+        )
     raise SourceError(f"no weights in {repo_id}: " + "; ".join(errors))
 
 
@@ -172,8 +187,9 @@ def fetch_url(url: str, expected_sha256: str | None = None, timeout: float = 60.
         log.warning("cached %s has sha256 %s, expected %s: downloading again", dest, digest, expected_sha256)
         dest.unlink()
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise SourceError(f"{url} is not in the source cache ({folder}) and HF_HUB_OFFLINE is set; "
-                          "pass --checkpoint PATH")
+        raise SourceError(
+            f"{url} is not in the source cache ({folder}) and HF_HUB_OFFLINE is set; pass --checkpoint PATH"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     digest, received = hashlib.sha256(), 0
@@ -232,5 +248,7 @@ def _weights_in(folder: Path) -> Path:
         return found[0]
     if not found:
         raise SourceError(f"{folder} holds no checkpoint file (model.safetensors, pytorch_model.bin, .pth, ...)")
-    raise SourceError(f"{folder} holds {len(found)} checkpoint files ({', '.join(p.name for p in found[:5])}); "
-                      "pass the one to convert")
+    raise SourceError(
+        f"{folder} holds {len(found)} checkpoint files ({', '.join(p.name for p in found[:5])}); "
+        "pass the one to convert"
+    )

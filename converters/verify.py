@@ -1,4 +1,5 @@
 """`zoo verify`: a converted folder checked again, against its manifest and its recorded source weights."""
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ Runs offline on generated data (a few training steps on the CPU, about a minute 
 step runs in its own process, as users run them: training with torch and timm only, then the
 `zoo` commands, then the check with TensorFlow only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ def images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     half = SIZE // 2
     for i, label in enumerate(labels):
         top, left = divmod(int(label), 2)
-        x[i, top * half:(top + 1) * half, left * half:(left + 1) * half] += 0.4
+        x[i, top * half : (top + 1) * half, left * half : (left + 1) * half] += 0.4
     return ((x - MEAN) / STD).astype(np.float32), labels
 
 
@@ -51,10 +52,19 @@ def train(work: Path) -> None:
         loss.backward()
         optimizer.step()
         ema.update(model)
-    torch.save({"epoch": 1, "arch": "convnext_atto", "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "version": 2,
-                "args": argparse.Namespace(model="convnext_atto", num_classes=CLASSES, lr=2e-3),
-                "metric": float(loss), "state_dict_ema": ema.module.state_dict()}, work / "model_best.pth.tar")
+    torch.save(
+        {
+            "epoch": 1,
+            "arch": "convnext_atto",
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "version": 2,
+            "args": argparse.Namespace(model="convnext_atto", num_classes=CLASSES, lr=2e-3),
+            "metric": float(loss),
+            "state_dict_ema": ema.module.state_dict(),
+        },
+        work / "model_best.pth.tar",
+    )
     x, _ = images(32, seed=1000)
     ema.module.eval()
     with torch.inference_mode():  # timm's own top-1 with the EMA weights, which the conversion takes
@@ -73,9 +83,13 @@ def check(work: Path) -> None:
     interpreter = tf.lite.Interpreter(model_path=str(work / "model.tflite"))
     runner = interpreter.get_signature_runner()
     (name,) = runner.get_input_details()
-    tflite_top1 = np.concatenate([next(iter(runner(**{name: x[i:i + 1]}).values())) for i in range(len(x))]).argmax(-1)
-    print(f"top-1 agreement with timm: keras {np.mean(keras_top1 == timm_top1):.0%}, "
-          f"tflite {np.mean(tflite_top1 == timm_top1):.0%} ({len(x)} images)")
+    tflite_top1 = np.concatenate([next(iter(runner(**{name: x[i : i + 1]}).values())) for i in range(len(x))]).argmax(
+        -1
+    )
+    print(
+        f"top-1 agreement with timm: keras {np.mean(keras_top1 == timm_top1):.0%}, "
+        f"tflite {np.mean(tflite_top1 == timm_top1):.0%} ({len(x)} images)"
+    )
     if not (np.array_equal(keras_top1, timm_top1) and np.array_equal(tflite_top1, timm_top1)):
         sys.exit("the three disagree")
 
@@ -93,11 +107,23 @@ def main() -> None:
     run = [sys.executable, __file__, str(args.work), "--step"]
     zoo = [sys.executable, "-m", "zoo.cli"]
     work = args.work
-    for command in (run + ["train"],
-                    zoo + ["convert", "--checkpoint", work / "model_best.pth.tar", "--out", work / "converted",
-                           "--input-size", str(SIZE), "--labels", _labels(work)],
-                    zoo + ["export", work / "converted", "--format", "tflite", "--out", work / "model.tflite"],
-                    run + ["check"]):
+    for command in (
+        run + ["train"],
+        zoo
+        + [
+            "convert",
+            "--checkpoint",
+            work / "model_best.pth.tar",
+            "--out",
+            work / "converted",
+            "--input-size",
+            str(SIZE),
+            "--labels",
+            _labels(work),
+        ],
+        zoo + ["export", work / "converted", "--format", "tflite", "--out", work / "model.tflite"],
+        run + ["check"],
+    ):
         subprocess.run([str(c) for c in command], check=True)
 
 

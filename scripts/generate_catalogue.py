@@ -7,6 +7,7 @@ Run from the repository root with the `convert` extra installed:
 
 The committed JSON is what users read: loading a model never needs timm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,11 +82,12 @@ def fb_aliases(url: str) -> list[str]:
     return [short] if short == stem else [short, stem]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def count_params(arch: str, num_classes: int, head_norm_affine: bool) -> int:
     model = timm.create_model(arch, num_classes=num_classes, device="meta")
-    return sum(p.numel() for key, p in model.state_dict().items()
-               if head_norm_affine or not key.startswith("head.norm."))
+    return sum(
+        p.numel() for key, p in model.state_dict().items() if head_norm_affine or not key.startswith("head.norm.")
+    )
 
 
 def entry(name: str, is_default: bool) -> dict:
@@ -130,17 +132,32 @@ def fb_only_entry(name: str) -> dict:
     base, filename, top1 = FB_ONLY[name]
     row = entry(base, is_default=False)
     arch, tag = name.split(".")
-    row.update(name=name, tag=tag, aliases=fb_aliases(FB_PREFIX + filename), hf_hub_id=None,
-               hf_hub_filename=None, url=FB_PREFIX + filename, input_size=[3, 384, 384],
-               test_input_size=None, crop_pct=1.0, test_crop_pct=None, crop_mode="squash", top1=top1)
+    row.update(
+        name=name,
+        tag=tag,
+        aliases=fb_aliases(FB_PREFIX + filename),
+        hf_hub_id=None,
+        hf_hub_filename=None,
+        url=FB_PREFIX + filename,
+        input_size=[3, 384, 384],
+        test_input_size=None,
+        crop_pct=1.0,
+        test_crop_pct=None,
+        crop_mode="squash",
+        top1=top1,
+    )
     return row
 
 
 # torchvision's own ImageNet-1k training of ConvNeXt (not FB's weights): timm has no tag for them,
 # so they take timm's name for torchvision weights, `ARCH.tv_in1k`. Their eval transform resizes
 # the shorter side to `resize_size` (bilinear, antialiased) and crops `crop_size`.
-TORCHVISION = {"convnext_tiny": "ConvNeXt_Tiny_Weights", "convnext_small": "ConvNeXt_Small_Weights",
-               "convnext_base": "ConvNeXt_Base_Weights", "convnext_large": "ConvNeXt_Large_Weights"}
+TORCHVISION = {
+    "convnext_tiny": "ConvNeXt_Tiny_Weights",
+    "convnext_small": "ConvNeXt_Small_Weights",
+    "convnext_base": "ConvNeXt_Base_Weights",
+    "convnext_large": "ConvNeXt_Large_Weights",
+}
 TORCHVISION_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification#convnext"
 
 
@@ -160,12 +177,26 @@ def torchvision_entry(arch: str) -> dict:
     transform = weights.transforms()
     resize, crop = transform.resize_size[0], transform.crop_size[0]
     row = entry(next(n for n in timm.list_pretrained(arch) if n.endswith("fb_in1k")), is_default=False)
-    row.update(name=f"{arch}.tv_in1k", tag="tv_in1k", aliases=[], hf_hub_id=None, hf_hub_filename=None,
-               url=weights.url, input_size=[3, crop, crop], test_input_size=None,
-               crop_pct=crop_pct_for(resize, crop), test_crop_pct=None, crop_mode="center",
-               interpolation=transform.interpolation.value, mean=list(transform.mean), std=list(transform.std),
-               license="bsd-3-clause", top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
-               origin_url=TORCHVISION_RECIPE, params=weights.meta["num_params"])
+    row.update(
+        name=f"{arch}.tv_in1k",
+        tag="tv_in1k",
+        aliases=[],
+        hf_hub_id=None,
+        hf_hub_filename=None,
+        url=weights.url,
+        input_size=[3, crop, crop],
+        test_input_size=None,
+        crop_pct=crop_pct_for(resize, crop),
+        test_crop_pct=None,
+        crop_mode="center",
+        interpolation=transform.interpolation.value,
+        mean=list(transform.mean),
+        std=list(transform.std),
+        license="bsd-3-clause",
+        top1=weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+        origin_url=TORCHVISION_RECIPE,
+        params=weights.meta["num_params"],
+    )
     return row
 
 

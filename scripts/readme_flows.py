@@ -7,6 +7,7 @@ The blocks run in README order in one working folder, a copy of this checkout's 
 bash blocks with `bash -e -o pipefail -x` (the first failing command ends the flow), python
 blocks with the interpreter running this script. Exit status 1 names the block that failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ BLOCK = re.compile(r"^<!-- flow: (?P<flow>[\w-]+) -->\n```(?P<lang>\w+)\n(?P<bod
 
 def blocks(readme: str, flow: str) -> list[tuple[str, str, int]]:
     """(language, code, line number) of every block of `flow`, in README order."""
-    found = [(m["lang"], m["body"], readme.count("\n", 0, m.start()) + 2)
-             for m in BLOCK.finditer(readme) if m["flow"] == flow]
+    found = [
+        (m["lang"], m["body"], readme.count("\n", 0, m.start()) + 2)
+        for m in BLOCK.finditer(readme)
+        if m["flow"] == flow
+    ]
     for lang, _, line in found:
         if lang not in ("bash", "python"):
             raise SystemExit(f"README.md:{line}: a flow block must be bash or python, not {lang}")
@@ -52,14 +56,17 @@ def run(flow: str) -> int:
         checkout_copy(where)
         for lang, code, line in found:
             print(f"\n=== README.md:{line} ({lang})\n{code}", flush=True)
-            command = (["bash", "-e", "-o", "pipefail", "-x", "-c", code] if lang == "bash"
-                       else [sys.executable, "-c", code])
+            command = (
+                ["bash", "-e", "-o", "pipefail", "-x", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+            )
             start = time.perf_counter()
             done = subprocess.run(command, cwd=where)
             seconds = time.perf_counter() - start
             if done.returncode != 0:
-                print(f"FAILED: the block at README.md:{line} exited {done.returncode} after {seconds:.0f} s",
-                      file=sys.stderr)
+                print(
+                    f"FAILED: the block at README.md:{line} exited {done.returncode} after {seconds:.0f} s",
+                    file=sys.stderr,
+                )
                 return 1
             print(f"=== README.md:{line}: passed in {seconds:.0f} s", flush=True)
     return 0

@@ -8,6 +8,7 @@ per entry with its config, parity report and manifest (the weights too with --ke
 sweep is ~45 GB of random weights), `summary.json` and a Markdown `summary.md` under --out.
 Exit code 1 if any conversion failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,14 @@ def main() -> int:
     args = parser.parse_args()
     names = [c.name for c in representatives(args.pattern)]
     print(f"{len(names)} conversions", file=sys.stderr)
-    rows, summary = convert_all(names, out_root=args.out, force=args.force, random_seed=args.seed,
-                                keep_weights=args.keep_weights,
-                                echo=lambda line: print(line, file=sys.stderr))
+    rows, summary = convert_all(
+        names,
+        out_root=args.out,
+        force=args.force,
+        random_seed=args.seed,
+        keep_weights=args.keep_weights,
+        echo=lambda line: print(line, file=sys.stderr),
+    )
     table = summary_table(rows)
     (args.out / "summary.md").write_text("```\n" + table + "\n```\n")
     print(table)

@@ -4,6 +4,7 @@ torch and timm are imported before anything imports tensorflow: the other order 
 timm forward pass in one process. The product keeps the frameworks in separate processes; the
 tests use timm in-process only for facts (key sets, parameter counts, random weights).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,17 +14,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # the same numbers either way (tests/test_frozen_weights.py runs each value in a process of its
 # own). Tests that train or change weights after a first call take the `live_weights` fixture.
 
-import torch  # noqa: E402,F401  (first: see module docstring)
-import timm  # noqa: E402,F401
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import timm  # noqa: E402,F401
+import torch  # noqa: E402,F401  (first: see module docstring)
 from safetensors.numpy import save_file  # noqa: E402
 
 from converters.reference import random_state_dict  # noqa: E402
 from tests.support.archs import SMALL, SMALL_V1  # noqa: E402
 from zoo.core.architectures import ARCHITECTURES  # noqa: E402
 from zoo.core.runtime import usable_cpus  # noqa: E402
+
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4 (each holds TensorFlow, torch and timm, and starts
@@ -99,9 +100,11 @@ def small_tiny(monkeypatch):
 @pytest.fixture
 def small_weights(tmp_path):
     """Factory: perturbed random weights for an architecture, written as safetensors."""
+
     def make(arch, num_classes=1000, seed=0, name="weights.safetensors"):
         state = random_state_dict(arch, num_classes, seed)
         return write_safetensors(tmp_path / name, state), state
+
     return make
 
 
@@ -114,5 +117,7 @@ def live_weights():
     from zoo.core.runtime import FROZEN_VAR, frozen_weights
 
     if frozen_weights():
-        pytest.fail(f"{FROZEN_VAR}=1 in this process: this test trains or changes weights after a first call; "
-                    f"run it without the variable (tests/test_frozen_weights.py covers it)")
+        pytest.fail(
+            f"{FROZEN_VAR}=1 in this process: this test trains or changes weights after a first call; "
+            f"run it without the variable (tests/test_frozen_weights.py covers it)"
+        )

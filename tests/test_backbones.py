@@ -1,4 +1,5 @@
 """Using converted models: stage features as timm's `features_only`, and fine-tuning."""
+
 from __future__ import annotations
 
 import keras
@@ -24,25 +25,28 @@ def converted(tmp_path_factory):
         if kind not in made:
             made[kind] = convert_small(tmp_path_factory.mktemp(kind) / "converted", SMALL[kind], seed=3)
         return made[kind]
+
     return get
 
 
-@pytest.mark.parametrize("kind, out_indices", [("overlap_tiered", (0, 1, 2, 3)),
-                                               pytest.param("head_norm_first", (1, 3), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind, out_indices",
+    [("overlap_tiered", (0, 1, 2, 3)), pytest.param("head_norm_first", (1, 3), marks=pytest.mark.slow)],
+)
 def test_features_only_equals_timms_features_only(converted, kind, out_indices, tmp_path):
     folder = open_folder(converted(kind))
     arch = folder.config.architecture
     backbone = zoo.load(folder.path, features_only=True, out_indices=out_indices)
 
     # any size divisible by 32, not square: strides 4, 8, 16, 32 exactly
-    x = parity_batch(224, folder.config.mean, folder.config.std,
-                     natural=2, noise=1, seed=5)[:, :96, :160]
+    x = parity_batch(224, folder.config.mean, folder.config.std, natural=2, noise=1, seed=5)[:, :96, :160]
     ours = [np.asarray(t) for t in backbone(x)]
     with recorded_reference(folder.config, tmp_path) as (source, seed):  # timm writes the random weights
-        theirs = reference_outputs(Network.of_folder(folder.config), source.path, x, out_indices=out_indices,
-                                   random_seed=seed)
+        theirs = reference_outputs(
+            Network.of_folder(folder.config), source.path, x, out_indices=out_indices, random_seed=seed
+        )
     assert len(ours) == len(out_indices) == len(theirs)
-    for i, feature in zip(out_indices, ours):
+    for i, feature in zip(out_indices, ours, strict=False):
         stride = 2 ** (i + 2)
         assert feature.shape == (3, 96 // stride, 160 // stride, arch.dims[i])
         c = Comparison.of(f"features.{i}", feature, theirs[f"features.{i}"])
@@ -72,8 +76,15 @@ def _synthetic(num_classes=3, n=24, size=64, seed=0):
 
 # float32 by default; the mixed policies with -m slow (a conversion under mixed_bfloat16 runs by
 # default: test_conversion_and_verify_run_in_float32_under_a_mixed_policy)
-@pytest.mark.parametrize("policy", ["float32", pytest.param("mixed_float16", marks=pytest.mark.slow),
-                                    pytest.param("mixed_bfloat16", marks=pytest.mark.slow)], indirect=True)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "float32",
+        pytest.param("mixed_float16", marks=pytest.mark.slow),
+        pytest.param("mixed_bfloat16", marks=pytest.mark.slow),
+    ],
+    indirect=True,
+)
 def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_path, live_weights):
     model = zoo.load(converted("linear_mlp"), num_classes=3, drop_path_rate=0.2)
     assert model.output.shape[-1] == 3
@@ -85,7 +96,9 @@ def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_pat
     learned = {w.path: np.array(w) for w in model.get_layer("stages.3.blocks.0.mlp.fc1").weights}
 
     x, y = _synthetic()
-    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     before = model.evaluate(x, y, verbose=0)
     model.fit(x, y, batch_size=8, epochs=6, verbose=0, shuffle=False)
     after = model.evaluate(x, y, verbose=0)
@@ -94,8 +107,9 @@ def test_fine_tune_new_head_frozen_stages_save_reload(converted, policy, tmp_pat
         for w in layer.weights:
             if w.path in frozen:
                 np.testing.assert_array_equal(np.array(w), frozen[w.path], err_msg=w.path)
-    assert any(not np.array_equal(np.array(w), learned[w.path])
-               for w in model.get_layer("stages.3.blocks.0.mlp.fc1").weights)
+    assert any(
+        not np.array_equal(np.array(w), learned[w.path]) for w in model.get_layer("stages.3.blocks.0.mlp.fc1").weights
+    )
 
     path = tmp_path / "fine-tuned.keras"
     model.save(path)
@@ -119,8 +133,12 @@ def test_conversion_and_verify_run_in_float32_under_a_mixed_policy(converted, po
 def test_reduced_precision_tracks_float32(converted, dtype, bound):
     folder = open_folder(converted("v2_grn"))
     config = folder.config
-    x = np.concatenate([parity_batch(64, config.mean, config.std),
-                        parity_batch(64, config.mean, config.std, natural=24, noise=0, seed=9)])
+    x = np.concatenate(
+        [
+            parity_batch(64, config.mean, config.std),
+            parity_batch(64, config.mean, config.std, natural=24, noise=0, seed=9),
+        ]
+    )
     exact = np.asarray(zoo.load(folder.path, dtype="float32")(x))
     model = zoo.load(folder.path, dtype=dtype)
     assert keras.config.dtype_policy().name == "float32"  # the global policy is untouched

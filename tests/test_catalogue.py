@@ -1,4 +1,5 @@
 """The catalogue: complete, fresh, and resolving names the way users (and timm) do."""
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,13 @@ def test_bare_name_is_timms_default(arch):
 def test_entry_matches_timm_pretrained_cfg(name):
     entry, cfg = catalogue()[name], get_pretrained_cfg(name)
     assert entry.hf_hub_id == f"timm/{name}"
-    assert (entry.num_classes, entry.input_size, entry.crop_pct, entry.crop_mode, entry.interpolation) == \
-        (cfg.num_classes, tuple(cfg.input_size), cfg.crop_pct, cfg.crop_mode, cfg.interpolation)
+    assert (entry.num_classes, entry.input_size, entry.crop_pct, entry.crop_mode, entry.interpolation) == (
+        cfg.num_classes,
+        tuple(cfg.input_size),
+        cfg.crop_pct,
+        cfg.crop_mode,
+        cfg.interpolation,
+    )
     assert (entry.mean, entry.std, entry.license) == (tuple(cfg.mean), tuple(cfg.std), cfg.license)
 
 

@@ -4,6 +4,7 @@ refusals of arguments run in-process (click's runner).
 Every command runs with the test's isolated store and Hub cache (`isolated_home`) and offline,
 in an empty working directory (`--random-weights` writes its default `--out` there).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ def store_is_empty(root: Path | None = None) -> bool:
 
 # --- list -------------------------------------------------------------------------------------
 
+
 def test_list_json():
     result = zoo_cli("list", "--json")
     assert result.returncode == 0, result.stderr
@@ -49,8 +51,7 @@ def test_list_pattern_filters():
     assert rows
     for row in rows:
         assert any("22k_1k_384" in n for n in [row["name"], *row["aliases"]]), row
-    assert {row["name"] for row in rows} >= {"convnext_tiny.fb_in22k_ft_in1k_384",
-                                              "convnext_base.fb_in22k_ft_in1k_384"}
+    assert {row["name"] for row in rows} >= {"convnext_tiny.fb_in22k_ft_in1k_384", "convnext_base.fb_in22k_ft_in1k_384"}
     assert "convnext_tiny.fb_in1k" not in {row["name"] for row in rows}
     # the table form lists the same checkpoints, one per line after the header
     table = zoo_cli("list", "22k_1k_384")
@@ -78,6 +79,7 @@ def test_list_marks_converted_checkpoints():
 
 # --- convert: bad input ------------------------------------------------------------------------------
 
+
 def test_convert_unknown_name_suggests_the_close_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = zoo_inline("convert", "convnext_tny_1k")
@@ -90,14 +92,18 @@ def test_convert_unknown_name_suggests_the_close_one(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args", [
-    ["convert", "convnext_tiny_1k", "--atol", "-1"],
-    ["convert", "convnext_tiny_1k", "--atol", "0"],
-    ["convert", "convnext_tiny_1k", "--rtol", "abc"],
-    ["convert", "--bogus"],
-    ["convert"],
-    ["frobnicate"],
-], ids=["negative-atol", "zero-atol", "text-rtol", "bogus-flag", "no-name", "no-command"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", "convnext_tiny_1k", "--atol", "-1"],
+        ["convert", "convnext_tiny_1k", "--atol", "0"],
+        ["convert", "convnext_tiny_1k", "--rtol", "abc"],
+        ["convert", "--bogus"],
+        ["convert"],
+        ["frobnicate"],
+    ],
+    ids=["negative-atol", "zero-atol", "text-rtol", "bogus-flag", "no-name", "no-command"],
+)
 def test_usage_errors_exit_2(args):
     result = zoo_inline(*args)
     assert result.exit_code == 2, result.stderr
@@ -147,8 +153,9 @@ def test_convert_offline_without_cache_says_so(isolated_home, tmp_path):
 def test_convert_that_fails_parity_exits_1_shows_the_table_once_and_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
-    result = zoo_inline("convert", "convnext_atto", "--random-weights", "--out", str(out),
-                        "--atol", "1e-9", "--rtol", "1e-12")
+    result = zoo_inline(
+        "convert", "convnext_atto", "--random-weights", "--out", str(out), "--atol", "1e-9", "--rtol", "1e-12"
+    )
     assert result.exit_code == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: parity check failed at logits: max abs error"), errors
@@ -160,14 +167,16 @@ def test_convert_that_fails_parity_exits_1_shows_the_table_once_and_writes_nothi
 def test_installed_entry_point():
     script = Path(sys.executable).with_name("zoo")
     assert script.exists(), "the project is not installed (pip install '.[dev]')"
-    result = subprocess.run([str(script), "list", "convnext_atto", "--json"], capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run(
+        [str(script), "list", "convnext_atto", "--json"], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["convnext_atto.d2_in1k"]["default_for"] == "convnext_atto"
 
 
 # --- verify -------------------------------------------------------------------------------------------
+
 
 def test_verify_an_empty_folder_exits_1(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
@@ -187,7 +196,8 @@ def test_tensorflow_start_up_lines_are_hidden_unless_asked_for(tmp_path):
     quiet = zoo_cli("verify", str(tmp_path / "empty"))
     assert quiet.returncode == 1 and quiet.stderr.splitlines() == [
         f"-> check {tmp_path / 'empty'} against its manifest ...",
-        f"error: {tmp_path / 'empty'} has no manifest.json: not a converted checkpoint folder"], quiet.stderr
+        f"error: {tmp_path / 'empty'} has no manifest.json: not a converted checkpoint folder",
+    ], quiet.stderr
     loud = zoo_cli("verify", str(tmp_path / "empty"), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert loud.returncode == 1 and "oneDNN" in loud.stderr  # the user's choice is honoured
 

@@ -5,6 +5,7 @@ a user would see as a traceback), offline, with the test's empty store, in a wor
 holding a few decoys: `afile` (a file), `emptydir/` (a folder that is no converted checkpoint)
 and `notimage.png` (text). Nothing may be written anywhere by any case.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ error naming the file and the field, before any slow work; a good one gives a pr
 applies to a real image and exactly one name per class. Fuzzed (hypothesis), and through `zoo
 convert` (an odd but good config converting and predicting end to end: tests/test_own_checkpoints.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,14 +30,36 @@ from zoo.core.labels import parse_label_file, read_label_file
 from zoo.core.preprocessing import Preprocessing, preprocess
 
 ARCH = SMALL["conv_mlp"]  # convnext_atto's form: timm's config.json names it
-TRANSFORMERS = {"model_type": "convnext", "depths": list(ARCH.depths), "hidden_sizes": list(ARCH.dims),
-                "id2label": {"0": "cat", "1": "dog", "2": "bird"}, "layer_norm_eps": 1e-12}
-PROCESSOR = {"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3, "image_mean": [0.485, 0.456, 0.406],
-             "image_std": [0.229, 0.224, 0.225], "do_resize": True, "do_normalize": True}
-TIMM = {"architecture": "convnext_atto", "num_classes": 3, "label_names": ["cat", "dog", "bird"],
-        "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
-                           "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "model_args": {"norm_eps": 1e-6}}
+TRANSFORMERS = {
+    "model_type": "convnext",
+    "depths": list(ARCH.depths),
+    "hidden_sizes": list(ARCH.dims),
+    "id2label": {"0": "cat", "1": "dog", "2": "bird"},
+    "layer_norm_eps": 1e-12,
+}
+PROCESSOR = {
+    "size": {"shortest_edge": 224},
+    "crop_pct": 0.875,
+    "resample": 3,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "do_resize": True,
+    "do_normalize": True,
+}
+TIMM = {
+    "architecture": "convnext_atto",
+    "num_classes": 3,
+    "label_names": ["cat", "dog", "bird"],
+    "pretrained_cfg": {
+        "input_size": [3, 224, 224],
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    },
+    "model_args": {"norm_eps": 1e-6},
+}
 
 
 def write(folder: Path, config: dict | str | None = None, processor: dict | str | None = None) -> Path:
@@ -109,13 +132,19 @@ BAD_TIMM = {  # case -> (field: top level, or inside pretrained_cfg or model_arg
     "input_size huge": ("pretrained_cfg.input_size", [3, 100000, 100000], "pretrained_cfg.input_size must be"),
     "input_size 1 channel": ("pretrained_cfg.input_size", [1, 224, 224], "3 (RGB) channels"),
     "mean of 1": ("pretrained_cfg.mean", [0.5], "pretrained_cfg.mean must be 3 numbers"),
-    "interpolation with an escape": ("pretrained_cfg.interpolation", "bicubic\x1b[2J",
-                                     r"interpolation must be one of 'bicubic', 'bilinear', got 'bicubic\x1b[2J'"),
+    "interpolation with an escape": (
+        "pretrained_cfg.interpolation",
+        "bicubic\x1b[2J",
+        r"interpolation must be one of 'bicubic', 'bilinear', got 'bicubic\x1b[2J'",
+    ),
     "crop_mode border": ("pretrained_cfg.crop_mode", "border", "crop_mode must be one of 'center', 'squash'"),
     "crop_pct zero": ("pretrained_cfg.crop_pct", 0, "crop_pct must be a number in (0, 1], got 0"),
     "label_names a string": ("label_names", "cat", "label_names must be a list of class names"),
-    "label_names keys not integers": ("label_names", {"0": "cat", "one": "dog", "2": "bird"},
-                                      "label_names keys must be class indices"),
+    "label_names keys not integers": (
+        "label_names",
+        {"0": "cat", "one": "dog", "2": "bird"},
+        "label_names keys must be class indices",
+    ),
     "label_names with a gap": ("label_names", {"0": "cat", "1": "dog", "3": "bird"}, "(no class 2)"),
     "label_names too few": ("label_names", ["cat", "dog"], "label_names has 2 names for num_classes 3"),
     "norm_eps NaN": ("model_args.norm_eps", float("nan"), "model_args.norm_eps must be a finite number > 0"),
@@ -162,13 +191,18 @@ def test_label_maps_are_read_in_index_order_never_renumbered_or_dropped(tmp_path
 
 # --- --labels files ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content, said", [
-    (b"cat\n\xff\xfedog\n", "not UTF-8 text"),
-    (b"", "no class names"),
-    (b"\n \n\r\n", "no class names"),
-    (b"cat\n\ndog\n", "line 2 is empty"),
-    (b"cat\x00dog\n", "not a text file"),
-], ids=["not-utf8", "empty", "blank", "blank-line", "nul"])
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (b"cat\n\xff\xfedog\n", "not UTF-8 text"),
+        (b"", "no class names"),
+        (b"\n \n\r\n", "no class names"),
+        (b"cat\n\ndog\n", "line 2 is empty"),
+        (b"cat\x00dog\n", "not a text file"),
+    ],
+    ids=["not-utf8", "empty", "blank", "blank-line", "nul"],
+)
 def test_bad_label_files_are_one_clear_error(content, said, tmp_path):
     path = tmp_path / "names.txt"
     path.write_bytes(content)
@@ -204,22 +238,55 @@ def test_a_non_utf8_labels_file_of_eval_is_one_line(tmp_path):
 # Values of the wrong type or out of range, cheap to draw: NaN and +-Infinity (Python's json reads
 # and writes them), integers past float's range, text with control characters and a lone
 # surrogate (through JSON's escapes), empty and nested containers; and any number or short text.
-ODD = st.sampled_from([None, True, False, 0, -1, 2**63, 10**400, 0.5, -0.0, math.nan, math.inf, -math.inf, "", "abc",
-                       "1", "NaN", "\x1b[2J", "\ud800", [], [1, 2, 3], ["a"], [[1]], [None, 1.5], {}, {"0": "x"},
-                       {"a": [None]}])
+ODD = st.sampled_from(
+    [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        2**63,
+        10**400,
+        0.5,
+        -0.0,
+        math.nan,
+        math.inf,
+        -math.inf,
+        "",
+        "abc",
+        "1",
+        "NaN",
+        "\x1b[2J",
+        "\ud800",
+        [],
+        [1, 2, 3],
+        ["a"],
+        [[1]],
+        [None, 1.5],
+        {},
+        {"0": "x"},
+        {"a": [None]},
+    ]
+)
 ANY_JSON = ODD | st.integers() | st.floats() | st.text(max_size=8)
-NAMES = st.text(max_size=8) | st.sampled_from(["\x1b]0;title\x07", "\x1b[2J", "a\nerror: injected line", "",
-                                               "\ud800", "\u202eevil", "LABEL_0", "  padded "])
-INDEX_KEYS = st.integers(0, 8).map(str) | st.sampled_from(["00", "01", "-1", "a", "", " 1", "1.0", "\u0663", "1_0",
-                                                            "9" * 30])
+NAMES = st.text(max_size=8) | st.sampled_from(
+    ["\x1b]0;title\x07", "\x1b[2J", "a\nerror: injected line", "", "\ud800", "\u202eevil", "LABEL_0", "  padded "]
+)
+INDEX_KEYS = st.integers(0, 8).map(str) | st.sampled_from(
+    ["00", "01", "-1", "a", "", " 1", "1.0", "\u0663", "1_0", "9" * 30]
+)
 NAME_LISTS = st.lists(NAMES, max_size=8)
 LABEL_MAPS = NAME_LISTS.map(lambda names: {str(i): names[i] for i in reversed(range(len(names)))})
 BAD_LABEL_MAPS = st.dictionaries(INDEX_KEYS, NAMES | ODD, max_size=6) | NAME_LISTS | ANY_JSON
 SIDES = st.integers(MIN_INPUT, 300) | st.sampled_from([MIN_INPUT, 384, MAX_INPUT])
 BAD_SIDES = st.integers(-3, MIN_INPUT - 1) | st.integers(MAX_INPUT + 1, 10**30) | ANY_JSON
 FRACTIONS = st.floats(MAX_INPUT / MAX_RESIZE, 1) | st.sampled_from([0.875, 1, 0.95, MIN_INPUT / MAX_RESIZE])
-BAD_FRACTIONS = st.sampled_from([0.003, 0, -1, 1.0000001, 10**400, "0.9"]) | st.floats(max_value=0.05) \
-    | st.floats(min_value=1, exclude_min=True) | ANY_JSON
+BAD_FRACTIONS = (
+    st.sampled_from([0.003, 0, -1, 1.0000001, 10**400, "0.9"])
+    | st.floats(max_value=0.05)
+    | st.floats(min_value=1, exclude_min=True)
+    | ANY_JSON
+)
 MEANS = st.lists(st.floats(-1000, 1000), min_size=3, max_size=3)
 STDS = st.lists(st.floats(1e-6, 1000), min_size=3, max_size=3) | st.just([0.229, 0.224, 0.225])
 BAD_CHANNELS = st.lists(st.floats() | st.integers(-2, 300) | ODD, max_size=4) | ANY_JSON
@@ -243,7 +310,7 @@ def with_faults(data, config: dict, bad: dict) -> dict:
     return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply(preprocessing: Preprocessing) -> tuple:
     batch = preprocess(IMAGE, preprocessing)
     return batch.shape, bool(np.isfinite(batch).all())
@@ -272,7 +339,7 @@ def _as_file(data, value) -> tuple[str, object]:
     after the cut; and what the text holds (None: not JSON, the reader must refuse it)."""
     text = json.dumps(value)
     if data.draw(st.sampled_from(["json"] * 7 + ["damaged"])) == "damaged":
-        text = text[:data.draw(st.integers(0, len(text)))] + data.draw(st.text(max_size=3))
+        text = text[: data.draw(st.integers(0, len(text)))] + data.draw(st.text(max_size=3))
     try:
         return text, json.loads(text)
     except ValueError:
@@ -285,8 +352,11 @@ FOLDER = Path("/fuzz/repo")  # where the fuzzed files are said to be (their cont
 def _read(config: str | dict, processor: str | dict | None = None):
     """What config files of these contents (text, or a dict as JSON) say, or None where they were
     refused in one line naming a file."""
-    files = {name: (text if isinstance(text, str) else json.dumps(text)).encode()
-             for name, text in (("config.json", config), ("preprocessor_config.json", processor)) if text is not None}
+    files = {
+        name: (text if isinstance(text, str) else json.dumps(text)).encode()
+        for name, text in (("config.json", config), ("preprocessor_config.json", processor))
+        if text is not None
+    }
     try:
         meta = parse_metadata(FOLDER, files)
     except ZooError as e:
@@ -321,14 +391,38 @@ def _index_order(mapping: dict) -> tuple[str, ...]:
 def test_fuzz_transformers_config(data):
     """transformers' config.json: a checked reading or one error line. Class names are exactly the
     map's, in index order, one per class; epsilons finite and > 0; stage lists positive."""
-    config = data.draw(st.fixed_dictionaries({"model_type": st.sampled_from(["convnext", "convnextv2"])}, optional={
-        "id2label": LABEL_MAPS, "num_labels": st.integers(0, 20), "layer_norm_eps": EPS, "depths": STAGES,
-        "hidden_sizes": STAGES, "patch_size": st.just(4), "num_channels": st.just(3), "hidden_act": st.just("gelu"),
-        "num_stages": st.just(4), "label2id": ANY_JSON}))
-    config = with_faults(data, config, {
-        "id2label": BAD_LABEL_MAPS, "num_labels": st.integers(-3, -1) | ANY_JSON, "layer_norm_eps": BAD_EPS,
-        "depths": BAD_STAGES, "hidden_sizes": BAD_STAGES, "patch_size": ANY_JSON, "num_channels": ANY_JSON,
-        "hidden_act": ANY_JSON, "model_type": ANY_JSON})
+    config = data.draw(
+        st.fixed_dictionaries(
+            {"model_type": st.sampled_from(["convnext", "convnextv2"])},
+            optional={
+                "id2label": LABEL_MAPS,
+                "num_labels": st.integers(0, 20),
+                "layer_norm_eps": EPS,
+                "depths": STAGES,
+                "hidden_sizes": STAGES,
+                "patch_size": st.just(4),
+                "num_channels": st.just(3),
+                "hidden_act": st.just("gelu"),
+                "num_stages": st.just(4),
+                "label2id": ANY_JSON,
+            },
+        )
+    )
+    config = with_faults(
+        data,
+        config,
+        {
+            "id2label": BAD_LABEL_MAPS,
+            "num_labels": st.integers(-3, -1) | ANY_JSON,
+            "layer_norm_eps": BAD_EPS,
+            "depths": BAD_STAGES,
+            "hidden_sizes": BAD_STAGES,
+            "patch_size": ANY_JSON,
+            "num_channels": ANY_JSON,
+            "hidden_act": ANY_JSON,
+            "model_type": ANY_JSON,
+        },
+    )
     meta, config = _read_config(data, config, lambda c: c.get("model_type") in ("convnext", "convnextv2"))
     if meta is None:
         return
@@ -349,14 +443,32 @@ def test_fuzz_transformers_config(data):
 def test_fuzz_preprocessor_config(data):
     """transformers' preprocessor_config.json: a preprocessing that prepares a real image, or one
     error line."""
-    processor = data.draw(st.fixed_dictionaries({}, optional={
-        "size": st.fixed_dictionaries({"shortest_edge": SIDES}) | SIDES.map(lambda s: {"height": s, "width": s})
-        | SIDES, "crop_pct": FRACTIONS | st.none(), "resample": st.sampled_from([2, 3, "bicubic", "bilinear"]),
-        "image_mean": MEANS | st.floats(-1000, 1000), "image_std": STDS, "do_resize": ANY_JSON}))
-    processor = with_faults(data, processor, {
-        "size": BAD_SIDES.map(lambda s: {"shortest_edge": s}) | st.just({"height": 224, "width": 256}) | BAD_SIDES,
-        "crop_pct": BAD_FRACTIONS, "resample": st.integers(-1, 6) | BAD_INTERPOLATIONS,
-        "image_mean": BAD_CHANNELS, "image_std": BAD_CHANNELS})
+    processor = data.draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "size": st.fixed_dictionaries({"shortest_edge": SIDES})
+                | SIDES.map(lambda s: {"height": s, "width": s})
+                | SIDES,
+                "crop_pct": FRACTIONS | st.none(),
+                "resample": st.sampled_from([2, 3, "bicubic", "bilinear"]),
+                "image_mean": MEANS | st.floats(-1000, 1000),
+                "image_std": STDS,
+                "do_resize": ANY_JSON,
+            },
+        )
+    )
+    processor = with_faults(
+        data,
+        processor,
+        {
+            "size": BAD_SIDES.map(lambda s: {"shortest_edge": s}) | st.just({"height": 224, "width": 256}) | BAD_SIDES,
+            "crop_pct": BAD_FRACTIONS,
+            "resample": st.integers(-1, 6) | BAD_INTERPOLATIONS,
+            "image_mean": BAD_CHANNELS,
+            "image_std": BAD_CHANNELS,
+        },
+    )
     text, processor = _as_file(data, processor)
     meta = _read(TRANSFORMERS, text)
     if meta is not None:
@@ -370,22 +482,44 @@ def test_fuzz_timm_config(data):
     """timm's config.json: preprocessing that prepares a real image, names exactly one per class
     (a list as given, a map in index order), a finite epsilon, or one error line."""
     names = data.draw(NAME_LISTS)
-    config = data.draw(st.fixed_dictionaries({"architecture": st.sampled_from(["convnext_atto", "convnext_nano_x"])},
-                                             optional={
-        "num_classes": st.just(len(names)),
-        "label_names": st.sampled_from([names, {str(i): names[i] for i in reversed(range(len(names)))}]),
-        "pretrained_cfg": st.fixed_dictionaries({}, optional={
-            "input_size": st.tuples(st.just(3), SIDES, SIDES).map(list), "crop_pct": FRACTIONS,
-            "crop_mode": st.sampled_from(["center", "squash"]), "interpolation": INTERPOLATIONS, "mean": MEANS,
-            "std": STDS}),
-        "model_args": st.fixed_dictionaries({}, optional={"norm_eps": EPS})}))
-    config = with_faults(data, config, {
-        "num_classes": st.integers(-3, 20) | ANY_JSON, "label_names": BAD_LABEL_MAPS | st.text(max_size=4),
-        "pretrained_cfg": ANY_JSON, "model_args": ANY_JSON, "model_args.norm_eps": BAD_EPS,
-        "pretrained_cfg.input_size": st.tuples(st.sampled_from([1, 4, 3]), BAD_SIDES, SIDES).map(list) | ANY_JSON,
-        "pretrained_cfg.crop_pct": BAD_FRACTIONS, "pretrained_cfg.interpolation": BAD_INTERPOLATIONS,
-        "pretrained_cfg.crop_mode": st.sampled_from(["border", "CENTER"]) | ANY_JSON,
-        "pretrained_cfg.mean": BAD_CHANNELS, "pretrained_cfg.std": BAD_CHANNELS})
+    config = data.draw(
+        st.fixed_dictionaries(
+            {"architecture": st.sampled_from(["convnext_atto", "convnext_nano_x"])},
+            optional={
+                "num_classes": st.just(len(names)),
+                "label_names": st.sampled_from([names, {str(i): names[i] for i in reversed(range(len(names)))}]),
+                "pretrained_cfg": st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "input_size": st.tuples(st.just(3), SIDES, SIDES).map(list),
+                        "crop_pct": FRACTIONS,
+                        "crop_mode": st.sampled_from(["center", "squash"]),
+                        "interpolation": INTERPOLATIONS,
+                        "mean": MEANS,
+                        "std": STDS,
+                    },
+                ),
+                "model_args": st.fixed_dictionaries({}, optional={"norm_eps": EPS}),
+            },
+        )
+    )
+    config = with_faults(
+        data,
+        config,
+        {
+            "num_classes": st.integers(-3, 20) | ANY_JSON,
+            "label_names": BAD_LABEL_MAPS | st.text(max_size=4),
+            "pretrained_cfg": ANY_JSON,
+            "model_args": ANY_JSON,
+            "model_args.norm_eps": BAD_EPS,
+            "pretrained_cfg.input_size": st.tuples(st.sampled_from([1, 4, 3]), BAD_SIDES, SIDES).map(list) | ANY_JSON,
+            "pretrained_cfg.crop_pct": BAD_FRACTIONS,
+            "pretrained_cfg.interpolation": BAD_INTERPOLATIONS,
+            "pretrained_cfg.crop_mode": st.sampled_from(["border", "CENTER"]) | ANY_JSON,
+            "pretrained_cfg.mean": BAD_CHANNELS,
+            "pretrained_cfg.std": BAD_CHANNELS,
+        },
+    )
     meta, config = _read_config(data, config, lambda c: str(c.get("architecture")).startswith("convnext"))
     if meta is None:
         return
@@ -429,12 +563,15 @@ def test_fuzz_label_file(data):
 
 # --- end to end: `zoo convert` and `zoo predict` as users run them -------------------------------
 
+
 @pytest.fixture(scope="module")
 def timm_folder(tmp_path_factory):
     """A timm repo folder's weights (3 classes), to put config files beside."""
     root = tmp_path_factory.mktemp("weights")
-    save_file({k: np.ascontiguousarray(v) for k, v in random_state_dict(ARCH, 3, seed=2).items()},
-              str(root / "model.safetensors"))
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in random_state_dict(ARCH, 3, seed=2).items()},
+        str(root / "model.safetensors"),
+    )
     return root / "model.safetensors"
 
 
@@ -454,16 +591,23 @@ def test_a_bad_config_fails_convert_in_one_line_before_any_work(timm_folder, tmp
     assert "-> read" not in proc.stderr and "-> build" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("field, value", [("label_names", "abc"), ("pretrained_cfg.input_size", [3, 100000, 100000]),
-                                          ("model_args.norm_eps", "abc")])
+@pytest.mark.parametrize(
+    "field, value",
+    [("label_names", "abc"), ("pretrained_cfg.input_size", [3, 100000, 100000]), ("model_args.norm_eps", "abc")],
+)
 def test_more_bad_configs_fail_convert_in_one_line(field, value, timm_folder, tmp_path):
     folder = _beside(timm_folder, tmp_path / "repo", _set(TIMM, field, value))
     line = one_line_error(zoo_inline("convert", "--checkpoint", folder, "--out", tmp_path / "out"))
     assert f"{folder / 'config.json'}: {field} must be" in line, line
 
 
-@pytest.mark.parametrize("options, said", [(["--input-size", "4000"], "input_size must be [3, height, width]"),
-                                           (["--std", "1e-300,1,1"], "std must be 3 numbers in [1e-06, 1000]")])
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        (["--input-size", "4000"], "input_size must be [3, height, width]"),
+        (["--std", "1e-300,1,1"], "std must be 3 numbers in [1e-06, 1000]"),
+    ],
+)
 def test_options_out_of_range_fail_convert_in_one_line_before_any_work(options, said, timm_folder, tmp_path):
     folder = _beside(timm_folder, tmp_path / "repo", TIMM)
     result = zoo_inline("convert", "--checkpoint", folder, "--out", tmp_path / "out", *options)

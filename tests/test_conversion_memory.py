@@ -3,6 +3,7 @@ has no storage, the PyTorch reference has ended before the converter reads the s
 serving path checked by the parity gate reads the kernels no fold changes from the model itself.
 Each without changing a number. (`benchmarks/run.py --conversion-memory` measures the peaks.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,16 +28,18 @@ def network(arch=SMALL_V1) -> Network:
 def datasets(path) -> dict[str, bytes]:
     found = {}
     with h5py.File(path) as f:
-        f.visititems(lambda name, item: found.__setitem__(name, item[()].tobytes())
-                     if isinstance(item, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, item: found.__setitem__(name, item[()].tobytes()) if isinstance(item, h5py.Dataset) else None
+        )
     return found
 
 
 def test_a_model_built_without_storage_writes_the_same_weights_file_and_stays_without(tmp_path):
     stored, unstored = pipeline.empty_model(network()), pipeline.empty_model(network(), storage=False)
     assert all(v._value is None for v in unstored.weights)
-    state = {k: np.random.default_rng(1).standard_normal(s).astype(np.float32)
-             for k, s in expected_keys(stored).items()}
+    state = {
+        k: np.random.default_rng(1).standard_normal(s).astype(np.float32) for k, s in expected_keys(stored).items()
+    }
     write_weights(tmp_path / "a.weights.h5", stored, mapping.values(state, stored))
     write_weights(tmp_path / "b.weights.h5", unstored, mapping.values(state, unstored))
     assert datasets(tmp_path / "a.weights.h5") == datasets(tmp_path / "b.weights.h5")

@@ -1,4 +1,5 @@
 """`zoo eval`: accuracy on a labelled image folder, and agreement with timm on the same files."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ from converters.images import natural_images
 from tests.support.archs import SMALL
 from tests.support.converted import convert_small
 from zoo.core.errors import DatasetError, ImageError
+from zoo.core.preprocessing import preprocess
 from zoo.evaluation import evaluate, samples
 from zoo.loading import from_folder
-from zoo.core.preprocessing import preprocess
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # ImageNet-1k classes 0, 1, 2
 SIZES = [(300, 410), (224, 224), (517, 333), (150, 90)]
@@ -45,7 +46,7 @@ def expected_accuracy(folder_path, paths, labels, k):
     model = from_folder(converted.open_folder(folder_path))
     logits = np.concatenate([np.asarray(model(preprocess([p], folder_path))) for p in paths])
     top = np.argsort(-logits, axis=-1)[:, :k]
-    return float(np.mean([label in row for label, row in zip(labels, top)]))
+    return float(np.mean([label in row for label, row in zip(labels, top, strict=False)]))
 
 
 def test_accuracy_and_agreement_with_timm(folder, image_folder):
@@ -65,15 +66,15 @@ def test_accuracy_and_agreement_with_timm(folder, image_folder):
 def test_images_are_prepared_in_parallel_exactly_as_in_one_thread(folder, image_folder, tmp_path):
     """Each batch from the worker threads is the array `zoo.preprocess` gives for it in one call;
     an unreadable image fails its batch, not the process."""
-    from zoo.evaluation import prepared_batches
     from zoo.core.preprocessing import as_preprocessing
+    from zoo.evaluation import prepared_batches
 
     prepare = as_preprocessing(folder)
     paths = sorted(image_folder.rglob("img*"))
     serial = list(prepared_batches(prepare, paths, 5, 0))
     parallel = list(prepared_batches(prepare, paths, 5, 3))
     assert [b.shape[0] for b in parallel] == [5, 5, 2]
-    for a, b in zip(serial, parallel):
+    for a, b in zip(serial, parallel, strict=False):
         np.testing.assert_array_equal(a, b)
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
@@ -100,19 +101,23 @@ def test_labels_file_and_limit(folder, image_folder, tmp_path):
     found, _ = samples(image_folder, 1000)
     model = from_folder(converted.open_folder(folder))
     predicted = [int(np.argmax(model(preprocess([s.path], folder)))) for s in found]
-    lines = [f"{s.path.relative_to(image_folder)},{p}" for s, p in zip(found, predicted)]
+    lines = [f"{s.path.relative_to(image_folder)},{p}" for s, p in zip(found, predicted, strict=False)]
     labels = tmp_path / "labels.csv"
     labels.write_text("# path,label\n" + "\n".join(lines) + "\n")
     report = evaluate(folder, image_folder, labels_file=labels, progress=False)
     assert report.top1 == 1.0 and report.num_images == 12
     wrong = tmp_path / "wrong.csv"
-    wrong.write_text("\n".join(f"{s.path.relative_to(image_folder)} {(p + 1) % 1000}"
-                               for s, p in zip(found, predicted)))
+    wrong.write_text(
+        "\n".join(
+            f"{s.path.relative_to(image_folder)} {(p + 1) % 1000}" for s, p in zip(found, predicted, strict=False)
+        )
+    )
     assert evaluate(folder, image_folder, labels_file=wrong, progress=False).top1 == 0.0
     limited = evaluate(folder, image_folder, limit=5, progress=False)
     assert limited.num_images == 5
-    assert [s.path for s in samples(image_folder, 1000, limit=5)[0]] == \
-        [s.path for s in samples(image_folder, 1000, limit=5)[0]]  # a fixed sample
+    assert [s.path for s in samples(image_folder, 1000, limit=5)[0]] == [
+        s.path for s in samples(image_folder, 1000, limit=5)[0]
+    ]  # a fixed sample
 
 
 def test_folder_numbering_rules(tmp_path):
@@ -152,8 +157,9 @@ def test_bad_data_is_refused_clearly(tmp_path):
 
 def test_cli_eval_json_and_errors(folder, image_folder):
     run = [sys.executable, "-m", "zoo.cli", "eval", "--model", str(folder), "--data", str(image_folder)]
-    proc = subprocess.run(run + ["--json", "--limit", "6", "--dtype", "bfloat16"], capture_output=True, text=True,
-                          env=dict(os.environ))
+    proc = subprocess.run(
+        run + ["--json", "--limit", "6", "--dtype", "bfloat16"], capture_output=True, text=True, env=dict(os.environ)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["num_images"] == 6 and 0.0 <= report["top1"] <= report["top5"] <= 1.0
@@ -191,8 +197,13 @@ def test_two_devices_give_the_results_of_one(folder, image_folder):
     between them (odd batches too); the same top-1/top-5, and per-image logits equal to one device's."""
     found, _ = samples(image_folder, 1000)
     paths = [str(s.path) for s in found][:9]
-    out = subprocess.run([sys.executable, "-c", DISTRIBUTED, str(folder), str(image_folder), json.dumps(paths)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED, str(folder), str(image_folder), json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["cpus"] == 2 and got["two"][2] == 2 and got["one"][2] == 1

@@ -1,5 +1,6 @@
 """Exports (SavedModel, TFLite, .keras): each loads where it promises to, its report holds figures
 against Keras and PyTorch, fp32 meets the parity gate, and an export that differs is refused."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import converters.recorded
 import converters.pipeline as pipeline
+import converters.recorded
 import zoo.export
 import zoo.loading
 from converters.images import parity_batch
@@ -22,9 +23,9 @@ from converters.reference import create, forward, random_state_dict
 from tests.support.archs import SMALL_V1
 from tests.support.cli import BLOCK_TORCH, zoo_cli
 from zoo.core.architectures import ARCHITECTURES
+from zoo.core.reports import DEFAULT_ATOL, DEFAULT_RTOL
 from zoo.export import ExportError, bounds_for, export, read_report, report_path
 from zoo.export.formats import FORMATS
-from zoo.core.reports import DEFAULT_ATOL, DEFAULT_RTOL
 
 MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224  # convnext_tiny.fb_in1k's
 
@@ -51,6 +52,7 @@ def timm_in_process(monkeypatch):
     The random weights are regenerated from the folder's recorded seed, as the product does.
     The real separate-process path runs in the CLI test.
     """
+
     def pytorch_logits(config, inputs, checkpoint=None):
         arch = config.architecture
         state = random_state_dict(arch, config.num_classes, config.source.seed)
@@ -97,9 +99,13 @@ def test_savedmodel_serves_with_tensorflow_alone(folder, keras_logits, timm_in_p
 
     x = parity_batch(SIZE, MEAN, STD)
     np.save(tmp_path / "x.npy", x)
-    proc = subprocess.run([sys.executable, "-c", SAVEDMODEL_ALONE, str(out), str(tmp_path / "x.npy"),
-                           str(tmp_path / "y.npz")], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVEDMODEL_ALONE, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"inputs": ["pixels"], "outputs": ["logits"]}
     served = np.load(tmp_path / "y.npz")
@@ -160,14 +166,16 @@ def _perturb(model):
     return model
 
 
-def test_an_export_that_differs_is_refused_and_the_earlier_one_kept(folder, timm_in_process, tmp_path,
-                                                                     monkeypatch):
+def test_an_export_that_differs_is_refused_and_the_earlier_one_kept(folder, timm_in_process, tmp_path, monkeypatch):
     out = export(folder, "keras", out=tmp_path / "m.keras")
     before = out.read_bytes(), report_path(out).read_bytes()
 
     keras_format = FORMATS["keras"]  # the written file holds a weight 1% off
-    monkeypatch.setitem(FORMATS, "keras", dataclasses.replace(
-        keras_format, write=lambda model, *a: keras_format.write(_perturb(model), *a)))
+    monkeypatch.setitem(
+        FORMATS,
+        "keras",
+        dataclasses.replace(keras_format, write=lambda model, *a: keras_format.write(_perturb(model), *a)),
+    )
     with pytest.raises(ExportError, match="refused: vs keras") as refused:
         export(folder, "keras", out=out)
     assert refused.value.report.vs_pytorch.max_abs > DEFAULT_ATOL
@@ -205,10 +213,12 @@ def test_refuses_bad_options_and_paths_that_are_not_exports(folder, tmp_path):
         export(folder, "keras", out=tmp_path / "x.h5")
     with pytest.raises(ExportError, match="inside the converted folder"):
         export(folder, "tflite", out=folder / "m.tflite")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "notes.tflite", "other.tflite",
-                                                          "other.tflite.parity.json"]
-
-
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "busy",
+        "notes.tflite",
+        "other.tflite",
+        "other.tflite.parity.json",
+    ]
 
 
 def test_cli_exports_tflite_compared_with_pytorch_in_its_own_process(folder, tmp_path):
@@ -246,8 +256,13 @@ WITHOUT_TORCH = BLOCK_TORCH + textwrap.dedent("""
 
 
 def test_without_torch_the_report_says_why_pytorch_was_skipped(folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(folder), str(tmp_path / "m.keras")],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, str(folder), str(tmp_path / "m.keras")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["passed"] and result["vs_keras"] == 0.0 and result["leaked"] == []

@@ -1,5 +1,6 @@
 """Filesystem and process faults: a full disk, an unwritable destination, killed processes'
 temporary folders, parallel conversions, and readers during a re-conversion."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import keras
 import pytest
 from safetensors.numpy import save as save_bytes
 
@@ -20,7 +20,7 @@ import converters.pipeline as pipeline
 from checkpoints import converted, fs, store, weights
 from converters.reference import random_state_dict
 from tests.support.cli import one_line_error, zoo_cli, zoo_inline
-from tests.support.faults import WRITE_STEPS, dead_pid, fail_nth_write, fill, mounted, read_only_view
+from tests.support.faults import WRITE_STEPS, dead_pid, fail_nth_write, mounted, read_only_view
 from tests.support.folders import folder_config as small_config
 from tests.support.folders import small_model
 from tests.support.hub_cache import add_file
@@ -44,8 +44,12 @@ def work_tmp(tmp_path, monkeypatch) -> Path:
 
 def good_folder(out: Path, seed: int = 0) -> dict[str, bytes]:
     """A valid converted folder at `out` (a small model); returns its files' bytes."""
-    write_converted(out, small_model(seed), small_config(), {"passed": True, "atol": 1e-4, "rtol": 1e-5,
-                                                          "stage_rtol": 1e-4, "comparisons": []})
+    write_converted(
+        out,
+        small_model(seed),
+        small_config(),
+        {"passed": True, "atol": 1e-4, "rtol": 1e-5, "stage_rtol": 1e-4, "comparisons": []},
+    )
     return snapshot(out)
 
 
@@ -64,8 +68,12 @@ def before_any_work(proc: subprocess.CompletedProcess) -> bool:
 
 # --- a full disk --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("step, previous", [(s, True) for s in WRITE_STEPS] + [("weights", False)],
-                         ids=[f"{s}-over-previous" for s in WRITE_STEPS] + ["weights-fresh"])
+
+@pytest.mark.parametrize(
+    "step, previous",
+    [(s, True) for s in WRITE_STEPS] + [("weights", False)],
+    ids=[f"{s}-over-previous" for s in WRITE_STEPS] + ["weights-fresh"],
+)
 def test_disk_full_at_any_write_step_leaves_nothing(step, previous, tmp_path, monkeypatch):
     """ENOSPC at each step of assembling the folder (the failing file half written): a one-line
     StoreError naming the disk, no partial folder, the previous output intact."""
@@ -134,8 +142,12 @@ def test_disk_full_inside_hdf5_is_one_clean_error(tmp_path):
     with mounted(tmp_path / "disk", "-o", "size=8m") as disk:
         out = disk / "ckpt"
         before = good_folder(out)
-        proc = subprocess.run([sys.executable, "-c", WRITE_WITHOUT_SPACE_CHECK, str(out)], capture_output=True,
-                              text=True, env=dict(os.environ))
+        proc = subprocess.run(
+            [sys.executable, "-c", WRITE_WITHOUT_SPACE_CHECK, str(out)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+        )
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         lines = proc.stdout.strip().splitlines()
         assert len(lines) == 1 and "no space left" in lines[0] and str(disk) in lines[0], proc.stdout
@@ -155,6 +167,7 @@ def test_full_temporary_folder_is_a_clear_error(tmp_path, monkeypatch):
 
 
 # --- an unwritable destination: refused before the slow work ---------------------------------------
+
 
 def test_output_under_a_regular_file_is_refused_up_front(tmp_path):
     blocker = tmp_path / "a-file"
@@ -221,12 +234,16 @@ def test_convert_all_into_an_unwritable_root_is_refused_up_front(tmp_path):
 
 # --- temporary work folders of killed conversions ------------------------------------------------
 
-def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small_tiny, tmp_path, work_tmp,
-                                                                          monkeypatch):
+
+def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small_tiny, tmp_path, work_tmp, monkeypatch):
     """SIGKILL runs no clean-up: the work folder a killed `zoo convert` leaves names its dead
     process, and the next conversion removes it, but not a live process's or an unnamed one."""
-    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "convert", *ATTO, "--out", str(tmp_path / "out")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zoo.cli", "convert", *ATTO, "--out", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ),
+    )
     deadline = time.monotonic() + 120
     while not list(work_tmp.glob("zoo-convert-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -259,6 +276,7 @@ def test_work_folders_of_killed_conversions_are_cleared_and_live_ones_kept(small
 
 # --- parallel conversions ------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.heavy  # six conversions and their reference processes at once
 def test_parallel_conversions_all_succeed_and_do_not_interfere(tmp_path, isolated_home, work_tmp):
@@ -272,10 +290,18 @@ def test_parallel_conversions_all_succeed_and_do_not_interfere(tmp_path, isolate
         state = random_state_dict(ARCHITECTURES[ckpt.architecture], ckpt.num_classes, seed=3)
         add_file(Path(os.environ["HF_HUB_CACHE"]), ckpt.hf_hub_id, ckpt.hf_hub_filename, save_bytes(state))
     runs = [[*ATTO, "--seed", str(i % 2), "--out", str(shared)] for i in range(4)] + [[name] for name in others]
-    procs = [subprocess.Popen([sys.executable, "-m", "zoo.cli", "convert", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for args in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "zoo.cli", "convert", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+        for args in runs
+    ]
     results = [p.communicate(timeout=900) for p in procs]
-    for proc, (_, err) in zip(procs, results):
+    for proc, (_, err) in zip(procs, results, strict=False):
         assert proc.returncode == 0, err[-3000:]
     assert names(tmp_path) == ["shared", "tmpdir"]  # no partials beside it
     assert names(work_tmp) == []  # nor temporary folders
@@ -311,8 +337,9 @@ print(json.dumps({"loads": loads, "failures": failures, "versions": len(versions
 
 
 @pytest.mark.slow  # with -m slow: the default run keeps to its 10 minutes
-def test_loads_in_another_process_never_fail_while_the_folder_is_reconverted(small_tiny, small_weights, tmp_path,
-                                                                             monkeypatch):
+def test_loads_in_another_process_never_fail_while_the_folder_is_reconverted(
+    small_tiny, small_weights, tmp_path, monkeypatch
+):
     """`zoo.load` looping in a child while a conversion (other weights) replaces the folder it
     loads, on a slow disk (the weights file takes a second more to write, so many loads fall
     inside the write step): every load succeeds, and it saw both versions."""
@@ -326,8 +353,13 @@ def test_loads_in_another_process_never_fail_while_the_folder_is_reconverted(sma
 
     pipeline.convert("convnext_tiny_1k", out=out, checkpoint=sources[0])
     monkeypatch.setattr(store, "write_weights", slow_write_weights)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(out), str(stop)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         assert reader.stdout.readline().strip() == "version 1", reader.stderr.read()[-3000:]
         pipeline.convert("convnext_tiny_1k", out=out, checkpoint=sources[1])

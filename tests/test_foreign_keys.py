@@ -5,6 +5,7 @@ them, and every other key maps; undeclared, the same keys are refused.
 The layout here is a row made for the test (FB's keys under `backbone.`, as a segmentation
 checkpoint holds its backbone), put in `LAYOUTS` for the length of each test only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,12 +27,18 @@ from zoo.core.errors import SourceError
 from zoo.core.model import build_model
 
 CLASSES = 10
-SEGMENTATION = Layout("fb_segmentation", "timm", re.compile(r"^backbone\.downsample_layers\.0\.0\.weight$"),
-                      ((re.compile(r"^backbone\."), ""), *LAYOUTS["fb"].rules),
-                      foreign=patterns(r"decode_head\.", r"auxiliary_head\."))
-HEADS = {"decode_head.conv_seg.weight": np.ones((19, 32, 1, 1), np.float32),
-         "decode_head.conv_seg.bias": np.ones(19, np.float32),
-         "auxiliary_head.conv_seg.weight": np.ones((19, 16, 1, 1), np.float32)}
+SEGMENTATION = Layout(
+    "fb_segmentation",
+    "timm",
+    re.compile(r"^backbone\.downsample_layers\.0\.0\.weight$"),
+    ((re.compile(r"^backbone\."), ""), *LAYOUTS["fb"].rules),
+    foreign=patterns(r"decode_head\.", r"auxiliary_head\."),
+)
+HEADS = {
+    "decode_head.conv_seg.weight": np.ones((19, 32, 1, 1), np.float32),
+    "decode_head.conv_seg.bias": np.ones(19, np.float32),
+    "auxiliary_head.conv_seg.weight": np.ones((19, 16, 1, 1), np.float32),
+}
 
 
 @pytest.fixture(params=["linear_mlp", "v2_grn"])
@@ -73,8 +80,9 @@ def test_the_reference_leaves_them_too(checkpoint, monkeypatch):
 def test_undeclared_they_are_refused(checkpoint, monkeypatch):
     _, _, path = checkpoint
     monkeypatch.setitem(LAYOUTS, SEGMENTATION.name, dataclasses.replace(SEGMENTATION, foreign=()))
-    with pytest.raises(SourceError, match=f"{len(HEADS)} of .* keys have no place in a ConvNeXt of the "
-                                          f"{SEGMENTATION.name} layout") as refused:
+    with pytest.raises(
+        SourceError, match=f"{len(HEADS)} of .* keys have no place in a ConvNeXt of the {SEGMENTATION.name} layout"
+    ) as refused:
         reading.read_source(SourceWeights(path, None))
     assert all(key in str(refused.value) for key in HEADS)
     with pytest.raises(SourceError, match="no place"):

@@ -6,6 +6,7 @@ share one kernel between convolutions of one shape (so a model's second block wo
 first one's weights), and a graph's kernels keep the weights of their first run. Each setting
 runs in a process of its own, as TensorFlow reads the variable once per process.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,14 @@ def _env(value: str | None) -> dict:
 
 
 def _run_child(folder: Path, out: Path, value: str | None) -> tuple[dict[str, np.ndarray], str]:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out)], env=_env(value), capture_output=True,
-                          text=True, cwd=Path(__file__).parents[1], timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(out)],
+        env=_env(value),
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(np.load(out)), done.stdout
 
@@ -113,13 +120,25 @@ def test_every_way_of_running_the_model_gives_the_same_outputs_whatever_the_vari
     logits = unset["zoo.load eager"]
     for runs_of, outputs in ((f"{FROZEN_VAR}={value}", got), ("unset", unset)):
         for name, output in outputs.items():
-            np.testing.assert_allclose(output, unset[name], rtol=0, atol=2e-5 * np.abs(unset[name]).max(),
-                                       err_msg=f"{runs_of}: {name}")
+            np.testing.assert_allclose(
+                output, unset[name], rtol=0, atol=2e-5 * np.abs(unset[name]).max(), err_msg=f"{runs_of}: {name}"
+            )
         # within one process: the same model the same way, before and after its weights changed back
-        for name in ("zoo.load predict", "keras.saving.load_model eager", "build + load_weights eager",
-                     "serving path", "after load_weights eager", "after load_weights predict"):
-            np.testing.assert_allclose(outputs[name], outputs["zoo.load eager"], rtol=0,
-                                       atol=2e-5 * np.abs(logits).max(), err_msg=f"{runs_of}: {name}")
+        for name in (
+            "zoo.load predict",
+            "keras.saving.load_model eager",
+            "build + load_weights eager",
+            "serving path",
+            "after load_weights eager",
+            "after load_weights predict",
+        ):
+            np.testing.assert_allclose(
+                outputs[name],
+                outputs["zoo.load eager"],
+                rtol=0,
+                atol=2e-5 * np.abs(logits).max(),
+                err_msg=f"{runs_of}: {name}",
+            )
         assert np.abs(outputs["after set_weights eager"] - outputs["zoo.load eager"]).max() > 0.1  # the change shows
 
 

@@ -3,6 +3,7 @@
 Clients run in child processes with the Hub environment set, as users run them; the loading
 child blocks torch and timm from import.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,15 @@ LFS, REGULAR = 1024, 1 << 40  # server thresholds: the weights go through LFS, o
 def client_env(url: str, home: Path, **extra) -> dict:
     env = dict(os.environ)
     env.pop("HF_HUB_OFFLINE", None)
-    env.update(HF_ENDPOINT=url, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1", HF_HUB_CACHE=str(home / "hub-cache"),
-               ZOO_HOME=str(home / "store"), ZOO_HUB_ORG="testorg", HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(
+        HF_ENDPOINT=url,
+        HF_TOKEN=TOKEN,
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_CACHE=str(home / "hub-cache"),
+        ZOO_HOME=str(home / "store"),
+        ZOO_HUB_ORG="testorg",
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     env.update(extra)
     return env
 
@@ -98,8 +106,9 @@ def remote_head(url: str) -> str:
 
 
 # Through LFS by default; every file in "regular" mode with -m slow (the same path, the other upload mode).
-@pytest.mark.parametrize("threshold", [pytest.param(LFS, id="lfs"),
-                                       pytest.param(REGULAR, id="regular", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "threshold", [pytest.param(LFS, id="lfs"), pytest.param(REGULAR, id="regular", marks=pytest.mark.slow)]
+)
 def test_publish_then_load_by_name_without_torch(converted, threshold, tmp_path):
     """Round trip through a Hub that takes writes only with the token: LFS uploads (Xet
     disabled), or every file in 'regular' upload mode."""
@@ -125,10 +134,21 @@ def _publish_then_load(converted, hub, lfs, tmp_path):
         assert weights.lfs.sha256 == fs.sha256_file(converted / "model.weights.h5")
     assert len(api.list_repo_commits(REPO)) == 2  # the repo's initial commit + ours: one commit
     card = Path(api.hf_hub_download(REPO, "README.md", cache_dir=str(tmp_path / "peek"))).read_text()
-    for field in ("library_name: keras", "license: apache-2.0", "- convnext", "- image-classification",
-                  "- timm", "base_model: timm/convnext_tiny.fb_in1k", "datasets:\n- imagenet-1k", "model-index",
-                  "max_abs_logit_error", "Not pretrained", f'zoo.load("hf://{REPO}")',
-                  f'keras.saving.load_model("hf://{REPO}")', "pipeline_tag: image-classification"):
+    for field in (
+        "library_name: keras",
+        "license: apache-2.0",
+        "- convnext",
+        "- image-classification",
+        "- timm",
+        "base_model: timm/convnext_tiny.fb_in1k",
+        "datasets:\n- imagenet-1k",
+        "model-index",
+        "max_abs_logit_error",
+        "Not pretrained",
+        f'zoo.load("hf://{REPO}")',
+        f'keras.saving.load_model("hf://{REPO}")',
+        "pipeline_tag: image-classification",
+    ):
         assert field in card, field
     assert TOKEN not in card
 
@@ -152,11 +172,15 @@ def _publish_then_load(converted, hub, lfs, tmp_path):
 
 # The weights through LFS by default; the manifest, the config and the weights in regular mode with
 # -m slow (the comparison of a downloaded manifest with its cache name: test_matches_cache_name...).
-@pytest.mark.parametrize("name, threshold", [
-    pytest.param("model.weights.h5", LFS, id="weights-lfs"),
-    pytest.param("model.weights.h5", REGULAR, id="weights-regular", marks=pytest.mark.slow),
-    pytest.param("manifest.json", REGULAR, id="manifest", marks=pytest.mark.slow),
-    pytest.param("config.json", LFS, id="config", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name, threshold",
+    [
+        pytest.param("model.weights.h5", LFS, id="weights-lfs"),
+        pytest.param("model.weights.h5", REGULAR, id="weights-regular", marks=pytest.mark.slow),
+        pytest.param("manifest.json", REGULAR, id="manifest", marks=pytest.mark.slow),
+        pytest.param("config.json", LFS, id="config", marks=pytest.mark.slow),
+    ],
+)
 def test_corrupted_download_is_detected_and_discarded(converted, name, threshold, tmp_path):
     """The server flips one byte of `name`, same size and ETag: refused, nothing corrupt kept,
     and once the server is mended the same load succeeds (no poisoned cache)."""
@@ -183,8 +207,12 @@ def test_corrupted_download_is_detected_and_discarded(converted, name, threshold
 
 def test_matches_cache_name_checks_both_kinds_of_id(tmp_path):
     data = b"{}"
-    for etag, ok in [(hub_module.git_blob_sha1(data), True), (hashlib.sha256(data).hexdigest(), True),
-                     (hub_module.git_blob_sha1(b"[]"), False), (hashlib.sha256(b"[]").hexdigest(), False)]:
+    for etag, ok in [
+        (hub_module.git_blob_sha1(data), True),
+        (hashlib.sha256(data).hexdigest(), True),
+        (hub_module.git_blob_sha1(b"[]"), False),
+        (hashlib.sha256(b"[]").hexdigest(), False),
+    ]:
         (tmp_path / etag).write_bytes(data)
         assert hub_module.matches_cache_name(tmp_path / etag) is ok
 
@@ -207,8 +235,9 @@ def test_refusals_upload_nothing(converted, tmp_path):
         failed = tmp_path / "failed"
         folder = open_folder(converted)
         report = dict(folder.parity)
-        report["comparisons"] = [dict(c, max_abs=1.0, rel=0.1) if c["name"] == "logits" else c
-                                 for c in report["comparisons"]]
+        report["comparisons"] = [
+            dict(c, max_abs=1.0, rel=0.1) if c["name"] == "logits" else c for c in report["comparisons"]
+        ]
         report.update(passed=False, failure="logits: max abs error 1 (atol 0.0001), relative 0.1 (rtol 1e-05)")
         report.pop("weights_sha256")
         config = folder.config
@@ -293,7 +322,9 @@ def test_publish_to_a_branch_of_a_private_repo(converted, tmp_path):
         assert child.returncode == 0, child.stderr[-2000:]
         np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(zoo.load(converted)(x)))
         child = load_in_child(NAME, tmp_path / "x.npy", tmp_path / "y2.npy", client_env(url, tmp_path / "other"))
-        assert child.returncode != 0 and "manifest.json is missing from the repo at main" in child.stderr  # main has none
+        assert (
+            child.returncode != 0 and "manifest.json is missing from the repo at main" in child.stderr
+        )  # main has none
 
 
 def test_load_by_name_from_the_store_without_torch(converted, tmp_path):
@@ -310,8 +341,17 @@ def test_load_by_name_from_the_store_without_torch(converted, tmp_path):
 def test_convert_and_publish_in_one_go(tmp_path):
     with local_hub(tmp_path / "hub-root") as url:
         env = client_env(url, tmp_path)
-        proc = zoo_hub("convert", "convnext_zepto_rms", "--random-weights", "--out", str(tmp_path / "z"),
-                       "--publish", "--repo-id", "testorg/zepto", env=env)
+        proc = zoo_hub(
+            "convert",
+            "convnext_zepto_rms",
+            "--random-weights",
+            "--out",
+            str(tmp_path / "z"),
+            "--publish",
+            "--repo-id",
+            "testorg/zepto",
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "published convnext_zepto_rms.ra4_e3600_r224_in1k to testorg/zepto" in proc.stderr
         assert "manifest.json" in HfApi(endpoint=url, token=TOKEN).list_repo_files("testorg/zepto")
@@ -322,13 +362,18 @@ def test_load_reports_every_step_when_nothing_has_the_model(tmp_path):
     code = "import sys; sys.modules['torch'] = None; import zoo; zoo.load('convnext_tiny_1k')"
     proc = run([sys.executable, "-c", code], env)
     assert proc.returncode != 0
-    for step in ("local store: no", "Hub: testorg/convnext_tiny.fb_in1k is not in the local Hub cache",
-                 "conversion: needs torch and timm", "zoo convert"):
+    for step in (
+        "local store: no",
+        "Hub: testorg/convnext_tiny.fb_in1k is not in the local Hub cache",
+        "conversion: needs torch and timm",
+        "zoo convert",
+    ):
         assert step in proc.stderr, step
 
 
-def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(small_tiny, isolated_home, caplog,
-                                                                           tmp_path, monkeypatch):
+def test_load_converts_what_neither_the_store_nor_the_hub_has_and_keeps_it(
+    small_tiny, isolated_home, caplog, tmp_path, monkeypatch
+):
     from huggingface_hub import constants
 
     ckpt = zoo.resolve("convnext_tiny_1k")
@@ -354,13 +399,16 @@ def test_new_head_and_headless_loading(converted, small_tiny, caplog, tmp_path):
     assert "holds seeded random weights (converted with --random-weights), not a pretrained model" in caplog.text
     x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
     features = zoo.load(converted, include_top=False)
-    np.testing.assert_array_equal(np.asarray(features(x)), np.asarray(
-        __import__("keras").Model(full.input, full.get_layer("head.fc").input)(x)))
+    np.testing.assert_array_equal(
+        np.asarray(features(x)), np.asarray(__import__("keras").Model(full.input, full.get_layer("head.fc").input)(x))
+    )
     with caplog.at_level("WARNING"):
         five = zoo.load(converted, num_classes=5)
     assert "new 5-class head initialised fresh (the checkpoint's has 1000 classes)" in caplog.text
     assert five.output_shape == (None, 5)
-    np.testing.assert_array_equal(np.asarray(five.get_layer("head.norm").gamma), np.asarray(full.get_layer("head.norm").gamma))
+    np.testing.assert_array_equal(
+        np.asarray(five.get_layer("head.norm").gamma), np.asarray(full.get_layer("head.norm").gamma)
+    )
     caplog.clear()
     none = zoo.load(converted, num_classes=0)  # timm's num_classes=0: the pooled features, no new head
     assert "head" not in caplog.text

@@ -6,6 +6,7 @@ the client's own retries run in full and fast. The CLI runs in-process through c
 Every failure must end as one line of the project's own error, naming the repo, with nothing
 half-done left behind: no partial file in the Hub cache, nothing in the store, no commit.
 """
+
 from __future__ import annotations
 
 import time
@@ -118,6 +119,7 @@ def error_lines(stderr: str) -> list[str]:
 
 # --- downloads -------------------------------------------------------------------------------------
 
+
 def test_download_rides_out_a_few_503s(published, expected, sleeps):
     set_faults(published, {"fail": [{"match": "/resolve/", "status": 503, "times": 3}]})
     assert_loads_like_the_folder(expected)
@@ -225,12 +227,16 @@ def host_source(url: str, filename: str = "model.safetensors", seed: int = 21) -
 
 
 # each file type in each upload mode; the other two pairings take the same paths (-m slow)
-@pytest.mark.parametrize("hub, filename", [
-    pytest.param(None, "model.safetensors", marks=pytest.mark.slow, id="regular-model.safetensors"),
-    pytest.param(None, "pytorch_model.bin", id="regular-pytorch_model.bin"),
-    pytest.param(1024, "model.safetensors", id="lfs-model.safetensors"),
-    pytest.param(1024, "pytorch_model.bin", marks=pytest.mark.slow, id="lfs-pytorch_model.bin"),
-], indirect=["hub"])
+@pytest.mark.parametrize(
+    "hub, filename",
+    [
+        pytest.param(None, "model.safetensors", marks=pytest.mark.slow, id="regular-model.safetensors"),
+        pytest.param(None, "pytorch_model.bin", id="regular-pytorch_model.bin"),
+        pytest.param(1024, "model.safetensors", id="lfs-model.safetensors"),
+        pytest.param(1024, "pytorch_model.bin", marks=pytest.mark.slow, id="lfs-pytorch_model.bin"),
+    ],
+    indirect=["hub"],
+)
 def test_convert_downloads_the_source_from_timms_repo(hub, small_tiny, tmp_path, filename):
     import hashlib
 
@@ -240,12 +246,15 @@ def test_convert_downloads_the_source_from_timms_repo(hub, small_tiny, tmp_path,
     out, report = pipeline.convert("convnext_tiny_1k", out=tmp_path / "out")
     assert report.passed
     source = open_folder(out).config.source.to_json()
-    assert {k: source[k] for k in ("repo_id", "revision", "filename", "sha256")} == {"repo_id": SOURCE, "revision": api(hub).model_info(SOURCE).sha, "filename": filename,
-                      "sha256": hashlib.sha256(data).hexdigest()}
+    assert {k: source[k] for k in ("repo_id", "revision", "filename", "sha256")} == {
+        "repo_id": SOURCE,
+        "revision": api(hub).model_info(SOURCE).sha,
+        "filename": filename,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
-def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub, small_tiny, tmp_path,
-                                                                            isolated_home):
+def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub, small_tiny, tmp_path, isolated_home):
     from converters import pipeline
     from zoo.core.errors import SourceError
 
@@ -264,8 +273,9 @@ def test_corrupted_source_download_is_refused_not_kept_and_a_later_one_works(hub
 
 
 # a short body is caught by its length in either upload mode: LFS by default, regular with -m slow
-@pytest.mark.parametrize("hub", [pytest.param(None, marks=pytest.mark.slow, id="regular"),
-                                 pytest.param(1024, id="lfs")], indirect=True)
+@pytest.mark.parametrize(
+    "hub", [pytest.param(None, marks=pytest.mark.slow, id="regular"), pytest.param(1024, id="lfs")], indirect=True
+)
 def test_truncated_source_download_is_one_error_and_a_later_one_works(hub, small_tiny, tmp_path, isolated_home):
     from converters import pipeline
     from zoo.core.errors import SourceError
@@ -285,12 +295,14 @@ def test_truncated_source_download_is_one_error_and_a_later_one_works(hub, small
 
 # --- publishing -----------------------------------------------------------------------------------
 
+
 def remote_files(url: str, revision: str | None = None) -> set[str]:
     return set(api(url).list_repo_files(REPO, revision=revision))
 
 
-@pytest.mark.parametrize("where", ["/api/repos/create", "/preupload/", "/commit/", "/__lfs_upload/",
-                                   "/info/lfs/objects/batch"])
+@pytest.mark.parametrize(
+    "where", ["/api/repos/create", "/preupload/", "/commit/", "/__lfs_upload/", "/info/lfs/objects/batch"]
+)
 def test_publish_503_is_one_error_and_publishes_nothing(hub, converted, where):
     api(hub).create_repo(REPO)
     before = commits(hub)
@@ -349,8 +361,7 @@ def test_repo_that_moves_between_look_and_commit_refuses(hub, converted, monkeyp
     def look_then_someone_commits(self, repo_id, **kwargs):
         info = look(self, repo_id, **kwargs)
         if not raced:
-            raced.append(api(hub).upload_file(path_or_fileobj=b"someone else", path_in_repo="NOTES.md",
-                                              repo_id=REPO))
+            raced.append(api(hub).upload_file(path_or_fileobj=b"someone else", path_in_repo="NOTES.md", repo_id=REPO))
         return info
 
     monkeypatch.setattr(HfApi, "model_info", look_then_someone_commits)
@@ -387,8 +398,11 @@ def test_a_missing_repo_or_revision_is_named(published, small_tiny, tmp_path):
     from converters import pipeline
     from zoo.core.errors import SourceError
 
-    with pytest.raises(StoreError, match=r"testorg/convnext_atto\.d2_in1k: no such repo on the Hub \(or it is "
-                                         r"private and HF_TOKEN cannot read it\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"testorg/convnext_atto\.d2_in1k: no such repo on the Hub \(or it is "
+        r"private and HF_TOKEN cannot read it\)",
+    ):
         zoo.load("convnext_atto", convert=False)
     with pytest.raises(StoreError, match=f"{REPO}: the repo has no revision 'nope'"):
         zoo.load(NAME, revision="nope", convert=False)
@@ -398,8 +412,9 @@ def test_a_missing_repo_or_revision_is_named(published, small_tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", [("convert", "convnext_atto"), ("predict", "examples/scene.jpg")],
-                         ids=["convert", "predict"])
+@pytest.mark.parametrize(
+    "command", [("convert", "convnext_atto"), ("predict", "examples/scene.jpg")], ids=["convert", "predict"]
+)
 def test_an_unreachable_hub_fails_at_once_saying_what_to_do(command, tmp_path):
     """Without a network the Hub client retries every request for ~25 s, twice per checkpoint; a
     user without Hub access must hear at once what to do instead, not after a minute."""

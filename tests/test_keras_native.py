@@ -3,6 +3,7 @@ reads it (folder and `hf://`, safe mode, torch not importable), on the TensorFlo
 with the logits of `zoo.load` and within the parity tolerance of timm's; Keras' torch backend is
 refused in one line; the published card's Python snippets run as they are.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,9 +61,15 @@ def hub_url(folder, tmp_path_factory):
 
 def client_env(url: str, home: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "KERAS_BACKEND")}
-    env.update(HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1", HF_HUB_CACHE=str(home / "hub-cache"),
-               ZOO_HOME=str(home / "store"), HF_HUB_DISABLE_TELEMETRY="1", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=str(ROOT))
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_CACHE=str(home / "hub-cache"),
+        ZOO_HOME=str(home / "store"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=str(ROOT),
+    )
     env.update(extra)
     return env
 
@@ -137,9 +144,14 @@ def loaded(folder, hub_url, card, tmp_path_factory) -> dict:
         np.save(run_dir / "inputs.npy", inputs)
         image = np.random.default_rng(0).integers(0, 255, (300, 260, 3), np.uint8)
         Image.fromarray(image).save(run_dir / "image.jpg")
-        proc = subprocess.run([sys.executable, "-c", LOAD_EVERY_WAY, str(folder), REPO, json.dumps(blocks)],
-                              cwd=run_dir, capture_output=True, text=True, timeout=300,
-                              env=client_env(hub_url, run_dir, KERAS_BACKEND=backend))
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD_EVERY_WAY, str(folder), REPO, json.dumps(blocks)],
+            cwd=run_dir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=client_env(hub_url, run_dir, KERAS_BACKEND=backend),
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         with np.load(run_dir / "logits.npz") as f:
@@ -201,8 +213,9 @@ def test_folder_files_are_what_keras_save_writes(folder, tmp_path):
 
     model = zoo.load(folder)
     model.save(tmp_path / "saved", zipped=False)
-    ours, keras_own = (without_object_ids(json.loads((d / "config.json").read_text()))
-                       for d in (folder, tmp_path / "saved"))
+    ours, keras_own = (
+        without_object_ids(json.loads((d / "config.json").read_text())) for d in (folder, tmp_path / "saved")
+    )
     assert ours == keras_own and ours["registered_name"] == "convnext_zoo>ConvNeXt"
     assert ours["config"]["name"] == NAME
     metadata = json.loads((folder / "metadata.json").read_text())
@@ -219,8 +232,10 @@ def test_folders_in_the_earlier_layout_are_refused(folder, tmp_path):
     for name in ("metadata.json", RECORD):
         (old / name).unlink()
     manifest = json.loads((old / MANIFEST).read_text())
-    manifest = {"format": "convnext-zoo/1",
-                "files": {n: manifest["files"][n] for n in ("model.weights.h5", "parity.json")}}
+    manifest = {
+        "format": "convnext-zoo/1",
+        "files": {n: manifest["files"][n] for n in ("model.weights.h5", "parity.json")},
+    }
     (old / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="earlier convnext-zoo .*convert it again"):
         converted.open_folder(old)
@@ -241,8 +256,9 @@ def test_keras_torch_backend_is_refused_in_one_line(folder):
                 print(str(e))
     """)
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all("not torch" in line and "KERAS_BACKEND=tensorflow" in line for line in lines)

@@ -3,6 +3,7 @@
 `lint-imports` checks the contracts in pyproject.toml (imports inside functions count); these
 tests run it, show that it catches a violation, and that every module sits in a layer.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("lint-imports")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "importlinter.cli"]
     env = {**os.environ, "PYTHONPATH": str(root)}  # the packages there, not an installed copy
-    return subprocess.run([*command, "--no-cache"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([*command, "--no-cache"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
 def contracts() -> list[dict]:
@@ -37,12 +37,15 @@ def test_the_import_contracts_are_kept():
     assert "3 kept, 0 broken" in proc.stdout, proc.stdout[-2000:]
 
 
-@pytest.mark.parametrize("module, line, broken", [
-    ("checkpoints/fs.py", "def _late():\n    from converters import pipeline\n", "Layers"),  # upward, in a function
-    ("zoo/core/model.py", "def _late():\n    from zoo import loading\n", "Layers"),  # ground -> user layer
-    ("checkpoints/hub.py", "import zoo\n", "facade"),  # below the facade, importing it
-    ("zoo/core/catalogue.py", "from . import preprocessing\n", "cycles"),  # catalogue <-> preprocessing
-])
+@pytest.mark.parametrize(
+    "module, line, broken",
+    [
+        ("checkpoints/fs.py", "def _late():\n    from converters import pipeline\n", "Layers"),  # upward, in a function
+        ("zoo/core/model.py", "def _late():\n    from zoo import loading\n", "Layers"),  # ground -> user layer
+        ("checkpoints/hub.py", "import zoo\n", "facade"),  # below the facade, importing it
+        ("zoo/core/catalogue.py", "from . import preprocessing\n", "cycles"),  # catalogue <-> preprocessing
+    ],
+)
 def test_a_broken_contract_fails_the_check(tmp_path, module, line, broken):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,4 +1,5 @@
 """The code is formatted and linted as pyproject.toml says (`ruff`, pinned in the dev extra)."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,16 +19,21 @@ def ruff(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("check", [("check", "--no-cache"), ("format", "--check", "--no-cache")], ids=["lint", "format"])
+@pytest.mark.parametrize(
+    "check", [("check", "--no-cache"), ("format", "--check", "--no-cache")], ids=["lint", "format"]
+)
 def test_the_tree_is_clean(check):
     proc = ruff(*check, *TREES)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("check, line", [
-    (("check", "--no-cache"), "import os\n"),  # unused
-    (("format", "--check", "--no-cache"), "x = {'a':1}\n"),  # not as the formatter writes it
-])
+@pytest.mark.parametrize(
+    "check, line",
+    [
+        (("check", "--no-cache"), "import os\n"),  # unused
+        (("format", "--check", "--no-cache"), "x = {'a':1}\n"),  # not as the formatter writes it
+    ],
+)
 def test_a_file_that_breaks_the_rules_fails(tmp_path, check, line):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     (tmp_path / "zoo").mkdir()

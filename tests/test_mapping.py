@@ -1,4 +1,5 @@
 """The converter's mapping is strict both ways and independent of key order and layout."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,11 +34,13 @@ def test_port_fills_every_variable_with_the_right_values(small_arch):
     stem = model.get_layer("stem.0")
     np.testing.assert_array_equal(np.asarray(stem.kernel)[1, 2, :, 3], state["stem.0.weight"][3, :, 1, 2])
     if small_arch.layer_scale:
-        np.testing.assert_array_equal(np.asarray(model.get_layer("stages.3.blocks.0.gamma").gamma),
-                                      state["stages.3.blocks.0.gamma"])
+        np.testing.assert_array_equal(
+            np.asarray(model.get_layer("stages.3.blocks.0.gamma").gamma), state["stages.3.blocks.0.gamma"]
+        )
     if small_arch.use_grn:
-        np.testing.assert_array_equal(np.asarray(model.get_layer("stages.3.blocks.0.mlp.grn").bias),
-                                      state["stages.3.blocks.0.mlp.grn.bias"])
+        np.testing.assert_array_equal(
+            np.asarray(model.get_layer("stages.3.blocks.0.mlp.grn").bias), state["stages.3.blocks.0.mlp.grn.bias"]
+        )
 
 
 def test_keras_forward_matches_timm_in_process(small_arch):
@@ -134,9 +137,11 @@ def test_fb_layout_converts_to_the_same_weights(small_arch, tmp_path):
 
 
 def test_fb_grn_is_flattened():
-    fb = {"downsample_layers.0.0.weight": np.zeros((8, 3, 4, 4), np.float32),
-          "stages.0.0.grn.gamma": np.ones((1, 1, 1, 32), np.float32),
-          "stages.0.0.grn.beta": np.ones((1, 1, 1, 32), np.float32)}
+    fb = {
+        "downsample_layers.0.0.weight": np.zeros((8, 3, 4, 4), np.float32),
+        "stages.0.0.grn.gamma": np.ones((1, 1, 1, 32), np.float32),
+        "stages.0.0.grn.beta": np.ones((1, 1, 1, 32), np.float32),
+    }
     out = sources.normalise_keys(fb)
     assert out["stages.0.blocks.0.mlp.grn.weight"].shape == (32,)
     assert out["stages.0.blocks.0.mlp.grn.bias"].shape == (32,)
@@ -187,10 +192,13 @@ def test_bfloat16_without_ml_dtypes_in_a_fresh_process(tmp_path):
     from safetensors.torch import save_file as save_torch
 
     save_torch({"b": torch.tensor([1.5, -2.25], dtype=torch.bfloat16)}, str(tmp_path / "bf.safetensors"))
-    code = ("import sys; from converters.reading import read_state_dict; "
-            "print(read_state_dict(sys.argv[1])['b'].tolist(), 'ml_dtypes' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bf.safetensors")],
-                          capture_output=True, text=True)
+    code = (
+        "import sys; from converters.reading import read_state_dict; "
+        "print(read_state_dict(sys.argv[1])['b'].tolist(), 'ml_dtypes' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "bf.safetensors")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert proc.stdout.split() == ["[1.5,", "-2.25]", "False"]
 
@@ -201,8 +209,11 @@ def _h5_contents(path) -> dict:
     out = {}
     with h5py.File(path, "r") as f:
         out["/"] = dict(f.attrs)
-        f.visititems(lambda name, obj: out.__setitem__(
-            name, (dict(obj.attrs), obj[()] if isinstance(obj, h5py.Dataset) else None)))
+        f.visititems(
+            lambda name, obj: out.__setitem__(
+                name, (dict(obj.attrs), obj[()] if isinstance(obj, h5py.Dataset) else None)
+            )
+        )
     return out
 
 

@@ -1,5 +1,6 @@
 """The Keras ConvNeXt itself: timm's names and layer kinds, exact numerics, free input size,
 headless outputs, stochastic depth, dtype policy and `.keras` round trips. Small rows only."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.support.archs import SMALL, SMALL_CONV_MLP, SMALL_V1
+from tests.support.archs import SMALL, SMALL_V1
 from zoo.core.model import DropPath, LayerScale, PointwiseDense, build_model, drop_path_rates, stage_names
 
 
@@ -41,10 +42,11 @@ def gelu_erf(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 # --- names and layer kinds -------------------------------------------------------------------
+
 
 def test_layer_names_are_timm_module_paths(small_arch):
     model = build_model(small_arch, num_classes=10)
@@ -55,8 +57,14 @@ def test_layer_names_are_timm_module_paths(small_arch):
             expected |= {f"stages.{i}.downsample.0", f"stages.{i}.downsample.1"}
         for j in range(depth):
             path = f"stages.{i}.blocks.{j}"
-            expected |= {path, f"{path}.conv_dw", f"{path}.norm", f"{path}.mlp.fc1",
-                         f"{path}.mlp.fc2", f"{path}.gamma"}  # mlp.act (no weights) is fused into fc1
+            expected |= {
+                path,
+                f"{path}.conv_dw",
+                f"{path}.norm",
+                f"{path}.mlp.fc1",
+                f"{path}.mlp.fc2",
+                f"{path}.gamma",
+            }  # mlp.act (no weights) is fused into fc1
     assert expected <= names, sorted(expected - names)
     assert "stages.2.blocks.1.conv_dw" in names and "stages.0.downsample.0" not in names
     # the blocks' outputs carry the block path: the parity probe finds stages by these names
@@ -135,6 +143,7 @@ def test_gelu_in_the_graph_is_applied_to_fc1(small_arch):
 
 # --- input size and headless models -----------------------------------------------------------
 
+
 def test_input_size_is_free(small_arch):
     model = perturb(build_model(small_arch, num_classes=10))
     small = keras.ops.convert_to_numpy(model(images(2, 64, 64)))
@@ -182,6 +191,7 @@ def test_bad_pooling_raises(pooling):
 
 # --- stochastic depth ---------------------------------------------------------------------------
 
+
 def test_drop_path_rates_rise_linearly_per_block():
     rates = drop_path_rates(0.3, (1, 1, 2, 1))
     assert [len(r) for r in rates] == [1, 1, 2, 1]
@@ -195,8 +205,12 @@ def test_drop_path_layers_carry_the_linear_rates(small_arch):
     model = build_model(small_arch, num_classes=10, drop_path_rate=0.3)
     rates = drop_path_rates(0.3, small_arch.depths)
     found = {layer.name: layer.rate for layer in model.layers if isinstance(layer, DropPath)}
-    expected = {f"stages.{i}.blocks.{j}.drop_path": rate
-                for i, stage in enumerate(rates) for j, rate in enumerate(stage) if rate > 0}
+    expected = {
+        f"stages.{i}.blocks.{j}.drop_path": rate
+        for i, stage in enumerate(rates)
+        for j, rate in enumerate(stage)
+        if rate > 0
+    }
     assert found.keys() == expected.keys()
     assert "stages.0.blocks.0.drop_path" not in found  # the first block's rate is 0
     for name, rate in expected.items():
@@ -250,6 +264,7 @@ def test_drop_path_rejects_bad_rates(rate):
 
 # --- dtype policy ---------------------------------------------------------------------------------
 
+
 def test_layer_scale_follows_mixed_precision_policy():
     try:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -282,6 +297,7 @@ def test_layer_scale_multiplies_per_channel():
 
 # --- serialisation ----------------------------------------------------------------------------------
 
+
 def test_keras_file_round_trip_in_safe_mode(small_arch, tmp_path):
     model = perturb(build_model(small_arch, num_classes=10, drop_path_rate=0.2), seed=3)
     x = images(2, 64, 64)
@@ -294,8 +310,9 @@ def test_keras_file_round_trip_in_safe_mode(small_arch, tmp_path):
     assert type(loaded.get_layer("stages.0.blocks.0.gamma")) is LayerScale
     dropped = loaded.get_layer("stages.3.blocks.0.drop_path")
     assert type(dropped) is DropPath and dropped.rate == pytest.approx(0.2)
-    assert {layer.epsilon for layer in loaded.layers
-            if isinstance(layer, keras.layers.LayerNormalization)} == {small_arch.norm_eps}
+    assert {layer.epsilon for layer in loaded.layers if isinstance(layer, keras.layers.LayerNormalization)} == {
+        small_arch.norm_eps
+    }
     # the round trip is not vacuous: a fresh model of the same row computes something else
     fresh = build_model(small_arch, num_classes=10)
     assert np.abs(keras.ops.convert_to_numpy(fresh(x)) - expected).max() > 1e-3
@@ -367,7 +384,9 @@ def test_import_zoo_turns_on_onednn_unless_the_user_chose(user_choice):
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if user_choice is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = user_choice
-    code = ("import os, zoo, tensorflow; from zoo.core.runtime import onednn_enabled; "
-            "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())")
+    code = (
+        "import os, zoo, tensorflow; from zoo.core.runtime import onednn_enabled; "
+        "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == (["1", "True"] if user_choice is None else ["0", "False"])

@@ -1,13 +1,14 @@
 """Names that become folders (`--name`, catalogue names, default names, Hub repo names): one path
 component each, a bad one refused in one line before anything is done or written."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from converters import plan
 from checkpoints import hub, store
+from converters import plan
 from converters.source import SourceWeights
 from tests.support.archs import SMALL_V1
 from tests.support.cli import one_line_error, zoo_cli, zoo_inline
@@ -35,8 +36,11 @@ def store_of_two() -> dict[str, bytes | None]:
     return tree(store.store_root())
 
 
-@pytest.mark.parametrize("name", [*REFUSED, "a\\b", "a\u202eb", ".hidden", "x" * 201],
-                         ids=[*IDS, "backslash", "bidi-override", "hidden", "too-long"])
+@pytest.mark.parametrize(
+    "name",
+    [*REFUSED, "a\\b", "a\u202eb", ".hidden", "x" * 201],
+    ids=[*IDS, "backslash", "bidi-override", "hidden", "too-long"],
+)
 def test_a_bad_name_is_refused_in_one_line_naming_it(name):
     with pytest.raises(InvalidNameError) as raised:
         check_name(name)

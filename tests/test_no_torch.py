@@ -1,5 +1,6 @@
 """Using converted models needs neither torch nor timm: build, write and load in a process
 where importing either fails, as it does where the `convert` extra is not installed."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import sys
 import textwrap
 
 from tests.support.archs import SMALL_V1
-from zoo.core.folder_config import CONTENT_FILES, MANIFEST
 from tests.support.cli import BLOCK_TORCH
+from zoo.core.folder_config import CONTENT_FILES, MANIFEST
 
 CODE = textwrap.dedent("""
     import json, sys
@@ -48,8 +49,7 @@ CODE = textwrap.dedent("""
 
 def run(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                          timeout=180)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=180)
 
 
 def test_build_write_load_without_torch(tmp_path):

@@ -4,6 +4,7 @@ and parity runs against the framework the checkpoint came from.
 The sources are made here by timm, transformers and torchvision themselves (their model classes
 and savers), every tensor perturbed away from its identity init (tests/support/sources.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,13 @@ def src(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     import timm
 
-    timm.models.save_for_hf(sources.timm_model(V1_CONV_MLP, 10, seed=1), root / "timm_repo", safe_serialization=True,
-                            model_config={"label_names": [f"class_{i}" for i in range(10)]},
-                            data_config={"input_size": (3, 192, 192), "crop_pct": 0.9})
+    timm.models.save_for_hf(
+        sources.timm_model(V1_CONV_MLP, 10, seed=1),
+        root / "timm_repo",
+        safe_serialization=True,
+        model_config={"label_names": [f"class_{i}" for i in range(10)]},
+        data_config={"input_size": (3, 192, 192), "crop_pct": 0.9},
+    )
     plain, ema = sources.timm_model(V2, 37, seed=2), sources.timm_model(V2, 37, seed=3)
     sources.train_checkpoint(plain, ema, root / "model_best.pth.tar", "convnextv2_tiny")
     sources.ddp_save(sources.timm_model(V1, 10, seed=4), root / "ddp.pth")
@@ -79,11 +84,14 @@ def converted(src, tmp_path_factory):
             assert result.exit_code == 0, result.stderr[-3000:]
             done[case] = out, result.stderr
         return done[case]
+
     return convert
 
 
 # a DDP save: timm's state dict behind `module.` (see test_wrapper_prefixes_are_removed_and_reported): -m slow
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "ddp_save" else c for c in sorted(CASES)])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c == "ddp_save" else c for c in sorted(CASES)]
+)
 def test_converts_without_naming_the_architecture_against_its_own_framework(case, converted):
     name, framework, layout, classes, state_key, prefix, labels = CASES[case]
     out, stderr = converted(case)
@@ -140,8 +148,10 @@ def test_preprocessing_of_a_transformers_folder_is_its_image_processor(edge, cro
     from converters.images import natural_images
     from converters.metadata import read_metadata
 
-    processors = {kind: getattr(transformers, name)(size={"shortest_edge": edge}, crop_pct=crop_pct, resample=3)
-                  for kind, name in (("pil", "ConvNextImageProcessorPil"), ("default", "ConvNextImageProcessor"))}
+    processors = {
+        kind: getattr(transformers, name)(size={"shortest_edge": edge}, crop_pct=crop_pct, resample=3)
+        for kind, name in (("pil", "ConvNextImageProcessorPil"), ("default", "ConvNextImageProcessor"))
+    }
     processors["pil"].save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "convnext"}))
     ours = Preprocessing.from_pretrained_cfg(read_metadata(tmp_path / "model.safetensors").preprocessing)
@@ -149,8 +159,9 @@ def test_preprocessing_of_a_transformers_folder_is_its_image_processor(edge, cro
     for i, (h, w) in enumerate([(301, 257), (257, 301), (480, 640), (231, 999), (97, 411), (1001, 333)]):
         picture = Image.fromarray(natural_images(1, max(h, w), seed=i)[0][:h, :w])
         mine = ours(picture)[0]
-        theirs = {k: p(picture, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-                  for k, p in processors.items()}
+        theirs = {
+            k: p(picture, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0) for k, p in processors.items()
+        }
         assert np.array_equal(mine, theirs["pil"]), (h, w)
         worst.append(np.abs(mine - theirs["default"]))
     assert max(float(d.max()) for d in worst) <= FAST_PROCESSOR_MAX
@@ -172,12 +183,28 @@ def test_an_odd_but_good_timm_config_converts_and_predicts(tmp_path):
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    save_file({k: torch.from_numpy(v) for k, v in random_state_dict(V1_CONV_MLP, 3, seed=2).items()},
-              str(repo / "model.safetensors"))
-    (repo / "config.json").write_text(json.dumps({
-        "architecture": "convnext_atto", "num_classes": 3, "label_names": ODD_NAMES, "model_args": {"norm_eps": 1e-5},
-        "pretrained_cfg": {"input_size": [3, 64, 64], "crop_pct": 1, "crop_mode": "squash",
-                           "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.3, 0.35]}}))
+    save_file(
+        {k: torch.from_numpy(v) for k, v in random_state_dict(V1_CONV_MLP, 3, seed=2).items()},
+        str(repo / "model.safetensors"),
+    )
+    (repo / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "convnext_atto",
+                "num_classes": 3,
+                "label_names": ODD_NAMES,
+                "model_args": {"norm_eps": 1e-5},
+                "pretrained_cfg": {
+                    "input_size": [3, 64, 64],
+                    "crop_pct": 1,
+                    "crop_mode": "squash",
+                    "interpolation": "bilinear",
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.25, 0.3, 0.35],
+                },
+            }
+        )
+    )
     out = tmp_path / "out"
     result = zoo_inline("convert", "--checkpoint", repo, "--out", out)
     assert result.exit_code == 0, result.stderr[-3000:]
@@ -194,21 +221,55 @@ def test_an_odd_but_good_timm_config_converts_and_predicts(tmp_path):
     rows = table.stdout.splitlines()
     assert len(rows) == 5 and not any(c in table.stdout for c in "\x1b\x07\u202e")
     assert {row.split(maxsplit=3)[3] for row in rows[2:]} == {
-        r"\x1b]0;pwned\x07title", r"chat\nerror: injected line", "\\u202etxt.exe \u732b"}
+        r"\x1b]0;pwned\x07title",
+        r"chat\nerror: injected line",
+        "\\u202etxt.exe \u732b",
+    }
 
 
 def test_options_where_the_tensors_cannot_know(src, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("".join(f"class {i}\n" for i in range(7)))
     out = tmp_path / "out"
-    result = zoo_inline("convert", "--checkpoint", src / "tv.pth", "--out", out, "--name", "my_tv",
-                        "--input-size", "160", "--mean", "0.5,0.5,0.5", "--std", "0.25 0.25 0.25",
-                        "--labels", names, "--arch", "convnext_tiny")
+    result = zoo_inline(
+        "convert",
+        "--checkpoint",
+        src / "tv.pth",
+        "--out",
+        out,
+        "--name",
+        "my_tv",
+        "--input-size",
+        "160",
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.25 0.25 0.25",
+        "--labels",
+        names,
+        "--arch",
+        "convnext_tiny",
+    )
     assert result.exit_code == 1  # convnext_tiny's depths and widths are not these tensors'
     assert "the checkpoint is not a convnext_tiny" in result.stderr and "depths" in result.stderr
     assert not out.exists()
-    result = zoo_inline("convert", "--checkpoint", src / "tv.pth", "--out", out, "--name", "my_tv",
-                        "--input-size", "160", "--mean", "0.5,0.5,0.5", "--std", "0.25 0.25 0.25", "--labels", names)
+    result = zoo_inline(
+        "convert",
+        "--checkpoint",
+        src / "tv.pth",
+        "--out",
+        out,
+        "--name",
+        "my_tv",
+        "--input-size",
+        "160",
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.25 0.25 0.25",
+        "--labels",
+        names,
+    )
     assert result.exit_code == 0, result.stderr[-3000:]
     config = open_folder(out).config
     assert config.name == "my_tv" and config.input_size == 160
@@ -223,8 +284,12 @@ def test_hub_repo_in_transformers_layout_converts_over_http(src, tmp_path, monke
     from huggingface_hub import HfApi, constants
 
     with local_hub(tmp_path / "server") as url:
-        for name, value in (("ENDPOINT", url), ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True),
-                            ("HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")):
+        for name, value in (
+            ("ENDPOINT", url),
+            ("HF_HUB_OFFLINE", False),
+            ("HF_HUB_DISABLE_XET", True),
+            ("HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"),
+        ):
             monkeypatch.setattr(constants, name, value)
         monkeypatch.delenv("HF_HUB_OFFLINE")
         api = HfApi(endpoint=url, token="hf_test")
@@ -277,8 +342,10 @@ def test_torchvision_entries_preprocess_as_torchvisions_own_transform():
     import zoo
     from converters.images import natural_images
 
-    for name, weights in (("convnext_tiny.tv_in1k", tvm.ConvNeXt_Tiny_Weights), ("convnext_base.tv_in1k",
-                                                                                  tvm.ConvNeXt_Base_Weights)):
+    for name, weights in (
+        ("convnext_tiny.tv_in1k", tvm.ConvNeXt_Tiny_Weights),
+        ("convnext_base.tv_in1k", tvm.ConvNeXt_Base_Weights),
+    ):
         transform = weights.IMAGENET1K_V1.transforms()
         for i, (h, w) in enumerate([(301, 257), (480, 640), (231, 999)]):
             picture = Image.fromarray(natural_images(1, max(h, w), seed=i)[0][:h, :w])
@@ -331,6 +398,7 @@ def test_torchvision_entry_converts_from_its_release_url(monkeypatch, tmp_path):
 
 # --- the parity gate rejects broken key maps of the new layouts --------------------------------
 
+
 def _broken(layout: str, pattern: str, repl: str):
     """`layout` with one of its renames replaced (the converter's side only)."""
     rules = tuple((p, repl if p.pattern == pattern else r) for p, r in layouts.LAYOUTS[layout].rules)
@@ -340,14 +408,17 @@ def _broken(layout: str, pattern: str, repl: str):
 
 def _grn_weight_bias_swapped(state):
     key = next(k for k in state if k.endswith("mlp.grn.weight"))
-    bias = key[:-len("weight")] + "bias"
+    bias = key[: -len("weight")] + "bias"
     state[key], state[bias] = state[bias], state[key]
     return state
 
 
 def _block_norm_from_stem(state):
-    return {**state, "stages.0.blocks.0.norm.weight": state["stem.1.weight"],
-            "stages.0.blocks.0.norm.bias": state["stem.1.bias"]}
+    return {
+        **state,
+        "stages.0.blocks.0.norm.weight": state["stem.1.weight"],
+        "stages.0.blocks.0.norm.bias": state["stem.1.bias"],
+    }
 
 
 def _gamma_dropped(state):
@@ -408,6 +479,7 @@ def test_parity_rejects_a_broken_key_map(layout, source, src, monkeypatch):
 
 # --- reading, detection, inference: quick and fuzzed ------------------------------------------
 
+
 def test_training_checkpoint_entries_and_the_namespace(src, tmp_path):
     ema, key = reading.read_checkpoint(src / "model_best.pth.tar")
     plain, plain_key = reading.read_checkpoint(src / "model_best.pth.tar", use_ema=False)
@@ -419,8 +491,14 @@ def test_training_checkpoint_entries_and_the_namespace(src, tmp_path):
         def __reduce__(self):
             return (open, (str(tmp_path / "executed"), "w"))
 
-    torch.save({"state_dict": {"stem.0.weight": torch.zeros(1)}, "args": __import__("argparse").Namespace(a=1),
-                "payload": Gadget()}, refused)
+    torch.save(
+        {
+            "state_dict": {"stem.0.weight": torch.zeros(1)},
+            "args": __import__("argparse").Namespace(a=1),
+            "payload": Gadget(),
+        },
+        refused,
+    )
     with pytest.raises(SourceError, match="cannot be loaded safely"):
         reading.read_checkpoint(refused)
     assert not (tmp_path / "executed").exists()
@@ -435,9 +513,13 @@ def test_wrapper_prefixes_are_removed_and_reported():
 def test_a_file_in_no_layout_gets_a_short_message_naming_the_closest():
     vit = [f"encoder.layer.{i}.attention.q.weight" for i in range(300)]
     vit.append("embeddings.patch_embeddings.projection.weight")
-    for keys, says in ((vit, "the closest is transformers"),
-                       (vit + ["embeddings.patch_embeddings.weight"], "301 of 302 keys have no place in a ConvNeXt "
-                                                                      "of the transformers layout")):
+    for keys, says in (
+        (vit, "the closest is transformers"),
+        (
+            vit + ["embeddings.patch_embeddings.weight"],
+            "301 of 302 keys have no place in a ConvNeXt of the transformers layout",
+        ),
+    ):
         with pytest.raises(SourceError) as err:
             layouts.detect(keys)
         text = str(err.value)
@@ -487,9 +569,33 @@ def test_fuzzed_keys_give_a_layout_or_one_clear_error():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    parts = st.sampled_from(["stem", "stages", "features", "downsample_layers", "blocks", "0", "1", "3", "weight",
-                             "bias", "gamma", "layer_scale", "module", "convnext", "embeddings",
-                             "patch_embeddings", "encoder", "layers", "grn", "classifier", "head", "fc", "norm"])
+    parts = st.sampled_from(
+        [
+            "stem",
+            "stages",
+            "features",
+            "downsample_layers",
+            "blocks",
+            "0",
+            "1",
+            "3",
+            "weight",
+            "bias",
+            "gamma",
+            "layer_scale",
+            "module",
+            "convnext",
+            "embeddings",
+            "patch_embeddings",
+            "encoder",
+            "layers",
+            "grn",
+            "classifier",
+            "head",
+            "fc",
+            "norm",
+        ]
+    )
     key = st.lists(parts, min_size=1, max_size=6).map(".".join)
     shape = st.lists(st.integers(1, 4), min_size=0, max_size=4).map(tuple)
 
@@ -523,7 +629,6 @@ def test_convert_usage_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny", "small", "base", pytest.param("large", marks=pytest.mark.heavy)])
 def test_torchvision_full_size_networks_convert_against_torchvision(size, tmp_path):
@@ -548,8 +653,9 @@ def test_the_worked_example_gets_the_same_top1_from_timm_keras_and_tflite(tmp_pa
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "own_convnext.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "work")], capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "work")], capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "top-1 agreement with timm: keras 100%, tflite 100% (32 images)" in proc.stdout
     config = open_folder(tmp_path / "work" / "converted").config

@@ -3,6 +3,7 @@
 Each mutation breaks the converter's side only (the Keras model or what it reads); the PyTorch
 reference still loads the true file in its own process, as in production.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,15 +71,16 @@ def extra_key(state):
 def transposed_spatial_dw(monkeypatch):
     rules = dict(mapping.RULES)
     import keras
+
     kernel, bias = rules[keras.layers.DepthwiseConv2D]
     # (C, 1, kh, kw) -> (kw, kh, C, 1): same shape for a square kernel, wrong values
-    rules[keras.layers.DepthwiseConv2D] = (
-        mapping.Rule(kernel.attr, kernel.suffix, (3, 2, 0, 1)), bias)
+    rules[keras.layers.DepthwiseConv2D] = (mapping.Rule(kernel.attr, kernel.suffix, (3, 2, 0, 1)), bias)
     monkeypatch.setattr(mapping, "RULES", rules)
 
 
 def skipped_linear_transpose(monkeypatch):
     import keras
+
     rules = dict(mapping.RULES)
     rules[keras.layers.Dense] = (mapping.Rule("kernel", ".weight"), mapping.Rule("bias", ".bias"))
     monkeypatch.setattr(mapping, "RULES", rules)
@@ -86,8 +88,14 @@ def skipped_linear_transpose(monkeypatch):
 
 def keras_default_eps(monkeypatch):
     import keras
-    monkeypatch.setattr(zoo.core.model, "_norm", lambda arch, name, affine=True, eps=None: keras.layers.LayerNormalization(
-        name=name, center=affine, scale=affine))
+
+    monkeypatch.setattr(
+        zoo.core.model,
+        "_norm",
+        lambda arch, name, affine=True, eps=None: keras.layers.LayerNormalization(
+            name=name, center=affine, scale=affine
+        ),
+    )
 
 
 def serving_drops_norm_shift(monkeypatch):
@@ -102,7 +110,9 @@ def serving_drops_norm_shift(monkeypatch):
         return kernel, bias
 
     monkeypatch.setattr(zoo.core.serving, "_folded", folded)
-    monkeypatch.setattr(zoo.core.serving, "_fused_form", lambda x, gamma, beta, eps: real_fused(x, gamma, beta * 0, eps))
+    monkeypatch.setattr(
+        zoo.core.serving, "_fused_form", lambda x, gamma, beta, eps: real_fused(x, gamma, beta * 0, eps)
+    )
 
 
 def serving_norm_input_unscaled(monkeypatch):
@@ -127,7 +137,11 @@ STATE_MUTATIONS = {  # name -> (mutation, expected error, expected message)
 }
 MODEL_MUTATIONS = {
     "depthwise_spatial_transpose": (transposed_spatial_dw, ParityError, "failed at stages.0"),
-    "linear_transpose_skipped": (skipped_linear_transpose, MappingError, "shape mismatch: stages.0.blocks.0.mlp.fc1.weight"),
+    "linear_transpose_skipped": (
+        skipped_linear_transpose,
+        MappingError,
+        "shape mismatch: stages.0.blocks.0.mlp.fc1.weight",
+    ),
     "keras_default_eps": (keras_default_eps, ParityError, "failed at stem"),
     "serving_norm_shift_dropped": (serving_drops_norm_shift, ParityError, "failed at serving"),
     "serving_norm_input_unscaled": (serving_norm_input_unscaled, ParityError, "failed at serving"),
@@ -197,7 +211,10 @@ def test_grn_over_the_wrong_axes_is_rejected(small_weights, tmp_path, monkeypatc
 
 def _outputs(scale=1.0, noise=0.0):
     rng = np.random.default_rng(0)
-    ref = {n: rng.standard_normal((2, 4, 4, 3)).astype(np.float32) for n in ("stem", "stages.0", "stages.1", "stages.2", "stages.3")}
+    ref = {
+        n: rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+        for n in ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
+    }
     ref["pre_logits"] = rng.standard_normal((2, 8)).astype(np.float32)
     ref["logits"] = scale * rng.standard_normal((2, 10)).astype(np.float32)
     ours = {k: v + noise for k, v in ref.items()}
@@ -260,6 +277,7 @@ def test_an_error_beside_the_reference_process_ends_it_at_once(tmp_path, monkeyp
 
 # --- a network that cannot be a trained one ------------------------------------------------------
 
+
 def test_outputs_that_do_not_depend_on_the_input_fail_on_either_side():
     """A dead network (all-zero logits, or one row for every image) agrees with itself perfectly:
     the gate must refuse it for what it is, not pass it for agreeing."""
@@ -270,8 +288,9 @@ def test_outputs_that_do_not_depend_on_the_input_fail_on_either_side():
             target = dead_ref if side == "reference's" else dead_ours
             target[name][:] = target[name][:1]  # every image gives the first image's output
             report = compare(dead_ours, dead_ref)
-            assert not report.passed and report.failure.startswith(f"{name}: the {side} output is identical"), \
+            assert not report.passed and report.failure.startswith(f"{name}: the {side} output is identical"), (
                 report.failure
+            )
     zeros = {k: np.zeros_like(v) for k, v in ref.items()}
     assert "identical for every input image" in compare(zeros, zeros).failure
     # a spread above rounding, below anything a network's inputs make, is as dead
@@ -321,8 +340,9 @@ def test_an_infinite_layer_norm_epsilon_is_refused_before_anything_runs(tmp_path
     assert_nothing_written(out)
 
 
-def test_a_source_that_changes_between_the_reference_and_the_converter_is_refused(small_tiny, small_weights,
-                                                                                   tmp_path, monkeypatch):
+def test_a_source_that_changes_between_the_reference_and_the_converter_is_refused(
+    small_tiny, small_weights, tmp_path, monkeypatch
+):
     """The PyTorch side reads the file first and ends; a file replaced before the converter reads it
     would pass parity against bytes other than those converted. The two digests must agree."""
     from safetensors.numpy import save_file

@@ -1,4 +1,5 @@
 """The real pipeline end to end: Hub cache -> `zoo convert` (its own process) -> `zoo.load`."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ import torch
 from safetensors.numpy import save as save_bytes
 
 import converters.pipeline as pipeline
-from converters import recorded
 import zoo
 from checkpoints import converted
+from converters import recorded
 from converters.images import parity_batch
 from converters.reference import create, forward, random_state_dict
 from converters.reference_process import Network
@@ -36,9 +37,13 @@ from zoo.core.reports import ParityReport
 
 
 # atto by default (a third of tiny's time), the README's convnext_tiny_1k with -m slow: the same path
-@pytest.mark.parametrize("name, canonical", [pytest.param("convnext_tiny_1k", "convnext_tiny.fb_in1k",
-                                                          marks=pytest.mark.slow),
-                                             ("convnext_atto", "convnext_atto.d2_in1k")])
+@pytest.mark.parametrize(
+    "name, canonical",
+    [
+        pytest.param("convnext_tiny_1k", "convnext_tiny.fb_in1k", marks=pytest.mark.slow),
+        ("convnext_atto", "convnext_atto.d2_in1k"),
+    ],
+)
 def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     ckpt = zoo.resolve(name)
     assert ckpt.name == canonical
@@ -55,10 +60,15 @@ def test_convert_from_offline_hub_cache_then_load(name, canonical, tmp_path):
     logits = next(c for c in report["comparisons"] if c["name"] == "logits")
     assert report["passed"] and logits["max_abs"] <= 1e-4 and logits["rel"] <= 1e-5
     assert report["top1_agreement"] == 1.0
-    assert report["versions"] == {"keras": keras.__version__, "tensorflow": tf.__version__,  # both sides named
-                                  "torch": torch.__version__, "timm": timm.__version__,
-                                  "reference": "timm", "layout": "timm",
-                                  "source_sha256": json.loads((out / RECORD).read_text())["source"]["sha256"]}
+    assert report["versions"] == {
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,  # both sides named
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "reference": "timm",
+        "layout": "timm",
+        "source_sha256": json.loads((out / RECORD).read_text())["source"]["sha256"],
+    }
     config = json.loads((out / RECORD).read_text())
     assert config["source"]["repo_id"] == ckpt.hf_hub_id and config["pretrained"] is True
     assert len(config["source"]["revision"]) == 40
@@ -113,11 +123,14 @@ def test_random_weights_are_labelled_and_reproducible(small_tiny, tmp_path):
     assert again.sha256 == config["source"]["sha256"]
 
 
-@pytest.mark.parametrize("name, arch, filename", [
-    ("convnext_tiny_1k", "convnext_tiny", "convnext_tiny_1k_224_ema.pth"),
-    # official V2 files: GRN stored as (1, 1, 1, 4C), linear MLP weights where timm has 1x1 convs
-    ("convnextv2_atto_1k", "convnextv2_atto", "convnextv2_atto_1k_224_ema.pt"),
-])
+@pytest.mark.parametrize(
+    "name, arch, filename",
+    [
+        ("convnext_tiny_1k", "convnext_tiny", "convnext_tiny_1k_224_ema.pth"),
+        # official V2 files: GRN stored as (1, 1, 1, 4C), linear MLP weights where timm has 1x1 convs
+        ("convnextv2_atto_1k", "convnextv2_atto", "convnextv2_atto_1k_224_ema.pt"),
+    ],
+)
 def test_fb_checkpoint_file_converts_through_timms_own_remapping(name, arch, filename, tmp_path, monkeypatch):
     from tests.support.archs import SMALL
     from tests.support.fb_layout import to_fb_layout

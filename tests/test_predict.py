@@ -1,4 +1,5 @@
 """`zoo predict`, run as users run it (a subprocess), checked against timm's transform and model."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,6 @@ from tests.support.writing import write_converted
 
 NAME = "convnext_tiny.fb_in1k"
 TIMEOUT = 180
-
-
 
 
 def write_folder(out, name: str, num_classes: int, state: dict | None = None):
@@ -66,14 +65,14 @@ def test_table_shows_timms_top_classes(classifier):
     assert result.returncode == 0, result.stderr[-3000:]
     blocks = [block.splitlines() for block in result.stdout.strip().split("\n\n")]
     assert [block[0] for block in blocks] == images
-    for block, probabilities in zip(blocks, expected):
+    for block, probabilities in zip(blocks, expected, strict=False):
         assert block[1].split() == ["rank", "probability", "index", "label"]
         rows = [line.split(maxsplit=3) for line in block[2:]]
         assert [r[0] for r in rows] == ["1", "2", "3"]
         best = np.argsort(-probabilities)[:3]
         assert [int(r[2]) for r in rows] == list(best)
         assert [r[3] for r in rows] == [first_lemma(i) for i in best]
-        for row, index in zip(rows, best):
+        for row, index in zip(rows, best, strict=False):
             assert abs(float(row[1].rstrip("%")) - 100 * probabilities[index]) <= 0.006
 
 
@@ -134,8 +133,16 @@ def test_head_without_labels_shows_indices(tmp_path):
     assert all(0 <= p["index"] < 640 for p in entry["predictions"])
 
 
-HOSTILE_NAMES = ("\x1b]0;title\x07", "\x1b[2J", "cat\nerror: injected line", "tab\there\r", "\x9b31m\x7f",
-                 "\u202eevil", "\ud800", "chat \u732b")
+HOSTILE_NAMES = (
+    "\x1b]0;title\x07",
+    "\x1b[2J",
+    "cat\nerror: injected line",
+    "tab\there\r",
+    "\x9b31m\x7f",
+    "\u202eevil",
+    "\ud800",
+    "chat \u732b",
+)
 
 
 def test_class_names_from_files_cannot_drive_the_terminal(tmp_path):
@@ -145,8 +152,12 @@ def test_class_names_from_files_cannot_drive_the_terminal(tmp_path):
     from zoo.core.text import printable
 
     names = HOSTILE_NAMES + ("dog", "bird")
-    folder = write_converted(tmp_path / "named", small_model(num_classes=10),
-                             folder_config(NAME, SMALL_V1, 10, labels=names), {"passed": True})
+    folder = write_converted(
+        tmp_path / "named",
+        small_model(num_classes=10),
+        folder_config(NAME, SMALL_V1, 10, labels=names),
+        {"passed": True},
+    )
     image = tmp_path / "photo\x1b[2J.png"
     Image.fromarray(natural_images(1, 90, seed=2)[0]).save(image)
     table = zoo_inline("predict", image, "--model", folder, "--top", "10")
@@ -187,8 +198,9 @@ def test_help_names_the_default_model():
     assert result.exit_code == 0 and "convnext_tiny.fb_in1k" in result.stdout
 
 
-@pytest.mark.parametrize("num_classes, subset", [(1000, "imagenet-1k"), (11821, "imagenet-12k"),
-                                                 (21841, "imagenet-22k")])
+@pytest.mark.parametrize(
+    "num_classes, subset", [(1000, "imagenet-1k"), (11821, "imagenet-12k"), (21841, "imagenet-22k")]
+)
 def test_label_sets_equal_timms(num_classes, subset):
     from zoo.core.labels import descriptions, label_names, synsets
 
@@ -210,8 +222,11 @@ def test_heads_without_a_label_set():
     assert widths - {0, 640, 768, 1024} == {1000, 11821, 21841}  # every classifier head is named
 
 
-@pytest.mark.parametrize("change", [{"crop_pct": 0.003}, {"crop_pct": float("nan")}, {"mean": [0.5]},
-                                    {"interpolation": "\x1b[2Jlanczos"}], ids=["tiny-crop", "nan-crop", "mean", "escape"])
+@pytest.mark.parametrize(
+    "change",
+    [{"crop_pct": 0.003}, {"crop_pct": float("nan")}, {"mean": [0.5]}, {"interpolation": "\x1b[2Jlanczos"}],
+    ids=["tiny-crop", "nan-crop", "mean", "escape"],
+)
 def test_a_folder_recording_preprocessing_no_transform_can_apply_is_one_line(change, tmp_path):
     """Folders written before the values beside the weights were checked may record such values
     (their manifest is intact): predicting with one is one line, never a 22 GB resize or a traceback."""
@@ -221,8 +236,9 @@ def test_a_folder_recording_preprocessing_no_transform_can_apply_is_one_line(cha
 
     config = folder_config(NAME, SMALL_V1, 10)
     config = dataclasses.replace(config, pretrained_cfg={**config.pretrained_cfg, **change})
-    folder = write_converted(tmp_path / "old", build_model(SMALL_V1, num_classes=10, name=NAME), config,
-                             {"passed": True})
+    folder = write_converted(
+        tmp_path / "old", build_model(SMALL_V1, num_classes=10, name=NAME), config, {"passed": True}
+    )
     image = tmp_path / "a.png"
     Image.fromarray(natural_images(1, 64)[0]).save(image)
     result = zoo_inline("predict", image, "--model", folder)

@@ -1,4 +1,5 @@
 """Preprocessing equals timm's eval transform; the Keras layer stays within its stated bound."""
+
 from __future__ import annotations
 
 import os
@@ -29,11 +30,23 @@ from zoo.core.preprocessing import (
 )
 
 # crop 0.875 (1k), 0.95 (12k head), 1.0 at 256 with CLIP's mean/std, 0.9 with mean 0.5, squash 384
-CASES = ["convnext_tiny.fb_in1k", "convnext_nano.in12k", "convnext_base.clip_laion2b_augreg_ft_in1k",
-         "convnext_zepto_rms_ols.ra4_e3600_r224_in1k", "convnext_tiny.fb_in22k_ft_in1k_384"]
+CASES = [
+    "convnext_tiny.fb_in1k",
+    "convnext_nano.in12k",
+    "convnext_base.clip_laion2b_augreg_ft_in1k",
+    "convnext_zepto_rms_ols.ra4_e3600_r224_in1k",
+    "convnext_tiny.fb_in22k_ft_in1k_384",
+]
 # (height, width, format, mode): odd sizes, both orientations, square, smaller than every crop
-FILES = [(333, 517, "png", "RGB"), (224, 224, "jpeg", "RGB"), (700, 100, "png", "RGB"),
-         (100, 700, "jpeg", "RGB"), (150, 120, "png", "L"), (61, 90, "png", "RGBA"), (385, 383, "jpeg", "RGB")]
+FILES = [
+    (333, 517, "png", "RGB"),
+    (224, 224, "jpeg", "RGB"),
+    (700, 100, "png", "RGB"),
+    (100, 700, "jpeg", "RGB"),
+    (150, 120, "png", "L"),
+    (61, 90, "png", "RGBA"),
+    (385, 383, "jpeg", "RGB"),
+]
 
 
 def natural(height: int, width: int, seed: int) -> np.ndarray:
@@ -78,14 +91,23 @@ def test_equals_timms_eval_transform(name, image_files):
     np.testing.assert_array_equal(timm_batch(timm_eval(name, use_catalogue=True), image_files[:2]), ours[:2])
 
 
-@pytest.mark.parametrize("size, crop_pct, mode, interpolation", [
-    ((200, 300), 0.9, "center", "bilinear"),  # non-square: timm's ResizeKeepRatio
-    ((224, 224), 1.2, "center", "bicubic"),  # crop larger than the resized image: zero padding
-    ((160, 192), 1.15, "squash", "bilinear"),
-])
+@pytest.mark.parametrize(
+    "size, crop_pct, mode, interpolation",
+    [
+        ((200, 300), 0.9, "center", "bilinear"),  # non-square: timm's ResizeKeepRatio
+        ((224, 224), 1.2, "center", "bicubic"),  # crop larger than the resized image: zero padding
+        ((160, 192), 1.15, "squash", "bilinear"),
+    ],
+)
 def test_equals_timm_beyond_the_catalogue(size, crop_pct, mode, interpolation, image_files):
-    transform = create_transform(input_size=(3, *size), crop_pct=crop_pct, crop_mode=mode,
-                                 interpolation=interpolation, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    transform = create_transform(
+        input_size=(3, *size),
+        crop_pct=crop_pct,
+        crop_mode=mode,
+        interpolation=interpolation,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.2, 0.3, 0.25),
+    )
     ours = Preprocessing(size, crop_pct, mode, interpolation, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25))(image_files)
     np.testing.assert_array_equal(ours, timm_batch(transform, image_files))
 
@@ -99,8 +121,9 @@ def test_input_forms_agree(image_files):
     np.testing.assert_array_equal(preprocess(arrays, name), expected)
     np.testing.assert_array_equal(preprocess([str(p) for p in image_files], name), expected)
     np.testing.assert_array_equal(zoo.preprocess(image_files[0], zoo.resolve(name)), expected[:1])
-    np.testing.assert_array_equal(preprocess(arrays[1], Preprocessing.from_checkpoint(zoo.resolve(name))),
-                                  expected[1:2])
+    np.testing.assert_array_equal(
+        preprocess(arrays[1], Preprocessing.from_checkpoint(zoo.resolve(name))), expected[1:2]
+    )
     # a uint8 NHWC batch, and grey images as (H, W) or (H, W, 1)
     batch = np.stack([arrays[1], arrays[1][::-1]])
     np.testing.assert_array_equal(preprocess(batch, name), preprocess(list(batch), name))
@@ -118,12 +141,19 @@ def test_every_catalogue_entry_has_a_preprocessing():
 
 
 def test_import_stays_free_of_frameworks():
-    code = ("import sys, numpy as np, zoo\n"
-            "x = zoo.preprocess(np.zeros((40, 30, 3), np.uint8), 'convnext_tiny')\n"
-            "assert x.shape == (1, 224, 224, 3)\n"
-            "print(sorted(m for m in ('tensorflow', 'keras', 'torch', 'timm') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    code = (
+        "import sys, numpy as np, zoo\n"
+        "x = zoo.preprocess(np.zeros((40, 30, 3), np.uint8), 'convnext_tiny')\n"
+        "assert x.shape == (1, 224, 224, 3)\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'torch', 'timm') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
     assert "preprocess" in zoo.__all__
@@ -186,8 +216,10 @@ def test_keras_layer_stays_within_its_bound(image_files, small_classifier):
         agree += int((exact.argmax(-1) == raw.argmax(-1)).sum())
         total += len(arrays)
         prob_diff = max(prob_diff, float(np.abs(softmax(exact) - softmax(raw)).max()))
-    print(f"Keras layer vs timm: max abs {worst_max:.4f}, worst mean abs {worst_mean:.5f}, "
-          f"top-1 {agree}/{total}, probabilities within {prob_diff:.4f}")
+    print(
+        f"Keras layer vs timm: max abs {worst_max:.4f}, worst mean abs {worst_mean:.5f}, "
+        f"top-1 {agree}/{total}, probabilities within {prob_diff:.4f}"
+    )
     # measured: max 0.069, mean 0.0037, every top-1 equal, probabilities within 0.01
     assert worst_max <= LAYER_MAX_ABS and worst_mean <= LAYER_MEAN_ABS, (worst_max, worst_mean)
     assert agree / total >= 0.95 and prob_diff <= 0.02, (agree, total, prob_diff)

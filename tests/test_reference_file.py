@@ -5,6 +5,7 @@ code, and a reference process that fails ends in one error line.
 The sources are transformers `save_pretrained` folders (tests/support/sources.py), with other
 weights of the same network, drawn from other seeds, saved beside them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,12 @@ from zoo.core.errors import ReferenceRunError, StoreError
 
 V1, V2 = SMALL["linear_mlp"], SMALL["v2_grn"]
 CLASSES = 3
-SEEDS = {"beside": 6, "beside/other.safetensors": 11, "beside/pytorch_model.bin": 12,
-         "alone/other.safetensors": 11}  # what is converted -> the seed of the weights it holds
+SEEDS = {
+    "beside": 6,
+    "beside/other.safetensors": 11,
+    "beside/pytorch_model.bin": 12,
+    "alone/other.safetensors": 11,
+}  # what is converted -> the seed of the weights it holds
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -62,6 +67,7 @@ def converted(folders, tmp_path_factory):
             assert result.exit_code == 0, result.stderr[-3000:]
             done[given] = out
         return done[given]
+
     return convert
 
 
@@ -135,14 +141,19 @@ def test_every_layout_names_a_framework_the_reference_runs():
 
 # what the child's `torch` does when imported -> the one line the converter reports
 FAILURES = {
-    "missing": ("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')",
-                "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'"),
+    "missing": (
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')",
+        "the PyTorch reference needs torch and timm: pip install 'convnext-zoo[convert]'",
+    ),
     "error_after_output_on_stdout": (
         "print('a line of its own on stdout')\nraise RuntimeError('the framework\\nfailed')",
-        "the PyTorch reference process failed (exit 1): RuntimeError: the framework failed"),
-    "killed": ("import os, signal, sys\nsys.stderr.write('its last words\\n')\nsys.stderr.flush()\n"
-               "os.kill(os.getpid(), signal.SIGKILL)",
-               "the PyTorch reference process was killed by SIGKILL: its last words"),
+        "the PyTorch reference process failed (exit 1): RuntimeError: the framework failed",
+    ),
+    "killed": (
+        "import os, signal, sys\nsys.stderr.write('its last words\\n')\nsys.stderr.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)",
+        "the PyTorch reference process was killed by SIGKILL: its last words",
+    ),
 }
 
 
@@ -162,8 +173,7 @@ def test_the_failure_a_child_reports_is_the_one_line(case, tmp_path, monkeypatch
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full to write to")
 def test_a_full_disk_under_the_reference_is_a_store_error(tmp_path):
     network = Network(V2, CLASSES, True, 64, (0.5,) * 3, (0.25,) * 3)
-    spec = write_spec(network, tmp_path / "random.safetensors", tmp_path, inputs=network.parity_batch(),
-                      random_seed=1)
+    spec = write_spec(network, tmp_path / "random.safetensors", tmp_path, inputs=network.parity_batch(), random_seed=1)
     spec.write_text(json.dumps({**json.loads(spec.read_text()), "versions": "/dev/full"}))  # writes fail: ENOSPC
     with pytest.raises(StoreError, match=r"^no space left on the disk holding .* for the PyTorch reference's files"):
         run_reference_process(["forward", str(spec)])

@@ -3,6 +3,7 @@
 Weights are perturbed to a realistic scale first: LayerScale at 1e-6 and GRN at zero would make
 every block an identity and hide a wrong fold.
 """
+
 from __future__ import annotations
 
 import keras
@@ -59,8 +60,13 @@ def executed_ops(function, *args) -> list[str]:
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
         space.ParseFromString(next(Path(logs).rglob("*.xplane.pb")).read_bytes())
-    return [plane.event_metadata[event.metadata_id].name.split(":")[-1] for plane in space.planes
-            for line in plane.lines if line.name.startswith("tf_Compute") for event in line.events]
+    return [
+        plane.event_metadata[event.metadata_id].name.split(":")[-1]
+        for plane in space.planes
+        for line in plane.lines
+        if line.name.startswith("tf_Compute")
+        for event in line.events
+    ]
 
 
 @pytest.mark.skipif(not FUSED, reason="this TensorFlow has no fused oneDNN LayerNorm kernel")
@@ -99,7 +105,7 @@ def test_what_folds_into_what(images):
     kept = [v.name for t in serve.trackables if isinstance(t, tf.Module) for v in t.folded]
     assert kept and all(name.split(":")[0].endswith("/bias") for name in kept)
     norm_into, scale_into = plan_folds(model)
-    blocks = [layer.name[:-len(".conv_dw")] for layer in model.layers if layer.name.endswith(".conv_dw")]
+    blocks = [layer.name[: -len(".conv_dw")] for layer in model.layers if layer.name.endswith(".conv_dw")]
     expected = {f"{b}.mlp.fc1": f"{b}.norm" for b in blocks}
     expected.update({f"stages.{i}.downsample.1": f"stages.{i}.downsample.0" for i in (1, 2, 3)})
     expected["head.fc"] = "head.norm"
@@ -148,8 +154,14 @@ def test_the_commands_frozen_weights_give_the_same_logits(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"}
     tests = Path(__file__).parent
-    done = subprocess.run([sys.executable, "-c", FROZEN_CHILD, str(tests)], env=env, capture_output=True,
-                          text=True, cwd=tests.parent, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", FROZEN_CHILD, str(tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tests.parent,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "frozen ok" in done.stdout
 

@@ -1,4 +1,5 @@
 """Source checkpoints from release URLs (FB-only entries) and batch conversion."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,8 @@ from safetensors.numpy import save as save_bytes
 import converters.pipeline as pipeline
 from converters import source
 from converters.batch import convert_all
-from converters.verify import verify
 from converters.reference import random_state_dict
+from converters.verify import verify
 from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_inline
 from tests.support.fb_layout import to_fb_layout
@@ -48,7 +49,9 @@ def test_fb_only_entry_converts_from_its_release_url(monkeypatch, online, tmp_pa
     data = fb_pth_bytes(random_state_dict(SMALL_V1, 1000, seed=4))
     with serve({"/convnext/convnext_base_1k_384.pth": data}) as (base, requests):
         entry = catalogue()[name]
-        monkeypatch.setitem(catalogue(), name, dataclasses.replace(entry, url=f"{base}/convnext/convnext_base_1k_384.pth"))
+        monkeypatch.setitem(
+            catalogue(), name, dataclasses.replace(entry, url=f"{base}/convnext/convnext_base_1k_384.pth")
+        )
         out, report = pipeline.convert("convnext_base_1k_384", out=tmp_path / "out")
         assert report.passed and report.input_size == 384
         recorded = json.loads((out / RECORD).read_text())["source"]
@@ -97,7 +100,8 @@ def test_convert_all_is_resumable_and_survives_failures(small_tiny, tmp_path):
     forced, _ = convert_all(names[:1], out_root=tmp_path / "all", force=True, keep_weights=False)
     assert forced[0]["status"] == "ok"
     assert sorted(p.name for p in (tmp_path / "all" / names[0]).iterdir()) == sorted(
-        {*CONTENT_FILES, MANIFEST} - {WEIGHTS})
+        {*CONTENT_FILES, MANIFEST} - {WEIGHTS}
+    )
     resumed, _ = convert_all(names[:1], out_root=tmp_path / "all", keep_weights=False)
     assert resumed[0]["status"] == "skipped (done)" and resumed[0]["params"] == rows[0]["params"]
     whole, _ = convert_all(names[:1], out_root=tmp_path / "all")  # weights wanted: redone

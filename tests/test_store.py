@@ -1,4 +1,5 @@
 """The converted-checkpoint folder (checkpoints/store.py) and loading it back (zoo.load)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -61,6 +62,7 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 
 
 # --- the written folder -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
@@ -135,6 +137,7 @@ def test_load_headless(pristine):
 
 # --- integrity ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("opener", [converted.open_folder, zoo.load], ids=["open_folder", "zoo.load"])
 def test_one_changed_byte_in_the_weights_is_caught(ckpt, opener):
     out = ckpt
@@ -150,9 +153,10 @@ def test_one_changed_byte_in_the_weights_is_caught(ckpt, opener):
 def test_an_edited_json_file_is_caught(ckpt, opener, name):
     out = ckpt
     text = (out / name).read_text()
-    edited = {"parity.json": text.replace('"atol": 0.0001', '"atol": 0.0009'),
-              "config.json": text.replace('"epsilon": 1e-06', '"epsilon": 1e-05', 1)}.get(
-                  name, text.replace("fb_in1k", "fb_in2k", 1))
+    edited = {
+        "parity.json": text.replace('"atol": 0.0001', '"atol": 0.0009'),
+        "config.json": text.replace('"epsilon": 1e-06', '"epsilon": 1e-05', 1),
+    }.get(name, text.replace("fb_in1k", "fb_in2k", 1))
     assert edited != text and len(edited) == len(text)
     (out / name).write_text(edited)
     with pytest.raises(IntegrityError):
@@ -192,12 +196,16 @@ def test_a_manifest_that_omits_a_file_is_caught(ckpt):
         converted.open_folder(out)
 
 
-@pytest.mark.parametrize("change, said", [
-    (lambda m: m["files"]["parity.json"].pop("sha256"), "parity.json needs its sha256"),
-    (lambda m: m["files"]["config.json"].update(size="12"), "config.json needs its sha256 (a string) and size"),
-    (lambda m: m.update(files=["parity.json"]), "its files must be an object"),
-    (lambda m: m.update(format="convnext-zoo/99"), "unknown format 'convnext-zoo/99'"),
-], ids=["no sha256", "size a string", "files a list", "unknown format"])
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (lambda m: m["files"]["parity.json"].pop("sha256"), "parity.json needs its sha256"),
+        (lambda m: m["files"]["config.json"].update(size="12"), "config.json needs its sha256 (a string) and size"),
+        (lambda m: m.update(files=["parity.json"]), "its files must be an object"),
+        (lambda m: m.update(format="convnext-zoo/99"), "unknown format 'convnext-zoo/99'"),
+    ],
+    ids=["no sha256", "size a string", "files a list", "unknown format"],
+)
 def test_a_folder_and_a_published_repo_check_their_manifest_alike(ckpt, change, said):
     """One check of a manifest, for a folder on disk and for a published repo's manifest before its
     files are fetched: a manifest that cannot describe a converted folder is named, in one line."""
@@ -247,6 +255,7 @@ def test_missing_paths_raise_store_error(tmp_path):
 
 
 # --- writing over things ----------------------------------------------------------------------------
+
 
 def test_write_refuses_a_foreign_folder_and_leaves_it_alone(tmp_path):
     out = tmp_path / "mine"
@@ -398,6 +407,7 @@ def test_a_failing_write_keeps_the_previous_folder(ckpt, tmp_path, monkeypatch, 
 
 # --- the local store ------------------------------------------------------------------------------
 
+
 def test_store_root_follows_zoo_home(isolated_home):
     assert store.store_root() == isolated_home / "store"
     assert store.store_path(NAME) == isolated_home / "store" / NAME
@@ -428,6 +438,7 @@ def test_load_by_unknown_name(isolated_home):
 
 
 # --- concurrency and crashes ------------------------------------------------------------------
+
 
 def test_readers_never_see_a_missing_or_partial_folder_while_it_is_replaced(tmp_path):
     import threading
@@ -496,6 +507,7 @@ def test_stale_staging_links_are_removed_not_followed(tmp_path):
 
 
 # --- a destination that is a link ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("points_to", ["an empty folder", "nothing", "a converted folder"])
 def test_write_through_a_link_writes_where_it_points(points_to, tmp_path, pristine):

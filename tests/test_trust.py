@@ -1,4 +1,5 @@
 """Hostile inputs: nothing in a checkpoint file is ever executed."""
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,9 @@ from safetensors.numpy import save as save_bytes  # noqa: E402
 from tests.support.sources import normalise_keys  # noqa: E402
 from zoo.core.errors import ZooError  # noqa: E402
 
-VALID = save_bytes({"stem.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
-                    "stem.0.bias": np.ones(2, np.float16)})
+VALID = save_bytes(
+    {"stem.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2), "stem.0.bias": np.ones(2, np.float16)}
+)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -91,15 +93,25 @@ def test_empty_tensors_are_refused_by_name(tmp_path, suffix):
     if suffix == ".pth":
         torch.save({"stem.0.weight": torch.ones(2, 3, 4, 4), "head.fc.weight": torch.zeros(0, 320)}, path)
     else:
-        path.write_bytes(save_bytes({"stem.0.weight": np.ones((2, 3, 4, 4), np.float32),
-                                     "head.fc.weight": np.zeros((0, 320), np.float32)}))
+        path.write_bytes(
+            save_bytes(
+                {"stem.0.weight": np.ones((2, 3, 4, 4), np.float32), "head.fc.weight": np.zeros((0, 320), np.float32)}
+            )
+        )
     with pytest.raises(SourceError, match=r"tensor 'head.fc.weight' has shape \[0, 320\], no values"):
         read_state_dict(path)
 
 
-@pytest.mark.parametrize("key, shape", [
-    ("stages.0.blocks.0.conv_dw.weight", ()), ("stages.2.blocks.0.conv_dw.weight", (8,)),
-    ("stages.0.blocks.0.mlp.fc1.weight", ()), ("head.fc.weight", (3,)), ("stem.0.weight", (8, 3))])
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("stages.0.blocks.0.conv_dw.weight", ()),
+        ("stages.2.blocks.0.conv_dw.weight", (8,)),
+        ("stages.0.blocks.0.mlp.fc1.weight", ()),
+        ("head.fc.weight", (3,)),
+        ("stem.0.weight", (8, 3)),
+    ],
+)
 def test_tensors_of_the_wrong_rank_are_one_error_naming_them(key, shape):
     """Inference reads shapes: a tensor with too few dimensions is an error naming it, not an IndexError."""
     from converters.inference import infer
@@ -130,7 +142,7 @@ def test_fuzz_safetensors_reader(tmp_path_factory, data):
     kind = data.draw(st.sampled_from(["truncate", "flip", "header_len", "random", "header_json"]))
     blob = bytearray(VALID)
     if kind == "truncate":
-        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
     elif kind == "flip":
         for _ in range(data.draw(st.integers(1, 8))):
             i = data.draw(st.integers(0, len(blob) - 1))
@@ -152,14 +164,33 @@ def test_fuzz_pickle_reader(tmp_path_factory, blob):
     _read_bytes(tmp_path_factory, blob, ".pth")
 
 
-_KEY_PARTS = st.sampled_from(["downsample_layers", "stages", "0", "1", "3", "dwconv", "pwconv1", "pwconv2",
-                              "grn", "gamma", "beta", "norm", "head", "weight", "bias", "stem", "blocks", "mlp"])
+_KEY_PARTS = st.sampled_from(
+    [
+        "downsample_layers",
+        "stages",
+        "0",
+        "1",
+        "3",
+        "dwconv",
+        "pwconv1",
+        "pwconv2",
+        "grn",
+        "gamma",
+        "beta",
+        "norm",
+        "head",
+        "weight",
+        "bias",
+        "stem",
+        "blocks",
+        "mlp",
+    ]
+)
 _ARRAYS = st.lists(st.integers(1, 4), min_size=0, max_size=4).map(lambda s: np.zeros(s, np.float32))
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.dictionaries(st.lists(_KEY_PARTS, min_size=1, max_size=5).map(".".join), _ARRAYS, max_size=8),
-       st.booleans())
+@given(st.dictionaries(st.lists(_KEY_PARTS, min_size=1, max_size=5).map(".".join), _ARRAYS, max_size=8), st.booleans())
 def test_fuzz_key_normaliser(state, conv_mlp):
     try:
         out = normalise_keys(state, conv_mlp=conv_mlp)
@@ -170,6 +201,7 @@ def test_fuzz_key_normaliser(state, conv_mlp):
 
 # --- crash safety: SIGKILL at random moments ---------------------------------------------------
 
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     """`zoo convert` killed at 24 random moments: the folder is absent or whole, and the next run
@@ -178,7 +210,6 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     import shutil
     import signal
     import time
-
 
     out = tmp_path / "converted"
     run = [sys.executable, "-m", "zoo.cli", "convert", "convnext_atto", "--random-weights", "--out", str(out)]
@@ -193,8 +224,12 @@ def test_sigkill_at_random_moments_leaves_nothing_partial(tmp_path):
     for i in range(24):
         if i % 4 == 0 and out.exists():
             shutil.rmtree(out)  # some runs write a new folder, the others replace a whole one
-        proc = subprocess.Popen(run + (["--seed", "1"] if i % 2 else []), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=dict(os.environ))
+        proc = subprocess.Popen(
+            run + (["--seed", "1"] if i % 2 else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ),
+        )
         time.sleep(rng.uniform(0.0, full * 1.1))
         proc.send_signal(signal.SIGKILL)
         mid_way += proc.wait() == -signal.SIGKILL  # (0: it had finished)

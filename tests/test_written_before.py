@@ -1,10 +1,12 @@
 """Folders and files written by an earlier layout of the package still load, unchanged.
 
 `tests/data/written_before/` was written before the ground modules moved under `zoo.core`: a converted
-folder (`zoo convert`, seeded random weights of a small architecture) and its model saved as one `.keras`
-file behind the preprocessing layer (`zoo.preprocessing.with_preprocessing(model, folder).save(...)`). Their Keras configs name the old module
-(`"module": "zoo.model"`); Keras finds the classes by their registered names (`convnext_zoo>...`).
+folder (`zoo convert`, seeded random weights of a small architecture) and its model saved as one
+`.keras` file behind the preprocessing layer (`zoo.preprocessing.with_preprocessing(model, folder)
+.save(...)`). Their Keras configs name the old modules (`"module": "zoo.model"`); Keras finds the
+classes by their registered names (`convnext_zoo>...`).
 """
+
 from __future__ import annotations
 
 import json

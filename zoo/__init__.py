@@ -9,6 +9,7 @@ zoo before tensorflow also turns on oneDNN's fused CPU kernels (see `zoo.core.ru
 facade is the top of the user layer: modules below it import the modules they need
 (`zoo.core.errors`, `zoo.core.catalogue`, ...), never `zoo` itself.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -73,8 +74,28 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "CatalogueEntry", "FolderConfig", "HubError", "ImageError", "IntegrityError",
-    "MappingError", "ParityError", "ReferenceRunError", "SourceError", "StoreError", "UnknownModelError", "ZooError",
-    "__version__", "build", "catalogue", "classify", "freeze_stages", "get_architecture", "load", "preprocess", "resolve",
+    "ARCHITECTURES",
+    "Architecture",
+    "CatalogueEntry",
+    "FolderConfig",
+    "HubError",
+    "ImageError",
+    "IntegrityError",
+    "MappingError",
+    "ParityError",
+    "ReferenceRunError",
+    "SourceError",
+    "StoreError",
+    "UnknownModelError",
+    "ZooError",
+    "__version__",
+    "build",
+    "catalogue",
+    "classify",
+    "freeze_stages",
+    "get_architecture",
+    "load",
+    "preprocess",
+    "resolve",
     "search",
 ]

@@ -1,4 +1,5 @@
 """The `zoo` command line: list, convert, verify, publish, predict, eval, export."""
+
 from __future__ import annotations
 
 import functools
@@ -15,13 +16,13 @@ from checkpoints.converted import is_converted_folder, open_folder
 
 from .core.catalogue import resolve, search
 from .core.errors import ExportError, ParityError, ZooError
-from .export.formats import check_options
 from .core.labels import read_label_file
-from .prediction import DEFAULT_MODEL as DEFAULT_PREDICT_MODEL
-from .prediction import classifier, classify
 from .core.reports import DEFAULT_ATOL, DEFAULT_RTOL
 from .core.runtime import assume_frozen_weights, check_frozen_weights_value, import_tensorflow_quietly
 from .core.text import printable, printable_lines
+from .export.formats import check_options
+from .prediction import DEFAULT_MODEL as DEFAULT_PREDICT_MODEL
+from .prediction import classifier, classify
 
 # Modules that import Keras (so TensorFlow: seconds) are imported in the commands that need
 # them, once their arguments are known to be good: converters.pipeline, zoo.loading, zoo.export,
@@ -55,16 +56,25 @@ TOLERANCE = _Tolerance()
 
 def _tolerances(what: str):
     """The --atol/--rtol options, defaulting to the parity gate's tolerances."""
+
     def decorate(fn):
-        fn = click.option("--rtol", type=TOLERANCE, default=DEFAULT_RTOL, show_default=True,
-                          help=f"{what}: max abs logit error / max |reference logit|.")(fn)
-        return click.option("--atol", type=TOLERANCE, default=DEFAULT_ATOL, show_default=True,
-                            help=f"{what}: max abs logit error.")(fn)
+        fn = click.option(
+            "--rtol",
+            type=TOLERANCE,
+            default=DEFAULT_RTOL,
+            show_default=True,
+            help=f"{what}: max abs logit error / max |reference logit|.",
+        )(fn)
+        return click.option(
+            "--atol", type=TOLERANCE, default=DEFAULT_ATOL, show_default=True, help=f"{what}: max abs logit error."
+        )(fn)
+
     return decorate
 
 
 def _user_errors(fn):
     """Turn project errors into one message and exit code 1, without a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -75,6 +85,7 @@ def _user_errors(fn):
                 message = message.splitlines()[0]  # its table was shown as the parity step ended
             click.echo(f"error: {printable_lines(message)}", err=True)
             sys.exit(1)
+
     return wrapper
 
 
@@ -110,6 +121,7 @@ def _tensorflow(fn=None, *, frozen: bool = True):
         else:
             import tensorflow  # noqa: F401  (its start-up lines shown, as asked, whatever the command reaches)
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -121,26 +133,40 @@ def list_command(pattern, as_json):
     """List catalogued checkpoints (PATTERN: glob or substring of names and aliases)."""
     rows = []
     for c in search(pattern):
-        rows.append({
-            "name": c.name, "architecture": c.architecture, "tag": c.tag, "aliases": list(c.aliases),
-            "default_for": c.architecture if c.default else None, "params": c.params,
-            "classes": c.num_classes, "input": c.input_size[-1], "license": c.license, "top1": c.top1,
-            "source": c.hf_hub_id or c.url, "converted": is_converted_folder(store.store_path(c.name)),
-        })
+        rows.append(
+            {
+                "name": c.name,
+                "architecture": c.architecture,
+                "tag": c.tag,
+                "aliases": list(c.aliases),
+                "default_for": c.architecture if c.default else None,
+                "params": c.params,
+                "classes": c.num_classes,
+                "input": c.input_size[-1],
+                "license": c.license,
+                "top1": c.top1,
+                "source": c.hf_hub_id or c.url,
+                "converted": is_converted_folder(store.store_path(c.name)),
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     if not rows:
         raise ZooError(f"no checkpoint matches {pattern!r}; `zoo list` shows all")
     width = max(len(r["name"]) for r in rows)
-    click.echo(f"{'name':<{width}} {'params':>7} {'classes':>7} {'input':>5} {'top-1':>5} {'license':<12} "
-               f"{'local':<5} {'source':<8} aliases")
+    click.echo(
+        f"{'name':<{width}} {'params':>7} {'classes':>7} {'input':>5} {'top-1':>5} {'license':<12} "
+        f"{'local':<5} {'source':<8} aliases"
+    )
     for r in rows:
         aliases = ", ".join(r["aliases"] + ([f"{r['default_for']} (default)"] if r["default_for"] else []))
         top1 = f"{r['top1']:.1f}" if r["top1"] else "-"
         where = "hub" if r["source"].startswith("timm/") else "url"
-        click.echo(f"{r['name']:<{width}} {r['params'] / 1e6:>6.1f}M {r['classes']:>7} {r['input']:>5} {top1:>5} "
-                   f"{(r['license'] or '-')[:12]:<12} {'yes' if r['converted'] else '-':<5} {where:<8} {aliases}")
+        click.echo(
+            f"{r['name']:<{width}} {r['params'] / 1e6:>6.1f}M {r['classes']:>7} {r['input']:>5} {top1:>5} "
+            f"{(r['license'] or '-')[:12]:<12} {'yes' if r['converted'] else '-':<5} {where:<8} {aliases}"
+        )
 
 
 def _floats3(ctx, param, value):
@@ -170,23 +196,39 @@ _OWN_OPTIONS = (  # `zoo convert`'s options for your own checkpoints only, in --
     click.option("--input-size", type=click.IntRange(min=32), help="Input resolution, where the source does not say."),
     click.option("--mean", callback=_floats3, help="Normalisation mean per channel, where the source does not say."),
     click.option("--std", callback=_floats3, help="Normalisation std per channel, where the source does not say."),
-    click.option("--labels", type=click.Path(exists=True, dir_okay=False), callback=_label_file,
-                 help="Class names, one per line in index order, where the source does not name them."),
+    click.option(
+        "--labels",
+        type=click.Path(exists=True, dir_okay=False),
+        callback=_label_file,
+        help="Class names, one per line in index order, where the source does not name them.",
+    ),
     click.option("--no-ema", is_flag=True, help="Of a training checkpoint, take the plain weights, not the EMA ones."),
-    click.option("--verbose", is_flag=True, help="List every key of a checkpoint that does not match, not the first few."),
+    click.option(
+        "--verbose", is_flag=True, help="List every key of a checkpoint that does not match, not the first few."
+    ),
 )
-_OWN_NAMES = {"model_name": "name", "arch": "arch", "input_size": "input_size", "mean": "mean", "std": "std",
-              "labels": "labels", "no_ema": "no_ema", "verbose": "verbose"}  # parameter -> key of `own`
+_OWN_NAMES = {
+    "model_name": "name",
+    "arch": "arch",
+    "input_size": "input_size",
+    "mean": "mean",
+    "std": "std",
+    "labels": "labels",
+    "no_ema": "no_ema",
+    "verbose": "verbose",
+}  # parameter -> key of `own`
 
 
 def _own_checkpoint_options(fn):
     """Add the options only your own checkpoints take; the command gets them as one dict, `own`,
     of those given (a flag not set and an option left out are not given), keyed as `convert_checkpoint`
     names them (`name`, `arch`, ...; and `no_ema`, `verbose`)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         own = {key: kwargs.pop(parameter) for parameter, key in _OWN_NAMES.items()}
         return fn(*args, own={key: value for key, value in own.items() if value not in (None, False)}, **kwargs)
+
     for option in reversed(_OWN_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
@@ -194,29 +236,57 @@ def _own_checkpoint_options(fn):
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--all", "convert_all", is_flag=True,
-              help="Convert every catalogue entry matching NAME as a pattern (all if omitted).")
+@click.option(
+    "--all",
+    "convert_all",
+    is_flag=True,
+    help="Convert every catalogue entry matching NAME as a pattern (all if omitted).",
+)
 @click.option("--force", is_flag=True, help="With --all: convert again entries already done.")
-@click.option("--out", type=click.Path(file_okay=False),
-              help="Output folder (default: the local store); with --all, the folder of folders.")
-@click.option("--checkpoint", type=click.Path(exists=True),
-              help="A PyTorch ConvNeXt file or folder to convert: timm, FB, transformers or torchvision layout; "
-                   ".safetensors, .pth/.pt/.bin/.pth.tar/.ckpt, or a save_pretrained folder. With NAME: that "
-                   "catalogue checkpoint's weights from this file.")
-@click.option("--random-weights", is_flag=True,
-              help="Use seeded, perturbed random weights in timm's layout: runs offline, NOT pretrained.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Output folder (default: the local store); with --all, the folder of folders.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True),
+    help="A PyTorch ConvNeXt file or folder to convert: timm, FB, transformers or torchvision layout; "
+    ".safetensors, .pth/.pt/.bin/.pth.tar/.ckpt, or a save_pretrained folder. With NAME: that "
+    "catalogue checkpoint's weights from this file.",
+)
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Use seeded, perturbed random weights in timm's layout: runs offline, NOT pretrained.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the source repo.")
-@click.option("--from-url", is_flag=True,
-              help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy.")
+@click.option(
+    "--from-url", is_flag=True, help="Download the original release file (FB's .pth/.pt) instead of timm's Hub copy."
+)
 @_own_checkpoint_options
 @_tolerances("Parity gate")
 @click.option("--publish", "publish_after", is_flag=True, help="Publish to the Hub after parity passed.")
 @click.option("--repo-id", help="With --publish: destination repo (default: $ZOO_HUB_ORG/<name>).")
 @_user_errors
 @_tensorflow(frozen=False)
-def convert(name, convert_all, force, out, checkpoint, random_weights, seed, revision, from_url, own, atol, rtol,
-            publish_after, repo_id):
+def convert(
+    name,
+    convert_all,
+    force,
+    out,
+    checkpoint,
+    random_weights,
+    seed,
+    revision,
+    from_url,
+    own,
+    atol,
+    rtol,
+    publish_after,
+    repo_id,
+):
     """Convert a checkpoint, prove parity with its PyTorch framework, and save it.
 
     NAME is a catalogue name (convnext_tiny.fb_in1k), an official alias (convnext_tiny_1k)
@@ -236,8 +306,9 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
         given = ", ".join("--" + key.replace("_", "-") for key in own)  # (`name` is --name)
         raise click.UsageError(f"{given}: only for your own checkpoints (--checkpoint FILE without NAME, or hf://...)")
     if is_own and (convert_all or random_weights or from_url or (checkpoint and name)):
-        raise click.UsageError("hf://... and --checkpoint name one checkpoint: no --all, --random-weights, "
-                               "--from-url, or a second source")
+        raise click.UsageError(
+            "hf://... and --checkpoint name one checkpoint: no --all, --random-weights, --from-url, or a second source"
+        )
     if random_weights:
         _echo("WARNING: --random-weights: the result is NOT a pretrained model (parity and pipeline demo)")
     if convert_all:
@@ -251,18 +322,32 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
         from converters.pipeline import Options, convert_checkpoint  # imports Keras: once the arguments are good
 
         verbose, use_ema = own.pop("verbose", False), not own.pop("no_ema", False)
-        path, report = convert_checkpoint(checkpoint or name, out=out, options=Options(atol, rtol, verbose, _echo),
-                                          use_ema=use_ema, revision=revision, **own)
+        path, report = convert_checkpoint(
+            checkpoint or name,
+            out=out,
+            options=Options(atol, rtol, verbose, _echo),
+            use_ema=use_ema,
+            revision=revision,
+            **own,
+        )
     else:
         if not name:
             raise click.UsageError("missing NAME, --checkpoint FILE, hf://ORG/REPO or --all")
-        from converters.pipeline import Options, convert as run  # imports Keras: once the arguments are good
+        from converters.pipeline import Options  # imports Keras: once the arguments are good
+        from converters.pipeline import convert as run
 
         ckpt = resolve(name)
         if random_weights:
             out = out or f"{ckpt.name}.random-seed{seed}"
-        path, report = run(ckpt.name, out=out, checkpoint=checkpoint, random_seed=seed if random_weights else None,
-                           revision=revision, from_url=from_url, options=Options(atol, rtol, echo=_echo))
+        path, report = run(
+            ckpt.name,
+            out=out,
+            checkpoint=checkpoint,
+            random_seed=seed if random_weights else None,
+            revision=revision,
+            from_url=from_url,
+            options=Options(atol, rtol, echo=_echo),
+        )
     _echo(f"parity passed: {report.summary()}")
     if publish_after:
         _publish(path, repo_id, private=False, branch=None, expect_parent=None, allow_random=random_weights)
@@ -272,8 +357,9 @@ def convert(name, convert_all, force, out, checkpoint, random_weights, seed, rev
 def _publish(path, repo_id, private, branch, expect_parent, allow_random=False):
     name = open_folder(path).config.name
     repo_id = repo_id or hub.repo_id_for(name)
-    commit, new = hub.publish(path, repo_id, private=private, revision=branch, expect_parent=expect_parent,
-                              allow_random=allow_random)
+    commit, new = hub.publish(
+        path, repo_id, private=private, revision=branch, expect_parent=expect_parent, allow_random=allow_random
+    )
     if not new:
         _echo(f"{repo_id} already published these exact files at commit {commit}: nothing to do")
     else:
@@ -290,8 +376,14 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
         raise ZooError(f"no checkpoint matches {pattern!r}; `zoo list` shows all")
     if random_seed is not None:
         out = out or "convnext-zoo-random"
-    rows, summary = convert_all(names, out_root=out, force=force, random_seed=random_seed, from_url=from_url,
-                                options=Options(atol, rtol, echo=_echo))
+    rows, summary = convert_all(
+        names,
+        out_root=out,
+        force=force,
+        random_seed=random_seed,
+        from_url=from_url,
+        options=Options(atol, rtol, echo=_echo),
+    )
     click.echo(summary_table(rows))
     click.echo(f"summary: {summary}")
     failed = [r["name"] for r in rows if r["status"] == "failed"]
@@ -301,8 +393,11 @@ def _convert_many(pattern, out, force, random_seed, from_url, atol, rtol):
 
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="Compare against this local source file instead of re-fetching the recorded one.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Compare against this local source file instead of re-fetching the recorded one.",
+)
 @_user_errors
 @_tensorflow(frozen=False)
 def verify(folder, checkpoint):
@@ -338,19 +433,32 @@ def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random
     click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
 
 
-_DTYPE = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                      show_default=True, help="Compute precision (bfloat16: ~2x faster on CPUs with AVX-512 BF16 "
-                                              "or AMX; float16 for GPUs).")
+_DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Compute precision (bfloat16: ~2x faster on CPUs with AVX-512 BF16 or AMX; float16 for GPUs).",
+)
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@click.option("--model", "model_name", default=DEFAULT_PREDICT_MODEL, show_default=True,
-              help="Checkpoint name or alias (local store, else the Hub, else converted), a converted folder, "
-                   "or a published repo hf://ORG/NAME.")
+@click.option(
+    "--model",
+    "model_name",
+    default=DEFAULT_PREDICT_MODEL,
+    show_default=True,
+    help="Checkpoint name or alias (local store, else the Hub, else converted), a converted folder, "
+    "or a published repo hf://ORG/NAME.",
+)
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Machine-readable output: a list of {image, predictions: [{index, label, probability}]}.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Machine-readable output: a list of {image, predictions: [{index, label, probability}]}.",
+)
 @_DTYPE
 @_user_errors
 @_tensorflow
@@ -367,13 +475,24 @@ def predict(images, model_name, top, as_json, dtype):
     predictions = classify(found, list(images), top=top, dtype=dtype)
     names = found.labels
     if names is None:
-        _echo(f"note: {printable(found.name)} has a {found.num_classes}-way head without class names (the 1000-, "
-              f"11821- and 21841-class ImageNet heads are named, and conversions given names); showing class indices")
+        _echo(
+            f"note: {printable(found.name)} has a {found.num_classes}-way head without class names (the 1000-, "
+            f"11821- and 21841-class ImageNet heads are named, and conversions given names); showing class indices"
+        )
     if as_json:
-        click.echo(json.dumps([{"image": image, "predictions": [p.to_json() for p in best]}
-                               for image, best in zip(images, predictions)], indent=1))
+        click.echo(
+            json.dumps(
+                [
+                    {"image": image, "predictions": [p.to_json() for p in best]}
+                    for image, best in zip(images, predictions, strict=False)
+                ],
+                indent=1,
+            )
+        )
         return
-    for n, (image, best) in enumerate(zip(images, predictions)):  # names escaped: one row each, no terminal codes
+    for n, (image, best) in enumerate(
+        zip(images, predictions, strict=False)
+    ):  # names escaped: one row each, no terminal codes
         click.echo(("\n" if n else "") + printable(image))
         click.echo(f"  {'rank':>4}  {'probability':>11}  {'index':>5}" + ("  label" if names else ""))
         for rank, p in enumerate(best, 1):
@@ -382,51 +501,101 @@ def predict(images, model_name, top, as_json, dtype):
 
 
 @main.command("eval")
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="ImageFolder: one sub-folder per class (WordNet ids such as n01440764, class indices, "
-                   "or any names, numbered in sorted order).")
-@click.option("--model", "model_name", default=DEFAULT_PREDICT_MODEL, show_default=True,
-              help="Checkpoint name or alias, or a converted folder.")
-@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False),
-              help="Instead of sub-folders: lines of `relative/path label` (index or WordNet id).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="ImageFolder: one sub-folder per class (WordNet ids such as n01440764, class indices, "
+    "or any names, numbered in sorted order).",
+)
+@click.option(
+    "--model",
+    "model_name",
+    default=DEFAULT_PREDICT_MODEL,
+    show_default=True,
+    help="Checkpoint name or alias, or a converted folder.",
+)
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Instead of sub-folders: lines of `relative/path label` (index or WordNet id).",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a fixed random sample of N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--compare-torch", is_flag=True,
-              help="Also run the source's framework (timm, transformers or torchvision) on the source weights, "
-                   "with timm's eval transform, and report its accuracy and the "
-                   "agreement of the two (needs the convert extra).")
-@click.option("--workers", type=click.IntRange(min=0),
-              help="Threads decoding and preparing images while the model runs (default: one per CPU; "
-                   "0: before each batch, in one thread).")
-@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Run the model on N devices (GPUs, else CPU devices) with tf.distribute.MirroredStrategy, "
-                   "each batch split between them.")
+@click.option(
+    "--compare-torch",
+    is_flag=True,
+    help="Also run the source's framework (timm, transformers or torchvision) on the source weights, "
+    "with timm's eval transform, and report its accuracy and the "
+    "agreement of the two (needs the convert extra).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    help="Threads decoding and preparing images while the model runs (default: one per CPU; "
+    "0: before each batch, in one thread).",
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run the model on N devices (GPUs, else CPU devices) with tf.distribute.MirroredStrategy, "
+    "each batch split between them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_DTYPE
 @_user_errors
 @_tensorflow
-def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, workers, devices, as_json,
-                 dtype):
+def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch, workers, devices, as_json, dtype):
     """Top-1/top-5 accuracy on a labelled image folder with the checkpoint's official preprocessing."""
     from .evaluation import evaluate
 
-    report = evaluate(model_name, data, labels_file=labels_file, limit=limit, batch_size=batch_size,
-                      compare_torch=compare_torch, dtype=dtype, workers=workers, devices=devices)
+    report = evaluate(
+        model_name,
+        data,
+        labels_file=labels_file,
+        limit=limit,
+        batch_size=batch_size,
+        compare_torch=compare_torch,
+        dtype=dtype,
+        workers=workers,
+        devices=devices,
+    )
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else printable_lines(report.table()))
 
 
 @main.command("export")
 @click.argument("name_or_dir")
-@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite", "keras"]), required=True,
-              help="savedmodel: a TF SavedModel folder; tflite: a LiteRT file; keras: a .keras file.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["savedmodel", "tflite", "keras"]),
+    required=True,
+    help="savedmodel: a TF SavedModel folder; tflite: a LiteRT file; keras: a .keras file.",
+)
 @click.option("--out", type=click.Path(), help="Destination (default: <name>.<format> in the current folder).")
-@click.option("--quantize", type=click.Choice(["none", "fp16", "dynamic"]), default="none", show_default=True,
-              help="tflite only: float16 weights, or dynamic-range int8 weights (looser, stated bounds).")
-@click.option("--pytorch", type=click.Choice(["auto", "require", "skip"]), default="auto", show_default=True,
-              help="Compare with the source's framework (timm, transformers or torchvision) on the recorded source "
-                   "weights: when possible, always, or never.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="Local source file for the PyTorch comparison instead of fetching the recorded one.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "fp16", "dynamic"]),
+    default="none",
+    show_default=True,
+    help="tflite only: float16 weights, or dynamic-range int8 weights (looser, stated bounds).",
+)
+@click.option(
+    "--pytorch",
+    type=click.Choice(["auto", "require", "skip"]),
+    default="auto",
+    show_default=True,
+    help="Compare with the source's framework (timm, transformers or torchvision) on the recorded source "
+    "weights: when possible, always, or never.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Local source file for the PyTorch comparison instead of fetching the recorded one.",
+)
 @_tolerances("fp32 bound")
 @_user_errors
 @_tensorflow
@@ -444,8 +613,17 @@ def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, r
         raise click.UsageError(str(e)) from None
     from .export import export, report_path
 
-    path = export(name_or_dir, fmt, out=out, quantize=quantize, pytorch=pytorch, checkpoint=checkpoint,
-                  atol=atol, rtol=rtol, echo=_echo)  # the steps and the report table go to stderr
+    path = export(
+        name_or_dir,
+        fmt,
+        out=out,
+        quantize=quantize,
+        pytorch=pytorch,
+        checkpoint=checkpoint,
+        atol=atol,
+        rtol=rtol,
+        echo=_echo,
+    )  # the steps and the report table go to stderr
     _echo(f"report: {report_path(path)}")
     click.echo(str(path))
 

@@ -1,14 +1,15 @@
 """Accuracy on a labelled image set with a checkpoint's official preprocessing (`zoo eval`)."""
+
 from __future__ import annotations
 
 import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,20 +60,24 @@ class EvalReport:
         if self.model_seconds:
             speed += f"; the model alone {self.num_images / self.model_seconds:.1f}"
         # names and paths escaped: one line each, nothing a terminal acts on (`to_json` keeps them exact)
-        lines = [f"{printable(self.model)} on {printable(self.data)} ({self.num_images} images, labels: "
-                 f"{printable(self.labels)}{precision}; {speed})",
-                 f"{'':<8} {'top-1':>8} {'top-5':>8}",
-                 f"{'keras':<8} {self.top1:>8.2%} {self.top5:>8.2%}"]
+        lines = [
+            f"{printable(self.model)} on {printable(self.data)} ({self.num_images} images, labels: "
+            f"{printable(self.labels)}{precision}; {speed})",
+            f"{'':<8} {'top-1':>8} {'top-5':>8}",
+            f"{'keras':<8} {self.top1:>8.2%} {self.top5:>8.2%}",
+        ]
         if self.torch:
             t = self.torch
-            lines += [f"{'timm':<8} {t['top1']:>8.2%} {t['top5']:>8.2%}",
-                      f"top-1 prediction agreement {t['agreement']:.2%}, "
-                      f"logits max abs difference {t['max_abs']:.2e}"]
+            lines += [
+                f"{'timm':<8} {t['top1']:>8.2%} {t['top5']:>8.2%}",
+                f"top-1 prediction agreement {t['agreement']:.2%}, logits max abs difference {t['max_abs']:.2e}",
+            ]
         return "\n".join(lines)
 
 
-def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | None = None,
-            limit: int | None = None) -> tuple[list[Sample], str]:
+def samples(
+    data: str | Path, num_classes: int, *, labels_file: str | Path | None = None, limit: int | None = None
+) -> tuple[list[Sample], str]:
     """The labelled images of `data` and how their labels were read.
 
     Without `labels_file`, `data` is an ImageFolder: one sub-folder per class. Sub-folders
@@ -100,8 +105,9 @@ def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | Non
         try:
             label = int(value)
         except ValueError:
-            raise DatasetError(f"{where}: label {value!r} is neither a class index nor a WordNet id "
-                               f"of this {num_classes}-class head") from None
+            raise DatasetError(
+                f"{where}: label {value!r} is neither a class index nor a WordNet id of this {num_classes}-class head"
+            ) from None
         if not 0 <= label < num_classes:
             raise DatasetError(f"{where}: class index {label} outside this head's 0..{num_classes - 1}")
         return label
@@ -111,8 +117,9 @@ def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | Non
     else:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
-            raise DatasetError(f"{root}: no class sub-folders (ImageFolder layout: {root}/<class>/<image>), "
-                               "or give --labels FILE")
+            raise DatasetError(
+                f"{root}: no class sub-folders (ImageFolder layout: {root}/<class>/<image>), or give --labels FILE"
+            )
         if all(c in index for c in classes):
             how, numbering = "folder names as WordNet ids", {c: index[c] for c in classes}
         elif all(c.isdigit() for c in classes):
@@ -122,8 +129,12 @@ def samples(data: str | Path, num_classes: int, *, labels_file: str | Path | Non
                 raise DatasetError(f"{root}: {len(classes)} class folders for a {num_classes}-class head")
             how, numbering = "sorted folder order", {c: i for i, c in enumerate(classes)}
             log.warning("%s: class folders are not WordNet ids nor indices; numbering them in sorted order", root)
-        found = [Sample(p, numbering[c]) for c in classes for p in sorted((root / c).rglob("*"))
-                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        found = [
+            Sample(p, numbering[c])
+            for c in classes
+            for p in sorted((root / c).rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        ]
     if not found:
         raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
     if limit is not None and limit < len(found):
@@ -137,8 +148,10 @@ def _from_labels_file(root: Path, path: Path, label_of) -> list[Sample]:
     except OSError as e:
         raise DatasetError(f"cannot read the labels file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise DatasetError(f"the labels file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
-                           "UTF-8, one `relative/path label` per line") from None
+        raise DatasetError(
+            f"the labels file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+            "UTF-8, one `relative/path label` per line"
+        ) from None
     found = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -153,10 +166,19 @@ def _from_labels_file(root: Path, path: Path, label_of) -> list[Sample]:
     return found
 
 
-def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Path | None = None,
-             limit: int | None = None, batch_size: int = 32, compare_torch: bool = False,
-             progress: bool = True, dtype: str = "float32", workers: int | None = None,
-             devices: int | None = None) -> EvalReport:
+def evaluate(
+    model_name: str | Path,
+    data: str | Path,
+    *,
+    labels_file: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    compare_torch: bool = False,
+    progress: bool = True,
+    dtype: str = "float32",
+    workers: int | None = None,
+    devices: int | None = None,
+) -> EvalReport:
     """Top-1/top-5 of a converted checkpoint on a labelled image folder.
 
     Images are prepared with the checkpoint's own eval transform (`zoo.core.preprocessing`, equal to
@@ -185,8 +207,10 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     config = folder.config
     num_classes = config.num_classes
     if not num_classes:
-        raise DatasetError(f"{config.name} is a feature checkpoint without a classifier: "
-                           "evaluate a checkpoint with a classification head")
+        raise DatasetError(
+            f"{config.name} is a feature checkpoint without a classifier: "
+            "evaluate a checkpoint with a classification head"
+        )
     found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
     prepare = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     if devices and devices > 1:
@@ -196,24 +220,34 @@ def evaluate(model_name: str | Path, data: str | Path, *, labels_file: str | Pat
     start, in_model = time.perf_counter(), 0.0
     chunks = []
     batches = prepared_batches(prepare, [s.path for s in found], batch_size, default_workers(workers))
-    for batch in tqdm(batches, total=-(-len(found) // batch_size), desc="eval", unit="batch",
-                      disable=not progress or None):
+    for batch in tqdm(
+        batches, total=-(-len(found) // batch_size), desc="eval", unit="batch", disable=not progress or None
+    ):
         began = time.perf_counter()
         chunks.append(np.asarray(run(batch), dtype=np.float32))
         in_model += time.perf_counter() - began
     logits = np.concatenate(chunks)
     labels = np.array([s.label for s in found])
-    report = EvalReport(model=config.name, data=str(data), labels=how, num_images=len(found),
-                        top1=topk_accuracy(logits, labels, 1),
-                        top5=topk_accuracy(logits, labels, 5),
-                        seconds=round(time.perf_counter() - start, 2), dtype=dtype,
-                        model_seconds=round(in_model, 2), devices=devices or 1)
+    report = EvalReport(
+        model=config.name,
+        data=str(data),
+        labels=how,
+        num_images=len(found),
+        top1=topk_accuracy(logits, labels, 1),
+        top5=topk_accuracy(logits, labels, 5),
+        seconds=round(time.perf_counter() - start, 2),
+        dtype=dtype,
+        model_seconds=round(in_model, 2),
+        devices=devices or 1,
+    )
     if compare_torch:
         theirs = _torch_logits(config, [s.path for s in found])
-        report.torch = {"top1": topk_accuracy(theirs, labels, 1),
-                        "top5": topk_accuracy(theirs, labels, 5),
-                        "agreement": float((theirs.argmax(-1) == logits.argmax(-1)).mean()),
-                        "max_abs": float(np.abs(theirs.astype(np.float64) - logits).max())}
+        report.torch = {
+            "top1": topk_accuracy(theirs, labels, 1),
+            "top5": topk_accuracy(theirs, labels, 5),
+            "agreement": float((theirs.argmax(-1) == logits.argmax(-1)).mean()),
+            "max_abs": float(np.abs(theirs.astype(np.float64) - logits).max()),
+        }
     return report
 
 
@@ -264,8 +298,9 @@ def default_workers(workers: int | None) -> int:
 AHEAD = 2  # batches prepared ahead of the one the model runs
 
 
-def prepared_batches(prepare: Callable[[list], np.ndarray], paths: list[Path], batch_size: int,
-                     workers: int) -> Iterator[np.ndarray]:
+def prepared_batches(
+    prepare: Callable[[list], np.ndarray], paths: list[Path], batch_size: int, workers: int
+) -> Iterator[np.ndarray]:
     """`prepare(batch)` for each batch of `paths`, in order.
 
     With `workers`, each image is prepared on its own (`prepare([path])`: the transform is per
@@ -274,7 +309,7 @@ def prepared_batches(prepare: Callable[[list], np.ndarray], paths: list[Path], b
     preparing an image is raised when its batch is reached, and the work queued behind it is
     dropped.
     """
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     if not workers:
         for batch in batches:
             yield prepare(batch)

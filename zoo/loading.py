@@ -1,4 +1,5 @@
 """The last step: a converted folder (or a name in the local store) back into a Keras model."""
+
 from __future__ import annotations
 
 import logging
@@ -10,16 +11,23 @@ from checkpoints.converted import ConvertedFolder
 
 from .core.architectures import Architecture
 from .core.catalogue import resolve
-from .locating import locate
 from .core.model import ConvNeXt, build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
 from .core.runtime import policy_name
+from .locating import locate
 
 log = logging.getLogger(__name__)
 
 
-def build_untrained(name: str | Architecture, *, num_classes: int | None = None, include_top: bool = True,
-          pooling: str | None = "avg", drop_path_rate: float = 0.0,
-          input_shape: tuple = (None, None, 3), dtype: str | None = None) -> keras.Model:
+def build_untrained(
+    name: str | Architecture,
+    *,
+    num_classes: int | None = None,
+    include_top: bool = True,
+    pooling: str | None = "avg",
+    drop_path_rate: float = 0.0,
+    input_shape: tuple = (None, None, 3),
+    dtype: str | None = None,
+) -> keras.Model:
     """An uninitialised model for a checkpoint name, alias, architecture name or row.
 
     `num_classes` defaults to the checkpoint's head (1000 for a bare architecture row);
@@ -32,15 +40,31 @@ def build_untrained(name: str | Architecture, *, num_classes: int | None = None,
         ckpt = resolve(name)
         arch, classes = ckpt.arch, ckpt.num_classes
     with dtype_policy(policy):
-        return build_model(arch, num_classes=classes if num_classes is None else num_classes, include_top=include_top,
-                           pooling=pooling, drop_path_rate=drop_path_rate, input_shape=input_shape)
+        return build_model(
+            arch,
+            num_classes=classes if num_classes is None else num_classes,
+            include_top=include_top,
+            pooling=pooling,
+            drop_path_rate=drop_path_rate,
+            input_shape=input_shape,
+        )
 
 
-def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | None = "avg",
-         num_classes: int | None = None, input_shape: tuple | None = None, features_only: bool = False,
-         out_indices: tuple[int, ...] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
-         dtype: str | None = None, revision: str | None = None, hub_org: str | None = None,
-         convert: bool = True) -> keras.Model:
+def load(
+    name_or_path: str | Path,
+    *,
+    include_top: bool = True,
+    pooling: str | None = "avg",
+    num_classes: int | None = None,
+    input_shape: tuple | None = None,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    drop_path_rate: float = 0.0,
+    dtype: str | None = None,
+    revision: str | None = None,
+    hub_org: str | None = None,
+    convert: bool = True,
+) -> keras.Model:
     """A converted ConvNeXt with its weights.
 
     A folder path loads that folder, `hf://ORG/NAME[@REVISION]` that published repo (every
@@ -84,44 +108,75 @@ def load(name_or_path: str | Path, *, include_top: bool = True, pooling: str | N
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     folder = locate(name_or_path, revision=revision, hub_org=hub_org, convert=convert)
-    return from_folder(folder, include_top=include_top, pooling=pooling, num_classes=num_classes,
-                       input_shape=input_shape, features_only=features_only, out_indices=out_indices,
-                       drop_path_rate=drop_path_rate, dtype=dtype)
+    return from_folder(
+        folder,
+        include_top=include_top,
+        pooling=pooling,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        features_only=features_only,
+        out_indices=out_indices,
+        drop_path_rate=drop_path_rate,
+        dtype=dtype,
+    )
 
 
-def from_folder(folder: ConvertedFolder, *, include_top: bool = True, pooling: str | None = "avg",
-                num_classes: int | None = None, input_shape: tuple | None = None, features_only: bool = False,
-                out_indices: tuple[int, ...] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
-                dtype: str | None = None) -> keras.Model:
+def from_folder(
+    folder: ConvertedFolder,
+    *,
+    include_top: bool = True,
+    pooling: str | None = "avg",
+    num_classes: int | None = None,
+    input_shape: tuple | None = None,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    drop_path_rate: float = 0.0,
+    dtype: str | None = None,
+) -> keras.Model:
     """Build the folder's architecture, load its (already verified) weights, adapt the head."""
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
     with dtype_policy(policy_name(dtype)):
-        return _from_folder(folder, include_top, pooling, num_classes, input_shape, features_only,
-                            out_indices, drop_path_rate)
+        return _from_folder(
+            folder, include_top, pooling, num_classes, input_shape, features_only, out_indices, drop_path_rate
+        )
 
 
-def _from_folder(folder, include_top, pooling, num_classes, input_shape, features_only, out_indices,
-                 drop_path_rate) -> keras.Model:
+def _from_folder(
+    folder, include_top, pooling, num_classes, input_shape, features_only, out_indices, drop_path_rate
+) -> keras.Model:
     config = folder.config
     if not config.pretrained:
-        log.warning("%s: %s holds seeded random weights (converted with --random-weights), not a pretrained "
-                    "model", config.name, folder.path)
+        log.warning(
+            "%s: %s holds seeded random weights (converted with --random-weights), not a pretrained model",
+            config.name,
+            folder.path,
+        )
     arch = config.architecture
     outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
-    model = build_model(arch, num_classes=config.num_classes, name=config.name,
-                        head_norm_affine=config.head_norm_affine, drop_path_rate=drop_path_rate,
-                        input_shape=input_shape or (None, None, 3), initialize=False)
+    model = build_model(
+        arch,
+        num_classes=config.num_classes,
+        name=config.name,
+        head_norm_affine=config.head_norm_affine,
+        drop_path_rate=drop_path_rate,
+        input_shape=input_shape or (None, None, 3),
+        initialize=False,
+    )
     model.load_weights(folder.weights)
     if features_only:
-        return ConvNeXt(model.input, [model.get_layer(n).output for n in outputs],
-                           name=f"{model.name}_features")
+        return ConvNeXt(model.input, [model.get_layer(n).output for n in outputs], name=f"{model.name}_features")
     if not include_top or num_classes == 0:
         features = pre_logits(model) if pooling == "avg" else model.get_layer(features_layer(arch)).output
         return ConvNeXt(model.input, features, name=f"{model.name}_features")
     if num_classes is not None and num_classes != config.num_classes:
-        log.warning("%s: new %d-class head initialised fresh (the checkpoint's has %d classes); "
-                    "the backbone and head norm are pretrained", config.name, num_classes, config.num_classes)
+        log.warning(
+            "%s: new %d-class head initialised fresh (the checkpoint's has %d classes); "
+            "the backbone and head norm are pretrained",
+            config.name,
+            num_classes,
+            config.num_classes,
+        )
         head = classifier(num_classes)(pre_logits(model))
         return ConvNeXt(model.input, head, name=model.name)
     return model

@@ -1,5 +1,6 @@
 """Classifying images with a checkpoint: which classifier a name means, its class names, batching,
 softmax and the top classes (`zoo predict`)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -87,9 +88,11 @@ def classifier(model: str | Path, *, labels: Sequence[str] | None = None) -> Cla
         name, num_classes, own, folder = ckpt.name, ckpt.num_classes, None, None
         preprocessing = Preprocessing.from_checkpoint(ckpt)
     if num_classes == 0:
-        raise ZooError(f"{printable(name)} is a feature checkpoint without a classifier head: it has no classes to "
-                       f"predict. Use a classifier (e.g. --model {DEFAULT_MODEL}; `zoo list` shows the classes), "
-                       f"or zoo.load({name!r}, include_top=False) for features")
+        raise ZooError(
+            f"{printable(name)} is a feature checkpoint without a classifier head: it has no classes to "
+            f"predict. Use a classifier (e.g. --model {DEFAULT_MODEL}; `zoo list` shows the classes), "
+            f"or zoo.load({name!r}, include_top=False) for features"
+        )
     found = Classifier(name, num_classes, preprocessing, None, folder)
     return _named(found, labels if labels is not None else own or label_names(num_classes))
 
@@ -103,8 +106,10 @@ def _named(found: Classifier, labels: Sequence[str] | None) -> Classifier:
     if labels is None:
         return found
     if len(labels) != found.num_classes or not all(isinstance(n, str) for n in labels):
-        raise ZooError(f"{len(labels)} class names for the {found.num_classes} classes of {printable(found.name)}; "
-                       "give one name (a string) per class, in class index order")
+        raise ZooError(
+            f"{len(labels)} class names for the {found.num_classes} classes of {printable(found.name)}; "
+            "give one name (a string) per class, in class index order"
+        )
     return replace(found, labels=tuple(labels))
 
 
@@ -114,20 +119,24 @@ def probabilities(model, batch: np.ndarray, batch_size: int = BATCH_SIZE) -> np.
     from .core.serving import runner
 
     run = runner(model)
-    logits = np.concatenate([np.asarray(run(batch[i:i + batch_size]))
-                             for i in range(0, len(batch), batch_size)]).astype(np.float64)
+    logits = np.concatenate(
+        [np.asarray(run(batch[i : i + batch_size])) for i in range(0, len(batch), batch_size)]
+    ).astype(np.float64)
     out = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return out / out.sum(axis=-1, keepdims=True)
 
 
 def top_classes(probs: np.ndarray, k: int, names: Sequence[str] | None = None) -> list[list[Prediction]]:
     """Each row's `k` most probable classes, most probable first (ties: the lower index first)."""
-    return [[Prediction(int(i), names[i] if names else None, float(p[i])) for i in best]
-            for p, best in zip(probs, top_k(probs, k), strict=True)]
+    return [
+        [Prediction(int(i), names[i] if names else None, float(p[i])) for i in best]
+        for p, best in zip(probs, top_k(probs, k), strict=True)
+    ]
 
 
-def predict(model, batch: np.ndarray, *, top: int = 5, names: Sequence[str] | None = None,
-            batch_size: int = BATCH_SIZE) -> list[list[Prediction]]:
+def predict(
+    model, batch: np.ndarray, *, top: int = 5, names: Sequence[str] | None = None, batch_size: int = BATCH_SIZE
+) -> list[list[Prediction]]:
     """The `top` classes of every image of a prepared batch (see `zoo.preprocess`).
 
     Args:
@@ -140,8 +149,15 @@ def predict(model, batch: np.ndarray, *, top: int = 5, names: Sequence[str] | No
     return top_classes(probabilities(model, batch, batch_size), top, names)
 
 
-def classify(model: str | Path | Classifier, images, *, top: int = 5, labels: Sequence[str] | None = None,
-             dtype: str | None = None, batch_size: int = BATCH_SIZE) -> list[list[Prediction]]:
+def classify(
+    model: str | Path | Classifier,
+    images,
+    *,
+    top: int = 5,
+    labels: Sequence[str] | None = None,
+    dtype: str | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> list[list[Prediction]]:
     """The `top` classes of each image, as `zoo predict` finds them: the images prepared as the
     checkpoint's source evaluates them, the classes named (see `Classifier.labels`).
 
@@ -166,5 +182,14 @@ def classify(model: str | Path | Classifier, images, *, top: int = 5, labels: Se
     return predict(model.load(dtype), batch, top=top, names=model.labels, batch_size=batch_size)
 
 
-__all__ = ["BATCH_SIZE", "DEFAULT_MODEL", "Classifier", "Prediction", "classifier", "classify", "predict",
-           "probabilities", "top_classes"]
+__all__ = [
+    "BATCH_SIZE",
+    "DEFAULT_MODEL",
+    "Classifier",
+    "Prediction",
+    "classifier",
+    "classify",
+    "predict",
+    "probabilities",
+    "top_classes",
+]

@@ -4,6 +4,7 @@ The rest is the ground's `zoo.core.preprocessing` (timm's eval transform, the `P
 `with_preprocessing`, the `Preprocess` layer), re-exported under the name the README has used.
 Importing it imports neither Keras nor TensorFlow (the layer's class is made on first use).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,6 @@ def preprocess(images, name) -> np.ndarray:
     if isinstance(name, str) and name.startswith(HF_SCHEME):
         name = locate(name).config
     return _ground.preprocess(images, name)
-
 
 
 def __getattr__(name: str):

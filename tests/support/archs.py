@@ -1,4 +1,5 @@
 """Small rows of real architectures: every code path of the full network, a fraction of the cost."""
+
 from __future__ import annotations
 
 from zoo.core.architectures import ARCHITECTURES

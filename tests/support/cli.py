@@ -1,5 +1,6 @@
 """The `zoo` command line as the tests drive it: in a child process, as users run it, or in this
 process (click's CliRunner) where only the handling of the arguments is under test."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,14 @@ BLOCK_TORCH = "import sys\nfor _name in ('torch', 'timm'):\n    sys.modules[_nam
 
 def zoo_cli(*args, env: dict | None = None, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`zoo ARGS` in a child process with this test's environment (or `env`)."""
-    return subprocess.run([sys.executable, "-m", "zoo.cli", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ if env is None else env), cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ if env is None else env),
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def zoo_inline(*args) -> Result:

@@ -1,4 +1,5 @@
 """Converted folders of small architectures, made by the real pipeline (random weights, parity gate)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ The injected faults hit the steps the store's writer (`checkpoints.store.writing
 assemble a folder, so each step's clean-up can be checked on its own; the mounts give the real
 errors where the tests run as root (elsewhere they skip).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +39,7 @@ def fail_nth_write(n: int, setattr_=setattr, err: int = errno.ENOSPC) -> list[st
                 with open(path, "r+b") as f:
                     f.truncate(os.fstat(f.fileno()).st_size // 2)
             raise OSError(err, os.strerror(err), str(path or ""))
+
         return faulty
 
     setattr_(store, "write_weights", wrap(weights.write_weights, lambda a: a[0]))

@@ -1,4 +1,5 @@
 """The inverse of the converter's FB renaming: timm state dict -> official FB layout."""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """What tests write as converted folders straight through the store (no conversion): a small model
 with non-trivial weights and the config `converters.pipeline` would write for it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,13 +29,16 @@ def small_model(seed: int = 0, arch: Architecture = SMALL_V1, num_classes: int =
     return model
 
 
-def folder_config(name: str = NAME, arch: Architecture = SMALL_V1, num_classes: int = 10,
-                  **changes) -> FolderConfig:
+def folder_config(name: str = NAME, arch: Architecture = SMALL_V1, num_classes: int = 10, **changes) -> FolderConfig:
     """A config as `converters.pipeline` writes it, for catalogue entry `name` on a small row."""
     ckpt = resolve(name)
     config = FolderConfig(
-        name=ckpt.name, architecture=arch, num_classes=num_classes,
+        name=ckpt.name,
+        architecture=arch,
+        num_classes=num_classes,
         pretrained_cfg={**ckpt.pretrained_cfg(), "num_classes": num_classes},
-        source=SourceRecord("random", "0" * 64, seed=0, note="test weights"), pretrained=False,
-        converter={"convnext_zoo": __version__})
+        source=SourceRecord("random", "0" * 64, seed=0, note="test weights"),
+        pretrained=False,
+        converter={"convnext_zoo": __version__},
+    )
     return dataclasses.replace(config, **changes)

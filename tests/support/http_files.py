@@ -1,4 +1,5 @@
 """A tiny HTTP file server on 127.0.0.1 for download tests (stdlib, in a thread)."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Start the local Hub server (tests/support/hub_server.py) for a test, over real HTTP."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def local_hub(root: Path, lfs_threshold: int | None = None, token: str | None = 
 
 def set_faults(url: str, faults: dict) -> dict:
     """Replace the server's fault set (see hub_server.py's docstring); `{}` clears it."""
-    request = urllib.request.Request(f"{url}/__faults", data=json.dumps(faults).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/__faults", data=json.dumps(faults).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request) as response:
         return json.loads(response.read())
 

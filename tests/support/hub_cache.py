@@ -1,8 +1,9 @@
 """A hand-made Hugging Face Hub cache, as `huggingface_hub` lays it out, for offline tests.
 
-    <cache>/models--timm--convnext_tiny.fb_in1k/
-        blobs/<sha256>  refs/main  snapshots/<commit>/model.safetensors -> ../../blobs/<sha256>
+<cache>/models--timm--convnext_tiny.fb_in1k/
+    blobs/<sha256>  refs/main  snapshots/<commit>/model.safetensors -> ../../blobs/<sha256>
 """
+
 from __future__ import annotations
 
 import hashlib

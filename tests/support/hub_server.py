@@ -1,7 +1,7 @@
 """A minimal, stdlib-only, Hugging Face Hub-compatible HTTP server for tests.
 
-The project's own copy (it started from a reference implementation). Implements just enough of the Hub HTTP protocol for the *real*
-`huggingface_hub` client (checked with 2.4.0) to:
+The project's own copy (it started from a reference implementation). Implements just enough of
+the Hub HTTP protocol for the *real* `huggingface_hub` client (checked with 2.4.0) to:
 
   create_repo / delete_repo / repo_exists / model_info / list_repo_files / list_repo_tree /
   get_paths_info / list_repo_refs / list_repo_commits / upload_file / upload_folder /
@@ -28,6 +28,7 @@ GET /__faults returns the set as it is now (counts left, hits), so a test can se
 
 Run: python hub_server.py --host 127.0.0.1 --port 0 --root DIR   (prints "LISTENING <port>")
 """
+
 from __future__ import annotations
 
 import argparse
@@ -138,7 +139,9 @@ class Store:
             if k in self.repos:
                 return False
             self.repos[k] = {"refs": {}, "commits": {}, "private": private, "created": time.time()}
-            ga = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n*.h5 filter=lfs diff=lfs merge=lfs -text\n"
+            ga = b"".join(
+                f"*.{suffix} filter=lfs diff=lfs merge=lfs -text\n".encode() for suffix in ("safetensors", "bin", "h5")
+            )
             self._commit(self.repos[k], "main", "initial commit", [("file", ".gitattributes", ga)], None)
             self._save()
             return True
@@ -178,7 +181,13 @@ class Store:
                 if os.path.getsize(self.obj_path(sha256)) != size:
                     raise ValueError(f"LFS object {sha256} size mismatch")
                 ptr = lfs_pointer(sha256, size)
-                files[path] = {"sha256": sha256, "size": size, "lfs": True, "oid": git_blob_sha1(ptr), "pointerSize": len(ptr)}
+                files[path] = {
+                    "sha256": sha256,
+                    "size": size,
+                    "lfs": True,
+                    "oid": git_blob_sha1(ptr),
+                    "pointerSize": len(ptr),
+                }
             elif kind == "deletedFile":
                 files.pop(path, None)
             elif kind == "deletedFolder":
@@ -187,7 +196,12 @@ class Store:
                     files.pop(p)
         body = json.dumps({"parent": parent, "files": files, "summary": summary, "t": time.time()}, sort_keys=True)
         sha = hashlib.sha1(body.encode()).hexdigest()
-        repo["commits"][sha] = {"parent": parent, "files": files, "summary": summary, "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        repo["commits"][sha] = {
+            "parent": parent,
+            "files": files,
+            "summary": summary,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        }
         repo["refs"][branch] = sha
         return sha
 
@@ -357,8 +371,16 @@ class Handler(BaseHTTPRequestHandler):
         if parts == ["whoami-v2"]:
             if self.headers.get("Authorization") is None:
                 return self.err(401, "Unauthorized", "Invalid credentials in Authorization header")
-            return self.send(200, {"type": "user", "name": "local", "fullname": "Local", "orgs": [],
-                                   "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
+            return self.send(
+                200,
+                {
+                    "type": "user",
+                    "name": "local",
+                    "fullname": "Local",
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
+                },
+            )
         if parts[:2] == ["repos", "create"] and method == "POST":
             if not self.authorized_write():
                 return self.err(401, "Unauthorized", "Invalid credentials")
@@ -368,8 +390,11 @@ class Handler(BaseHTTPRequestHandler):
             private = bool(d.get("private")) or d.get("visibility") == "private"
             if not self.store.create(rtype, repo_id, private):
                 # the real Hub also returns "url" on 409; create_repo(exist_ok=True) reads it
-                return self.send(409, {"error": "You already created this model repo", "url": f"{self.base}/{PREFIX[rtype]}{repo_id}"},
-                                 {"X-Error-Code": "Conflict", "X-Error-Message": "You already created this model repo"})
+                return self.send(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{self.base}/{PREFIX[rtype]}{repo_id}"},
+                    {"X-Error-Code": "Conflict", "X-Error-Message": "You already created this model repo"},
+                )
             return self.send(200, {"url": f"{self.base}/{PREFIX[rtype]}{repo_id}", "name": repo_id, "id": repo_id})
         if parts[:2] == ["repos", "delete"] and method == "DELETE":
             if not self.authorized_write():
@@ -395,14 +420,24 @@ class Handler(BaseHTTPRequestHandler):
         if op == "paths-info" and method == "POST":
             return self.paths_info(repo, rest[1])
         if op == "refs":
-            return self.send(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo["refs"].items()],
-                                   "converts": [], "tags": []})
+            return self.send(
+                200,
+                {
+                    "branches": [
+                        {"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo["refs"].items()
+                    ],
+                    "converts": [],
+                    "tags": [],
+                },
+            )
         if op == "commits" and len(rest) >= 2:
             sha = self.store.resolve(repo, rest[1])
             out = []
             while sha:
                 c = repo["commits"][sha]
-                out.append({"id": sha, "title": c["summary"], "message": "", "authors": [{"user": "local"}], "date": c["date"]})
+                out.append(
+                    {"id": sha, "title": c["summary"], "message": "", "authors": [{"user": "local"}], "date": c["date"]}
+                )
                 sha = c["parent"]
             return self.send(200, out)
         if op == "preupload" and method == "POST":
@@ -428,9 +463,21 @@ class Handler(BaseHTTPRequestHandler):
                     s["lfs"] = {"sha256": f["sha256"], "size": f["size"], "pointerSize": f["pointerSize"]}
             sib.append(s)
         created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(repo["created"]))
-        info = {"_id": sha[:24], "id": repo_id, "sha": sha, "private": repo["private"], "gated": False, "disabled": False,
-                "downloads": 0, "likes": 0, "tags": [], "siblings": sib, "lastModified": c["date"], "createdAt": created,
-                "author": repo_id.split("/")[0]}
+        info = {
+            "_id": sha[:24],
+            "id": repo_id,
+            "sha": sha,
+            "private": repo["private"],
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": sib,
+            "lastModified": c["date"],
+            "createdAt": created,
+            "author": repo_id.split("/")[0],
+        }
         if rtype == "model":
             info["modelId"] = repo_id
         return self.send(200, info, head=head)
@@ -452,7 +499,7 @@ class Handler(BaseHTTPRequestHandler):
         for p, f in sorted(files.items()):
             if not p.startswith(pre):
                 continue
-            rel = p[len(pre):]
+            rel = p[len(pre) :]
             if "/" in rel:
                 segs = rel.split("/")
                 for i in range(1, len(segs) if recursive else 2):
@@ -462,7 +509,10 @@ class Handler(BaseHTTPRequestHandler):
             out.append(self._entry(p, f))
         if pre and not out and not dirs:
             return self.err(404, "EntryNotFound", f"{sub} does not exist")
-        out += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in sorted(dirs)]
+        out += [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in sorted(dirs)
+        ]
         return self.send(200, out, {"X-Repo-Commit": sha})
 
     def paths_info(self, repo, rev):
@@ -494,7 +544,9 @@ class Handler(BaseHTTPRequestHandler):
         for f in d.get("files", []):
             mode = "lfs" if f["size"] >= LFS_THRESHOLD else "regular"
             cur = files.get(f["path"])
-            out.append({"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": cur["oid"] if cur else None})
+            out.append(
+                {"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": cur["oid"] if cur else None}
+            )
         return self.send(200, {"files": out, "commitOid": sha})
 
     def lfs_batch(self, rtype, repo_id):
@@ -508,7 +560,9 @@ class Handler(BaseHTTPRequestHandler):
         for o in d.get("objects", []):
             e = {"oid": o["oid"], "size": o["size"], "authenticated": True}
             if not self.store.has_object(o["oid"]):
-                e["actions"] = {"upload": {"href": f"{self.base}/__lfs_upload/{o['oid']}?size={o['size']}", "header": {}}}
+                e["actions"] = {
+                    "upload": {"href": f"{self.base}/__lfs_upload/{o['oid']}?size={o['size']}", "header": {}}
+                }
             objs.append(e)
         return self.send(200, {"transfer": "basic", "objects": objs}, {"Content-Type": "application/vnd.git-lfs+json"})
 
@@ -563,8 +617,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.err(412, "PreconditionFailed", str(e))
         except ValueError as e:
             return self.err(400, "BadRequest", str(e))
-        return self.send(200, {"success": True, "commitOid": sha, "commitUrl": f"{self.base}/{PREFIX[rtype]}{repo_id}/commit/{sha}",
-                               "pullRequestUrl": None})
+        return self.send(
+            200,
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self.base}/{PREFIX[rtype]}{repo_id}/commit/{sha}",
+                "pullRequestUrl": None,
+            },
+        )
 
     def resolve_file(self, rtype, repo_id, rev, path, head):
         repo = self.store.get(rtype, repo_id)
@@ -580,7 +641,12 @@ class Handler(BaseHTTPRequestHandler):
         if path in faults.get("status", {}):
             return self.err(int(faults["status"][path]), "Injected", "injected failure", head=head)
         etag = f["sha256"] if f["lfs"] else f["oid"]
-        hdrs = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        hdrs = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if f["lfs"]:
             hdrs.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(f["size"])})
         with open(self.store.obj_path(f["sha256"]), "rb") as fh:
@@ -595,7 +661,7 @@ class Handler(BaseHTTPRequestHandler):
                 start = int(m.group(1))
                 end = int(m.group(2)) if m.group(2) else len(data) - 1
                 hdrs["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-                data, status = data[start:end + 1], 206
+                data, status = data[start : end + 1], 206
         if head:
             self.send_response(200)
             for k, v in hdrs.items():

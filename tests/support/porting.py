@@ -1,5 +1,6 @@
 """A timm state dict copied into a Keras model in place, and the state dict a model takes: the
 mapping's table (`converters.mapping`) applied directly, for tests that need no converted folder."""
+
 from __future__ import annotations
 
 import keras

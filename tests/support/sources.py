@@ -6,6 +6,7 @@ so that the converter meets the keys, shapes and containers users have. LayerSca
 1e-6 and GRN at zero in these frameworks, which makes every block an identity: here they are
 drawn away from it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,28 @@ def timm_model(arch: Architecture, num_classes: int, seed: int = 0) -> torch.nn.
     return perturb(timm.create_model(arch.name, pretrained=False, num_classes=num_classes, **arch.timm_kwargs()), seed)
 
 
-def transformers_model(arch: Architecture, num_classes: int, seed: int = 0, *, head: bool = True,
-                       labels: list[str] | None = None, layer_norm_eps: float = 1e-12) -> torch.nn.Module:
+def transformers_model(
+    arch: Architecture,
+    num_classes: int,
+    seed: int = 0,
+    *,
+    head: bool = True,
+    labels: list[str] | None = None,
+    layer_norm_eps: float = 1e-12,
+) -> torch.nn.Module:
     """transformers' ConvNext(V2)ForImageClassification (or the bare Model without `head`)."""
     import transformers
 
     family = "ConvNextV2" if arch.use_grn else "ConvNext"
     extra = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
     config = getattr(transformers, f"{family}Config")(
-        depths=list(arch.depths), hidden_sizes=list(arch.dims), num_labels=num_classes,
-        layer_norm_eps=layer_norm_eps, **({} if arch.use_grn else {"layer_scale_init_value": 1e-6}), **extra)
+        depths=list(arch.depths),
+        hidden_sizes=list(arch.dims),
+        num_labels=num_classes,
+        layer_norm_eps=layer_norm_eps,
+        **({} if arch.use_grn else {"layer_scale_init_value": 1e-6}),
+        **extra,
+    )
     cls = getattr(transformers, f"{family}ForImageClassification" if head else f"{family}Model")
     return perturb(cls(config), seed)
 
@@ -67,9 +80,15 @@ def torchvision_model(arch: Architecture, num_classes: int, seed: int = 0) -> to
 def train_checkpoint(model: torch.nn.Module, ema: torch.nn.Module | None, path: Path, arch_name: str) -> Path:
     """A checkpoint as timm's train.py saves it (`model_best.pth.tar`): an argparse.Namespace and
     the optimizer's state beside the weights, the EMA weights under `state_dict_ema`."""
-    state = {"epoch": 3, "arch": arch_name, "state_dict": model.state_dict(),
-             "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(), "version": 2,
-             "args": argparse.Namespace(model=arch_name, lr=0.1, epochs=3), "metric": 41.5}
+    state = {
+        "epoch": 3,
+        "arch": arch_name,
+        "state_dict": model.state_dict(),
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+        "version": 2,
+        "args": argparse.Namespace(model=arch_name, lr=0.1, epochs=3),
+        "metric": 41.5,
+    }
     if ema is not None:
         state["state_dict_ema"] = ema.state_dict()
     torch.save(state, path)

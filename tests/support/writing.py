@@ -1,5 +1,6 @@
 """Converted folders written straight from a Keras model, without a conversion: the store's writer
 (`checkpoints.store.writing`) as a conversion drives it, with the model's own weights."""
+
 from __future__ import annotations
 
 from pathlib import Path

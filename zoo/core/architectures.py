@@ -1,4 +1,5 @@
 """The ConvNeXt architectures as data: one frozen row per timm architecture name."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ class Architecture:
     def __post_init__(self):
         """Refuse a row no trained network can have: a non-finite or non-positive epsilon makes every
         output a constant (each norm's input is divided by sqrt(x^2 + eps)), whatever the weights."""
+
         def fail(why: str):
             raise ArchitectureError(f"architecture {self.name!r}: {why}")
 
@@ -95,7 +97,7 @@ class Architecture:
         """Channels of the last stage (the pooled feature width)."""
         return self.dims[-1]
 
-    def replace(self, **changes) -> "Architecture":
+    def replace(self, **changes) -> Architecture:
         """A copy with some fields changed (small test variants, experiments)."""
         return dataclasses.replace(self, **changes)
 
@@ -111,8 +113,10 @@ class Architecture:
             ValueError: timm cannot build it (a head-norm epsilon of its own).
         """
         if self.head_norm_eps is not None:
-            raise ValueError(f"timm has no ConvNeXt with a head-norm epsilon ({self.head_norm_eps}) "
-                             f"other than the blocks' ({self.norm_eps})")
+            raise ValueError(
+                f"timm has no ConvNeXt with a head-norm epsilon ({self.head_norm_eps}) "
+                f"other than the blocks' ({self.norm_eps})"
+            )
         return {
             "depths": list(self.depths),
             "dims": list(self.dims),
@@ -137,7 +141,7 @@ class Architecture:
         return config
 
     @classmethod
-    def from_config(cls, config: dict) -> "Architecture":
+    def from_config(cls, config: dict) -> Architecture:
         """Rebuild from `to_config` output (as stored in a converted folder's config.json)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(config) - fields
@@ -180,8 +184,14 @@ _V2 = dict(use_grn=True, layer_scale=False)
 ARCHITECTURES: dict[str, Architecture] = _rows(
     # timm's small variants run the MLP as 1x1 convs (conv_mlp)
     Architecture("convnext_zepto_rms", (2, 2, 4, 2), (32, 64, 128, 256), conv_mlp=True, norm="simplenorm"),
-    Architecture("convnext_zepto_rms_ols", (2, 2, 4, 2), (32, 64, 128, 256), conv_mlp=True, norm="simplenorm",
-                 stem_type="overlap_act"),
+    Architecture(
+        "convnext_zepto_rms_ols",
+        (2, 2, 4, 2),
+        (32, 64, 128, 256),
+        conv_mlp=True,
+        norm="simplenorm",
+        stem_type="overlap_act",
+    ),
     Architecture("convnext_atto", _L, _ATTO, conv_mlp=True),
     Architecture("convnext_atto_ols", _L, _ATTO, conv_mlp=True, stem_type="overlap_tiered"),
     Architecture("convnext_femto", _L, _FEMTO, conv_mlp=True),
@@ -220,6 +230,4 @@ def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise UnknownModelError(
-            f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}"
-        ) from None
+        raise UnknownModelError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None

@@ -1,4 +1,5 @@
 """Name resolution: canonical `arch.tag` names, FB aliases and bare architecture names."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +70,7 @@ class CatalogueEntry:
         travels with the entry: `with_architecture`)."""
         return self.architecture_row or ARCHITECTURES[self.architecture]
 
-    def with_architecture(self, row: Architecture) -> "CatalogueEntry":
+    def with_architecture(self, row: Architecture) -> CatalogueEntry:
         """This checkpoint built on another architecture row (a smaller network of the same kind, for
         checks that need the whole pipeline fast), without touching the shared table."""
         return dataclasses.replace(self, architecture_row=row)
@@ -93,7 +94,7 @@ class CatalogueEntry:
         }
 
     @classmethod
-    def from_json(cls, row: dict) -> "CatalogueEntry":
+    def from_json(cls, row: dict) -> CatalogueEntry:
         """Build from a catalogue.json row."""
         values = dict(row)
         for key in ("aliases", "input_size", "test_input_size", "mean", "std"):
@@ -152,8 +153,7 @@ def search(pattern: str | None = None) -> list[CatalogueEntry]:
         return list(catalogue().values())
     if not any(ch in pattern for ch in "*?["):
         pattern = f"*{pattern}*"
-    return [c for c in catalogue().values()
-            if any(fnmatch.fnmatchcase(n, pattern) for n in (c.name, *c.aliases))]
+    return [c for c in catalogue().values() if any(fnmatch.fnmatchcase(n, pattern) for n in (c.name, *c.aliases))]
 
 
 def representatives(pattern: str | None = None) -> list[CatalogueEntry]:

@@ -1,4 +1,5 @@
 """Errors raised anywhere in the pipeline; the CLI catches `ZooError` once and exits 1."""
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@ name (in the store, and by default), so what a name may be is checked here too (
 
 Ground layer: the store writes it, the converters fill it, loading, export and evaluation read it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,10 @@ MANIFEST = "manifest.json"
 CONTENT_FILES = (WEIGHTS, KERAS_CONFIG, KERAS_METADATA, RECORD, PARITY)
 SOURCE_KINDS = ("hub", "url", "file", "random")
 MAX_NAME_BYTES = 200  # a staging sibling adds `.` + `.partial-<pid>-<8 random>`: within 255-byte file names
-NAME_RULE = ("a name is one folder name: not empty, '.' or '..', not starting with '.', without '/', '\\' or "
-             f"control characters, at most {MAX_NAME_BYTES} bytes (letters, digits, '.', '_' and '-' are safe)")
+NAME_RULE = (
+    "a name is one folder name: not empty, '.' or '..', not starting with '.', without '/', '\\' or "
+    f"control characters, at most {MAX_NAME_BYTES} bytes (letters, digits, '.', '_' and '-' are safe)"
+)
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -120,13 +123,17 @@ class SourceRecord:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k in _KEPT[self.kind]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "SourceRecord":
+    def from_json(cls, data: dict) -> SourceRecord:
         return cls(**data)
 
 
 # Keys written even when None, as each kind has always recorded them.
-_KEPT = {"hub": ("repo_id", "revision", "filename", "url"), "url": ("repo_id", "revision", "filename", "url"),
-         "file": ("repo_id", "revision", "filename", "path"), "random": ()}
+_KEPT = {
+    "hub": ("repo_id", "revision", "filename", "url"),
+    "url": ("repo_id", "revision", "filename", "url"),
+    "file": ("repo_id", "revision", "filename", "path"),
+    "random": (),
+}
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,7 @@ class FolderConfig:
         """The Hub repo the weights came from, when they came from one."""
         return self.pretrained_cfg.get("hf_hub_id") or (self.source.repo_id if self.source.kind == "hub" else None)
 
-    def with_weights(self, sha256: str) -> "FolderConfig":
+    def with_weights(self, sha256: str) -> FolderConfig:
         return dataclasses.replace(self, weights_sha256=sha256)
 
     def to_json(self) -> dict:
@@ -217,7 +224,7 @@ class FolderConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "FolderConfig":
+    def from_json(cls, data: dict) -> FolderConfig:
         """Read the record's content.
 
         Raises:
@@ -226,18 +233,24 @@ class FolderConfig:
         try:
             weights = data.get("weights")
             return cls(
-                name=data["name"], architecture=Architecture.from_config(data["architecture"]),
-                num_classes=int(data["num_classes"]), pretrained_cfg=dict(data["pretrained_cfg"]),
-                source=SourceRecord.from_json(data["source"]), pretrained=bool(data["pretrained"]),
-                head_norm_affine=bool(data["head_norm_affine"]), top1=data.get("top1"),
-                converter=dict(data.get("converter") or {}), params=data.get("params"),
+                name=data["name"],
+                architecture=Architecture.from_config(data["architecture"]),
+                num_classes=int(data["num_classes"]),
+                pretrained_cfg=dict(data["pretrained_cfg"]),
+                source=SourceRecord.from_json(data["source"]),
+                pretrained=bool(data["pretrained"]),
+                head_norm_affine=bool(data["head_norm_affine"]),
+                top1=data.get("top1"),
+                converter=dict(data.get("converter") or {}),
+                params=data.get("params"),
                 weights_sha256=weights["sha256"] if isinstance(weights, dict) else None,
-                labels=tuple(str(n) for n in data["labels"]) if data.get("labels") is not None else None)
+                labels=tuple(str(n) for n in data["labels"]) if data.get("labels") is not None else None,
+            )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"missing or malformed field {e}") from None
 
     @classmethod
-    def read(cls, folder: str | Path) -> "FolderConfig":
+    def read(cls, folder: str | Path) -> FolderConfig:
         """The config of the folder at `folder`, read as it is (`checkpoints.converted.open_folder`
         checks the folder's files first; this does not).
 

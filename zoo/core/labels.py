@@ -1,4 +1,5 @@
 """Class names for the classifier heads in the catalogue (ImageNet-1k, -12k and -22k), as timm's."""
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,7 @@ def _read(name: str) -> str:
     return gzip.decompress(data).decode("utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _synsets(num_classes: int) -> tuple[str, ...] | None:
     if num_classes not in SYNSET_FILES:
         return None
@@ -95,8 +96,9 @@ def parse_label_file(data: bytes, path: str | Path) -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise SourceError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the class names as "
-                          "UTF-8, one per line") from None
+        raise SourceError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the class names as UTF-8, one per line"
+        ) from None
     if "\0" in text:
         raise SourceError(f"{path}: not a text file (it holds NUL bytes); give one class name per line")
     names = [line.strip() for line in text.split("\n")]
@@ -105,8 +107,10 @@ def parse_label_file(data: bytes, path: str | Path) -> list[str]:
     if not names:
         raise SourceError(f"{path}: no class names; one class name per line, in class index order, no blank lines")
     if not all(names):
-        raise SourceError(f"{path}: line {names.index('') + 1} is empty; one class name per line, in class index "
-                          "order, no blank lines")
+        raise SourceError(
+            f"{path}: line {names.index('') + 1} is empty; one class name per line, in class index "
+            "order, no blank lines"
+        )
     return names
 
 

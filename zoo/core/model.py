@@ -1,4 +1,5 @@
 """The Keras 3 ConvNeXt: a functional model whose layer names are timm's module paths."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,11 @@ def check_backend() -> None:
     paths (`stages.0.blocks.0.conv_dw`) as their names, so that every weight maps by name.
     """
     if keras.backend.backend() == "torch":
-        raise BackendError("convnext-zoo models run on Keras' TensorFlow or JAX backend, not torch: their layer "
-                           "names are timm's dotted module paths, which torch parameters cannot carry; "
-                           "set KERAS_BACKEND=tensorflow (or jax)")
+        raise BackendError(
+            "convnext-zoo models run on Keras' TensorFlow or JAX backend, not torch: their layer "
+            "names are timm's dotted module paths, which torch parameters cannot carry; "
+            "set KERAS_BACKEND=tensorflow (or jax)"
+        )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -48,9 +51,11 @@ class ConvNeXt(keras.Model):
     def call(self, inputs, training=None, mask=None, **kwargs):
         if keras.backend.backend() == "tensorflow" and frozen_weights():
             if training:
-                raise BackendError(f"{FROZEN_VAR}=1 is set: oneDNN keeps the first weights each kernel sees, so "
-                                   f"training would compute with stale weights; train in a process without it "
-                                   f"(unset {FROZEN_VAR} before TensorFlow starts)")
+                raise BackendError(
+                    f"{FROZEN_VAR}=1 is set: oneDNN keeps the first weights each kernel sees, so "
+                    f"training would compute with stale weights; train in a process without it "
+                    f"(unset {FROZEN_VAR} before TensorFlow starts)"
+                )
             import tensorflow as tf
 
             if tf.executing_eagerly():
@@ -182,8 +187,9 @@ class SimpleNorm(keras.layers.Layer):
         self.scale = scale
 
     def build(self, input_shape):
-        self.weight = (self.add_weight(name="weight", shape=(input_shape[-1],), initializer="ones")
-                       if self.scale else None)
+        self.weight = (
+            self.add_weight(name="weight", shape=(input_shape[-1],), initializer="ones") if self.scale else None
+        )
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")  # statistics in float32 under mixed precision, as LayerNormalization
@@ -244,7 +250,7 @@ def drop_path_rates(rate: float, depths) -> list[list[float]]:
     flat = np.linspace(0.0, rate, sum(depths)).tolist()
     out, start = [], 0
     for depth in depths:
-        out.append(flat[start:start + depth])
+        out.append(flat[start : start + depth])
         start += depth
     return out
 
@@ -271,6 +277,7 @@ def _conv(filters: int, size: int, stride: int, padding: int, bias: bool, name: 
         if padding:
             x = layers.ZeroPadding2D(padding, name=f"{name}.pad")(x)
         return layers.Conv2D(filters, size, strides=stride, use_bias=bias, name=name, **init)(x)
+
     return apply
 
 
@@ -366,11 +373,10 @@ def build_model(
     init = _kernel_init(initialize)
     x = _stem(inputs, arch, init)
     rates = drop_path_rates(drop_path_rate, arch.depths)
-    for i, (depth, dim) in enumerate(zip(arch.depths, arch.dims)):
+    for i, (depth, dim) in enumerate(zip(arch.depths, arch.dims, strict=False)):
         if i > 0:
             x = _norm(arch, f"stages.{i}.downsample.0")(x)
-            x = layers.Conv2D(dim, 2, strides=2, use_bias=arch.conv_bias, name=f"stages.{i}.downsample.1",
-                              **init)(x)
+            x = layers.Conv2D(dim, 2, strides=2, use_bias=arch.conv_bias, name=f"stages.{i}.downsample.1", **init)(x)
         for j in range(depth):
             x = _block(x, arch, dim, f"stages.{i}.blocks.{j}", rates[i][j], init)
     if arch.head_norm_first:
@@ -435,8 +441,7 @@ def pre_logits(model: keras.Model):
 
 def probe_model(model: keras.Model, arch: Architecture) -> keras.Model:
     """A view of `model` returning every compared tensor: stem, stages, pre-logits, logits."""
-    outputs = {f"stages.{i - 1}" if i else "stem": model.get_layer(n).output
-               for i, n in enumerate(stage_names(arch))}
+    outputs = {f"stages.{i - 1}" if i else "stem": model.get_layer(n).output for i, n in enumerate(stage_names(arch))}
     outputs["pre_logits"] = pre_logits(model)
     outputs["logits"] = model.output
     return keras.Model(model.input, outputs, name=f"{model.name}_probe")

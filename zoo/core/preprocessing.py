@@ -4,6 +4,7 @@
 `ToTensor`, `Normalize`) exactly, with PIL and numpy only: no torch, no TensorFlow. The Keras
 layer `Preprocess` does the same inside a graph, closely but not bit for bit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,26 +78,33 @@ class Preprocessing:
         if not (math.isfinite(self.crop_pct) and self.crop_pct > 0):
             raise PreprocessingError(f"crop_pct must be a finite number > 0, got {self.crop_pct}")
         if max(size) / self.crop_pct > MAX_RESIZE:
-            raise PreprocessingError(f"input size {max(size)} with crop_pct {self.crop_pct:g} resizes images to "
-                                     f"{max(size) / self.crop_pct:.0f} pixels before the crop (at most {MAX_RESIZE})")
+            raise PreprocessingError(
+                f"input size {max(size)} with crop_pct {self.crop_pct:g} resizes images to "
+                f"{max(size) / self.crop_pct:.0f} pixels before the crop (at most {MAX_RESIZE})"
+            )
         if self.crop_mode not in CROP_MODES:
             raise PreprocessingError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if self.interpolation not in _RESAMPLE:
             raise PreprocessingError(f"interpolation must be one of {tuple(_RESAMPLE)}, got {self.interpolation!r}")
         if self.crop_offsets not in CROP_OFFSETS:
             raise PreprocessingError(f"crop_offsets must be one of {CROP_OFFSETS}, got {self.crop_offsets!r}")
-        if (len(self.mean) != 3 or len(self.std) != 3 or not all(map(math.isfinite, self.mean + self.std))
-                or min(self.std) <= 0):
-            raise PreprocessingError(f"mean and std need 3 finite numbers each and std > 0, got {self.mean}, "
-                                     f"{self.std}")
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or not all(map(math.isfinite, self.mean + self.std))
+            or min(self.std) <= 0
+        ):
+            raise PreprocessingError(
+                f"mean and std need 3 finite numbers each and std > 0, got {self.mean}, {self.std}"
+            )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: CatalogueEntry) -> "Preprocessing":
+    def from_checkpoint(cls, ckpt: CatalogueEntry) -> Preprocessing:
         """The eval preprocessing of a catalogue entry."""
         return cls(ckpt.input_size[-2:], ckpt.crop_pct, ckpt.crop_mode, ckpt.interpolation, ckpt.mean, ckpt.std)
 
     @classmethod
-    def from_pretrained_cfg(cls, cfg: dict) -> "Preprocessing":
+    def from_pretrained_cfg(cls, cfg: dict) -> Preprocessing:
         """From a timm-style `pretrained_cfg` (a converted folder's `config["pretrained_cfg"]`).
 
         Missing (or None) values take this class's defaults, timm's (`resolve_data_config`):
@@ -107,8 +115,14 @@ class Preprocessing:
 
     def to_config(self) -> dict:
         """Plain values (JSON and Keras layer config)."""
-        config = {"input_size": list(self.input_size), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
-                  "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+        config = {
+            "input_size": list(self.input_size),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
         if self.crop_offsets != "round":  # (saved layers of earlier versions have no such key)
             config["crop_offsets"] = self.crop_offsets
         return config
@@ -171,7 +185,7 @@ def center_crop(pixels: np.ndarray, size: tuple[int, int], offsets: str = "round
     else:
         top = int(round((height - crop_h) / 2.0))  # Python's round: half to even, as torchvision
         left = int(round((width - crop_w) / 2.0))
-    return pixels[top:top + crop_h, left:left + crop_w]
+    return pixels[top : top + crop_h, left : left + crop_w]
 
 
 def pictures(images) -> list[Image.Image]:
@@ -188,8 +202,10 @@ def pictures(images) -> list[Image.Image]:
     elif isinstance(images, (list, tuple)):
         items = list(images)
     else:
-        raise ImageError(f"cannot read images from a {type(images).__name__}; pass file paths, PIL images "
-                         f"or uint8 HWC arrays (one, a list, or an NHWC batch)")
+        raise ImageError(
+            f"cannot read images from a {type(images).__name__}; pass file paths, PIL images "
+            f"or uint8 HWC arrays (one, a list, or an NHWC batch)"
+        )
     if not items:
         raise ImageError("no images given")
     return [_picture(item, index) for index, item in enumerate(items)]
@@ -205,8 +221,9 @@ def _picture(item, index: int) -> Image.Image:
             raise ImageError(f"image {index}: PIL cannot convert mode {item.mode!r} to RGB ({e})") from None
     if isinstance(item, np.ndarray):
         return _from_array(item, f"image {index}")
-    raise ImageError(f"image {index}: cannot read a {type(item).__name__}; pass a file path, a PIL image "
-                     f"or a uint8 HWC array")
+    raise ImageError(
+        f"image {index}: cannot read a {type(item).__name__}; pass a file path, a PIL image or a uint8 HWC array"
+    )
 
 
 def _read(path: Path) -> Image.Image:
@@ -225,8 +242,10 @@ def _read(path: Path) -> Image.Image:
 
 def _check_dtype(array: np.ndarray, what: str) -> None:
     if array.dtype != np.uint8:
-        raise ImageError(f"{what} has dtype {array.dtype}; pass uint8 pixels 0..255 "
-                         f"(e.g. `np.clip(x * 255, 0, 255).round().astype(np.uint8)` for floats in [0, 1])")
+        raise ImageError(
+            f"{what} has dtype {array.dtype}; pass uint8 pixels 0..255 "
+            f"(e.g. `np.clip(x * 255, 0, 255).round().astype(np.uint8)` for floats in [0, 1])"
+        )
 
 
 def _from_array(array: np.ndarray, what: str) -> Image.Image:
@@ -239,8 +258,10 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
         mode = "RGB" if array.shape[-1] == 3 else "RGBA"
     else:
         hint = " (channels first? use `x.transpose(1, 2, 0)`)" if array.ndim == 3 and array.shape[0] in (1, 3) else ""
-        raise ImageError(f"{what} has shape {array.shape}; expected (height, width, 3) RGB, (height, width) "
-                         f"grey, or an NHWC batch{hint}")
+        raise ImageError(
+            f"{what} has shape {array.shape}; expected (height, width, 3) RGB, (height, width) "
+            f"grey, or an NHWC batch{hint}"
+        )
     if array.size == 0:
         raise ImageError(f"{what} is empty (shape {array.shape})")
     return Image.fromarray(np.ascontiguousarray(array), mode).convert("RGB")
@@ -249,6 +270,7 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
 def with_defaults(cfg: dict) -> dict:
     """`cfg` (timm's preprocessing fields) with each of `SETTINGS` it leaves out (or gives as None)
     as timm's `resolve_data_config` takes it: `Preprocessing`'s defaults, mean and std as lists."""
+
     def default(name: str):
         value = getattr(Preprocessing, name)
         return list(value) if isinstance(value, tuple) else value
@@ -347,13 +369,20 @@ def _layer_class():
             input_size, crop_pct, crop_mode, interpolation, mean, std, crop_offsets: as `Preprocessing`.
         """
 
-        def __init__(self, input_size, crop_pct=Preprocessing.crop_pct, crop_mode=Preprocessing.crop_mode,
-                     interpolation=Preprocessing.interpolation, mean=Preprocessing.mean, std=Preprocessing.std,
-                     crop_offsets=Preprocessing.crop_offsets, **kwargs):
+        def __init__(
+            self,
+            input_size,
+            crop_pct=Preprocessing.crop_pct,
+            crop_mode=Preprocessing.crop_mode,
+            interpolation=Preprocessing.interpolation,
+            mean=Preprocessing.mean,
+            std=Preprocessing.std,
+            crop_offsets=Preprocessing.crop_offsets,
+            **kwargs,
+        ):
             kwargs.setdefault("dtype", "float32")  # sizes and pixel levels need float32
             super().__init__(**kwargs)
-            self.preprocessing = Preprocessing(input_size, crop_pct, crop_mode, interpolation, mean, std,
-                                               crop_offsets)
+            self.preprocessing = Preprocessing(input_size, crop_pct, crop_mode, interpolation, mean, std, crop_offsets)
 
         def _resized_size(self, height, width):
             p = self.preprocessing
@@ -407,5 +436,14 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "Preprocessing", "as_preprocessing", "center_crop",
-           "pictures", "preprocess", "with_preprocessing"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocess",  # noqa: F822  (made on first use: __getattr__)
+    "Preprocessing",
+    "as_preprocessing",
+    "center_crop",
+    "pictures",
+    "preprocess",
+    "with_preprocessing",
+]

@@ -2,6 +2,7 @@
 
 Ground layer: the store and the Hub read these reports, the converters make them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -46,15 +47,18 @@ class Comparison:
     ref_spread: float | None = None
 
     @classmethod
-    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> "Comparison":
+    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> Comparison:
         # in float64 an image at a time: the batch's maxima, without float64 copies of whole stage
         # maps (convnextv2_huge at 512: 8 x 128 x 128 x 352 values, GBs of temporaries)
         finite = all(np.isfinite(x).all() for side in (ours, ref) for x in _images(side))
         spreads = {"spread": batch_spread(ours), "ref_spread": batch_spread(ref)} if finite else {}
         if ours.shape != ref.shape:
             return cls(name, list(ref.shape), float("inf"), float("nan"), float("inf"), finite, **spreads)
-        max_abs = max(float(np.max(np.abs(a - b))) for a, b in zip(_images(ours), _images(ref))) if finite \
+        max_abs = (
+            max(float(np.max(np.abs(a - b))) for a, b in zip(_images(ours), _images(ref), strict=False))
+            if finite
             else float("inf")
+        )
         max_ref = max(float(np.max(np.abs(r))) for r in _images(ref)) if finite else float("nan")
         rel = max_abs / max_ref if finite and max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
         return cls(name, list(ref.shape), max_abs, max_ref, rel, finite, **spreads)
@@ -63,10 +67,15 @@ class Comparison:
         """Why this output cannot come from a working network (None: it can)."""
         for side, spread in (("the reference's", self.ref_spread), ("the converted model's", self.spread)):
             if spread is not None and spread <= DEAD_SPREAD:
-                what = ("identical for every input image" if spread == 0
-                        else f"the same for every input image (relative spread {spread:.2g})")
-                return (f"{self.name}: {side} output is {what}: not a working network (check the config's "
-                        "epsilons and that the weights are trained)")
+                what = (
+                    "identical for every input image"
+                    if spread == 0
+                    else f"the same for every input image (relative spread {spread:.2g})"
+                )
+                return (
+                    f"{self.name}: {side} output is {what}: not a working network (check the config's "
+                    "epsilons and that the weights are trained)"
+                )
         return None
 
 
@@ -122,8 +131,10 @@ class ParityReport:
                 return c.dead()
             if c.name in ("logits", SERVING):
                 if c.max_abs > self.atol or c.rel > self.rtol:
-                    return (f"{c.name}: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
-                            f"relative {c.rel:.3g} (rtol {self.rtol:g})")
+                    return (
+                        f"{c.name}: max abs error {c.max_abs:.3g} (atol {self.atol:g}), "
+                        f"relative {c.rel:.3g} (rtol {self.rtol:g})"
+                    )
             elif c.rel > self.stage_rtol:
                 return f"{c.name}: relative error {c.rel:.3g} > {self.stage_rtol:g} (max abs {c.max_abs:.3g})"
         return None
@@ -134,28 +145,31 @@ class ParityReport:
 
     def summary(self) -> str:
         c = self.logits
-        return (f"logits max abs {c.max_abs:.2e}, relative {c.rel:.2e}; "
-                f"top-1 agreement {self.top1_agreement:.0%}, top-5 {self.top5_agreement:.0%}")
+        return (
+            f"logits max abs {c.max_abs:.2e}, relative {c.rel:.2e}; "
+            f"top-1 agreement {self.top1_agreement:.0%}, top-5 {self.top5_agreement:.0%}"
+        )
 
     def table(self) -> str:
         rows = [f"{'output':<11} {'shape':<20} {'max abs':>10} {'relative':>10}"]
-        rows += [f"{c.name:<11} {str(tuple(c.shape)):<20} {c.max_abs:>10.2e} {c.rel:>10.2e}"
-                 for c in self.comparisons]
+        rows += [f"{c.name:<11} {str(tuple(c.shape)):<20} {c.max_abs:>10.2e} {c.rel:>10.2e}" for c in self.comparisons]
         return "\n".join(rows)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "ParityReport":
+    def from_json(cls, data: dict) -> ParityReport:
         data = dict(data)
         data.pop("weights_sha256", None)  # added by the store: binds the report to the weights file
         data["comparisons"] = [Comparison(**c) for c in data["comparisons"]]
         stored_pass, stored_failure = data.pop("passed", None), data.pop("failure", None)
         report = cls(**data)
         if stored_pass is not None and stored_pass != report.passed:
-            raise ValueError(f"parity report says passed={stored_pass} but its figures say "
-                             f"{report.passed} ({stored_failure or report.failure})")
+            raise ValueError(
+                f"parity report says passed={stored_pass} but its figures say "
+                f"{report.passed} ({stored_failure or report.failure})"
+            )
         return report
 
     def assert_passed(self) -> None:

@@ -8,6 +8,7 @@ its 4x-wide hidden activations several times: on an AVX2 CPU the model then runs
 `TF_ENABLE_ONEDNN_OPTS=1` unless the user chose a value; TensorFlow reads it once, at its own
 import, so it only takes effect when zoo is imported first.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -149,8 +150,10 @@ def check_frozen_weights_value() -> None:
     if value is not None and value.lower() not in _BOOLEANS:
         from .errors import BackendError
 
-        raise BackendError(f"{FROZEN_VAR}={value!r}: TensorFlow reads only 1, 0, true or false there "
-                           "(anything else aborts it); set one of those or unset it")
+        raise BackendError(
+            f"{FROZEN_VAR}={value!r}: TensorFlow reads only 1, 0, true or false there "
+            "(anything else aborts it); set one of those or unset it"
+        )
 
 
 @contextlib.contextmanager
@@ -207,9 +210,11 @@ def check_onednn() -> None:
         return
     _warned = True
     if onednn_enabled() is False:
-        log.warning("TensorFlow was imported before zoo, with oneDNN's fused CPU kernels off: ConvNeXt "
-                    "runs ~1.4x slower on this CPU. Import zoo first, or set %s=1 before TensorFlow.",
-                    ONEDNN_VAR)
+        log.warning(
+            "TensorFlow was imported before zoo, with oneDNN's fused CPU kernels off: ConvNeXt "
+            "runs ~1.4x slower on this CPU. Import zoo first, or set %s=1 before TensorFlow.",
+            ONEDNN_VAR,
+        )
 
 
 def policy_name(dtype: str | None) -> str:

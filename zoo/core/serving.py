@@ -31,6 +31,7 @@ model serves in bfloat16 with float32 statistics and logits.
 Layers without a rule here run as their Keras layer (variables captured): any functional model
 of these layers serves, folded where the rules apply.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -52,24 +53,38 @@ def _linear(layer) -> bool:
     """A layer whose input a norm's affine folds into exactly: dense, or an unpadded ungrouped conv."""
     if isinstance(layer, keras.layers.Dense):
         return True
-    return (type(layer) is keras.layers.Conv2D and layer.padding == "valid" and layer.groups == 1
-            and layer.data_format == "channels_last" and tuple(layer.dilation_rate) == (1, 1))
+    return (
+        type(layer) is keras.layers.Conv2D
+        and layer.padding == "valid"
+        and layer.groups == 1
+        and layer.data_format == "channels_last"
+        and tuple(layer.dilation_rate) == (1, 1)
+    )
 
 
 def _as_matmul(layer) -> bool:
     """A dense, or a 1x1 stride-1 conv: one 2-D matmul."""
-    return isinstance(layer, keras.layers.Dense) or (tuple(layer.kernel.shape[:2]) == (1, 1)
-                                                     and tuple(layer.strides) == (1, 1))
+    return isinstance(layer, keras.layers.Dense) or (
+        tuple(layer.kernel.shape[:2]) == (1, 1) and tuple(layer.strides) == (1, 1)
+    )
 
 
 def _depthwise(layer) -> bool:
-    return (isinstance(layer, keras.layers.DepthwiseConv2D) and layer.data_format == "channels_last"
-            and tuple(layer.dilation_rate) == (1, 1))
+    return (
+        isinstance(layer, keras.layers.DepthwiseConv2D)
+        and layer.data_format == "channels_last"
+        and tuple(layer.dilation_rate) == (1, 1)
+    )
 
 
 def _foldable_norm(layer) -> bool:
-    return (isinstance(layer, _NORM_LAYERS) and layer.center and layer.scale and not layer.rms_scaling
-            and list(layer.axis) in ([-1], [len(layer.input.shape) - 1]))
+    return (
+        isinstance(layer, _NORM_LAYERS)
+        and layer.center
+        and layer.scale
+        and not layer.rms_scaling
+        and list(layer.axis) in ([-1], [len(layer.input.shape) - 1])
+    )
 
 
 def _layers(model: keras.Model) -> list:
@@ -138,8 +153,12 @@ def _prescaled(model: keras.Model, eps_kernel: float) -> tuple[dict, set]:
     """
     scales, ready = {}, set()
     for layer, before in _sole_producers(model):
-        if (_foldable_norm(layer) and layer.epsilon > 0 and (_depthwise(before) or _linear(before))
-                and before.activation is keras.activations.linear):
+        if (
+            _foldable_norm(layer)
+            and layer.epsilon > 0
+            and (_depthwise(before) or _linear(before))
+            and before.activation is keras.activations.linear
+        ):
             scales[before.name] = _input_scale(eps_kernel, layer)
             ready.add(layer.name)
     return scales, ready
@@ -156,8 +175,7 @@ def _folded(layer, norm, scale) -> tuple[np.ndarray, np.ndarray]:
     if norm is not None:
         g = np.asarray(keras.ops.convert_to_numpy(norm.gamma), np.float64)
         b = np.asarray(keras.ops.convert_to_numpy(norm.beta), np.float64)
-        bias = bias + np.tensordot(b, kernel, axes=([0], [kernel.ndim - 2])).sum(
-            axis=tuple(range(kernel.ndim - 2)))
+        bias = bias + np.tensordot(b, kernel, axes=([0], [kernel.ndim - 2])).sum(axis=tuple(range(kernel.ndim - 2)))
         kernel *= g[:, None]
     if scale is not None:
         gamma = np.asarray(keras.ops.convert_to_numpy(scale.gamma), np.float64)
@@ -183,8 +201,13 @@ def _scale(array: np.ndarray, k: float) -> np.ndarray:
 def _unchanged(layer, norm, scale, k: float) -> bool:
     """Whether the serving path's kernel of a linear layer is the layer's own: nothing folds into
     it, it is used in its own shape and its own dtype is the one it computes in."""
-    return (norm is None and scale is None and k == 1.0 and layer.kernel.dtype == layer.compute_dtype
-            and (not _as_matmul(layer) or len(layer.kernel.shape) == 2))
+    return (
+        norm is None
+        and scale is None
+        and k == 1.0
+        and layer.kernel.dtype == layer.compute_dtype
+        and (not _as_matmul(layer) or len(layer.kernel.shape) == 2)
+    )
 
 
 class _Weights:
@@ -222,8 +245,9 @@ class _Weights:
         return self.tf.constant(value, dtype=dtype)
 
 
-def serving_function(model: keras.Model, *, constant: bool = False, fused_norms: bool | None = None,
-                     shared: bool = False):
+def serving_function(
+    model: keras.Model, *, constant: bool = False, fused_norms: bool | None = None, shared: bool = False
+):
     """A `tf.function` computing `model(x, training=False)` for inference, folded (see the module).
 
     Args:
@@ -248,8 +272,10 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
     from .errors import BackendError
 
     if keras.backend.backend() != "tensorflow":
-        raise BackendError(f"the serving function is a TensorFlow graph, and Keras runs on {keras.backend.backend()} "
-                           "here; call the model itself, or set KERAS_BACKEND=tensorflow")
+        raise BackendError(
+            f"the serving function is a TensorFlow graph, and Keras runs on {keras.backend.backend()} "
+            "here; call the model itself, or set KERAS_BACKEND=tensorflow"
+        )
     import tensorflow as tf
 
     if not isinstance(model.inputs, (list, tuple)) or len(model.inputs) != 1:
@@ -278,16 +304,21 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
             weights.add(f"{layer.name}/bias", _scale(bias, k), layer.compute_dtype)
         elif _depthwise(layer):
             kernel = np.array(keras.ops.convert_to_numpy(layer.kernel), np.float64)
-            bias = (np.array(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias
-                    else np.zeros(layer.kernel.shape[2] * layer.depth_multiplier))
+            bias = (
+                np.array(keras.ops.convert_to_numpy(layer.bias), np.float64)
+                if layer.use_bias
+                else np.zeros(layer.kernel.shape[2] * layer.depth_multiplier)
+            )
             weights.add(f"{layer.name}/kernel", _scale(kernel, k), layer.compute_dtype)
             weights.add(f"{layer.name}/bias", _scale(bias, k), layer.compute_dtype)
         elif _foldable_norm(layer) and layer.name not in folded_away:
             # constants whatever `constant` says: the fused kernel's pattern needs them (C floats each)
             weights.add(f"{layer.name}/gamma", keras.ops.convert_to_numpy(layer.gamma), "float32", constant=True)
             weights.add(f"{layer.name}/beta", keras.ops.convert_to_numpy(layer.beta), "float32", constant=True)
-    steps = {layer.name: _step(layer, weights, layer.name in folded_away, eps_kernel, layer.name in ready)
-             for layer in layers}
+    steps = {
+        layer.name: _step(layer, weights, layer.name in folded_away, eps_kernel, layer.name in ready)
+        for layer in layers
+    }
 
     def serve(pixels):
         values = {id(model.inputs[0]): tf.convert_to_tensor(pixels, tf.float32)}
@@ -299,8 +330,12 @@ def serving_function(model: keras.Model, *, constant: bool = False, fused_norms:
 
     function = tf.function(serve, reduce_retracing=True)
     # what a SavedModel of the function must track: the variables it reads
-    function.trackables = [layer for layer in layers if layer.weights and not (
-        _linear(layer) or _depthwise(layer) or _foldable_norm(layer) or layer.name in folded_away)]
+    function.trackables = [
+        layer
+        for layer in layers
+        if layer.weights
+        and not (_linear(layer) or _depthwise(layer) or _foldable_norm(layer) or layer.name in folded_away)
+    ]
     if weights.variables:
         function.trackables.append(weights.module())
     return function
@@ -359,6 +394,7 @@ def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None 
             gamma, beta = (tf.cast(weights[f"{name}/{w}"], work) for w in ("gamma", "beta"))
             y = _fused_form(x2, gamma, beta, eps_kernel)
             return tf.reshape(tf.cast(y, dtype), _static_or_dynamic(x, x.shape[-1]))
+
         return fused
     if _foldable_norm(layer):
         eps = layer.epsilon
@@ -371,6 +407,7 @@ def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None 
             if not folded_away:
                 y = y * weights[f"{name}/gamma"] + weights[f"{name}/beta"]
             return tf.reshape(tf.cast(y, dtype), _static_or_dynamic(x, x.shape[-1]))
+
         return normalise
     if _depthwise(layer):
         strides, padding, activation = (1, *layer.strides, 1), layer.padding.upper(), layer.activation
@@ -378,6 +415,7 @@ def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None 
         def depthwise(x):
             y = tf.nn.depthwise_conv2d(tf.cast(x, dtype), weights[f"{name}/kernel"], strides, padding)
             return activation(tf.nn.bias_add(y, weights[f"{name}/bias"]))
+
         return depthwise
     if _linear(layer):
         activation = layer.activation
@@ -390,12 +428,14 @@ def _step(layer, weights: _Weights, folded_away: bool, eps_kernel: float | None 
                 y = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
                 y = activation(tf.nn.bias_add(y, weights[f"{name}/bias"]))
                 return tf.reshape(y, _static_or_dynamic(x, units)) if x.shape.rank != 2 else y
+
             return linear
         strides = layer.strides
 
         def conv(x):
             y = tf.nn.conv2d(tf.cast(x, dtype), weights[f"{name}/kernel"], strides, "VALID")
             return activation(tf.nn.bias_add(y, weights[f"{name}/bias"]))
+
         return conv
     if isinstance(layer, DropPath):
         return lambda x: x

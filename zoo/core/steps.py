@@ -1,9 +1,10 @@
 """Progress lines for long multi-step commands (convert, verify, export)."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 Echo = Callable[[str], None]
 

@@ -3,6 +3,7 @@ print as what they are (one line, no terminal commands).
 
 Ground layer: the commands print through it; what is stored (a folder's record, `--json`) stays exact.
 """
+
 from __future__ import annotations
 
 import re

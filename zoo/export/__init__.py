@@ -4,13 +4,21 @@
 written, run, loaded and named), `report` the report's types and bounds. Importing the package
 imports nothing heavy: `export` and the rest load TensorFlow when first used.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_WHERE = {"export": "exporting", "read_report": "exporting", "report_path": "exporting",
-          "FORMATS": "formats", "Format": "formats", "check_options": "formats",
-          "ExportReport": "report", "bounds_for": "report"}
+_WHERE = {
+    "export": "exporting",
+    "read_report": "exporting",
+    "report_path": "exporting",
+    "FORMATS": "formats",
+    "Format": "formats",
+    "check_options": "formats",
+    "ExportReport": "report",
+    "bounds_for": "report",
+}
 
 
 def __getattr__(name: str):
@@ -23,5 +31,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FORMATS", "ExportError", "ExportReport", "Format", "bounds_for", "check_options", "export",
-           "read_report", "report_path"]
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "ExportReport",
+    "Format",
+    "bounds_for",
+    "check_options",
+    "export",
+    "read_report",
+    "report_path",
+]

@@ -5,6 +5,7 @@ Every export is run on the parity images and compared with the Keras model and w
 a report sits next to it (`parity.json` inside a SavedModel, `<file>.parity.json` beside a file).
 The formats are `zoo.export.formats`, the bounds and the report `zoo.export.report`.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,19 @@ PYTORCH_MODES = ("auto", "require", "skip")
 FOLDER_REPORT = "parity.json"
 
 
-def export(name_or_path: str | Path, format: str, out: str | Path | None = None, quantize: str | None = None, *,
-           pytorch: str = "auto", checkpoint: str | Path | None = None, atol: float = DEFAULT_ATOL,
-           rtol: float = DEFAULT_RTOL, convert: bool = True, echo: Echo = log.info) -> Path:
+def export(
+    name_or_path: str | Path,
+    format: str,
+    out: str | Path | None = None,
+    quantize: str | None = None,
+    *,
+    pytorch: str = "auto",
+    checkpoint: str | Path | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    convert: bool = True,
+    echo: Echo = log.info,
+) -> Path:
     """Export a converted checkpoint, check it on the parity images, and put it in place if it passed.
 
     Args:
@@ -99,15 +110,23 @@ def export(name_or_path: str | Path, format: str, out: str | Path | None = None,
             logits, runtime = kind.run(artefact, inputs)
         report = ExportReport(
             export=_details(kind, quantize, artefact, out, folder, output_name(model), int(keras_logits.shape[-1])),
-            source=_provenance(folder), bounds=bounds_for(quantize, atol, rtol),
+            source=_provenance(folder),
+            bounds=bounds_for(quantize, atol, rtol),
             vs_keras=Agreement.of("keras", logits, keras_logits),
             vs_pytorch=None if torch_logits is None else Agreement.of("pytorch", logits, torch_logits),
             keras_vs_pytorch=None if torch_logits is None else Agreement.of("pytorch", keras_logits, torch_logits),
-            pytorch_skipped=skipped, num_images=int(keras_logits.shape[0]), input_size=config.input_size,
-            runtime=runtime, versions=_versions(), seconds=round(time.perf_counter() - start, 1))
+            pytorch_skipped=skipped,
+            num_images=int(keras_logits.shape[0]),
+            input_size=config.input_size,
+            runtime=runtime,
+            versions=_versions(),
+            seconds=round(time.perf_counter() - start, 1),
+        )
         if not report.passed:
-            raise ExportError(f"the {format} export was refused: {report.failure}; nothing was written to "
-                              f"{out}\n{report.table()}", report=report)
+            raise ExportError(
+                f"the {format} export was refused: {report.failure}; nothing was written to {out}\n{report.table()}",
+                report=report,
+            )
         echo(report.table())
         _place(work, artefact, out, report.to_json())
     return out
@@ -136,6 +155,7 @@ def read_report(path: str | Path) -> ExportReport:
 
 # --- the steps --------------------------------------------------------------------------------
 
+
 def _destination(out, folder: ConvertedFolder, kind: Format, quantize: str) -> Path:
     format = kind.name
     out = Path(out).expanduser() if out else Path.cwd() / kind.default_name(folder.path.name, quantize)
@@ -152,8 +172,10 @@ def _destination(out, folder: ConvertedFolder, kind: Format, quantize: str) -> P
         else:
             replaceable = out.is_file() and _export_format(out) == format
         if not replaceable:
-            raise ExportError(f"{out} exists and is not a {what} export of convnext-zoo; choose another --out "
-                              f"(only an earlier {what} export is replaced)")
+            raise ExportError(
+                f"{out} exists and is not a {what} export of convnext-zoo; choose another --out "
+                f"(only an earlier {what} export is replaced)"
+            )
     elif not kind.folder and report_path(out).exists() and _export_format(out) != format:
         raise ExportError(f"{report_path(out)} exists and is not a {what} export report; choose another --out")
     return out
@@ -168,8 +190,9 @@ def _export_format(path: Path) -> str | None:
         return None
 
 
-def _pytorch_logits(folder: ConvertedFolder, inputs: np.ndarray, mode: str,
-                    checkpoint) -> tuple[np.ndarray | None, str | None]:
+def _pytorch_logits(
+    folder: ConvertedFolder, inputs: np.ndarray, mode: str, checkpoint
+) -> tuple[np.ndarray | None, str | None]:
     """timm's logits, or (None, why not) where the comparison cannot run and was not required."""
     if mode == "skip":
         return None, "not requested"
@@ -188,17 +211,24 @@ def _pytorch_logits(folder: ConvertedFolder, inputs: np.ndarray, mode: str,
         return None, why
 
 
-def _details(kind: Format, quantize: str, artefact: Path, out: Path, folder: ConvertedFolder, output: str,
-             classes: int) -> dict:
+def _details(
+    kind: Format, quantize: str, artefact: Path, out: Path, folder: ConvertedFolder, output: str, classes: int
+) -> dict:
     """The report's description of the export: format, files and their sha256, input, output, how to load."""
     files = sorted(p for p in artefact.rglob("*") if p.is_file()) if artefact.is_dir() else [artefact]
     name_of = (lambda p: p.relative_to(artefact).as_posix()) if artefact.is_dir() else (lambda p: out.name)
     details = {
-        "format": kind.name, "quantize": quantize, "path": out.name,
+        "format": kind.name,
+        "quantize": quantize,
+        "path": out.name,
         "files": {name_of(p): {"sha256": fs.sha256_file(p), "size": p.stat().st_size} for p in files},
-        "input": {"name": INPUT_NAME, "shape": kind.input_shape(folder.config.input_size), "dtype": "float32",
-                  "layout": "NHWC",
-                  "normalised_with": {"mean": list(folder.config.mean), "std": list(folder.config.std)}},
+        "input": {
+            "name": INPUT_NAME,
+            "shape": kind.input_shape(folder.config.input_size),
+            "dtype": "float32",
+            "layout": "NHWC",
+            "normalised_with": {"mean": list(folder.config.mean), "std": list(folder.config.std)},
+        },
         "output": {"name": output, "shape": [None, classes]},
     }
     if kind.name != "keras":
@@ -210,9 +240,15 @@ def _details(kind: Format, quantize: str, artefact: Path, out: Path, folder: Con
 def _provenance(folder: ConvertedFolder) -> dict:
     config = folder.config
     layout = config.source.layout or "timm"
-    return {"name": config.name, "pretrained": config.pretrained, "folder": str(folder.path),
-            "weights_sha256": config.weights_sha256, "source_sha256": config.source.sha256,
-            "source_layout": layout, "pytorch_reference": LAYOUTS[layout].framework}
+    return {
+        "name": config.name,
+        "pretrained": config.pretrained,
+        "folder": str(folder.path),
+        "weights_sha256": config.weights_sha256,
+        "source_sha256": config.source.sha256,
+        "source_layout": layout,
+        "pytorch_reference": LAYOUTS[layout].framework,
+    }
 
 
 def _versions() -> dict:
@@ -236,8 +272,9 @@ def _place(work: Path, artefact: Path, out: Path, report: dict) -> None:
     under the store's lock and with its atomic swap."""
     try:
         fs.fsync_tree(artefact) if artefact.is_dir() else fs.fsync_file(artefact)
-        fs.write_json(report_path(artefact) if artefact.is_dir() else work / "report.json", report,
-                      indent=1, fsync=True)
+        fs.write_json(
+            report_path(artefact) if artefact.is_dir() else work / "report.json", report, indent=1, fsync=True
+        )
         with fs.locked(out):
             if artefact.is_dir():
                 fs.swap_into_place(artefact, out)

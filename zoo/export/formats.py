@@ -3,13 +3,14 @@
 A SavedModel and a TFLite file serve one signature, `serving_default`, taking `pixels`
 (normalised float32 NHWC) and returning `logits` (`pre_logits` without a classifier).
 """
+
 from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -74,8 +75,11 @@ def _saved_model(model, path: Path, size: int | None, fused_norms: bool | None =
     archive = keras.export.ExportArchive()
     for resource in serve.trackables:
         archive.track(resource)
-    archive.add_endpoint(SIGNATURE, lambda pixels: {name: serve(pixels)},
-                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)])
+    archive.add_endpoint(
+        SIGNATURE,
+        lambda pixels: {name: serve(pixels)},
+        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)],
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -155,18 +159,37 @@ def _run_tflite(path: Path, inputs: np.ndarray) -> tuple[np.ndarray, str]:
     return np.asarray(next(iter(outputs.values()))), runtime
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("savedmodel", _write_savedmodel, _run_savedmodel,
-           "tf.saved_model.load(path).signatures['serving_default'](pixels=x)['logits']",
-           folder=True, what="SavedModel"),
-    Format("tflite", _write_tflite, _run_tflite,
-           "Interpreter(model_path=path).get_signature_runner('serving_default')(pixels=x)['logits'] "
-           "(ai_edge_litert.interpreter or tf.lite)",
-           fixed_size=True, quantizable=True, what="tflite"),
-    Format("keras", _write_keras, _run_keras,
-           "import zoo (it registers the ConvNeXt layers), then keras.saving.load_model(path)", what="keras",
-           tensorflow_only=False),
-)}
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "savedmodel",
+            _write_savedmodel,
+            _run_savedmodel,
+            "tf.saved_model.load(path).signatures['serving_default'](pixels=x)['logits']",
+            folder=True,
+            what="SavedModel",
+        ),
+        Format(
+            "tflite",
+            _write_tflite,
+            _run_tflite,
+            "Interpreter(model_path=path).get_signature_runner('serving_default')(pixels=x)['logits'] "
+            "(ai_edge_litert.interpreter or tf.lite)",
+            fixed_size=True,
+            quantizable=True,
+            what="tflite",
+        ),
+        Format(
+            "keras",
+            _write_keras,
+            _run_keras,
+            "import zoo (it registers the ConvNeXt layers), then keras.saving.load_model(path)",
+            what="keras",
+            tensorflow_only=False,
+        ),
+    )
+}
 
 
 def check_options(format: str, quantize: str) -> Format:
@@ -194,5 +217,7 @@ def check_backend(kind: Format) -> None:
 
     backend = keras.backend.backend()
     if kind.tensorflow_only and backend != "tensorflow":
-        raise BackendError(f"{kind.what} exports are made by TensorFlow, and Keras runs on {backend} here; run "
-                           "the export with KERAS_BACKEND=tensorflow (the keras format works on any backend)")
+        raise BackendError(
+            f"{kind.what} exports are made by TensorFlow, and Keras runs on {backend} here; run "
+            "the export with KERAS_BACKEND=tensorflow (the keras format works on any backend)"
+        )

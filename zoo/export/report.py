@@ -1,4 +1,5 @@
 """What an export must meet and what it met: its bounds and its report (`<export>.parity.json`)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -65,7 +66,7 @@ class Agreement:
     finite: bool
 
     @classmethod
-    def of(cls, against: str, ours: np.ndarray, ref: np.ndarray) -> "Agreement":
+    def of(cls, against: str, ours: np.ndarray, ref: np.ndarray) -> Agreement:
         ours, ref = np.asarray(ours), np.asarray(ref)
         c = Comparison.of(against, ours, ref)
         images = int(ref.shape[0])
@@ -78,11 +79,14 @@ class Agreement:
         if not self.finite:
             return f"vs {self.against}: non-finite or misshapen output"
         if (bounds.atol is not None and self.max_abs > bounds.atol) or self.rel > bounds.rtol:
-            return (f"vs {self.against}: max abs error {self.max_abs:.3g}, relative {self.rel:.3g} "
-                    f"({bounds.describe(self.images)})")
+            return (
+                f"vs {self.against}: max abs error {self.max_abs:.3g}, relative {self.rel:.3g} "
+                f"({bounds.describe(self.images)})"
+            )
         if bounds.min_top1 is not None and self.top1 < round(bounds.min_top1 * self.images):
-            return (f"vs {self.against}: top-1 agrees on {self.top1}/{self.images} images "
-                    f"({bounds.describe(self.images)})")
+            return (
+                f"vs {self.against}: top-1 agrees on {self.top1}/{self.images} images ({bounds.describe(self.images)})"
+            )
         return None
 
 
@@ -114,19 +118,26 @@ class ExportReport:
     def table(self) -> str:
         e = self.export
         kind = e["format"] if e["quantize"] == "none" else f"{e['format']} ({e['quantize']})"
-        head = (f"{kind} of {self.source['name']}: {self.num_images} parity images at "
-                f"{self.input_size}x{self.input_size}, run by {self.runtime}")
+        head = (
+            f"{kind} of {self.source['name']}: {self.num_images} parity images at "
+            f"{self.input_size}x{self.input_size}, run by {self.runtime}"
+        )
         rows = [head, f"{'logits':<16} {'max abs':>9} {'relative':>9} {'top-1':>6} {'top-5':>6}  bound"]
         bound = self.bounds.describe(self.num_images)
-        for label, a in (("vs keras", self.vs_keras), ("vs pytorch", self.vs_pytorch),
-                         ("keras vs pytorch", self.keras_vs_pytorch)):
+        for label, a in (
+            ("vs keras", self.vs_keras),
+            ("vs pytorch", self.vs_pytorch),
+            ("keras vs pytorch", self.keras_vs_pytorch),
+        ):
             if a is None:
                 if label == "vs pytorch":
                     rows.append(f"{label:<16} skipped: {self.pytorch_skipped}")
                 continue
             gate = bound if label.startswith("vs") else "(the conversion's gate)"
-            rows.append(f"{label:<16} {a.max_abs:>9.2e} {a.rel:>9.2e} {f'{a.top1}/{a.images}':>6} "
-                        f"{f'{a.top5}/{a.images}':>6}  {gate}")
+            rows.append(
+                f"{label:<16} {a.max_abs:>9.2e} {a.rel:>9.2e} {f'{a.top1}/{a.images}':>6} "
+                f"{f'{a.top5}/{a.images}':>6}  {gate}"
+            )
         rows.append("passed" if self.passed else f"FAILED: {self.failure}")
         return "\n".join(rows)
 
@@ -134,7 +145,7 @@ class ExportReport:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "ExportReport":
+    def from_json(cls, data: dict) -> ExportReport:
         data = dict(data)
         data["bounds"] = Bounds(**data["bounds"])
         for key in ("vs_keras", "vs_pytorch", "keras_vs_pytorch"):
