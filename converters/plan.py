@@ -339,6 +339,8 @@ def _describe(src: source.SourceWeights, found: Inferred) -> str:
         parts.append(f"prefix {src.prefix!r} removed")
     if src.state_key:
         parts.append(f"weights from {src.state_key!r}")
+    if src.left:
+        parts.append(f"{src.left} keys of another model left out (the {src.layout} layout declares them)")
     head = f"{found.num_classes} classes" if found.num_classes else "no classifier"
     return (
         f"{', '.join(parts)}: {'ConvNeXt-V2' if a.use_grn else 'ConvNeXt'} like {a.name}, depths "

@@ -7,7 +7,6 @@ tensorflow never (this module also runs inside the PyTorch reference process).
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from zoo.core.errors import SourceError
 
 from .layouts import recognise, to_timm
 from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SourceWeights
-
-log = logging.getLogger(__name__)
 
 
 def read_source(
@@ -45,20 +42,15 @@ def read_source(
     digest = hashlib.sha256()
     raw, key = read_checkpoint(src.path, digest, use_ema=use_ema)
     found = recognise(raw, hint)
-    if found.left:
-        log.info(
-            "%s: %d keys of another model left out (the %s layout says they are not the ConvNeXt's)",
-            src.path.name,
-            found.left,
-            found.layout.name,
-        )
     state = to_timm(found.state, found.layout)
     if src.sha256 is not None and digest.hexdigest() != src.sha256:
         raise SourceError(
             f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
             f"expected {src.sha256}); fetch it again"
         )
-    return state, replace(src, sha256=digest.hexdigest(), layout=found.layout.name, state_key=key, prefix=found.prefix)
+    return state, replace(
+        src, sha256=digest.hexdigest(), layout=found.layout.name, state_key=key, prefix=found.prefix, left=found.left
+    )
 
 
 def read_state_dict(path: Path, digest=None, *, use_ema: bool = True) -> dict[str, np.ndarray]:

@@ -49,6 +49,7 @@ class SourceWeights:
         state_key: the entry of a training checkpoint its weights were read from
             (`state_dict_ema`, ...; None: the file is the state dict), once read.
         prefix: the wrapper prefix every key carried (`module.`), removed when read.
+        left: how many keys of another model its layout declares (`Layout.foreign`) were left out when read.
     """
 
     path: Path
@@ -60,6 +61,7 @@ class SourceWeights:
     layout: str | None = None
     state_key: str | None = None
     prefix: str = ""
+    left: int = 0
 
     def record(self, kind: str, **extra) -> SourceRecord:
         """What a converted folder records of these weights (`kind`: hub, url or file)."""

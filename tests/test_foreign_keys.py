@@ -57,7 +57,7 @@ def test_declared_keys_of_another_model_are_left_and_the_rest_maps(checkpoint, m
     found = recognise(reading.read_state_dict(path))
     assert found.layout is SEGMENTATION and found.left == len(HEADS) and not set(HEADS) & set(found.state)
     read, src = reading.read_source(SourceWeights(path, None))
-    assert src.layout == SEGMENTATION.name and read.keys() == state.keys()
+    assert src.layout == SEGMENTATION.name and read.keys() == state.keys() and src.left == len(HEADS)
     read = fit_mlp(read, arch.conv_mlp)
     assert all(np.array_equal(read[k], v) for k, v in state.items())
     model = build_model(arch, num_classes=CLASSES)

@@ -231,45 +231,15 @@ def test_options_where_the_tensors_cannot_know(src, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("".join(f"class {i}\n" for i in range(7)))
     out = tmp_path / "out"
-    result = zoo_inline(
-        "convert",
-        "--checkpoint",
-        src / "tv.pth",
-        "--out",
-        out,
-        "--name",
-        "my_tv",
-        "--input-size",
-        "160",
-        "--mean",
-        "0.5,0.5,0.5",
-        "--std",
-        "0.25 0.25 0.25",
-        "--labels",
-        names,
-        "--arch",
-        "convnext_tiny",
-    )
+    given = [
+        *("--checkpoint", src / "tv.pth", "--out", out, "--name", "my_tv", "--input-size", "160"),
+        *("--mean", "0.5,0.5,0.5", "--std", "0.25 0.25 0.25", "--labels", names),
+    ]
+    result = zoo_inline("convert", *given, "--arch", "convnext_tiny")
     assert result.exit_code == 1  # convnext_tiny's depths and widths are not these tensors'
     assert "the checkpoint is not a convnext_tiny" in result.stderr and "depths" in result.stderr
     assert not out.exists()
-    result = zoo_inline(
-        "convert",
-        "--checkpoint",
-        src / "tv.pth",
-        "--out",
-        out,
-        "--name",
-        "my_tv",
-        "--input-size",
-        "160",
-        "--mean",
-        "0.5,0.5,0.5",
-        "--std",
-        "0.25 0.25 0.25",
-        "--labels",
-        names,
-    )
+    result = zoo_inline("convert", *given)
     assert result.exit_code == 0, result.stderr[-3000:]
     config = open_folder(out).config
     assert config.name == "my_tv" and config.input_size == 160
