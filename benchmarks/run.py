@@ -427,33 +427,22 @@ def cpu() -> str:
     return f"{cpuinfo.get('model name', 'unknown CPU')} ({isa})"
 
 
+def _printed(code: str, quiet_tensorflow: bool = False) -> str:
+    """What `code` prints, run by this Python in a process of its own (from the checkout)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"} if quiet_tensorflow else None
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    ).stdout.strip()
+
+
 def machine() -> str:
-    onednn = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import zoo.core.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        cwd=ROOT,
-    ).stdout.strip()
-    versions = subprocess.run(
-        [sys.executable, "-c", "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    tf_versions = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import tensorflow as tf, keras; print(f'tensorflow {tf.__version__}, keras {keras.__version__}')",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    ).stdout.strip()
+    onednn = _printed(
+        "import zoo.core.runtime as r; r.prefer_onednn(); import tensorflow; print(r.onednn_enabled())", True
+    )
+    versions = _printed("import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}')")
+    tf_versions = _printed(
+        "import tensorflow as tf, keras; print(f'tensorflow {tf.__version__}, keras {keras.__version__}')", True
+    )
     return (
         f"{cpu()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; {tf_versions} "
         f"(oneDNN rewrites: {onednn}); {versions}"
