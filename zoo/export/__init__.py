@@ -2,32 +2,23 @@
 
 `exporting` runs an export and writes its report, `formats` is the table of formats (how each is
 written, run, loaded and named), `report` the report's types and bounds. Importing the package
-imports nothing heavy: `export` and the rest load TensorFlow when first used.
+imports nothing heavy: `export`, `read_report` and `report_path` load TensorFlow when first used.
 """
 
 from __future__ import annotations
 
-import importlib
+from ..core.errors import ExportError
+from .formats import FORMATS, Format, check_options
+from .report import ExportReport, bounds_for
 
-_WHERE = {
-    "export": "exporting",
-    "read_report": "exporting",
-    "report_path": "exporting",
-    "FORMATS": "formats",
-    "Format": "formats",
-    "check_options": "formats",
-    "ExportReport": "report",
-    "bounds_for": "report",
-}
+_EXPORTING = ("export", "read_report", "report_path")  # imports Keras and TensorFlow: resolved on first use
 
 
 def __getattr__(name: str):
-    if name == "ExportError":
-        from ..core.errors import ExportError
+    if name in _EXPORTING:
+        from . import exporting
 
-        return ExportError
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        return getattr(exporting, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
