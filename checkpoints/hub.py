@@ -278,16 +278,22 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
 
     config, report = folder.config, folder.parity
     name, cfg = config.name, config.pretrained_cfg
-    logits = next(c for c in report["comparisons"] if c["name"] == "logits")
+    # a backbone's gate is its feature maps': the worst of them stands where a classifier's logits do
+    compared = [c for c in report["comparisons"] if c["name"] == "logits" or c["name"].startswith("features.")]
+    logits = max(compared, key=lambda c: c["rel"])
     tag, base = config.tag, config.base_model
     reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
     classifier = config.num_classes > 0
     task = "image-classification" if classifier else "image-feature-extraction"
-    metrics = [
-        ("max_abs_logit_error", logits["max_abs"]),
-        ("relative_logit_error", logits["rel"]),
-        ("top1_agreement", report["top1_agreement"]),
-    ]
+    metrics = (
+        [
+            ("max_abs_logit_error", logits["max_abs"]),
+            ("relative_logit_error", logits["rel"]),
+            ("top1_agreement", report["top1_agreement"]),
+        ]
+        if report["top1_agreement"] is not None
+        else [("max_abs_feature_error", logits["max_abs"]), ("relative_feature_error", logits["rel"])]
+    )
     data = ModelCardData(
         library_name="keras",
         pipeline_tag=task,
@@ -319,6 +325,22 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
         f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |" for c in report["comparisons"]
     )
     path = f"hf://{repo_id}"
+    channels = config.architecture.in_chans
+    images = (
+        f'images = zoo.preprocess(["image.jpg"], "{path}")' + ("  # decoded grey: 1 channel" if channels == 1 else "")
+        if channels in (1, 3)
+        else f"images = ...  # (N, H, W, {channels}) float32, normalised with the mean and std below"
+    )
+    gate = (
+        f"logits max abs error\n<= {report['atol']:g}, relative <= {report['rtol']:g}"
+        if report["top1_agreement"] is not None
+        else f"every stage and feature map\nwithin relative error {report['stage_rtol']:g}"
+    )
+    agreement = (
+        f"Top-1 agreement {report['top1_agreement']:.0%}, top-5 {report['top5_agreement']:.0%}."
+        if report["top1_agreement"] is not None
+        else f"Every feature map within relative error {report['stage_rtol']:g} of {reference}'s backbone."
+    )
     if classifier:
         run = (
             f"logits = model.predict(images, verbose=0)  # (1, {config.num_classes}), no softmax\n"
@@ -331,6 +353,13 @@ From the command line, the top classes of an image:
 zoo predict --model {path} image.jpg
 ```
 """
+    elif config.features:
+        run = (
+            "maps = model.predict(images, verbose=0)  # one normalised feature map per stage "
+            f"{list(config.features)} (strides {[2 ** (i + 2) for i in config.features]})\n"
+            "print([m.shape for m in maps])"
+        )
+        cli = ""
     else:
         run = (
             "features = model.predict(images, verbose=0)  # the pooled features (timm's pre-logits)\n"
@@ -345,14 +374,13 @@ zoo predict --model {path} image.jpg
 {warning}
 `{name}` ({config.architecture.name}, {config.params or 0:,} parameters) converted from
 `{base or config.source.url or "a local file"}` by convnext-zoo. The Keras model was run
-side by side with {reference} on the same weights and passed the parity gate (logits max abs error
-<= {report["atol"]:g}, relative <= {report["rtol"]:g}):
+side by side with {reference} on the same weights and passed the parity gate ({gate}):
 
 | output | shape | max abs error | relative error |
 |---|---|---|---|
 {rows}
 
-Top-1 agreement {report["top1_agreement"]:.0%}, top-5 {report["top5_agreement"]:.0%}.
+{agreement}
 `parity.json` has the full report, `manifest.json` the sha256 of every file, and
 `{RECORD}` the architecture, the source and its sha256, and the preprocessing.
 
@@ -375,7 +403,7 @@ and the images prepared exactly as {reference} evaluates the source checkpoint:
 import zoo
 
 model = zoo.load("{path}")
-images = zoo.preprocess(["image.jpg"], "{path}")
+{images}
 {run}
 ```
 {cli}
@@ -385,7 +413,7 @@ registers them. The model runs on Keras' TensorFlow and JAX backends (not on tor
 names are timm's dotted module paths). SavedModel and TFLite exports:
 `zoo export {path} --format tflite`.
 
-Preprocessing: input {config.input_size}px, crop_pct {cfg["crop_pct"]}, {cfg["crop_mode"]} crop,
+Preprocessing: {channels} input channels, {config.input_size}px, crop_pct {cfg["crop_pct"]}, {cfg["crop_mode"]} crop,
 {cfg["interpolation"]} interpolation, mean {list(config.mean)}, std {list(config.std)}.
 """
 

@@ -15,13 +15,16 @@ from zoo.core.architectures import ARCHITECTURES, Architecture, make_divisible
 from zoo.core.errors import SourceError
 
 _BLOCK = re.compile(r"^stages\.(\d)\.blocks\.(\d+)\.")
+_FEATURE_NORM = re.compile(r"^norm([0-3])\.(weight|bias)$")
+_HEAD = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "norm_pre.weight", "head.pre_logits.fc.weight")
 
 
 @dataclass(frozen=True)
 class Inferred:
     """What the tensors say: the architecture and the head.
 
-    A record of its own because the tensors say nothing of the input: the config files beside them
+    A record of its own because the tensors say nothing of the input but its channel count (the
+    stem's, `arch.in_chans`), not its size or normalisation: the config files beside them
     and the user's choices add it (`converters.plan.for_checkpoint`), and only then is there a
     `Network` to check.
 
@@ -30,11 +33,14 @@ class Inferred:
             the tensors' own).
         num_classes: classifier width; 0 without a classifier.
         head_norm_affine: the head norm has weights (FCMAE and backbone saves have none).
+        features: the stages whose outputs a dense-prediction backbone normalises and returns
+            (`norm0`..`norm3`; its out_indices), in order; empty for a network that ends in its head.
     """
 
     arch: Architecture
     num_classes: int
     head_norm_affine: bool
+    features: tuple[int, ...] = ()
 
 
 def infer(
@@ -91,6 +97,7 @@ def infer(
         norm="layernorm" if "stages.0.blocks.0.norm.bias" in state else "simplenorm",
         conv_bias="stages.0.blocks.0.conv_dw.bias" in state,
         stem_type=stem,
+        in_chans=int(state["stem.0.weight"].shape[1]),  # the first conv's input channels, in every stem
         head_norm_first="norm_pre.weight" in state,
         head_hidden_size=int(tensor("head.pre_logits.fc.weight", 2).shape[0])
         if "head.pre_logits.fc.weight" in state
@@ -112,7 +119,29 @@ def infer(
     fc = tensor("head.fc.weight", 2) if "head.fc.weight" in state else None
     num_classes = int(fc.shape[0]) if fc is not None else 0
     head_norm = "norm_pre.weight" if fields["head_norm_first"] else "head.norm.weight"
-    return Inferred(arch, num_classes, head_norm in state)
+    return Inferred(arch, num_classes, head_norm in state, _features(state, dims))
+
+
+def _features(state: dict, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """The stages a backbone's per-output norms (`norm{i}`) follow: a features model has no head."""
+    found = sorted({int(m[1]) for key in state if (m := _FEATURE_NORM.match(key))})
+    if not found:
+        return ()
+    head = [key for key in _HEAD if key in state]
+    if head:
+        raise SourceError(
+            f"the checkpoint holds per-output norms (norm{found[0]}, a dense-prediction backbone's) and a "
+            f"classifier head ({head[0]}): a ConvNeXt has one or the other"
+        )
+    for i in found:
+        for part in ("weight", "bias"):
+            value = state.get(f"norm{i}.{part}")
+            if value is None or value.shape != (dims[i],):
+                shape = "missing" if value is None else f"of shape {list(value.shape)}"
+                raise SourceError(
+                    f"norm{i}.{part} is {shape}: the norm of stage {i}'s output has {dims[i]} weights and biases"
+                )
+    return tuple(found)
 
 
 def _stem_type(state: dict, width: int) -> str:
@@ -149,7 +178,8 @@ def check_named(named: Architecture, inferred: Architecture, mlp_form_known: boo
     Raises:
         SourceError: listing every field that differs.
     """
-    skip = {"name", "norm_eps", "head_norm_eps"} | (set() if mlp_form_known else {"conv_mlp"})  # not in the tensors
+    # not in the tensors; in_chans is, but it is timm's `in_chans` argument to any architecture name
+    skip = {"name", "norm_eps", "head_norm_eps", "in_chans"} | (set() if mlp_form_known else {"conv_mlp"})
     diffs = [
         f"{f.name}: {getattr(named, f.name)} named, {getattr(inferred, f.name)} in the checkpoint"
         for f in dataclasses.fields(Architecture)

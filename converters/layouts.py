@@ -8,6 +8,7 @@ Numpy only (this module also runs inside the PyTorch reference process).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from zoo.core.errors import SourceError
 
 
-def _rules(*pairs: tuple[str, str]) -> tuple[tuple[re.Pattern, str], ...]:
+def _rules(*pairs: tuple[str, str | Callable[[re.Match], str]]) -> tuple[tuple[re.Pattern, str], ...]:
     return tuple((re.compile(pattern), repl) for pattern, repl in pairs)
 
 
@@ -36,7 +37,8 @@ class Layout:
         rules: renames to timm's keys, applied in order to every key (`re.sub`).
         foreign: match the keys of another model that checkpoints of this layout hold beside the
             ConvNeXt (a segmentation model's decode and auxiliary heads): left out when read, never
-            converted and never refused (`patterns`).
+            converted and never refused (`patterns`); the ConvNeXt's own keys may then share a
+            prefix of their own (`backbone.`), removed as a wrapper's.
     """
 
     name: str
@@ -59,10 +61,22 @@ class Layout:
         return self.is_foreign(key) or bool(TIMM_KEY.match(self.timm_key(key)))
 
 
+# The modules a dense-prediction model holds beside its ConvNeXt backbone: mmsegmentation's and
+# transformers' UperNet heads, mmdetection's necks and heads (Mask R-CNN, Cascade, FPN).
+DENSE_HEADS = patterns(
+    r"decode_head\.",
+    r"auxiliary_head\.",
+    r"neck\.",
+    r"rpn_head\.",
+    r"roi_head\.",
+    r"bbox_head\.",
+    r"mask_head\.",
+)
+
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
-        Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), ()),
+        Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), (), DENSE_HEADS),
         # the official releases (facebookresearch/ConvNeXt, ConvNeXt-V2)
         Layout(
             "fb",
@@ -79,6 +93,8 @@ LAYOUTS: dict[str, Layout] = {
                 (r"^norm\.", "head.norm."),
                 (r"^head\.(weight|bias)$", r"head.fc.\1"),
             ),
+            # the segmentation and detection releases: `norm0`..`norm3` normalise each output (timm's name too)
+            DENSE_HEADS,
         ),
         # Hugging Face transformers ConvNext/ConvNextV2 (ForImageClassification, or the bare Model
         # without the `convnext.` prefix); its final LayerNorm's eps is the config's layer_norm_eps
@@ -99,7 +115,10 @@ LAYOUTS: dict[str, Layout] = {
                 (r"\.grn\.", ".mlp.grn."),
                 (r"^layernorm\.", "head.norm."),
                 (r"^classifier\.", "head.fc."),
+                # ConvNextBackbone's per-output norms, by stage name (stage1..stage4: stage index + 1)
+                (r"^hidden_states_norms\.stage([1-4])\.", lambda m: f"norm{int(m[1]) - 1}."),
             ),
+            DENSE_HEADS,  # UperNetForSemanticSegmentation: the backbone under `backbone.`
         ),
         # torchvision.models.convnext_*: features.0 stem, odd features stages, even ones downsample
         Layout(
@@ -127,9 +146,10 @@ LAYOUTS: dict[str, Layout] = {
     )
 }
 
-# Every key a timm ConvNeXt can hold: what a layout must rename a key into.
+# Every key a timm ConvNeXt can hold, and a backbone's per-output norms (`norm0`..`norm3`, stage
+# index): what a layout must rename a key into.
 TIMM_KEY = re.compile(
-    r"^(stem\.\d+|stages\.\d+\.downsample\.\d+|norm_pre|head\.(norm|fc|pre_logits\.fc)"
+    r"^(stem\.\d+|stages\.\d+\.downsample\.\d+|norm_pre|norm[0-3]|head\.(norm|fc|pre_logits\.fc)"
     r"|stages\.\d+\.blocks\.\d+\.(conv_dw|norm|mlp\.fc[12]|mlp\.grn))\.(weight|bias)$"
     r"|^stages\.\d+\.blocks\.\d+\.gamma$"
 )
@@ -227,15 +247,32 @@ class Recognised:
 
 def recognise(state_dict: dict, hint: str | None = None) -> Recognised:
     """The wrapper prefix every key shares removed, the layout detected (`detect`) and the keys
-    that layout declares another model's left out.
+    that layout declares another model's left out; the prefix the ConvNeXt's own keys then share
+    (a segmentation model's `backbone.`) removed too.
 
     Raises:
         SourceError: no known layout, or keys with no place in it.
     """
     state, prefix = strip_prefix(state_dict)
-    layout = detect(state, hint)
-    own = {k: v for k, v in state.items() if not layout.is_foreign(k)}
-    return Recognised(own, layout, prefix, len(state) - len(own))
+    declared = {k for k in state if any(layout.is_foreign(k) for layout in LAYOUTS.values())}
+    own, inner = strip_prefix({k: v for k, v in state.items() if k not in declared})
+    if not inner:
+        _refuse_other_modules(own)
+    layout = detect([*own, *declared], hint)  # the layout found must declare them itself
+    return Recognised(own, layout, prefix + inner, len(declared))
+
+
+def _refuse_other_modules(state: dict) -> None:
+    """A ConvNeXt under a wrapper prefix (`backbone.`) beside modules no layout declares: name those."""
+    for wrapper in WRAPPER_PREFIXES:
+        under = [k[len(wrapper) :] for k in state if k.startswith(wrapper)]
+        found = next((layout for layout in LAYOUTS.values() if any(map(layout.signature.match, under))), None)
+        others = [k for k in state if not k.startswith(wrapper)]
+        if found is not None and others:
+            raise SourceError(
+                f"{len(others)} of {len(state)} keys have no place in a ConvNeXt of the {found.name} layout (its "
+                f"keys are under {wrapper!r}; these are another model's, which no layout declares):\n{_listed(others)}"
+            )
 
 
 def to_timm(state_dict: dict[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
+from zoo.core.architectures import MAX_IN_CHANS
 from zoo.core.errors import SourceError
 from zoo.core.preprocessing import (
     CROP_MODES,
@@ -46,8 +47,15 @@ class SourceMetadata:
         norm_eps: the blocks' LayerNorm epsilon (a timm repo's `model_args`).
         head_norm_eps: transformers' final LayerNorm epsilon (its config's `layer_norm_eps`).
         architecture: timm's architecture name (a timm repo's config).
+        license, tag, test_input_size, test_crop_pct: those fields of a timm repo's
+            `pretrained_cfg` (the weights' licence, timm's pretrained tag, the test-time size and
+            crop), recorded as they are; transformers' config says none of them.
         shape: (depths, dims) the config says, to check against the tensors.
         notes: where each fact came from, for the conversion's output.
+        features: the stages a dense-prediction backbone returns (transformers' `ConvNextBackbone`
+            and UperNet configs' `out_features`, as stage indices 0..3).
+        in_chans: the input channels the config says (transformers' `num_channels`, a timm repo's
+            `model_args.in_chans`), to check against the stem.
     """
 
     layout: str | None = None
@@ -57,8 +65,14 @@ class SourceMetadata:
     norm_eps: float | None = None
     head_norm_eps: float | None = None
     architecture: str | None = None
+    license: str | None = None
+    tag: str | None = None
+    test_input_size: list[int] | None = None
+    test_crop_pct: float | None = None
     shape: tuple | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    features: tuple[int, ...] | None = None
+    in_chans: int | None = None
 
 
 CONFIG, PROCESSOR = "config.json", "preprocessor_config.json"
@@ -101,15 +115,28 @@ def parse_metadata(folder: Path, files: dict[str, bytes]) -> SourceMetadata:
     if not isinstance(config, dict):
         return SourceMetadata()  # someone else's config.json (our own converted folders have one)
     model_type, architecture = config.get("model_type"), config.get("architecture")
+    if model_type == "upernet":  # transformers' UperNetForSemanticSegmentation: a ConvNeXt backbone inside
+        backbone = _Fields(path).object("backbone_config", config.get("backbone_config"))
+        if backbone.get("model_type") not in TRANSFORMERS_TYPES:
+            return SourceMetadata()  # another backbone: the tensors' layout decides
+        processor = _processor_file(folder, files)
+        meta = _transformers(_Fields(path, "backbone_config."), backbone, None, backbone=True)
+        preprocessing = None if processor is None else _segmentation_processor(*processor)
+        return replace(meta, preprocessing=preprocessing, notes=(*meta.notes, "UperNet's config.json: its backbone"))
     if isinstance(model_type, str) and model_type in TRANSFORMERS_TYPES:
-        processor_path = Path(folder) / PROCESSOR
-        processor = _json(processor_path, files.get(PROCESSOR))
-        if processor is not None and not isinstance(processor, dict):
-            raise SourceError(f"{processor_path}: must hold a JSON object (ConvNextImageProcessor's settings)")
-        return _transformers(_Fields(path), config, None if processor is None else (_Fields(processor_path), processor))
+        backbone = any(str(a).endswith("Backbone") for a in config.get("architectures") or [])
+        return _transformers(_Fields(path), config, _processor_file(folder, files), backbone=backbone)
     if isinstance(architecture, str) and architecture.startswith("convnext"):
         return _timm(_Fields(path), config)
     return SourceMetadata()
+
+
+def _processor_file(folder: Path, files: dict[str, bytes]) -> tuple | None:
+    processor_path = Path(folder) / PROCESSOR
+    processor = _json(processor_path, files.get(PROCESSOR))
+    if processor is not None and not isinstance(processor, dict):
+        raise SourceError(f"{processor_path}: must hold a JSON object (the image processor's settings)")
+    return None if processor is None else (_Fields(processor_path), processor)
 
 
 def _json(path: Path, data: bytes | None):
@@ -121,10 +148,11 @@ def _json(path: Path, data: bytes | None):
         raise SourceError(f"{path}: cannot be read as JSON: {e}") from None
 
 
-def _transformers(fields: _Fields, config: dict, processor: tuple | None) -> SourceMetadata:
-    for key, wanted in (("patch_size", 4), ("num_channels", 3), ("hidden_act", "gelu"), ("num_stages", 4)):
+def _transformers(fields: _Fields, config: dict, processor: tuple | None, backbone: bool = False) -> SourceMetadata:
+    for key, wanted in (("patch_size", 4), ("hidden_act", "gelu"), ("num_stages", 4)):
         if config.get(key, wanted) != wanted:
             raise SourceError(f"{fields.where}: {key}={_shown(config[key])}; only {key}={wanted!r} ConvNeXts convert")
+    in_chans = fields.in_chans("num_channels", config.get("num_channels", 3))
     id2label = config.get("id2label")
     labels = None if id2label is None or id2label == {} else fields.label_map("id2label", id2label)
     num_labels = fields.count("num_labels", config.get("num_labels"))
@@ -134,34 +162,62 @@ def _transformers(fields: _Fields, config: dict, processor: tuple | None) -> Sou
     notes = ["layout, classes and final-norm epsilon from config.json (transformers)"]
     preprocessing = None
     if processor is not None:
-        preprocessing = _processor(*processor)
+        preprocessing = _processor(*processor, channels=in_chans)
         notes.append("preprocessing from preprocessor_config.json (ConvNextImageProcessor)")
     return SourceMetadata(
         layout="transformers",
-        num_classes=num_classes,
-        labels=labels,
+        num_classes=None if backbone else num_classes,
+        labels=None if backbone else labels,
         preprocessing=preprocessing,
-        head_norm_eps=fields.eps("layer_norm_eps", config.get("layer_norm_eps"), 1e-12),
+        head_norm_eps=None if backbone else fields.eps("layer_norm_eps", config.get("layer_norm_eps"), 1e-12),
         shape=(
             fields.stages("depths", config.get("depths")),
             fields.stages("hidden_sizes", config.get("hidden_sizes")),
         ),
         notes=tuple(notes),
+        features=fields.out_features("out_features", config.get("out_features")) if backbone else None,
+        in_chans=in_chans,
     )
 
 
-def _processor(fields: _Fields, p: dict) -> dict:
+def _segmentation_processor(fields: _Fields, p: dict) -> dict:
+    """A segmentation model's image processor (UperNet's `SegformerImageProcessor`): the image resized
+    to a square `size` whatever its aspect (no crop), rescaled by `rescale_factor` (when `do_rescale`),
+    then normalised: as timm's fields, mean and std over pixels in [0, 1]."""
+    name, edge = _processor_size(fields, p.get("size"))
+    edge = fields.side(name, edge)
+    rescale = _default(p.get("rescale_factor"), 1 / 255) if _default(p.get("do_rescale"), True) else 1.0
+    if _finite(rescale) is None or not 0 < rescale <= 1:
+        fields.fail("rescale_factor", "a number in (0, 1]", rescale)
+    scale = 255 * rescale  # normalising x * rescale by (m, s) is normalising x / 255 by (m, s) / (255 * rescale)
+    mean = fields.channels("image_mean", p.get("image_mean"), (0.485, 0.456, 0.406), one_for_all=True)
+    std = fields.channels("image_std", p.get("image_std"), (0.229, 0.224, 0.225), one_for_all=True, spread=True)
+    cfg = default_preprocessing(edge, 1.0)
+    cfg.update(
+        crop_pct=1.0,
+        crop_mode="squash",
+        interpolation=_resample(fields, _default(p.get("resample"), 2)),
+        mean=[m / scale for m in mean],
+        std=[v / scale for v in std],
+    )
+    return check_preprocessing(cfg, fields.where)
+
+
+def _processor(fields: _Fields, p: dict, channels: int = 3) -> dict:
     """ConvNextImageProcessor's settings as timm's preprocessing fields: below 384 it resizes the
-    shortest edge to size/crop_pct and crops the centre; at 384 and above it resizes to a square."""
+    shortest edge to size/crop_pct and crops the centre; at 384 and above it resizes to a square.
+    `channels`: the model's (config.json's `num_channels`), one mean and std each."""
     name, edge = _processor_size(fields, p.get("size"))
     edge = fields.side(name, edge)
     crop_pct = 224 / 256 if p.get("crop_pct") is None else fields.fraction("crop_pct", p["crop_pct"])
     cfg = default_preprocessing(edge, crop_pct)
+    cfg["input_size"][0] = channels
+    mean, std = cfg["mean"], cfg["std"]
     cfg.update(
         {
             "interpolation": _resample(fields, _default(p.get("resample"), 3)),
-            "mean": fields.channels("image_mean", p.get("image_mean"), cfg["mean"], one_for_all=True),
-            "std": fields.channels("image_std", p.get("image_std"), cfg["std"], one_for_all=True, spread=True),
+            "mean": fields.channels("image_mean", p.get("image_mean"), mean, one_for_all=True, count=channels),
+            "std": fields.channels("image_std", p.get("image_std"), std, one_for_all=True, spread=True, count=channels),
             "crop_offsets": "floor",  # transformers' center_crop: (margin // 2)
         }
     )
@@ -197,7 +253,7 @@ def _timm(fields: _Fields, config: dict) -> SourceMetadata:
     preprocessing = None
     if cfg.get("input_size") is not None:
         given = {name: cfg.get(name) for name in ("input_size", *SETTINGS)}
-        preprocessing = check_preprocessing(with_defaults(given), fields.where, "pretrained_cfg.")
+        preprocessing = check_preprocessing(with_defaults(given), fields.where, "pretrained_cfg.", fit=True)
     labels = fields.label_names("label_names", config.get("label_names"))
     num_classes = fields.count("num_classes", config.get("num_classes"))
     if labels is not None and num_classes is not None and len(labels) != num_classes:
@@ -206,6 +262,7 @@ def _timm(fields: _Fields, config: dict) -> SourceMetadata:
             "give one name per class"
         )
     args = fields.object("model_args", config.get("model_args"))
+    test_size, test_crop = cfg.get("test_input_size"), cfg.get("test_crop_pct")
     return SourceMetadata(
         layout="timm",
         num_classes=num_classes,
@@ -213,19 +270,27 @@ def _timm(fields: _Fields, config: dict) -> SourceMetadata:
         preprocessing=preprocessing,
         architecture=config["architecture"],
         norm_eps=fields.eps("model_args.norm_eps", args.get("norm_eps")),
+        in_chans=None if args.get("in_chans") is None else fields.in_chans("model_args.in_chans", args["in_chans"]),
         notes=("classes and preprocessing from config.json (timm)",),
+        license=fields.text("pretrained_cfg.license", cfg.get("license"), "a licence id ('apache-2.0')"),
+        tag=fields.text("pretrained_cfg.tag", cfg.get("tag"), "timm's pretrained tag ('fb_in1k', or '')", empty=True),
+        test_input_size=None if test_size is None else fields.input_size("pretrained_cfg.test_input_size", test_size),
+        test_crop_pct=None if test_crop is None else fields.fraction("pretrained_cfg.test_crop_pct", test_crop),
     )
 
 
-def check_preprocessing(cfg: dict, where: str | Path | None = None, prefix: str = "") -> dict:
+def check_preprocessing(cfg: dict, where: str | Path | None = None, prefix: str = "", *, fit: bool = False) -> dict:
     """`cfg` (timm's preprocessing fields: `input_size`, `crop_pct`, `crop_mode`, `interpolation`,
     `mean`, `std`, optionally `crop_offsets`) with every value checked and numbers as floats: what
-    `zoo.preprocess` can apply to any image in bounded memory.
+    `zoo.preprocess` can apply to any image in bounded memory, with one mean and one std per input
+    channel (`input_size[0]`).
 
     Args:
         cfg: the fields.
         where: the file they were read from, for the error (None: options given).
         prefix: the fields' path in that file (`pretrained_cfg.`).
+        fit: a mean or std of another count is fitted to the channels as timm fits it, where it
+            can be (`fit_channels`; a timm config's).
 
     Raises:
         SourceError: naming the file and the first bad field.
@@ -246,12 +311,45 @@ def check_preprocessing(cfg: dict, where: str | Path | None = None, prefix: str 
         "crop_pct": crop_pct,
         "crop_mode": fields.choice("crop_mode", cfg["crop_mode"], CROP_MODES),
         "interpolation": fields.choice("interpolation", cfg["interpolation"], INTERPOLATIONS),
-        "mean": fields.channels("mean", cfg["mean"]),
-        "std": fields.channels("std", cfg["std"], spread=True),
+        "mean": fields.channels("mean", cfg["mean"], count=size[0], fit=fit),
+        "std": fields.channels("std", cfg["std"], spread=True, count=size[0], fit=fit),
     }
     if "crop_offsets" in cfg:
         checked["crop_offsets"] = fields.choice("crop_offsets", cfg["crop_offsets"], CROP_OFFSETS)
     return {**cfg, **checked}
+
+
+def fit_channels(values: list[float], channels: int) -> list[float] | None:
+    """A mean or std for `channels` input channels from `values`, as timm fits its `pretrained_cfg`'s
+    (`timm.data.resolve_data_config`, `resolve_input_data_config`): one value per channel as it is,
+    a single value for every channel, and for a grey (1-channel) network the mean of the values
+    (ImageNet's RGB means give 0.449, its stds 0.226). None where timm would guess (3 values for 4
+    channels: it averages them too; here the user says)."""
+    values = list(values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1 and values:
+        return [sum(values) / len(values)]
+    return None
+
+
+def check_normalisation(mean, std) -> None:
+    """`--mean`/`--std` as given, before the tensors say how many input channels there are: each a
+    list of numbers in range, and as many means as stds.
+
+    Raises:
+        SourceError: naming the option.
+    """
+    fields = _Fields()
+    for name, values, spread in (("mean", mean, False), ("std", std, True)):
+        if values is not None:
+            fields.channels(name, values, spread=spread, count=len(values) if isinstance(values, (list, tuple)) else 1)
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise SourceError(
+            f"--mean has {len(mean)} values and --std {len(std)}: give one of each per input channel of the network"
+        )
 
 
 def check_label_names(names, where: str | Path | None = None, field: str = "labels") -> tuple[str, ...]:
@@ -276,6 +374,12 @@ class _Fields:
         at = f"{self.where}: " if self.where else ""
         raise SourceError(f"{at}{self.prefix}{name} must be {wanted}, got {_shown(value)}{note}")
 
+    def text(self, name: str, value, wanted: str, *, empty: bool = False) -> str | None:
+        """A string of one line, nothing a terminal acts on (`empty`: or ""); None where not given."""
+        if value is not None and not (isinstance(value, str) and value.isprintable() and (empty or value)):
+            self.fail(name, f"{wanted}: one line of text", value)
+        return value
+
     def object(self, name: str, value) -> dict:
         if value is None:
             return {}
@@ -298,15 +402,21 @@ class _Fields:
             isinstance(value, (list, tuple))
             and len(value) == 3
             and all(_is_int(v) for v in value)
-            and value[0] == 3
+            and 1 <= value[0] <= MAX_IN_CHANS
             and all(MIN_INPUT <= v <= MAX_INPUT for v in value[1:])
         ):
             self.fail(
                 name,
-                f"[3, height, width]: 3 (RGB) channels, whole numbers of pixels in [{MIN_INPUT}, {MAX_INPUT}]",
+                f"[channels, height, width]: input channels in [1, {MAX_IN_CHANS}] (3 for RGB), whole numbers "
+                f"of pixels in [{MIN_INPUT}, {MAX_INPUT}]",
                 value,
             )
         return list(value)
+
+    def in_chans(self, name: str, value) -> int:
+        if not (_is_int(value) and 1 <= value <= MAX_IN_CHANS):
+            self.fail(name, f"a whole number of input channels in [1, {MAX_IN_CHANS}] (3 for RGB)", value)
+        return value
 
     def fraction(self, name: str, value) -> float:
         number = _finite(value)
@@ -327,18 +437,47 @@ class _Fields:
             self.fail(name, f"one of {', '.join(map(repr, choices))}", value)
         return value
 
-    def channels(self, name: str, value, default=None, *, one_for_all: bool = False, spread: bool = False) -> list:
-        """Three numbers, one per RGB channel (`spread`: a std, in [MIN_STD, MAX_STD]; else a mean,
-        within +-MAX_MEAN); `one_for_all`: a single number stands for all three (transformers)."""
+    def channels(
+        self,
+        name: str,
+        value,
+        default=None,
+        *,
+        one_for_all: bool = False,
+        spread: bool = False,
+        count: int = 3,
+        fit: bool = False,
+    ) -> list:
+        """`count` numbers, one per input channel (`spread`: a std, in [MIN_STD, MAX_STD]; else a mean,
+        within +-MAX_MEAN); `one_for_all`: a single number stands for all of them (transformers);
+        `fit`: a list of another length is fitted as timm fits it (`fit_channels`), where it can be.
+        A `default` (value None) is fitted."""
         if value is None and default is not None:
-            return list(default)
+            fitted = fit_channels(default, count)
+            if fitted is None:
+                wanted = f"given for {count} input channels ({count} numbers; the default's {len(default)} do not fit)"
+                self.fail(name, wanted, value)
+            return fitted
         low, high = (MIN_STD, MAX_STD) if spread else (-MAX_MEAN, MAX_MEAN)
-        numbers = [value] * 3 if one_for_all and _finite(value) is not None else value
-        if isinstance(numbers, (list, tuple)) and len(numbers) == 3:
+        numbers = [value] * count if one_for_all and _finite(value) is not None else value
+        if isinstance(numbers, (list, tuple)) and 1 <= len(numbers) <= MAX_IN_CHANS:
             numbers = [_finite(v) for v in numbers]
             if all(v is not None and low <= v <= high for v in numbers):
-                return numbers
-        self.fail(name, f"3 numbers in [{low:g}, {high:g}], one per RGB channel", value)
+                fitted = fit_channels(numbers, count) if fit else numbers if len(numbers) == count else None
+                if fitted is not None:
+                    return fitted
+        numbers_of = f"{count} numbers" if count != 1 else "1 number"
+        either = " (or one for all)" if fit and count != 1 else ""
+        self.fail(name, f"{numbers_of} in [{low:g}, {high:g}], one per input channel{either}", value)
+
+    def out_features(self, name: str, value) -> tuple[int, ...]:
+        """transformers' `out_features` (`["stage1", ..., "stage4"]`) as stage indices 0..3."""
+        names = {f"stage{i + 1}": i for i in range(4)}
+        if not (isinstance(value, list) and value and all(isinstance(v, str) and v in names for v in value)):
+            self.fail(
+                name, 'stage names from "stage1" to "stage4" (a ConvNeXt backbone\'s stem is no output here)', value
+            )
+        return tuple(sorted({names[v] for v in value}))
 
     def stages(self, name: str, value) -> tuple[int, ...]:
         if value is None:

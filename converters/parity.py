@@ -26,6 +26,7 @@ from zoo.core.reports import (
     SERVING,
     Comparison,
     ParityReport,
+    compared,
     topk_agreement,
 )
 
@@ -70,9 +71,11 @@ def compare_model(
     rtol: float = DEFAULT_RTOL,
     stage_rtol: float = DEFAULT_STAGE_RTOL,
     versions: dict | None = None,
+    features: tuple[int, ...] = (),
 ) -> ParityReport:
     """`compare` of the Keras model's outputs on `inputs` (every compared tensor, and the logits of
     its serving path, `zoo.core.serving`) with the reference's `ref`, each output let go of once compared.
+    A backbone (`features`: its out_indices) is compared at its stem, stages and every feature map.
 
     Run as a graph, two images at a time: an eager call of a functional model keeps every
     intermediate tensor alive until it returns (over 22 GB for convnextv2_huge at 512). The
@@ -80,9 +83,11 @@ def compare_model(
     fold changes from the model itself (`shared`: the same values, not a second copy of them).
     `ref` may read each output when asked for it (`np.load` of an `.npz`).
     """
-    ours = _probe_outputs(model, arch, inputs)
-    _check_present(ours, ref)
-    comparisons = [Comparison.of(n, ours[n], ref[n]) for n in COMPARED]
+    ours = _probe_outputs(model, arch, inputs, features)
+    _check_present(ours, ref, compared(features))
+    comparisons = [Comparison.of(n, ours[n], ref[n]) for n in compared(features)]
+    if features:  # no logits and no serving path: every feature map is held to the stages' bound
+        return _report(comparisons, None, None, atol=atol, rtol=rtol, stage_rtol=stage_rtol, versions=versions)
     logits = ours["logits"]
     del ours
     serving = _serving_logits(model, inputs)  # checked against PyTorch too
@@ -99,16 +104,16 @@ def _serving_logits(model, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(run(inputs[i : i + 2])) for i in range(0, len(inputs), 2)])
 
 
-def _check_present(ours: Mapping, ref: Mapping) -> None:
-    missing = [n for n in COMPARED if n not in ours or n not in ref]
+def _check_present(ours: Mapping, ref: Mapping, names: tuple[str, ...] = COMPARED) -> None:
+    missing = [n for n in names if n not in ours or n not in ref]
     if missing:
         raise ParityError(f"outputs missing from the comparison: {missing}")
 
 
 def _report(
     comparisons: list[Comparison],
-    logits: np.ndarray,
-    ref_logits: np.ndarray,
+    logits: np.ndarray | None,
+    ref_logits: np.ndarray | None,
     *,
     atol: float,
     rtol: float,
@@ -118,8 +123,8 @@ def _report(
     batch = next(c.shape for c in comparisons if c.name == "stem")  # the reference's
     return ParityReport(
         comparisons=comparisons,
-        top1_agreement=topk_agreement(logits, ref_logits, 1),
-        top5_agreement=topk_agreement(logits, ref_logits, 5),
+        top1_agreement=None if logits is None else topk_agreement(logits, ref_logits, 1),
+        top5_agreement=None if logits is None else topk_agreement(logits, ref_logits, 5),
         atol=atol,
         rtol=rtol,
         stage_rtol=stage_rtol,
@@ -129,12 +134,14 @@ def _report(
     )
 
 
-def _probe_outputs(model, arch: Architecture, inputs: np.ndarray) -> dict[str, np.ndarray]:
+def _probe_outputs(
+    model, arch: Architecture, inputs: np.ndarray, features: tuple[int, ...] = ()
+) -> dict[str, np.ndarray]:
     """Every compared tensor of the Keras model, two images at a time (`predict` would hold every
     batch's outputs and their concatenation at once)."""
     from zoo.core.model import probe_model
 
-    return in_batches(probe_model(model, arch).predict_on_batch, inputs)
+    return in_batches(probe_model(model, arch, features).predict_on_batch, inputs)
 
 
 def check_same_source(report: ParityReport, sha256: str | None) -> None:
@@ -174,7 +181,7 @@ def started(network: Network, source: Path, *, random_seed: int | None = None) -
     with work_dir("zoo-parity-") as tmp:  # named with our PID: cleared by the next run if we are killed
         spec = write_spec(network, source, tmp, inputs=inputs, random_seed=random_seed)
         with reference_process(["forward", str(spec)]) as run:
-            yield PendingCheck(network.arch, inputs, run, spec)
+            yield PendingCheck(network.arch, inputs, run, spec, network.features)
 
 
 @dataclass
@@ -185,6 +192,7 @@ class PendingCheck:
     inputs: np.ndarray
     run: ReferenceRun
     spec: Path
+    features: tuple[int, ...] = ()
 
     def wait_for_reference(self) -> None:
         """Wait until the PyTorch side has ended: its outputs are written and its memory (its own
@@ -218,4 +226,5 @@ class PendingCheck:
                 rtol=rtol,
                 stage_rtol=stage_rtol,
                 versions={**_our_versions(), **versions(self.spec)},
+                features=self.features,
             )

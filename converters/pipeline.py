@@ -178,7 +178,11 @@ def empty_model(network: Network, *, storage: bool = True):
 
     with dtype_policy("float32"), contextlib.nullcontext() if storage else _without_storage():
         return build_model(
-            network.arch, num_classes=network.num_classes, head_norm_affine=network.head_norm_affine, initialize=False
+            network.arch,
+            num_classes=network.num_classes,
+            head_norm_affine=network.head_norm_affine,
+            initialize=False,
+            features=network.features,
         )
 
 

@@ -25,7 +25,15 @@ from zoo.core.version import __version__
 from . import inference, reading, source
 from .inference import Inferred
 from .layouts import LAYOUTS, fit_mlp
-from .metadata import SourceMetadata, check_label_names, check_preprocessing, default_preprocessing, read_metadata
+from .metadata import (
+    SourceMetadata,
+    check_label_names,
+    check_normalisation,
+    check_preprocessing,
+    default_preprocessing,
+    fit_channels,
+    read_metadata,
+)
 from .reading import PLAIN_KEYS
 from .recorded import random_path
 from .reference_process import Network
@@ -54,7 +62,8 @@ class Choices:
     Attributes:
         name: the converted model's name (default: the repo's, folder's or file's).
         arch: a timm architecture name the tensors must be (checked, not trusted).
-        input_size, mean, std: preprocessing where the source's config does not say it.
+        input_size, mean, std: preprocessing where the source's config does not say it (a mean
+            and a std per input channel of the network).
         labels: a name per class, where the source's config does not name them.
         use_ema: take a training checkpoint's EMA weights when it has them.
         revision: Hub revision, for `hf://` sources.
@@ -63,8 +72,8 @@ class Choices:
     name: str | None = None
     arch: str | None = None
     input_size: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     labels: list[str] | None = None
     use_ema: bool = True
     revision: str | None = None
@@ -135,6 +144,7 @@ class Plan:
             converter={"convnext_zoo": __version__},
             params=params,
             labels=self.labels,
+            features=n.features,
         )
 
 
@@ -204,7 +214,9 @@ def for_checkpoint(checkpoint: str | Path, choices: Choices, out: str | Path | N
     found = _infer(state, src, meta, choices.arch)
     if meta.preprocessing is None and src.layout == "torchvision":
         meta = _torchvision_preprocessing(meta, found, echo)
-    preprocessing = _preprocessing(meta, choices, echo)
+    if found.features:
+        meta = _backbone_metadata(meta, found, choices, echo)
+    preprocessing = _preprocessing(meta, choices, echo, BACKBONE_INPUT if found.features else 224, found.arch.in_chans)
     names = _labels(choices.labels, meta, found.num_classes, echo)
     network = Network(
         found.arch,
@@ -214,17 +226,18 @@ def for_checkpoint(checkpoint: str | Path, choices: Choices, out: str | Path | N
         tuple(preprocessing["mean"]),
         tuple(preprocessing["std"]),
         src.state_key not in PLAIN_KEYS,
+        found.features,
     )
     echo(_describe(src, found))
     cfg = {
         "architecture": found.arch.name,
-        "tag": release.tag if release else "",
+        "tag": release.tag if release else meta.tag or "",
         "hf_hub_id": src.repo_id,
         "num_classes": found.num_classes,
-        "test_input_size": None,
-        "test_crop_pct": None,
+        "test_input_size": meta.test_input_size,  # (a release's metadata says none: as it recorded before)
+        "test_crop_pct": meta.test_crop_pct,
         **preprocessing,
-        "license": release.license if release else None,
+        "license": release.license if release else meta.license,  # the source config's, where it says
     }
     return Plan(
         name,
@@ -258,6 +271,14 @@ def _infer(state: dict, src: source.SourceWeights, meta: SourceMetadata, named: 
             f"config.json says depths {list(meta.shape[0])}, widths {list(meta.shape[1])}; "
             f"the tensors have {list(found.arch.depths)}, {list(found.arch.dims)}"
         )
+    channels = found.arch.in_chans
+    if meta.in_chans is not None and meta.in_chans != channels:
+        raise SourceError(f"config.json says {_input_channels(meta.in_chans)}; the stem takes {channels}")
+    if layout.name == "torchvision" and channels != 3:  # its ConvNeXt class builds a 3-channel stem, always
+        raise SourceError(
+            f"the stem takes {_input_channels(channels)}; torchvision's ConvNeXt takes 3 (RGB) and cannot "
+            "run this checkpoint: save it from timm (in_chans) or transformers (num_channels) instead"
+        )
     if named:
         row = get_architecture(named)
         inference.check_named(row, found.arch, mlp_form_known=layout.name == "timm")
@@ -282,25 +303,97 @@ def _torchvision_preprocessing(meta: SourceMetadata, found: Inferred, echo: Echo
     return replace(meta, preprocessing=_release_metadata(like).preprocessing)
 
 
-def _preprocessing(meta: SourceMetadata, choices: Choices, echo: Echo) -> dict:
+def _backbone_metadata(meta: SourceMetadata, found: Inferred, choices: Choices, echo: Echo) -> SourceMetadata:
+    """A dense-prediction backbone's: its config's out_features must be the norms the tensors hold; the
+    config's classes are its decode head's, which is not converted."""
+    if choices.labels is not None:
+        raise SourceError(
+            "--labels names classes; a dense-prediction backbone has none (its feature maps are its output)"
+        )
+    if meta.features is not None and meta.features != found.features:
+        raise SourceError(
+            f"config.json says out_features {[f'stage{i + 1}' for i in meta.features]}; the checkpoint normalises "
+            f"the outputs of stages {[f'stage{i + 1}' for i in found.features]}"
+        )
+    echo(
+        f"a dense-prediction backbone: the feature maps of stages {list(found.features)} (strides "
+        f"{[2 ** (i + 2) for i in found.features]}), each through its own norm, are the output"
+    )
+    return replace(meta, labels=None, num_classes=None)
+
+
+BACKBONE_INPUT = 512  # the crop segmentation models train at: the parity input of a backbone with no preprocessing
+
+
+def _preprocessing(
+    meta: SourceMetadata, choices: Choices, echo: Echo, size: int = 224, in_chans: int | None = None
+) -> dict:
+    """The preprocessing the folder records, checked: the source's, else the defaults, with the
+    choices over them, and a mean and a std per input channel of the stem (`in_chans`; None before
+    the tensors are read: the choices and the source's values are checked on their own).
+
+    Raises:
+        SourceError: a bad value, or a mean/std that cannot be one per input channel (refused, not
+            guessed, for networks of neither 1 nor 3 channels that nothing gives them for).
+    """
     input_size, mean, std = choices.input_size, choices.mean, choices.std
+    note = None
     if meta.preprocessing is not None:
         cfg = dict(meta.preprocessing)
     else:
-        cfg = default_preprocessing(input_size or 224)
+        cfg = default_preprocessing(input_size or size)
         if input_size is None or mean is None or std is None:
-            echo(
+            note = (
                 "note: the source says nothing of its preprocessing: ImageNet mean/std, bicubic resize, "
-                "crop 0.875 at 224 assumed (--input-size/--mean/--std to change)"
+                f"{'crop 0.875' if (input_size or size) < 384 else 'no crop'} at {input_size or size} assumed "
+                "(--input-size/--mean/--std to change)"
             )
     if input_size is not None:
         cfg.update(default_preprocessing(input_size) if meta.preprocessing is None else {})
-        cfg["input_size"] = [3, input_size, input_size]
-    if mean is not None:
-        cfg["mean"] = list(mean)
-    if std is not None:
-        cfg["std"] = list(std)
-    return check_preprocessing(cfg)  # the choices, also with the source's values (--input-size, crop_pct)
+        cfg["input_size"] = [cfg["input_size"][0], input_size, input_size]
+    if in_chans is None:  # the choices on their own, and with the source's values (--input-size, crop_pct)
+        check_normalisation(mean, std)
+        return check_preprocessing(cfg)
+    cfg["input_size"] = [in_chans, *cfg["input_size"][1:]]
+    fitted = _normalisation(cfg, in_chans, mean, std, "the source's preprocessing" if meta.preprocessing else None)
+    for line in (note, fitted):
+        if line:
+            echo(line)
+    return check_preprocessing(cfg)
+
+
+def _normalisation(cfg: dict, channels: int, mean, std, said: str | None) -> str | None:
+    """Put one mean and one std per input channel in `cfg`: the user's (exactly one per channel), else
+    the source's or the defaults fitted as timm fits them (`fit_channels`: a 1-channel network takes the
+    mean of the RGB values); for other channel counts without values of their own, refused. Returns
+    the note saying what was fitted, if anything was."""
+    averaged = []
+    for name, given in (("mean", mean), ("std", std)):
+        if given is not None:
+            if len(given) != channels:
+                raise SourceError(
+                    f"--{name} has {len(given)} value{'s' if len(given) != 1 else ''}; the checkpoint's stem takes "
+                    f"{_input_channels(channels)}: give {channels}, one per channel"
+                )
+            cfg[name] = list(given)
+            continue
+        fitted = fit_channels(cfg[name], channels)
+        if fitted is None:
+            raise SourceError(
+                f"the checkpoint's stem takes {channels} input channels and "
+                + (f"{said} gives {len(cfg[name])} {name} values" if said else "nothing says how they were normalised")
+                + f": give --mean and --std with {channels} values each (one per channel)"
+            )
+        if len(cfg[name]) != channels:
+            averaged.append(f"{name} {fitted[0]:.4g}")
+        cfg[name] = fitted
+    if not averaged:
+        return None
+    return (
+        f"note: the stem takes {_input_channels(channels)}: {' and '.join(averaged)}"
+        f"{' for each' if channels != 1 else ''}, fitted from {said or 'the ImageNet defaults'} as timm fits them "
+        "(--mean/--std to change)"
+    )
 
 
 def _labels(given: list[str] | None, meta: SourceMetadata, num_classes: int, echo: Echo) -> tuple[str, ...] | None:
@@ -341,11 +434,19 @@ def _describe(src: source.SourceWeights, found: Inferred) -> str:
         parts.append(f"weights from {src.state_key!r}")
     if src.left:
         parts.append(f"{src.left} keys of another model left out (the {src.layout} layout declares them)")
-    head = f"{found.num_classes} classes" if found.num_classes else "no classifier"
+    if found.features:
+        head = f"a backbone with per-output norms for stages {list(found.features)}"
+    else:
+        head = f"{found.num_classes} classes" if found.num_classes else "no classifier"
     return (
         f"{', '.join(parts)}: {'ConvNeXt-V2' if a.use_grn else 'ConvNeXt'} like {a.name}, depths "
         f"{list(a.depths)}, widths {list(a.dims)}, {head}"
+        + ("" if a.in_chans == 3 else f", {_input_channels(a.in_chans)}")
     )
+
+
+def _input_channels(count: int) -> str:
+    return f"{count} input channel{'s' if count != 1 else ''}"
 
 
 def known_release(src: source.SourceWeights) -> CatalogueEntry | None:

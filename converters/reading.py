@@ -7,6 +7,7 @@ tensorflow never (this module also runs inside the PyTorch reference process).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import numpy as np
 
 from zoo.core.errors import SourceError
 
+from .containers import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, files_manifest, is_index, read_index
 from .layouts import recognise, to_timm
-from .source import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SourceWeights
+from .source import SourceWeights, checkpoint_in
 
 
 def read_source(
@@ -40,9 +42,9 @@ def read_source(
             `src` carries (the file changed after it was checked).
     """
     digest = hashlib.sha256()
-    raw, key = read_checkpoint(src.path, digest, use_ema=use_ema)
-    found = recognise(raw, hint)
-    state = to_timm(found.state, found.layout)
+    raw, key = read_raw(src.path, digest, use_ema=use_ema)
+    found = recognise(raw, hint)  # by the keys alone: another model's tensors (int64 BatchNorm counters) left out
+    state = to_timm({k: _as_float32(k, value) for k, value in found.state.items()}, found.layout)
     if src.sha256 is not None and digest.hexdigest() != src.sha256:
         raise SourceError(
             f"{src.path} changed after it was checked (sha256 {digest.hexdigest()}, "
@@ -59,38 +61,112 @@ def read_state_dict(path: Path, digest=None, *, use_ema: bool = True) -> dict[st
 
 
 def read_checkpoint(path: Path, digest=None, *, use_ema: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
-    """Read every tensor of a checkpoint file as float32 numpy, keys as stored.
+    """Every tensor of a checkpoint file as float32 numpy, keys as stored (`read_raw`), each checked to be
+    float weights: finite, not empty.
+
+    Raises:
+        SourceError: unreadable file, or a non-float tensor where weights are expected.
+    """
+    raw, key = read_raw(path, digest, use_ema=use_ema)
+    return {k: _as_float32(k, value) for k, value in raw.items()}, key
+
+
+def read_raw(path: Path, digest=None, *, use_ema: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
+    """Read every tensor of a checkpoint file as numpy, keys as stored, in its own dtype (bfloat16 widened
+    to float32), unchecked: a model beside the ConvNeXt may hold integer tensors (BatchNorm counters).
 
     `.safetensors` is read without torch. The pickle containers (`.pth/.pt/.bin/.pth.tar/.ckpt`)
     go through `torch.load(weights_only=True)`, which refuses pickled code, with only
     `argparse.Namespace` allowed besides (timm's training checkpoints carry one). A dict that
     holds its weights under a key is opened as timm's `load_checkpoint` opens it: `state_dict_ema`
-    or `model_ema` first (unless not `use_ema`), then `state_dict`, then `model`.
+    or `model_ema` first (unless not `use_ema`), then `state_dict`, then `model`. A sharded
+    checkpoint (its index, a shard, or their folder: `source.checkpoint_in`) is read as one
+    (`_read_sharded`).
 
     Args:
-        path: the checkpoint file.
-        digest: a `hashlib` object fed every byte of the file, as it is read.
+        path: the checkpoint file (or sharded checkpoint).
+        digest: a `hashlib` object fed every byte of the file, as it is read (a sharded
+            checkpoint's: its files' `containers.files_manifest`).
         use_ema: prefer the EMA weights of a training checkpoint.
 
     Returns:
         The tensors, and the container key they were under (None: the file is the state dict).
 
     Raises:
-        SourceError: unreadable file, or a non-float tensor where weights are expected.
+        SourceError: unreadable file; a sharded checkpoint whose shards disagree with its index.
     """
-    path = Path(path)
+    path = checkpoint_in(Path(path))
     key = None
-    if path.name.endswith(SAFETENSORS_SUFFIXES):
+    if is_index(path):
+        raw = _read_sharded(path, digest)
+    elif path.name.endswith(SAFETENSORS_SUFFIXES):
         raw = _read_safetensors(path, digest)
     elif path.name.endswith(PICKLE_SUFFIXES):
-        if digest is not None:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    digest.update(block)
+        _hash_file(path, digest)
         raw, key = _read_torch(path, use_ema)
     else:
         raise SourceError(f"{path.name}: unsupported checkpoint type")
-    return {k: _as_float32(k, value) for k, value in raw.items()}, key
+    return raw, key
+
+
+def _hash_file(path: Path, digest=None) -> None:
+    """Feed `digest` every byte of the file (a pickle container is hashed before torch reads it)."""
+    if digest is not None:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+
+
+def _read_sharded(path: Path, digest=None) -> dict[str, np.ndarray]:
+    """Every tensor of a sharded checkpoint at its index file, keys as stored.
+
+    The shards are read one after another, each as a file of its container is (its arrays held,
+    never its bytes beside them): at the peak, the tensors of every shard read so far, as for one
+    file. Every tensor must be in the shard the index puts it in, once, and every tensor the
+    index lists must be there. `digest` is fed the checkpoint's `containers.files_manifest` (each
+    file's sha256, taken as it is read), the bytes `containers.files_sha256` hashes.
+
+    Raises:
+        SourceError: a malformed index, a missing shard, or shards that disagree with the index;
+            one line naming the index, the shard and the tensor.
+    """
+    index = read_index(path)
+    files = {path.name: index.sha256}
+    out: dict[str, np.ndarray] = {}
+    held: dict[str, str] = {}  # tensor -> the shard it was read from
+    for name in index.shards:
+        shard, hashed = index.shard(name), hashlib.sha256()
+        if name.endswith(SAFETENSORS_SUFFIXES):
+            tensors = _read_safetensors(shard, hashed)
+        else:
+            _hash_file(shard, hashed)
+            tensors, entry = _read_torch(shard)
+            if entry is not None:
+                raise SourceError(f"{path.name}: shard {name} keeps its tensors under {entry!r}, not at its top")
+        for key in tensors:
+            listed = index.weight_map.get(key)
+            if key in held:
+                problem = f"tensor {key!r} is in two shards, {held[key]} and {name}"
+            elif listed is None:
+                problem = f"shard {name} holds tensor {key!r}, which the index does not list"
+            elif listed != name:
+                problem = f"shard {name} holds tensor {key!r}, which the index puts in {listed}"
+            else:
+                held[key] = name
+                continue
+            raise SourceError(f"{path.name}: {problem}; save the checkpoint again")
+        out.update(tensors)
+        files[name] = hashed.hexdigest()
+    missing = [key for key in index.weight_map if key not in held]
+    if missing:
+        raise SourceError(
+            f"{path.name} puts tensor {missing[0]!r} in shard {index.weight_map[missing[0]]}, which does not hold it"
+            + (f" ({len(missing)} tensors missing)" if len(missing) > 1 else "")
+            + "; save the checkpoint again"
+        )
+    if digest is not None:
+        digest.update(files_manifest(files))
+    return out
 
 
 # safetensors dtype -> numpy (little-endian, as the format stores them); BF16 is widened by hand
@@ -177,8 +253,7 @@ def _read_torch(path: Path, use_ema: bool = True) -> tuple[dict[str, np.ndarray]
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(f"{path.name} cannot be loaded safely (weights_only=True): {first}") from None
+        raise _refused(path, e) from None
     key = None
     if isinstance(obj, dict):
         order = (EMA_KEYS if use_ema else ()) + PLAIN_KEYS
@@ -194,6 +269,39 @@ def _read_torch(path: Path, use_ema: bool = True) -> tuple[dict[str, np.ndarray]
     return {
         k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()
     }, key
+
+
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")  # the first global torch would import
+_SAVE_WEIGHTS = "torch.save(model.state_dict(), PATH) or safetensors.torch.save_file(model.state_dict(), PATH)"
+
+
+def _refused(path: Path, error: Exception) -> SourceError:
+    """Why `torch.load(weights_only=True)` refused `path`, in one line. A whole module saved with
+    `torch.save(model)` is said to be one, naming its class, with how to save its state dict: its
+    pickle names `torch.nn.modules` classes (read from its opcodes: nothing in it runs)."""
+    import torch
+
+    text = str(error)
+    named = _REFUSED_GLOBAL.search(text)
+    if named:
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # a static read of the pickle
+        except Exception:  # not torch's zip format (a legacy save), or damaged
+            needed = []
+        if any(name.startswith("torch.nn.modules.") for name in [named[1], *needed]):
+            return SourceError(
+                f"{path.name} holds a pickled module ({named[1]}), not a state dict: it is not unpickled (that "
+                f"runs code from the file); save its weights with {_SAVE_WEIGHTS} and convert that file"
+            )
+        return SourceError(
+            f"{path.name} cannot be loaded safely (weights_only=True): it needs {named[1]}, which only "
+            f"unpickling (running code from the file) could load; save the weights alone with {_SAVE_WEIGHTS}"
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # torch's reason follows its advice on unsafe loading, which does not apply here
+    reasons = [line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error:")]
+    reason = (reasons or lines or [type(error).__name__])[0]
+    return SourceError(f"{path.name} cannot be loaded safely (weights_only=True): {reason}")
 
 
 def _as_float32(key: str, value: np.ndarray) -> np.ndarray:

@@ -51,6 +51,21 @@ def check_recorded(sha256: str, recorded: str) -> None:
         raise IntegrityError(f"the source weights changed since conversion (sha256 {sha256}, recorded {recorded})")
 
 
+def check_recorded_files(files: dict[str, str] | None, recorded: dict[str, str] | None) -> None:
+    """Raises IntegrityError naming each file of a sharded checkpoint (its index, its shards) whose
+    bytes differ from those a folder was converted from, or that it has or lacks since (a source that
+    is one file now or was then is left to `check_recorded`)."""
+    if not recorded or not files:
+        return
+    changed = [
+        f"{name} (sha256 {files.get(name, 'none: not listed now')}, recorded {recorded.get(name, 'none')})"
+        for name in sorted(files.keys() | recorded.keys())
+        if files.get(name) != recorded.get(name)
+    ]
+    if changed:
+        raise IntegrityError(f"the source weights changed since conversion: {'; '.join(changed)}")
+
+
 def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | None = None) -> source.SourceWeights:
     """The source weights a converted folder was made from, checked against its recorded sha256.
 
@@ -72,6 +87,7 @@ def recorded_source(config: FolderConfig, work: Path, checkpoint: str | Path | N
         src = source.fetch_url(recorded.url, expected_sha256=recorded.sha256)
     else:
         src = source.local(recorded.path)
+    check_recorded_files(src.files, recorded.files)  # naming the shard that changed
     check_recorded(src.sha256, recorded.sha256)
     return replace(src, layout=recorded.layout, state_key=recorded.state_key, prefix=recorded.prefix or "")
 

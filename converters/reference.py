@@ -60,13 +60,13 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402  (timm and torch first, never after tensorflow)
 import torch  # noqa: E402
 
-from checkpoints.fs import sha256_file  # noqa: E402
+from converters.containers import INDEX_SUFFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, is_index, parse_index  # noqa: E402
 from converters.images import in_batches  # noqa: E402
-from converters.layouts import is_fb_layout, recognise, strip_prefix  # noqa: E402
+from converters.layouts import is_fb_layout, recognise  # noqa: E402
 from converters.metadata import TRANSFORMERS_TYPES  # noqa: E402
-from converters.reading import read_state_dict  # noqa: E402
+from converters.reading import read_raw  # noqa: E402
 from converters.reference_process import SOURCE_SHA256  # noqa: E402
-from converters.source import PICKLE_SUFFIXES  # noqa: E402
+from converters.source import source_sha256  # noqa: E402
 from zoo.core.architectures import Architecture  # noqa: E402
 from zoo.core.errors import SourceError  # noqa: E402
 
@@ -84,6 +84,26 @@ def create(arch: Architecture, num_classes: int, device: str = "cpu") -> torch.n
     return model.eval()
 
 
+class Backbone(torch.nn.Module):
+    """A dense-prediction model's ConvNeXt backbone in its own framework: `run` gives its normalised
+    feature maps (NCHW, one per out_index), `stem` and `stages` are the modules whose outputs are compared.
+
+    Attributes:
+        module: the framework's own module (timm's ConvNeXt and its per-output norms, or transformers'
+            `ConvNextBackbone`).
+        features: the stages whose maps `run` returns, in order (the out_indices).
+    """
+
+    def __init__(self, module: torch.nn.Module, stem, stages, run: Callable[[torch.Tensor], list], features):
+        super().__init__()
+        self.module, self.stem, self.stages = module, stem, stages
+        self.run, self.features = run, tuple(features)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.run(x))
+
+
 @dataclass(frozen=True)
 class Adapter:
     """How the parity reference loads and runs the ConvNeXts of one framework.
@@ -92,13 +112,17 @@ class Adapter:
         name: the framework, as a layout names it (`Layout.framework`).
         package: its distribution, whose version the parity report records.
         load: `(arch, num_classes, state, folder, head_norm_affine) -> module`: the framework's
-            own model class holding `state` (torch tensors, keyed as the framework keys them),
-            loaded strictly by its own loader, in eval mode; `folder` holds the weights file
-            (and any config of the framework's beside it).
+            own model class holding `state` (torch tensors, keyed as the framework keys them; or a
+            `Sharded` checkpoint, which the framework's own sharded loader reads), loaded strictly
+            by its own loader, in eval mode; `folder` holds the weights file (and any config of
+            the framework's beside it).
         points: `module -> (stem, stages, classifier)`: the modules whose outputs are compared,
             and the classifier whose input is (None: the model has none).
         logits: `(module, x) -> logits` for an NCHW batch (the pooled features where the model
             has no classifier).
+        backbone: `(arch, features, state, folder) -> Backbone`: a dense-prediction model's
+            backbone (per-output norms for the stages `features`, no head), loaded strictly by
+            the framework's own code.
     """
 
     name: str
@@ -106,6 +130,7 @@ class Adapter:
     load: Callable[..., torch.nn.Module]
     points: Callable[[torch.nn.Module], tuple]
     logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, x: model(x)
+    backbone: Callable[..., Backbone] | None = None
 
     def version(self) -> str:
         from importlib.metadata import version
@@ -115,12 +140,22 @@ class Adapter:
     @torch.inference_mode()
     def outputs(self, model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every compared tensor for an NCHW batch (`OUTPUTS`): the stem's and each stage's output
-        (NCHW), the classifier's input (`pre_logits`) and the logits."""
+        (NCHW), the classifier's input (`pre_logits`) and the logits; for a `Backbone`, its feature
+        maps (`features.{i}`) in place of the last two."""
         captured: dict[str, torch.Tensor] = {}
 
         def keep(name):
             return lambda _module, _args, output: captured.__setitem__(name, output)
 
+        if isinstance(model, Backbone):
+            hooks = [model.stem.register_forward_hook(keep("stem"))]
+            hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(model.stages)]
+            try:
+                maps = model(x)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return {**captured, **{f"features.{i}": m for i, m in zip(model.features, maps, strict=True)}}
         stem, stages, classifier = self.points(model)
         hooks = [stem.register_forward_hook(keep("stem"))]
         hooks += [stage.register_forward_hook(keep(f"stages.{i}")) for i, stage in enumerate(stages)]
@@ -138,8 +173,86 @@ class Adapter:
         return captured
 
 
+@dataclass(frozen=True)
+class Sharded:
+    """A sharded checkpoint, for its framework's own sharded loader to read: its index (the shards
+    beside it) and the keys the index lists. This process never reads the shards itself, so that
+    a misreading of them by the converter's reader is not on both sides of the check.
+
+    Attributes:
+        index: the index file (`model.safetensors.index.json`, `pytorch_model.bin.index.json`).
+        keys: the tensors it lists (less another model's, as `recognise` leaves them out).
+    """
+
+    index: Path
+    keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, index: Path, found, features: tuple[int, ...] = ()) -> Sharded:
+        """The sharded checkpoint at `index`, whose keys `found` (`layouts.Recognised`) recognised.
+
+        Raises:
+            SourceError: keys a sharded loader cannot take as saved (it loads them into the model
+                as they are): a wrapper prefix, another model's, FB's layout (timm remaps it); or
+                a dense-prediction backbone (`features`), which is loaded from a state dict.
+        """
+        why = (
+            "a dense-prediction backbone's per-output norms"
+            if features
+            else f"keys under the prefix {found.prefix!r}"
+            if found.prefix
+            else f"{found.left} keys of another model"
+            if found.left
+            else "FB's key layout (timm remaps it from one state dict)"
+            if found.layout.name == "fb"
+            else None
+        )
+        if why:
+            raise SourceError(
+                f"{index.name}: a sharded checkpoint is checked by its framework's own sharded loader, "
+                f"which loads its keys as saved: it cannot take {why}; save the weights as one file"
+            )
+        return cls(index, tuple(found.state))
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    @property
+    def safetensors(self) -> bool:
+        return self.index.name[: -len(INDEX_SUFFIX)].endswith(SAFETENSORS_SUFFIXES)
+
+    def load_into(self, model: torch.nn.Module):
+        """huggingface_hub's own sharded loader (`load_torch_model`: the index and every shard it
+        lists, read by it) into `model`; its missing and unexpected keys."""
+        from huggingface_hub import load_torch_model
+
+        stem, _, suffix = self.index.name[: -len(INDEX_SUFFIX)].rpartition(".")  # model.safetensors
+        return load_torch_model(
+            model, self.index.parent, strict=False, safe=self.safetensors, filename_pattern=f"{stem}{{suffix}}.{suffix}"
+        )
+
+    def transformers_folder(self) -> Path:
+        """The folder, for transformers' `from_pretrained` to read this index in it itself.
+
+        Raises:
+            SourceError: transformers would read another file of the folder.
+        """
+        single = "model.safetensors" if self.safetensors else "pytorch_model.bin"
+        if self.index.name != single + INDEX_SUFFIX:
+            raise SourceError(
+                f"{self.index.name}: transformers reads a sharded checkpoint from {single}{INDEX_SUFFIX} "
+                "only; give the index that name"
+            )
+        if (self.index.parent / single).exists():
+            raise SourceError(
+                f"{self.index.parent} holds {single} beside {self.index.name}, and transformers would load "
+                f"{single}; move one of them out of the folder"
+            )
+        return self.index.parent
+
+
 def _load_timm(
-    arch: Architecture, num_classes: int, state: dict, folder: Path, head_norm_affine: bool
+    arch: Architecture, num_classes: int, state: dict | Sharded, folder: Path, head_norm_affine: bool
 ) -> torch.nn.Module:
     """timm's model for `arch` holding `state`, in timm's or FB's layout: FB keys go through timm's
     own `checkpoint_filter_fn`, so that the parity check tests the converter's FB renaming.
@@ -147,10 +260,15 @@ def _load_timm(
     With every parameter in the checkpoint, the model is created without storage and takes the
     checkpoint's tensors as its parameters (convnext_large: 1.8 s of random initialisation and
     a copy saved); a checkpoint without head-norm weights (FCMAE) loads as timm loads it, into
-    an initialised model whose head norm keeps its identity init.
+    an initialised model whose head norm keeps its identity init. A sharded checkpoint loads
+    through huggingface_hub's sharded loader (`Sharded.load_into`), into an initialised model.
     """
     from timm.models.convnext import checkpoint_filter_fn
 
+    if isinstance(state, Sharded):
+        model = create(arch, num_classes)
+        _strict(state.load_into(model), head_norm_affine, "timm")
+        return model.eval()
     model = create(arch, num_classes, device="meta" if head_norm_affine else "cpu")
     if is_fb_layout(state):
         state = checkpoint_filter_fn(state, model)
@@ -172,15 +290,39 @@ def _timm_points(model):
     return model.stem, model.stages, model.head.fc
 
 
+def _load_timm_backbone(arch: Architecture, features: tuple[int, ...], state: dict, folder: Path) -> Backbone:
+    """FB's segmentation and detection backbone (its `norm{i}` after stage i) from timm's own modules: timm's
+    ConvNeXt holding the trunk (FB keys through timm's own `checkpoint_filter_fn`), its stage outputs taken
+    by timm's `forward_intermediates`, each through a timm `LayerNorm2d` holding FB's `norm{i}` tensors."""
+    from timm.layers import LayerNorm2d
+    from timm.models.convnext import checkpoint_filter_fn
+
+    norm_keys = {f"norm{i}.{part}" for i in features for part in ("weight", "bias")}
+    trunk = {k: v for k, v in state.items() if k not in norm_keys}
+    model = create(arch, 0)
+    if is_fb_layout(trunk):
+        trunk = checkpoint_filter_fn(trunk, model)
+    _strict(model.load_state_dict(trunk, strict=False), False, "timm")  # a backbone has no head norm
+    norms = torch.nn.ModuleDict({str(i): LayerNorm2d(arch.dims[i], eps=arch.norm_eps) for i in features})
+    norms.load_state_dict({f"{i}.{part}": state[f"norm{i}.{part}"] for i in features for part in ("weight", "bias")})
+
+    def run(x):
+        maps = model.forward_intermediates(x, indices=list(features), intermediates_only=True)
+        return [norms[str(i)](m) for i, m in zip(features, maps, strict=True)]
+
+    return Backbone(torch.nn.ModuleDict({"trunk": model, "norms": norms}), model.stem, model.stages, run, features)
+
+
 def _load_transformers(
-    arch: Architecture, num_classes: int, state: dict, folder: Path, head_norm_affine: bool
+    arch: Architecture, num_classes: int, state: dict | Sharded, folder: Path, head_norm_affine: bool
 ) -> torch.nn.Module:
     """transformers' own model for `state`, loaded by its own loader.
 
     The network is the folder's `config.json` when it is a transformers config (as
     `from_pretrained` reads it), else built from `arch`; the weights are `state`, never the
-    weights file `from_pretrained` would pick in the folder. Any key transformers leaves missing,
-    finds unexpected or of the wrong shape is an error.
+    weights file `from_pretrained` would pick in the folder (a sharded checkpoint: the folder,
+    whose index and shards `from_pretrained` reads itself, `Sharded.transformers_folder`). Any key
+    transformers leaves missing, finds unexpected or of the wrong shape is an error.
     """
     try:
         import transformers
@@ -193,11 +335,15 @@ def _load_transformers(
     family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
     headed = any(k.startswith(("convnext.", "convnextv2.")) for k in state)
     cls = getattr(transformers, f"{family}ForImageClassification" if headed else f"{family}Model")
+    if isinstance(state, Sharded):
+        where, weights = state.transformers_folder(), {"use_safetensors": state.safetensors}
+    else:
+        where, weights = None, {"state_dict": state}
     # mismatched shapes listed in `info` like the other problems (else transformers raises a bare error)
     model, info = cls.from_pretrained(
-        None,
+        where,
         config=config,
-        state_dict=state,
+        **weights,
         output_loading_info=True,
         dtype=torch.float32,
         ignore_mismatched_sizes=True,
@@ -212,7 +358,7 @@ def _transformers_config(transformers, arch: Architecture, num_classes: int, fol
     """The folder's transformers `config.json`, read by transformers; else one that describes `arch`."""
     config_file = folder / "config.json"
     folder_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if folder_config.get("model_type") in TRANSFORMERS_TYPES:
+    if folder_config.get("model_type") in (*TRANSFORMERS_TYPES, "upernet"):
         return transformers.AutoConfig.from_pretrained(folder)
     family = "ConvNextV2" if arch.use_grn else "ConvNext"
     return getattr(transformers, f"{family}Config")(
@@ -222,6 +368,35 @@ def _transformers_config(transformers, arch: Architecture, num_classes: int, fol
         layer_scale_init_value=1e-6 if arch.layer_scale else 0.0,
         layer_norm_eps=arch.head_eps,
         drop_path_rate=0.0,
+        num_channels=arch.in_chans,
+    )
+
+
+def _load_transformers_backbone(arch: Architecture, features: tuple[int, ...], state: dict, folder: Path) -> Backbone:
+    """transformers' own `ConvNextBackbone` (or V2) for `state`, loaded by its own loader: the
+    folder's `ConvNextBackbone` config or the backbone config of its `UperNetForSemanticSegmentation`
+    config, else one built from `arch` with out_features for `features`."""
+    import transformers
+
+    config = _transformers_config(transformers, arch, 0, folder)
+    config = getattr(config, "backbone_config", None) or config  # UperNet's holds the backbone's
+    if not getattr(config, "out_features", None) or config.out_features == ["stage4"] and features != (3,):
+        config.out_features = [f"stage{i + 1}" for i in features]
+    family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
+    model, info = getattr(transformers, f"{family}Backbone").from_pretrained(
+        None,
+        config=config,
+        state_dict=state,
+        output_loading_info=True,
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,
+    )
+    problems = {k: sorted(v) for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"transformers refused the backbone: {problems}")
+    model.eval()
+    return Backbone(
+        model, model.embeddings, model.encoder.stages, lambda x: model(pixel_values=x).feature_maps, features
     )
 
 
@@ -237,14 +412,18 @@ def _transformers_logits(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def _load_torchvision(
-    arch: Architecture, num_classes: int, state: dict, folder: Path, head_norm_affine: bool
+    arch: Architecture, num_classes: int, state: dict | Sharded, folder: Path, head_norm_affine: bool
 ) -> torch.nn.Module:
-    """torchvision's `ConvNeXt` class built from `arch`, holding `state`, strictly loaded."""
+    """torchvision's `ConvNeXt` class built from `arch`, holding `state`, strictly loaded (a sharded
+    checkpoint by huggingface_hub's sharded loader, `Sharded.load_into`: torchvision has none)."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
     settings = [CNBlockConfig(arch.dims[i], arch.dims[i + 1] if i < 3 else None, arch.depths[i]) for i in range(4)]
     model = ConvNeXt(settings, stochastic_depth_prob=0.0, layer_scale=1e-6, num_classes=num_classes)
-    model.load_state_dict(state, strict=True)
+    if isinstance(state, Sharded):
+        _strict(state.load_into(model), True, "torchvision")
+    else:
+        model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -257,8 +436,15 @@ def _torchvision_points(model):
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
     for adapter in (
-        Adapter("timm", "timm", _load_timm, _timm_points),
-        Adapter("transformers", "transformers", _load_transformers, _transformers_points, _transformers_logits),
+        Adapter("timm", "timm", _load_timm, _timm_points, backbone=_load_timm_backbone),
+        Adapter(
+            "transformers",
+            "transformers",
+            _load_transformers,
+            _transformers_points,
+            _transformers_logits,
+            _load_transformers_backbone,
+        ),
         Adapter("torchvision", "torchvision", _load_torchvision, _torchvision_points),
     )
 }
@@ -288,35 +474,55 @@ class Reference:
 
 
 def reference(
-    arch: Architecture, num_classes: int, path: Path, head_norm_affine: bool = True, use_ema: bool = True
+    arch: Architecture,
+    num_classes: int,
+    path: Path,
+    head_norm_affine: bool = True,
+    use_ema: bool = True,
+    features: tuple[int, ...] = (),
 ) -> Reference:
     """The checkpoint at `path` in the framework its keys belong to, the file read once.
 
     Its layout names the framework, whose `Adapter` loads the tensors with the framework's own
     model class and loader: timm's model (FB keys through timm's own remapping), transformers'
     model class for the `config.json` beside the weights (else for `arch`), torchvision's
-    `ConvNeXt` built from `arch`. Every layout runs exactly the file at `path`.
+    `ConvNeXt` built from `arch`. Every layout runs exactly the file at `path` (a sharded
+    checkpoint's index: its shards read by the framework's own sharded loader, `Sharded`). With
+    `features` (a dense-prediction model's out_indices), the framework's backbone (`Adapter.backbone`).
     """
-    found = recognise(_read(path, use_ema))
+    found = recognise(_read(path, use_ema))  # another model's keys left out, and the prefix they leave
     adapter = ADAPTERS[found.layout.framework]
-    # with another model's keys left out, the ConvNeXt's may share a prefix (`backbone.`) no loader expects
-    state = strip_prefix(found.state)[0]
-    return Reference(adapter.load(arch, num_classes, state, path.parent, head_norm_affine), adapter, found.layout.name)
+    state = Sharded.of(path, found, features) if is_index(path) else found.state
+    if not features:
+        model = adapter.load(arch, num_classes, state, path.parent, head_norm_affine)
+    elif adapter.backbone is None:
+        raise SourceError(f"{adapter.name} has no dense-prediction backbone of a ConvNeXt with per-output norms")
+    else:
+        model = adapter.backbone(arch, tuple(features), state, path.parent)
+    return Reference(model, adapter, found.layout.name)
 
 
-def _read(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+def _read(path: Path, use_ema: bool) -> dict[str, torch.Tensor | None]:
     """Every tensor of the checkpoint file at `path` (floats as float32), keys as stored.
 
     A pickle container is read by timm's own `load_state_dict`, whatever its layout: for a
     training checkpoint, timm's choice of entry (EMA first, unless not `use_ema`) and its removal
     of `module.`/`_orig_mod.`, so that the parity check tests the converter's own choices. A
     safetensors file holds no entries and is read by the converter's reader (one copy in memory).
+    A sharded checkpoint's index gives the keys it lists and no tensors (None): its framework's
+    own sharded loader reads them (`Sharded`), never the converter's reader.
     """
+    if is_index(path):
+        return dict.fromkeys(parse_index(path).weight_map)
     if path.name.endswith(PICKLE_SUFFIXES):
         from timm.models import load_state_dict
 
         return {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(str(path), use_ema).items()}
-    return {k: torch.from_numpy(v) for k, v in read_state_dict(path).items()}
+    # floats as float32, other dtypes (another model's BatchNorm counters) as stored: the loader judges them
+    return {
+        k: torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v)
+        for k, v in read_raw(path)[0].items()
+    }
 
 
 def forward(model, inputs: np.ndarray, batch_size: int = 2) -> dict[str, np.ndarray]:
@@ -364,14 +570,16 @@ def classify(model: Reference, files: list[str], pretrained_cfg: dict, batch_siz
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    transform = create_transform(**resolve_data_config(pretrained_cfg=pretrained_cfg), is_training=False)
+    config = resolve_data_config(pretrained_cfg=pretrained_cfg)
+    transform = create_transform(**config, is_training=False)
+    mode = "RGB" if config["input_size"][0] == 3 else "L"  # as timm's train.py and validate.py choose it
     out = []
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
             batch = []
             for f in files[i : i + batch_size]:
-                with Image.open(f) as image:  # timm's ImageDataset loader: RGB
-                    batch.append(transform(image.convert("RGB")))
+                with Image.open(f) as image:  # timm's ImageDataset loader, in that mode
+                    batch.append(transform(image.convert(mode)))
             out.append(model.logits(torch.stack(batch)).float().numpy())
     return np.concatenate(out)
 
@@ -421,8 +629,9 @@ def _forward_command(spec_path: Path) -> None:
             arch, spec["num_classes"], spec["random_seed"], Path(spec["source"]), spec.get("head_norm_affine", True)
         )
     # The bytes this process runs, for the converter to check against the bytes it converted: the
-    # same digest before and after loading, or the file changed while it was read.
-    digest = sha256_file(Path(spec["source"]))
+    # same digest before and after loading, or the file changed while it was read (a sharded
+    # checkpoint's: of its index and every shard, `containers.files_sha256`).
+    digest = source_sha256(Path(spec["source"]))
     inputs = np.load(spec["inputs"]) if "inputs" in spec else None
     if "out_indices" in spec:
         outputs = features(
@@ -440,6 +649,7 @@ def _forward_command(spec_path: Path) -> None:
             Path(spec["source"]),
             spec.get("head_norm_affine", True),
             spec.get("use_ema", True),
+            tuple(spec.get("features", ())),
         )
         framework = model.adapter.name
         ran = {
@@ -452,7 +662,7 @@ def _forward_command(spec_path: Path) -> None:
             outputs = {"logits": classify(model, spec["files"], spec["pretrained_cfg"])}
         else:
             outputs = forward(model, inputs)
-    if sha256_file(Path(spec["source"])) != digest:
+    if source_sha256(Path(spec["source"])) != digest:
         raise SourceError(f"{spec['source']} changed while the reference read it; convert again")
     np.savez(spec["outputs"], **outputs)
     if "versions" in spec:  # what the reference ran on, for the parity report

@@ -27,7 +27,7 @@ import numpy as np
 from checkpoints.fs import reason, work_dir
 from zoo.core.architectures import Architecture
 from zoo.core.catalogue import CatalogueEntry
-from zoo.core.errors import ReferenceRunError, StoreError, ZooError
+from zoo.core.errors import PreprocessingError, ReferenceRunError, StoreError, ZooError
 from zoo.core.folder_config import FolderConfig
 
 from .images import parity_batch
@@ -61,6 +61,15 @@ class Network:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     use_ema: bool = True  # which weights of a training checkpoint the source framework loads
+    features: tuple[int, ...] = ()  # a dense-prediction backbone's out_indices (`converters.inference.Inferred`)
+
+    def __post_init__(self):
+        channels = self.arch.in_chans
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise PreprocessingError(
+                f"{self.arch.name} takes {channels} input channels: its normalisation needs {channels} "
+                f"means and stds, got {len(self.mean)} and {len(self.std)}"
+            )
 
     @classmethod
     def of_entry(cls, entry: CatalogueEntry) -> Network:
@@ -76,10 +85,12 @@ class Network:
             config.mean,
             config.std,
             config.source.use_ema,
+            config.features,
         )
 
     def parity_batch(self) -> np.ndarray:
-        """The fixed parity inputs for this network, normalised as its checkpoint expects."""
+        """The fixed parity inputs for this network, normalised as its checkpoint expects: one
+        channel per input channel of its stem (grey natural images for one, bands for more)."""
         return parity_batch(self.input_size, self.mean, self.std)
 
 
@@ -104,6 +115,7 @@ def write_spec(
         "source": str(source),
         "head_norm_affine": network.head_norm_affine,
         "use_ema": network.use_ema,
+        "features": list(network.features),
         "outputs": str(workdir / "reference.npz"),
         "versions": str(workdir / "reference-versions.json"),
     }

@@ -130,8 +130,9 @@ def test_bad_transformers_config_values_are_one_line_naming_the_field(case, tmp_
 
 BAD_TIMM = {  # case -> (field: top level, or inside pretrained_cfg or model_args; value; what the message says)
     "input_size huge": ("pretrained_cfg.input_size", [3, 100000, 100000], "pretrained_cfg.input_size must be"),
-    "input_size 1 channel": ("pretrained_cfg.input_size", [1, 224, 224], "3 (RGB) channels"),
-    "mean of 1": ("pretrained_cfg.mean", [0.5], "pretrained_cfg.mean must be 3 numbers"),
+    "input_size 0 channels": ("pretrained_cfg.input_size", [0, 224, 224], "input channels in [1, 1024]"),
+    "mean of 2": ("pretrained_cfg.mean", [0.5, 0.5], "pretrained_cfg.mean must be 3 numbers"),
+    "in_chans 0": ("model_args.in_chans", 0, "model_args.in_chans must be a whole number of input channels"),
     "interpolation with an escape": (
         "pretrained_cfg.interpolation",
         "bicubic\x1b[2J",
@@ -150,6 +151,12 @@ BAD_TIMM = {  # case -> (field: top level, or inside pretrained_cfg or model_arg
     "norm_eps NaN": ("model_args.norm_eps", float("nan"), "model_args.norm_eps must be a finite number > 0"),
     "num_classes a bool": ("num_classes", True, "num_classes must be a whole number >= 0"),
     "pretrained_cfg a list": ("pretrained_cfg", [], "pretrained_cfg must be an object"),
+    "license a number": ("pretrained_cfg.license", 2, "pretrained_cfg.license must be a licence id ('apache-2.0'): "),
+    "license empty": ("pretrained_cfg.license", "", "pretrained_cfg.license must be a licence id"),
+    "license of two lines": ("pretrained_cfg.license", "mit\nerror: x", r"got 'mit\nerror: x'"),
+    "tag a list": ("pretrained_cfg.tag", ["in1k"], "pretrained_cfg.tag must be timm's pretrained tag"),
+    "test_input_size 2-D": ("pretrained_cfg.test_input_size", [288, 288], "pretrained_cfg.test_input_size must be"),
+    "test_crop_pct 2": ("pretrained_cfg.test_crop_pct", 2, "test_crop_pct must be a number in (0, 1], got 2"),
 }
 
 
@@ -497,6 +504,8 @@ def test_fuzz_timm_config(data):
                         "interpolation": INTERPOLATIONS,
                         "mean": MEANS,
                         "std": STDS,
+                        "license": st.sampled_from(["apache-2.0", "cc-by-nc-4.0", "other"]),
+                        "tag": st.sampled_from(["", "fb_in1k", "ft_pets"]),
                     },
                 ),
                 "model_args": st.fixed_dictionaries({}, optional={"norm_eps": EPS}),
@@ -518,12 +527,14 @@ def test_fuzz_timm_config(data):
             "pretrained_cfg.crop_mode": st.sampled_from(["border", "CENTER"]) | ANY_JSON,
             "pretrained_cfg.mean": BAD_CHANNELS,
             "pretrained_cfg.std": BAD_CHANNELS,
+            "pretrained_cfg.license": ANY_JSON,
         },
     )
     meta, config = _read_config(data, config, lambda c: str(c.get("architecture")).startswith("convnext"))
     if meta is None:
         return
     assert meta.layout == "timm"
+    assert meta.license is None or (isinstance(meta.license, str) and meta.license.isprintable() and meta.license)
     usable(meta.preprocessing)
     assert meta.norm_eps is None or (math.isfinite(meta.norm_eps) and meta.norm_eps > 0)
     given_names = config.get("label_names")
@@ -604,7 +615,7 @@ def test_more_bad_configs_fail_convert_in_one_line(field, value, timm_folder, tm
 @pytest.mark.parametrize(
     "options, said",
     [
-        (["--input-size", "4000"], "input_size must be [3, height, width]"),
+        (["--input-size", "4000"], "input_size must be [channels, height, width]"),
         (["--std", "1e-300,1,1"], "std must be 3 numbers in [1e-06, 1000]"),
     ],
 )

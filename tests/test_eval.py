@@ -41,6 +41,34 @@ def image_folder(tmp_path_factory):
     return root
 
 
+FRUIT = ["date", "cherry", "banana", "apple", "elderberry", "fig"]  # not in sorted order: banana is class 2
+
+
+@pytest.fixture(scope="module")
+def fruit(tmp_path_factory):
+    """A converted 6-class checkpoint with its own class names (written through the store, as a
+    conversion writes it), its head biased so that it predicts banana for every image: a folder of
+    banana/ and cherry/ images then has a top-1 known in advance (the banana images), which
+    numbering the folders in sorted order would miss."""
+    from tests.support.folders import PARITY, folder_config, small_model
+    from tests.support.writing import write_converted
+
+    model = small_model(5, num_classes=len(FRUIT))
+    bias = model.get_layer("head.fc").bias
+    bias.assign(np.asarray(bias) + 50.0 * np.eye(len(FRUIT), dtype="float32")[FRUIT.index("banana")])
+    config = folder_config(num_classes=len(FRUIT), labels=tuple(FRUIT))
+    return write_converted(tmp_path_factory.mktemp("fruit") / "converted", model, config, dict(PARITY))
+
+
+def _image_folder(root, counts: dict[str, int]):
+    """`root` with a class folder per name of `counts`, holding that many small natural images."""
+    for c, (name, count) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i, pixels in enumerate(natural_images(count, 40, seed=c)):
+            Image.fromarray(pixels).save(root / name / f"img{i}.png")
+    return root
+
+
 def expected_accuracy(folder_path, paths, labels, k):
     """Top-k computed independently: preprocess + the Keras model, image by image."""
     model = from_folder(converted.open_folder(folder_path))
@@ -126,11 +154,60 @@ def test_folder_numbering_rules(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "ints" / name / "a.png")
     found, how = samples(tmp_path / "ints", 1000)
     assert how == "folder names as class indices" and [s.label for s in found] == [3, 7]
+    # an ImageNet head's label names are the ImageNet names (as `zoo predict` prints them)
+    for name in ("tench", "goldfish"):
+        (tmp_path / "imagenet names" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "imagenet names" / name / "a.jpg")
+    found, how = samples(tmp_path / "imagenet names", 1000)
+    assert how == "folder names as the model's label names"
+    assert [(s.path.parent.name, s.label) for s in found] == [("goldfish", 1), ("tench", 0)]
+    # names that are no class's are refused, never numbered in sorted order
     for name in ("dog", "cat"):
         (tmp_path / "names" / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "names" / name / "a.jpg")
-    found, how = samples(tmp_path / "names", 1000)
-    assert how == "sorted folder order" and [(s.path.parent.name, s.label) for s in found] == [("cat", 0), ("dog", 1)]
+    with pytest.raises(DatasetError, match=r"2 of 2 class folders name no class of this 1000-class head: 'cat', 'dog'"):
+        samples(tmp_path / "names", 1000)
+    (tmp_path / "shared" / "crane").mkdir(parents=True)  # the bird (134) and the machine (517)
+    with pytest.raises(DatasetError, match=r"'crane' \(shared by classes 134, 517\)"):
+        samples(tmp_path / "shared", 1000)
+
+
+def test_folders_named_by_the_models_own_labels_map_by_name(fruit, tmp_path):
+    """The user's case: banana/ and cherry/ named by a converted checkpoint's own class names are
+    classes 2 and 1, not 0 and 1 in sorted order; top-1 is what the model itself scores on them."""
+    data = _image_folder(tmp_path / "fruit", {"banana": 1, "cherry": 5})
+    report = evaluate(fruit, data, progress=False, workers=0)
+    found, how = samples(data, len(FRUIT), names=FRUIT)
+    assert how == report.labels == "folder names as the model's label names"
+    assert [s.label for s in found] == [FRUIT.index(s.path.parent.name) for s in found] == [2, 1, 1, 1, 1, 1]
+    paths, labels = [s.path for s in found], [s.label for s in found]
+    assert report.top1 == pytest.approx(expected_accuracy(fruit, paths, labels, 1)) == pytest.approx(1 / 6)
+    # a labels file names classes the same way (each label a name, an index or a WordNet id)
+    listing = tmp_path / "labels.txt"
+    listing.write_text("banana/img0.png banana\ncherry/img0.png 1\ncherry/img1.png cherry\n")
+    assert [s.label for s in samples(data, len(FRUIT), labels_file=listing, names=FRUIT)[0]] == [2, 1, 1]
+
+
+def test_folders_that_name_no_class_are_one_error_naming_them(fruit, tmp_path):
+    from tests.support.cli import one_line_error, zoo_inline
+
+    data = _image_folder(tmp_path / "mixed", {"banana": 1, "kiwi": 1, "7": 1})
+    with pytest.raises(DatasetError) as refused:
+        samples(data, len(FRUIT), names=FRUIT)
+    assert str(refused.value) == (
+        f"{data}: 2 of 3 class folders name no class of this 6-class head: '7', 'kiwi'; name each class "
+        "folder by the model's label names ('date', 'cherry', 'banana', 'apple', ...) or class index 0..5, "
+        "or give --labels FILE"
+    )
+    line = one_line_error(zoo_inline("eval", "--data", data, "--model", fruit, "--workers", "0"))
+    assert "'7', 'kiwi'" in line and "the model's label names" in line
+    both = _image_folder(tmp_path / "both", {"banana": 1, "3": 1})  # each a class, but named two ways
+    with pytest.raises(DatasetError, match="name their classes in different ways"):
+        samples(both, len(FRUIT), names=FRUIT)
+    listing = tmp_path / "labels.txt"
+    listing.write_text("banana/img0.png kiwi\n")
+    with pytest.raises(DatasetError, match=r"labels.txt:1: label 'kiwi' names no class; name a label by"):
+        samples(data, len(FRUIT), labels_file=listing, names=FRUIT)
 
 
 def test_bad_data_is_refused_clearly(tmp_path):
@@ -150,8 +227,8 @@ def test_bad_data_is_refused_clearly(tmp_path):
     labels.write_text("n01440764/none.png 0\n")
     with pytest.raises(DatasetError, match="no image"):
         samples(tmp_path / "noimages", 1000, labels_file=labels)
-    labels.write_text("n01440764/notes.txt goldfish\n")
-    with pytest.raises(DatasetError, match="neither a class index nor a WordNet id"):
+    labels.write_text("n01440764/notes.txt kitty\n")
+    with pytest.raises(DatasetError, match="label 'kitty' names no class; name a label by the model's label names"):
         samples(tmp_path / "noimages", 1000, labels_file=labels)
 
 

@@ -1,15 +1,15 @@
-"""A layout can declare the keys of another model that its checkpoints hold beside the ConvNeXt (a
+"""A layout declares the keys of another model that its checkpoints hold beside the ConvNeXt (a
 segmentation model's decode and auxiliary heads): the converter and the PyTorch reference both leave
-them, and every other key maps; undeclared, the same keys are refused.
+them, remove the prefix the ConvNeXt's keys then share (`backbone.`), and every other key maps;
+undeclared, the same keys are refused.
 
-The layout here is a row made for the test (FB's keys under `backbone.`, as a segmentation
-checkpoint holds its backbone), put in `LAYOUTS` for the length of each test only.
+The checkpoint here is FB's layout under `backbone.` beside two heads, as a segmentation model holds
+a classifier's weights; the undeclared case takes the declaration off the FB row for one test.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from converters import reading
-from converters.layouts import LAYOUTS, Layout, detect, fit_mlp, patterns, recognise
+from converters.layouts import LAYOUTS, detect, fit_mlp, recognise
 from converters.reference import create, forward, random_state_dict, reference
 from converters.source import SourceWeights
 from tests.support.archs import SMALL
@@ -27,13 +27,7 @@ from zoo.core.errors import SourceError
 from zoo.core.model import build_model
 
 CLASSES = 10
-SEGMENTATION = Layout(
-    "fb_segmentation",
-    "timm",
-    re.compile(r"^backbone\.downsample_layers\.0\.0\.weight$"),
-    ((re.compile(r"^backbone\."), ""), *LAYOUTS["fb"].rules),
-    foreign=patterns(r"decode_head\.", r"auxiliary_head\."),
-)
+FB = LAYOUTS["fb"]
 HEADS = {
     "decode_head.conv_seg.weight": np.ones((19, 32, 1, 1), np.float32),
     "decode_head.conv_seg.bias": np.ones(19, np.float32),
@@ -51,25 +45,24 @@ def checkpoint(request, tmp_path):
     return arch, state, path
 
 
-def test_declared_keys_of_another_model_are_left_and_the_rest_maps(checkpoint, monkeypatch):
+def test_declared_keys_of_another_model_are_left_and_the_rest_maps(checkpoint):
     arch, state, path = checkpoint
-    monkeypatch.setitem(LAYOUTS, SEGMENTATION.name, SEGMENTATION)
     found = recognise(reading.read_state_dict(path))
-    assert found.layout is SEGMENTATION and found.left == len(HEADS) and not set(HEADS) & set(found.state)
+    assert found.layout is FB and found.left == len(HEADS) and not set(HEADS) & set(found.state)
+    assert found.prefix == "backbone." and not any(k.startswith("backbone.") for k in found.state)
     read, src = reading.read_source(SourceWeights(path, None))
-    assert src.layout == SEGMENTATION.name and read.keys() == state.keys() and src.left == len(HEADS)
+    assert src.layout == FB.name and read.keys() == state.keys() and src.left == len(HEADS)
     read = fit_mlp(read, arch.conv_mlp)
     assert all(np.array_equal(read[k], v) for k, v in state.items())
     model = build_model(arch, num_classes=CLASSES)
     assert port(read, model) == model.count_params()
 
 
-def test_the_reference_leaves_them_too(checkpoint, monkeypatch):
+def test_the_reference_leaves_them_too(checkpoint):
     """The reference's framework (timm) loads the backbone alone and runs it as the timm network."""
     arch, state, path = checkpoint
-    monkeypatch.setitem(LAYOUTS, SEGMENTATION.name, SEGMENTATION)
     ref = reference(arch, CLASSES, path)
-    assert ref.layout == SEGMENTATION.name and ref.adapter.name == "timm"
+    assert ref.layout == FB.name and ref.adapter.name == "timm"
     timm_model = create(arch, CLASSES)
     timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     inputs = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
@@ -79,9 +72,10 @@ def test_the_reference_leaves_them_too(checkpoint, monkeypatch):
 
 def test_undeclared_they_are_refused(checkpoint, monkeypatch):
     _, _, path = checkpoint
-    monkeypatch.setitem(LAYOUTS, SEGMENTATION.name, dataclasses.replace(SEGMENTATION, foreign=()))
+    for name, layout in LAYOUTS.items():  # no layout declares them
+        monkeypatch.setitem(LAYOUTS, name, dataclasses.replace(layout, foreign=()))
     with pytest.raises(
-        SourceError, match=f"{len(HEADS)} of .* keys have no place in a ConvNeXt of the {SEGMENTATION.name} layout"
+        SourceError, match=f"{len(HEADS)} of .* keys have no place in a ConvNeXt of the {FB.name} layout"
     ) as refused:
         reading.read_source(SourceWeights(path, None))
     assert all(key in str(refused.value) for key in HEADS)

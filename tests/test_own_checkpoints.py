@@ -47,8 +47,17 @@ def src(tmp_path_factory):
         sources.timm_model(V1_CONV_MLP, 10, seed=1),
         root / "timm_repo",
         safe_serialization=True,
-        model_config={"label_names": [f"class_{i}" for i in range(10)]},
-        data_config={"input_size": (3, 192, 192), "crop_pct": 0.9},
+        # timm's way to say the licence and tag of weights (its pretrained_cfg); the default's is apache-2.0
+        model_config={
+            "label_names": [f"class_{i}" for i in range(10)],
+            "pretrained_cfg": {"license": "cc-by-nc-4.0", "tag": "ft_pets"},
+        },
+        data_config={
+            "input_size": (3, 192, 192),
+            "crop_pct": 0.9,
+            "test_input_size": (3, 224, 224),
+            "test_crop_pct": 1.0,
+        },
     )
     plain, ema = sources.timm_model(V2, 37, seed=2), sources.timm_model(V2, 37, seed=3)
     sources.train_checkpoint(plain, ema, root / "model_best.pth.tar", "convnextv2_tiny")
@@ -115,6 +124,14 @@ def test_converts_without_naming_the_architecture_against_its_own_framework(case
     if case == "timm_repo_folder":  # timm's config.json: its name for the network, its preprocessing
         assert config.architecture.name == "convnext_atto" and config.architecture.conv_mlp
         assert (config.input_size, config.pretrained_cfg["crop_pct"]) == (192, 0.9)
+        # ... and every other fact of its pretrained_cfg the folder has a place for; the card says the licence
+        cfg = config.pretrained_cfg
+        assert (config.license, config.tag, cfg["architecture"]) == ("cc-by-nc-4.0", "ft_pets", "convnext_atto")
+        assert (cfg["test_input_size"], cfg["test_crop_pct"]) == ([3, 224, 224], 1.0)
+        assert "license: cc-by-nc-4.0" in model_card(folder, "someone/mine")
+    elif layout != "torchvision":  # no config, or transformers' (it has no licence, tag or test size)
+        cfg = config.pretrained_cfg
+        assert (config.license, config.tag, cfg["test_input_size"], cfg["test_crop_pct"]) == (None, "", None, None)
 
 
 def test_named_classes_are_what_predict_prints(converted, tmp_path):
@@ -411,7 +428,10 @@ MUTATIONS = {  # layout -> {name: (what is broken, how)}
 }
 
 
-@pytest.mark.parametrize("layout,source", [("transformers", "hf_v2"), ("torchvision", "tv.pth")])
+# transformers' by default; torchvision's breaks the same gate the same way (-m slow)
+@pytest.mark.parametrize(
+    "layout,source", [("transformers", "hf_v2"), pytest.param("torchvision", "tv.pth", marks=pytest.mark.slow)]
+)
 def test_parity_rejects_a_broken_key_map(layout, source, src, monkeypatch):
     """One reference run of the source framework; the unbroken conversion passes against it and
     every mutation of the converter's side fails (parity, or the strict key check)."""

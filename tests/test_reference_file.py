@@ -80,8 +80,11 @@ def _transformers_logits(seed: int, inputs: np.ndarray) -> np.ndarray:
 FILES = sorted(name for name in SEEDS if "/" in name)
 
 
-# a pytorch_model.bin beside model.safetensors takes the same path as other.safetensors: -m slow
-@pytest.mark.parametrize("given", [pytest.param(f, marks=pytest.mark.slow) if f.endswith(".bin") else f for f in FILES])
+# a pytorch_model.bin beside model.safetensors takes the same path as other.safetensors, and a file alone
+# in a folder with a config the same as one beside others: -m slow
+@pytest.mark.parametrize(
+    "given", [pytest.param(f, marks=pytest.mark.slow) if not f.startswith("beside/other") else f for f in FILES]
+)
 def test_the_file_given_is_the_one_converted_and_compared(given, folders, converted):
     """The recorded sha256 is the given file's, parity passed against it, and the converted model's
     logits are its weights' (not its neighbours'); the folder itself still converts its

@@ -59,6 +59,39 @@ def test_cli_refuses_the_gadget_and_writes_nothing(gadget, tmp_path):
     assert not marker.exists() and not out.exists()
 
 
+SAVE_A_STATE_DICT = "torch.save(model.state_dict(), PATH) or safetensors.torch.save_file(model.state_dict(), PATH)"
+
+
+def test_a_pickled_module_is_named_and_never_unpickled(tmp_path):
+    """`torch.save(model)` pickles the whole module, code and all: refused unread, in one line naming
+    its class and how to save a state dict instead; `zoo convert` writes nothing."""
+    from tests.support.archs import SMALL
+    from tests.support.cli import one_line_error, zoo_inline
+    from tests.support.sources import timm_model
+
+    model = timm_model(SMALL["conv_mlp"], 3)
+    whole = tmp_path / "whole.pth"
+    torch.save(model, whole)
+    out = tmp_path / "converted"
+    line = one_line_error(zoo_inline("convert", "--checkpoint", whole, "--out", out))
+    assert line == (
+        "error: whole.pth holds a pickled module (timm.models.convnext.ConvNeXt), not a state dict: it is "
+        f"not unpickled (that runs code from the file); save its weights with {SAVE_A_STATE_DICT} and convert "
+        "that file"
+    )
+    assert not out.exists()
+    marker = tmp_path / "executed"  # inside a training checkpoint, beside code that would run if unpickled
+    torch.save({"model": model, "payload": Gadget(marker)}, tmp_path / "wrapped.pth")
+    with pytest.raises(SourceError, match=r"holds a pickled module \(timm.models.convnext.ConvNeXt\), not a state"):
+        read_state_dict(tmp_path / "wrapped.pth")
+    assert not marker.exists()
+    torch.save({"model": {"stem.0.weight": torch.zeros(1)}, "payload": Gadget(marker)}, tmp_path / "gadget.pth")
+    with pytest.raises(SourceError) as refused:  # no module: torch's reason, without its advice to unpickle
+        read_state_dict(tmp_path / "gadget.pth")
+    assert str(refused.value).startswith("gadget.pth cannot be loaded safely (weights_only=True): it needs ")
+    assert SAVE_A_STATE_DICT in str(refused.value) and "\n" not in str(refused.value) and not marker.exists()
+
+
 # --- bad files: clear errors, before anything is written; fuzzed readers ------------------------
 
 import struct  # noqa: E402

@@ -169,15 +169,19 @@ def list_command(pattern, as_json):
         )
 
 
-def _floats3(ctx, param, value):
+def _floats(ctx, param, value):
+    """N numbers, one per input channel of the network (how many the stem takes is checked later)."""
     if value is None:
         return None
     try:
         numbers = tuple(float(v) for v in value.replace(",", " ").split())
     except ValueError:
         numbers = ()
-    if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers) or (param.name == "std" and min(numbers) <= 0):
-        raise click.BadParameter(f"{value!r}: three numbers, one per RGB channel (e.g. 0.485,0.456,0.406)")
+    if not numbers or not all(math.isfinite(v) for v in numbers) or (param.name == "std" and min(numbers) <= 0):
+        raise click.BadParameter(
+            f"{value!r}: numbers{' > 0' if param.name == 'std' else ''}, one per input channel "
+            "(e.g. 0.485,0.456,0.406 for RGB, 0.449 for grey)"
+        )
     return numbers
 
 
@@ -194,8 +198,18 @@ _OWN_OPTIONS = (  # `zoo convert`'s options for your own checkpoints only, in --
     click.option("--name", "model_name", help="Name of the converted model (default: the file's, folder's or repo's)."),
     click.option("--arch", help="timm architecture the checkpoint must be (checked against its tensors)."),
     click.option("--input-size", type=click.IntRange(min=32), help="Input resolution, where the source does not say."),
-    click.option("--mean", callback=_floats3, help="Normalisation mean per channel, where the source does not say."),
-    click.option("--std", callback=_floats3, help="Normalisation std per channel, where the source does not say."),
+    click.option(
+        "--mean",
+        callback=_floats,
+        help="Normalisation mean, N values for N input channels (0.485,0.456,0.406 for RGB), where the source "
+        "does not say.",
+    ),
+    click.option(
+        "--std",
+        callback=_floats,
+        help="Normalisation std, N values for N input channels (0.229,0.224,0.225 for RGB), where the source "
+        "does not say.",
+    ),
     click.option(
         "--labels",
         type=click.Path(exists=True, dir_okay=False),
@@ -505,8 +519,8 @@ def predict(images, model_name, top, as_json, dtype):
     "--data",
     required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="ImageFolder: one sub-folder per class (WordNet ids such as n01440764, class indices, "
-    "or any names, numbered in sorted order).",
+    help="ImageFolder: one sub-folder per class, all named by WordNet id (n01440764), by class index, "
+    "or by the model's label name (as `zoo predict` prints it).",
 )
 @click.option(
     "--model",
@@ -519,7 +533,7 @@ def predict(images, model_name, top, as_json, dtype):
     "--labels",
     "labels_file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Instead of sub-folders: lines of `relative/path label` (index or WordNet id).",
+    help="Instead of sub-folders: lines of `relative/path label` (index, WordNet id or label name).",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate a fixed random sample of N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)

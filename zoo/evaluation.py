@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,62 +76,48 @@ class EvalReport:
 
 
 def samples(
-    data: str | Path, num_classes: int, *, labels_file: str | Path | None = None, limit: int | None = None
+    data: str | Path,
+    num_classes: int,
+    *,
+    labels_file: str | Path | None = None,
+    limit: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[Sample], str]:
     """The labelled images of `data` and how their labels were read.
 
-    Without `labels_file`, `data` is an ImageFolder: one sub-folder per class. Sub-folders
-    named by WordNet id (ImageNet's `n01440764`) take that class's index in the head's label
-    set; sub-folders named by integers are class indices; anything else is numbered in sorted
-    order, as torchvision's ImageFolder does. A `labels_file` has one `relative/path label` per
-    line (space, tab or comma separated; label an index or a WordNet id).
+    A label names a class by its WordNet id (ImageNet's `n01440764`, for the heads whose label
+    set the project ships), by its index, or by the model's own label name (`names`, as
+    `zoo predict` prints them). Without `labels_file`, `data` is an ImageFolder: one sub-folder
+    per class, every one named the same one of those ways (tried in that order). Folders that
+    are not are refused, never numbered in sorted order: that pairs folders with classes by
+    chance. A `labels_file` has one `relative/path label` per line (space, tab or comma
+    separated), each label read the same way.
 
     `limit` keeps a fixed random sample (seed 0) of that many images.
 
-    Raises:
-        DatasetError: no such folder, no images, or labels that do not fit the head.
-    """
-    from .core.labels import synsets
+    Args:
+        names: the model's class names in index order (a converted folder's own `labels`);
+            None: the ImageNet names of a 1000-, 11821- or 21841-way head, else none.
 
+    Raises:
+        DatasetError: no such folder, no images, or labels that name no class of the head.
+    """
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: no such image folder")
-    ids = synsets(num_classes)
-    index = {s: i for i, s in enumerate(ids or ())}
-
-    def label_of(value: str, where: str) -> int:
-        if value in index:
-            return index[value]
-        try:
-            label = int(value)
-        except ValueError:
-            raise DatasetError(
-                f"{where}: label {value!r} is neither a class index nor a WordNet id of this {num_classes}-class head"
-            ) from None
-        if not 0 <= label < num_classes:
-            raise DatasetError(f"{where}: class index {label} outside this head's 0..{num_classes - 1}")
-        return label
-
+    classes = _Classes.of(num_classes, names)
     if labels_file is not None:
-        found, how = _from_labels_file(root, Path(labels_file).expanduser(), label_of), f"file {labels_file}"
+        found, how = _from_labels_file(root, Path(labels_file).expanduser(), classes.label_of), f"file {labels_file}"
     else:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
             raise DatasetError(
                 f"{root}: no class sub-folders (ImageFolder layout: {root}/<class>/<image>), or give --labels FILE"
             )
-        if all(c in index for c in classes):
-            how, numbering = "folder names as WordNet ids", {c: index[c] for c in classes}
-        elif all(c.isdigit() for c in classes):
-            how, numbering = "folder names as class indices", {c: label_of(c, f"{root / c}") for c in classes}
-        else:
-            if len(classes) > num_classes:
-                raise DatasetError(f"{root}: {len(classes)} class folders for a {num_classes}-class head")
-            how, numbering = "sorted folder order", {c: i for i, c in enumerate(classes)}
-            log.warning("%s: class folders are not WordNet ids nor indices; numbering them in sorted order", root)
+        how, numbering = classes.of_folders(root, folders)
         found = [
             Sample(p, numbering[c])
-            for c in classes
+            for c in folders
             for p in sorted((root / c).rglob("*"))
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         ]
@@ -140,6 +126,112 @@ def samples(
     if limit is not None and limit < len(found):
         found = sorted(random.Random(0).sample(found, limit), key=lambda s: str(s.path))
     return found, how
+
+
+_SHOWN = 4  # names an error quotes before `...`
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """How a label may name a class of a `num_classes`-way head: its WordNet id, its index, or its
+    label name (a name two classes share names neither)."""
+
+    num_classes: int
+    synsets: dict[str, int]
+    names: dict[str, int]
+    shared: dict[str, list[int]]  # label names of several classes
+    first_names: tuple[str, ...]  # for the errors
+
+    @classmethod
+    def of(cls, num_classes: int, names: Sequence[str] | None) -> _Classes:
+        from .core.labels import label_names, synsets
+
+        names = list(names) if names is not None else label_names(num_classes) or []
+        by_name: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            by_name.setdefault(name, []).append(i)
+        return cls(
+            num_classes,
+            {s: i for i, s in enumerate(synsets(num_classes) or ())},
+            {name: found[0] for name, found in by_name.items() if len(found) == 1},
+            {name: found for name, found in by_name.items() if len(found) > 1},
+            tuple(names[: _SHOWN + 1]),
+        )
+
+    def label_of(self, value: str, where: str) -> int:
+        """The class `value` names: as a WordNet id, else as an index, else as a label name.
+
+        Raises:
+            DatasetError: it names no class (saying what a label may be), or an index out of range.
+        """
+        if value in self.synsets:
+            return self.synsets[value]
+        index = _index(value)
+        if index is not None and index < self.num_classes:
+            return index
+        if value in self.names:
+            return self.names[value]
+        if index is not None:
+            raise DatasetError(f"{where}: class index {index} outside this head's 0..{self.num_classes - 1}")
+        if value in self.shared:
+            raise DatasetError(
+                f"{where}: label {value!r} is the label name of several classes{self._shared(value)}; "
+                "give its class index instead"
+            )
+        raise DatasetError(f"{where}: label {value!r} names no class; {self.ways('a label')}")
+
+    def of_folders(self, root: Path, folders: list[str]) -> tuple[str, dict[str, int]]:
+        """How the class `folders` of `root` name their classes (all one way), and the class of each.
+
+        Raises:
+            DatasetError: folders that name no class (each named), an index out of range, or
+                folders that name their classes in different ways.
+        """
+        if all(c in self.synsets for c in folders):
+            return "folder names as WordNet ids", {c: self.synsets[c] for c in folders}
+        indices = all(_index(c) is not None for c in folders)
+        if indices and all(_index(c) < self.num_classes for c in folders):
+            return "folder names as class indices", {c: _index(c) for c in folders}
+        if all(c in self.names for c in folders):
+            return "folder names as the model's label names", {c: self.names[c] for c in folders}
+        if indices:  # an index past the head
+            return "folder names as class indices", {c: self.label_of(c, str(root / c)) for c in folders}
+        unknown = [c for c in folders if not self._names_a_class(c)]
+        if not unknown:
+            raise DatasetError(
+                f"{root}: the class folders name their classes in different ways; "
+                f"{self.ways('every class folder')}, all one way, or give --labels FILE"
+            )
+        shown = ", ".join(repr(c) + self._shared(c) for c in unknown[:_SHOWN])
+        more = f" and {len(unknown) - _SHOWN} more" if len(unknown) > _SHOWN else ""
+        raise DatasetError(
+            f"{root}: {len(unknown)} of {len(folders)} class folders name no class of this "
+            f"{self.num_classes}-class head: {shown}{more}; {self.ways('each class folder')}, or give --labels FILE"
+        )
+
+    def _names_a_class(self, value: str) -> bool:
+        index = _index(value)
+        return value in self.synsets or value in self.names or (index is not None and index < self.num_classes)
+
+    def _shared(self, value: str) -> str:
+        found = self.shared.get(value)
+        return f" (shared by classes {', '.join(map(str, found))})" if found else ""
+
+    def ways(self, what: str) -> str:
+        """How `what` may name a class: the advice of an error."""
+        ways = []
+        if self.first_names:
+            more = ", ..." if len(self.first_names) > _SHOWN else ""
+            ways.append(f"the model's label names ({', '.join(map(repr, self.first_names[:_SHOWN]))}{more})")
+        ways.append(f"class index 0..{self.num_classes - 1}")
+        if self.synsets:
+            ways.append(f"WordNet id ({next(iter(self.synsets))}, ...)")
+        return f"name {what} by " + " or ".join([", ".join(ways[:-1]), ways[-1]] if len(ways) > 1 else ways)
+
+
+def _index(value: str) -> int | None:
+    """`value` as a class index: ASCII digits (in range or not), else None."""
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _from_labels_file(root: Path, path: Path, label_of) -> list[Sample]:
@@ -181,7 +273,8 @@ def evaluate(
 ) -> EvalReport:
     """Top-1/top-5 of a converted checkpoint on a labelled image folder.
 
-    Images are prepared with the checkpoint's own eval transform (`zoo.core.preprocessing`, equal to
+    Labels name classes as `samples` reads them, the model's own label names included. Images
+    are prepared with the checkpoint's own eval transform (`zoo.core.preprocessing`, equal to
     timm's), decoded and prepared on `workers` threads (default: one per CPU this process may
     use; 0: in this thread, before each batch runs) up to two batches ahead of the model, so
     that on a machine with many cores the model, not the input, sets the pace; the numbers are
@@ -211,8 +304,9 @@ def evaluate(
             f"{config.name} is a feature checkpoint without a classifier: "
             "evaluate a checkpoint with a classification head"
         )
-    found, how = samples(data, num_classes, labels_file=labels_file, limit=limit)
     prepare = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
+    prepare.check_images(config.name, f"zoo.load({str(model_name)!r})")  # before the data is read
+    found, how = samples(data, num_classes, labels_file=labels_file, limit=limit, names=config.labels)
     if devices and devices > 1:
         run = distributed_runner(lambda: from_folder(folder, dtype=dtype), devices)
     else:

@@ -11,6 +11,7 @@ from checkpoints.converted import ConvertedFolder
 
 from .core.architectures import Architecture
 from .core.catalogue import resolve
+from .core.errors import ArchitectureError, BackboneError
 from .core.model import ConvNeXt, build_model, classifier, dtype_policy, feature_names, features_layer, pre_logits
 from .core.runtime import policy_name
 from .locating import locate
@@ -25,7 +26,7 @@ def build_untrained(
     include_top: bool = True,
     pooling: str | None = "avg",
     drop_path_rate: float = 0.0,
-    input_shape: tuple = (None, None, 3),
+    input_shape: tuple | None = None,
     dtype: str | None = None,
 ) -> keras.Model:
     """An uninitialised model for a checkpoint name, alias, architecture name or row.
@@ -84,7 +85,8 @@ def load(
         num_classes: a new classifier width: the backbone and head norm load, the new head is
             initialised fresh (and a warning says so); 0 drops the classifier (the pooled
             features, as timm's `num_classes=0`).
-        input_shape: fixed NHWC input shape without batch (default: any size).
+        input_shape: fixed NHWC input shape without batch (default: any size, the checkpoint's
+            input channels).
         features_only: return a backbone whose outputs are the list of stage feature maps
             selected by `out_indices` (strides 4, 8, 16, 32), as timm's `features_only=True`;
             any input size divisible by 32 keeps the strides exact.
@@ -153,6 +155,10 @@ def _from_folder(
             folder.path,
         )
     arch = config.architecture
+    if config.is_backbone:
+        return _backbone(
+            folder, include_top, pooling, num_classes, input_shape, features_only, out_indices, drop_path_rate
+        )
     outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
     model = build_model(
         arch,
@@ -160,7 +166,7 @@ def _from_folder(
         name=config.name,
         head_norm_affine=config.head_norm_affine,
         drop_path_rate=drop_path_rate,
-        input_shape=input_shape or (None, None, 3),
+        input_shape=_input_shape(input_shape, arch, config.name),
         initialize=False,
     )
     model.load_weights(folder.weights)
@@ -180,6 +186,54 @@ def _from_folder(
         head = classifier(num_classes)(pre_logits(model))
         return ConvNeXt(model.input, head, name=model.name)
     return model
+
+
+def _backbone(folder, include_top, pooling, num_classes, input_shape, features_only, out_indices, drop_path_rate):
+    """A dense-prediction backbone's folder: its feature maps (each through its own norm) are its outputs.
+
+    `features_only` with `out_indices` picks some of them; a head (`num_classes`) or pooled features
+    ask for what it does not have.
+    """
+    config = folder.config
+    if num_classes or pooling is None or not include_top:
+        raise BackboneError(
+            f"{config.name} is a dense-prediction backbone (the feature maps of stages {list(config.features)}): "
+            "it has no head to pool, keep or replace; load it as it is, or with features_only=True, out_indices=..."
+        )
+    picked = tuple(out_indices) if features_only else config.features
+    try:
+        chosen = [config.features.index(range(4)[i]) for i in picked]
+    except (ValueError, IndexError, TypeError):
+        raise ValueError(
+            f"out_indices must be stages this backbone returns ({list(config.features)}), got {out_indices!r}"
+        ) from None
+    model = build_model(
+        config.architecture,
+        num_classes=0,
+        name=config.name,
+        drop_path_rate=drop_path_rate,
+        input_shape=_input_shape(input_shape, config.architecture, config.name),
+        initialize=False,
+        features=config.features,
+    )
+    model.load_weights(folder.weights)
+    if picked == config.features:
+        return model
+    return ConvNeXt(model.input, [model.outputs[j] for j in chosen], name=f"{model.name}_features")
+
+
+def _input_shape(input_shape: tuple | None, arch: Architecture, name: str) -> tuple | None:
+    """`input_shape`, if it has the checkpoint's channels (None: any size, those channels).
+
+    Raises:
+        ArchitectureError: another channel count (the stem's weights could not load).
+    """
+    if input_shape is not None and input_shape[-1] != arch.in_chans:
+        raise ArchitectureError(
+            f"input_shape {tuple(input_shape)} has {input_shape[-1]} channels; {name} takes {arch.in_chans} "
+            f"(its stem's weights): give (height, width, {arch.in_chans}) or leave input_shape out"
+        )
+    return input_shape
 
 
 __all__ = ["build_untrained", "from_folder", "load", "locate"]

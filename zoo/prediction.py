@@ -13,7 +13,7 @@ from checkpoints.converted import ConvertedFolder
 from checkpoints.hub import HF_SCHEME
 
 from .core.catalogue import resolve
-from .core.errors import ZooError
+from .core.errors import BackboneError, ZooError
 from .core.labels import label_names
 from .core.preprocessing import Preprocessing, preprocess
 from .core.reports import top_k
@@ -81,6 +81,11 @@ def classifier(model: str | Path, *, labels: Sequence[str] | None = None) -> Cla
     if text.startswith(HF_SCHEME) or Path(text).expanduser().is_dir():
         folder = locate(text)
         config = folder.config
+        if config.is_backbone:
+            raise BackboneError(
+                f"{printable(config.name)} is a dense-prediction backbone: it has no classes to predict; "
+                f"zoo.load({text!r}) gives the feature maps of stages {list(config.features)}"
+            )
         name, num_classes, own = config.name, config.num_classes, config.labels
         preprocessing = Preprocessing.from_pretrained_cfg(config.pretrained_cfg)
     else:
@@ -178,6 +183,8 @@ def classify(
         model = classifier(model, labels=labels)
     elif labels is not None:
         model = _named(model, labels)
+    where = model.name if model.folder is None else str(model.folder.path)  # (a published repo's: its folder)
+    model.preprocessing.check_images(printable(model.name), f"zoo.load({where!r})")  # arrays only: before any image
     batch = preprocess(images, model.preprocessing)  # unreadable images fail before the model loads
     return predict(model.load(dtype), batch, top=top, names=model.labels, batch_size=batch_size)
 

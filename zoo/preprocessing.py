@@ -35,10 +35,12 @@ def preprocess(images, name) -> np.ndarray:
             the Hub cache and checked, as by `load`; TensorFlow is not imported).
 
     Returns:
-        float32 array `(N, H, W, 3)` equal to timm's `create_transform` output (NCHW there).
+        float32 array `(N, H, W, C)` equal to timm's `create_transform` output (NCHW there): C = 3
+        (RGB), or 1 for a grey model (images decoded as grey, as timm's loader does then).
 
     Raises:
-        ImageError: unreadable file, or an array of the wrong shape or dtype.
+        ImageError: unreadable file, or an array of the wrong shape or dtype; or a model of
+            another channel count (its inputs are arrays: call the model on them).
         UnknownModelError: `name` is not a catalogue name.
         HubError: the published repo cannot be fetched.
     """

@@ -10,6 +10,7 @@ from .errors import ArchitectureError, UnknownModelError
 
 STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
 NORMS = ("layernorm", "simplenorm")
+MAX_IN_CHANS = 1024  # input channels: grey (1), RGB (3), multispectral bands (4, 13, ...)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Architecture:
         head_norm_eps: the head norm's epsilon when it differs from `norm_eps` (transformers'
             final LayerNorm uses its config's `layer_norm_eps`, 1e-12 by default); timm cannot
             build such a network, transformers can.
+        in_chans: input channels (timm's `in_chans`: 3 for RGB, 1 for grey, more for
+            multispectral images); the stem's first convolution says it.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Architecture:
     mlp_ratio: int = 4
     norm: str = "layernorm"
     head_norm_eps: float | None = None
+    in_chans: int = 3
 
     def __post_init__(self):
         """Refuse a row no trained network can have: a non-finite or non-positive epsilon makes every
@@ -84,6 +88,8 @@ class Architecture:
             fail(f"kernel_size must be a positive odd integer, got {self.kernel_size!r}")
         if not _positive_int(self.mlp_ratio):
             fail(f"mlp_ratio must be a positive integer, got {self.mlp_ratio!r}")
+        if not _positive_int(self.in_chans) or self.in_chans > MAX_IN_CHANS:
+            fail(f"in_chans must be a whole number of input channels in 1..{MAX_IN_CHANS}, got {self.in_chans!r}")
         if self.head_hidden_size is not None and not _positive_int(self.head_hidden_size):
             fail(f"head_hidden_size must be a positive integer or None, got {self.head_hidden_size!r}")
         for field_name in ("layer_scale", "use_grn", "conv_mlp", "head_norm_first", "conv_bias"):
@@ -130,6 +136,7 @@ class Architecture:
             "head_hidden_size": self.head_hidden_size,
             "conv_bias": self.conv_bias,
             "norm_layer": self.norm,
+            "in_chans": self.in_chans,
         }
 
     def to_config(self) -> dict:
@@ -138,6 +145,8 @@ class Architecture:
         config["depths"], config["dims"] = list(self.depths), list(self.dims)
         if self.head_norm_eps is None:  # folders of timm's networks keep their fields
             del config["head_norm_eps"]
+        if self.in_chans == 3:  # and RGB networks theirs (folders written before have no in_chans: 3)
+            del config["in_chans"]
         return config
 
     @classmethod

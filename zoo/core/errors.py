@@ -79,3 +79,7 @@ class ExportError(ReportedError):
 class InvalidNameError(ZooError, ValueError):
     """A model name that cannot be a folder's name (`.`, `..`, empty, a path separator, a control
     character): names become folders of the store and default folder and repo names."""
+
+
+class BackboneError(ZooError, ValueError):
+    """A dense-prediction backbone (feature maps out, no head) asked for a head, classes or logits."""

@@ -84,7 +84,8 @@ class SourceRecord:
     Attributes:
         kind: `hub` (a Hub repo at a commit), `url` (an original release file), `file` (a local
             file) or `random` (seeded perturbed random weights, regenerated from `seed`).
-        sha256: of the source file as converted.
+        sha256: of the source file as converted; of a sharded checkpoint, the sha256 of its
+            `files` listed as `sha256sum` prints them (`<sha256>  <name>` lines in name order).
         repo_id, revision, filename: the Hub repo, commit and file (`hub`); `filename` also
             names the file of the other kinds.
         url: the release URL (`url`; for `hub`, the original release's, if any).
@@ -95,6 +96,8 @@ class SourceRecord:
         state_key: the entry of a training checkpoint the weights were read from
             (`state_dict_ema`, `state_dict`, ...); None when the file is the state dict.
         prefix: the wrapper prefix every key carried (`module.`), removed.
+        files: a sharded checkpoint's files by name, each with its sha256: its index (`filename`)
+            and every shard it lists. None (and absent from the record) for one file.
     """
 
     kind: str
@@ -109,6 +112,7 @@ class SourceRecord:
     layout: str | None = None
     state_key: str | None = None
     prefix: str | None = None
+    files: dict[str, str] | None = None
 
     @property
     def use_ema(self) -> bool:
@@ -118,6 +122,10 @@ class SourceRecord:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"unknown source kind {self.kind!r}")
+        if self.files is not None and not (
+            isinstance(self.files, dict) and all(isinstance(v, str) and len(v) == 64 for v in self.files.values())
+        ):
+            raise ValueError("source files must map each file name to its sha256")
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k in _KEPT[self.kind]}
@@ -158,6 +166,8 @@ class FolderConfig:
         weights_sha256: the sha256 of `model.weights.h5` (set when the folder is written).
         labels: a name per class from the source (its config or `--labels`); None: the
             ImageNet names of a 1000/11821/21841-way head, or indices.
+        features: a dense-prediction backbone's out_indices: the model returns these stages'
+            outputs, each through its own norm (`norm{i}`), and has no head; empty for a classifier.
     """
 
     name: str
@@ -172,6 +182,13 @@ class FolderConfig:
     params: int | None = None
     weights_sha256: str | None = None
     labels: tuple[str, ...] | None = None
+    features: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.features and (
+            list(self.features) != sorted(set(self.features)) or not set(self.features) <= {0, 1, 2, 3}
+        ):
+            raise ValueError(f"features must be increasing stage indices in 0..3, got {list(self.features)}")
 
     @property
     def input_size(self) -> int:
@@ -219,6 +236,8 @@ class FolderConfig:
         }
         if self.labels is not None:
             out["labels"] = list(self.labels)
+        if self.features:
+            out["features"] = list(self.features)
         if self.weights_sha256 is not None:
             out["weights"] = {"file": WEIGHTS, "sha256": self.weights_sha256}
         return out
@@ -245,9 +264,15 @@ class FolderConfig:
                 params=data.get("params"),
                 weights_sha256=weights["sha256"] if isinstance(weights, dict) else None,
                 labels=tuple(str(n) for n in data["labels"]) if data.get("labels") is not None else None,
+                features=tuple(_stage(i) for i in data.get("features") or ()),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"missing or malformed field {e}") from None
+
+    @property
+    def is_backbone(self) -> bool:
+        """A dense-prediction backbone: feature maps out, no classifier."""
+        return bool(self.features)
 
     @classmethod
     def read(cls, folder: str | Path) -> FolderConfig:
@@ -259,3 +284,9 @@ class FolderConfig:
             ValueError: not a converted folder's config.
         """
         return cls.from_json(json.loads((Path(folder) / RECORD).read_text()))
+
+
+def _stage(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"'features' holds {value!r}, not a stage index")
+    return value

@@ -338,9 +338,10 @@ def build_model(
     pooling: str | None = "avg",
     drop_path_rate: float = 0.0,
     head_norm_affine: bool = True,
-    input_shape: tuple = (None, None, 3),
+    input_shape: tuple | None = None,
     name: str | None = None,
     initialize: bool = True,
+    features: tuple[int, ...] = (),
 ) -> keras.Model:
     """Build an uninitialised ConvNeXt.
 
@@ -356,29 +357,41 @@ def build_model(
         drop_path_rate: stochastic depth rate of the last block (linear from 0), training only.
         head_norm_affine: the head norm has weights (False for checkpoints that ship none,
             FCMAE's, which timm then runs with its identity initialisation).
-        input_shape: NHWC input shape without the batch; spatial size is free by default.
+        input_shape: NHWC input shape without the batch; default `(None, None, arch.in_chans)`
+            (any size).
         name: model name (defaults to the architecture name).
         initialize: draw Keras' random initial kernels; False starts them at zero, for a
             model whose weights are loaded next (much faster for large models).
+        features: a dense-prediction backbone's out_indices: the model returns the list of
+            these stages' outputs, each through a LayerNorm of its own (`norm{i}`, FB's
+            segmentation and detection backbones, transformers' `ConvNextBackbone`), and has
+            no head (`num_classes`, `include_top` and `pooling` are not used).
 
     Returns:
         A functional `keras.Model` taking NHWC float inputs (already normalised) and
-        returning logits (timm's convention: no softmax).
+        returning logits (timm's convention: no softmax), or the feature maps of `features`.
     """
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
+    if features and (list(features) != sorted(set(features)) or not set(features) <= {0, 1, 2, 3}):
+        raise ValueError(f"features must be increasing stage indices in 0..3, got {features!r}")
     check_backend()
     check_onednn()
-    inputs = keras.Input(shape=input_shape, name="pixels")
+    inputs = keras.Input(shape=input_shape or (None, None, arch.in_chans), name="pixels")
     init = _kernel_init(initialize)
     x = _stem(inputs, arch, init)
     rates = drop_path_rates(drop_path_rate, arch.depths)
+    outputs = []
     for i, (depth, dim) in enumerate(zip(arch.depths, arch.dims, strict=False)):
         if i > 0:
             x = _norm(arch, f"stages.{i}.downsample.0")(x)
             x = layers.Conv2D(dim, 2, strides=2, use_bias=arch.conv_bias, name=f"stages.{i}.downsample.1", **init)(x)
         for j in range(depth):
             x = _block(x, arch, dim, f"stages.{i}.blocks.{j}", rates[i][j], init)
+        if i in features:  # a LayerNorm over channels, whatever the blocks' norm (as FB and transformers)
+            outputs.append(layers.LayerNormalization(epsilon=arch.norm_eps, name=f"norm{i}")(x))
+    if features:
+        return ConvNeXt(inputs, outputs, name=name or arch.name)
     if arch.head_norm_first:
         x = _norm(arch, "norm_pre")(x)
     if include_top or pooling == "avg":
@@ -439,9 +452,13 @@ def pre_logits(model: keras.Model):
     return model.get_layer("head.fc").input if "head.fc" in names else model.output
 
 
-def probe_model(model: keras.Model, arch: Architecture) -> keras.Model:
-    """A view of `model` returning every compared tensor: stem, stages, pre-logits, logits."""
+def probe_model(model: keras.Model, arch: Architecture, features: tuple[int, ...] = ()) -> keras.Model:
+    """A view of `model` returning every compared tensor: stem, stages, then pre-logits and logits,
+    or a backbone's normalised feature maps (`features.{i}`, its `features`)."""
     outputs = {f"stages.{i - 1}" if i else "stem": model.get_layer(n).output for i, n in enumerate(stage_names(arch))}
-    outputs["pre_logits"] = pre_logits(model)
-    outputs["logits"] = model.output
+    if features:
+        outputs.update({f"features.{i}": model.get_layer(f"norm{i}").output for i in features})
+    else:
+        outputs["pre_logits"] = pre_logits(model)
+        outputs["logits"] = model.output
     return keras.Model(model.input, outputs, name=f"{model.name}_probe")

@@ -52,7 +52,10 @@ class Preprocessing:
         crop_mode: "center" resizes the shorter side (keeping the aspect ratio), "squash"
             resizes both sides (ignoring it); both then crop the centre.
         interpolation: PIL resampling, "bicubic" or "bilinear".
-        mean, std: per-channel normalisation of pixels scaled to [0, 1].
+        mean, std: per-channel normalisation of pixels scaled to [0, 1], one value per input
+            channel of the network: 3 for RGB images; 1 for grey ones (images decoded as PIL's
+            "L", as timm's loader does for a 1-channel model); any other count is a network
+            whose inputs are arrays, not images (`check_images`).
         crop_offsets: where an odd margin goes: "round" (torchvision's and timm's CenterCrop,
             `round(margin / 2)`, half to even) or "floor" (transformers' image processors,
             `margin // 2`).
@@ -62,8 +65,8 @@ class Preprocessing:
     crop_pct: float = 0.875
     crop_mode: str = "center"
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     crop_offsets: str = "round"
 
     def __post_init__(self):
@@ -89,13 +92,14 @@ class Preprocessing:
         if self.crop_offsets not in CROP_OFFSETS:
             raise PreprocessingError(f"crop_offsets must be one of {CROP_OFFSETS}, got {self.crop_offsets!r}")
         if (
-            len(self.mean) != 3
-            or len(self.std) != 3
+            not self.mean
+            or len(self.mean) != len(self.std)
             or not all(map(math.isfinite, self.mean + self.std))
             or min(self.std) <= 0
         ):
             raise PreprocessingError(
-                f"mean and std need 3 finite numbers each and std > 0, got {self.mean}, {self.std}"
+                f"mean and std need one finite number per input channel each (as many means as stds) "
+                f"and std > 0, got {self.mean}, {self.std}"
             )
 
     @classmethod
@@ -128,6 +132,33 @@ class Preprocessing:
         return config
 
     @property
+    def channels(self) -> int:
+        """The network's input channels: one mean and one std each."""
+        return len(self.mean)
+
+    @property
+    def mode(self) -> str | None:
+        """The PIL mode images are decoded in: "RGB", "L" (grey) for 1 channel as timm's loader
+        does, None where images cannot feed the network (other channel counts)."""
+        return {3: "RGB", 1: "L"}.get(self.channels)
+
+    def check_images(self, model: str = "the model", loaded_as: str = "zoo.load(FOLDER)") -> None:
+        """Refuse, in one line, to prepare images for a network they cannot feed.
+
+        Args:
+            model: how the message names the model; loaded_as: how its hint loads it.
+
+        Raises:
+            ImageError: the network takes neither 3 (RGB) nor 1 (grey) channels.
+        """
+        if self.mode is None:
+            n = self.channels
+            raise ImageError(
+                f"{model} takes {n} input channels: images (RGB or grey) cannot feed it; from Python, call "
+                f"the model on normalised float32 arrays of shape (batch, height, width, {n}): {loaded_as}(x)"
+            )
+
+    @property
     def scale_size(self) -> tuple[int, int]:
         """The size the crop is taken from: `floor(input_size / crop_pct)` per side (timm)."""
         return tuple(math.floor(s / self.crop_pct) for s in self.input_size)
@@ -147,12 +178,13 @@ class Preprocessing:
         return round(height / ratio), round(width / ratio)
 
     def transform(self, picture: Image.Image) -> np.ndarray:
-        """One RGB PIL image -> normalised float32 HWC."""
+        """One PIL image in this preprocessing's `mode` -> normalised float32 HWC."""
         width, height = picture.size
         size = self.resized_size(height, width)
         if size != (height, width):  # torchvision returns the image untouched then
             picture = picture.resize((size[1], size[0]), _RESAMPLE[self.interpolation])
-        pixels = center_crop(np.asarray(picture), self.input_size, self.crop_offsets)
+        pixels = np.asarray(picture)
+        pixels = center_crop(pixels[..., None] if pixels.ndim == 2 else pixels, self.input_size, self.crop_offsets)
         # ToTensor then Normalize, in float32 and in this order: equal to torchvision's bits
         scaled = pixels.astype(np.float32) / np.float32(255)
         return (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -166,9 +198,10 @@ class Preprocessing:
 
         Raises:
             ImageError: a file is missing or not an image, or an array has the wrong shape or
-                dtype.
+                dtype; or the network takes neither RGB nor grey images (`check_images`).
         """
-        return np.stack([self.transform(picture) for picture in pictures(images)])
+        self.check_images()
+        return np.stack([self.transform(picture) for picture in pictures(images, self.mode)])
 
 
 def center_crop(pixels: np.ndarray, size: tuple[int, int], offsets: str = "round") -> np.ndarray:
@@ -188,8 +221,9 @@ def center_crop(pixels: np.ndarray, size: tuple[int, int], offsets: str = "round
     return pixels[top : top + crop_h, left : left + crop_w]
 
 
-def pictures(images) -> list[Image.Image]:
-    """Accepted image inputs -> RGB PIL images (files converted as timm's loader does).
+def pictures(images, mode: str = "RGB") -> list[Image.Image]:
+    """Accepted image inputs -> PIL images in `mode` ("RGB", or "L" for grey; files converted as
+    timm's loader does).
 
     Raises:
         ImageError: see `Preprocessing.__call__`.
@@ -208,32 +242,32 @@ def pictures(images) -> list[Image.Image]:
         )
     if not items:
         raise ImageError("no images given")
-    return [_picture(item, index) for index, item in enumerate(items)]
+    return [_picture(item, index, mode) for index, item in enumerate(items)]
 
 
-def _picture(item, index: int) -> Image.Image:
+def _picture(item, index: int, mode: str) -> Image.Image:
     if isinstance(item, (str, os.PathLike)):
-        return _read(Path(item))
+        return _read(Path(item), mode)
     if isinstance(item, Image.Image):
         try:
-            return item.convert("RGB")
+            return item.convert(mode)
         except (ValueError, OSError) as e:
-            raise ImageError(f"image {index}: PIL cannot convert mode {item.mode!r} to RGB ({e})") from None
+            raise ImageError(f"image {index}: PIL cannot convert mode {item.mode!r} to {mode} ({e})") from None
     if isinstance(item, np.ndarray):
-        return _from_array(item, f"image {index}")
+        return _from_array(item, f"image {index}", mode)
     raise ImageError(
         f"image {index}: cannot read a {type(item).__name__}; pass a file path, a PIL image or a uint8 HWC array"
     )
 
 
-def _read(path: Path) -> Image.Image:
+def _read(path: Path, mode: str) -> Image.Image:
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path} is a folder; pass image files")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # as timm's loader; also decodes now, inside the `try`
+            return image.convert(mode)  # as timm's loader; also decodes now, inside the `try`
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file PIL can read (PNG, JPEG, ...)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -248,14 +282,14 @@ def _check_dtype(array: np.ndarray, what: str) -> None:
         )
 
 
-def _from_array(array: np.ndarray, what: str) -> Image.Image:
+def _from_array(array: np.ndarray, what: str, mode: str) -> Image.Image:
     _check_dtype(array, what)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
-        mode = "L"
+        given = "L"
     elif array.ndim == 3 and array.shape[-1] in (3, 4):
-        mode = "RGB" if array.shape[-1] == 3 else "RGBA"
+        given = "RGB" if array.shape[-1] == 3 else "RGBA"
     else:
         hint = " (channels first? use `x.transpose(1, 2, 0)`)" if array.ndim == 3 and array.shape[0] in (1, 3) else ""
         raise ImageError(
@@ -264,7 +298,7 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
         )
     if array.size == 0:
         raise ImageError(f"{what} is empty (shape {array.shape})")
-    return Image.fromarray(np.ascontiguousarray(array), mode).convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(array), given).convert(mode)
 
 
 def with_defaults(cfg: dict) -> dict:
@@ -309,10 +343,12 @@ def preprocess(images, name) -> np.ndarray:
             folder.
 
     Returns:
-        float32 array `(N, H, W, 3)` equal to timm's `create_transform` output (NCHW there).
+        float32 array `(N, H, W, C)` equal to timm's `create_transform` output (NCHW there): C = 3
+        (RGB), or 1 for a grey model (images decoded as grey, as timm's loader does then).
 
     Raises:
-        ImageError: unreadable file, or an array of the wrong shape or dtype.
+        ImageError: unreadable file, or an array of the wrong shape or dtype; or a model of
+            another channel count (its inputs are arrays: call the model on them).
         UnknownModelError: `name` is not a catalogue name.
     """
     return as_preprocessing(name)(images)
@@ -321,9 +357,11 @@ def preprocess(images, name) -> np.ndarray:
 def with_preprocessing(model, preprocessing):
     """`model` behind a `Preprocess` layer: a `keras.Model` that takes raw images.
 
-    The new model takes a batch of RGB images NHWC, uint8 or float 0..255, of any size (one
-    size per batch), and returns `model`'s output. Saving it works as for any model; loading it
-    needs the layer class registered: `import zoo` (before or after Keras) does it.
+    The new model takes a batch of RGB images NHWC (grey ones, NHW1, for a 1-channel model),
+    uint8 or float 0..255, of any size (one size per batch), and returns `model`'s output.
+    Saving it works as for any model; loading it needs the layer class registered: `import zoo`
+    (before or after Keras) does it. A model of another channel count is refused (its inputs are
+    arrays, not images).
 
     Args:
         model: a Keras model taking normalised NHWC images.
@@ -332,8 +370,10 @@ def with_preprocessing(model, preprocessing):
     """
     import keras
 
-    layer = _layer_class()(**as_preprocessing(preprocessing).to_config(), name="preprocess")
-    images = keras.Input((None, None, 3), dtype="float32", name="images")
+    prepared = as_preprocessing(preprocessing)
+    prepared.check_images()  # before Keras builds anything
+    layer = _layer_class()(**prepared.to_config(), name="preprocess")
+    images = keras.Input((None, None, prepared.channels), dtype="float32", name="images")
     return keras.Model(images, model(layer(images)), name=f"{model.name}_with_preprocessing")
 
 
@@ -350,8 +390,9 @@ def _layer_class():
     class Preprocess(keras.layers.Layer):
         """timm's eval transform inside the graph: resize, centre crop, scale, normalise.
 
-        Takes a batch of RGB images NHWC, uint8 or float 0..255, any height and width (one
-        size per batch), and returns the normalised float32 crop. Sizes and crop offsets are
+        Takes a batch of RGB images NHWC (grey NHW1 with one mean and std), uint8 or float
+        0..255, any height and width (one size per batch), and returns the normalised float32
+        crop. Sizes and crop offsets are
         exactly timm's; the resampling is `tf.image.resize` (antialiased, Keys cubic a = -0.5
         like PIL's) with the result rounded and clipped to 0..255 as PIL's uint8 output is.
         PIL resamples in two passes with uint8 rounding in between and fixed-point weights,
@@ -417,12 +458,12 @@ def _layer_class():
             else:
                 top = tf.cast(tf.round(tf.cast(height + pad_h - crop_h, tf.float64) / 2.0), tf.int32)  # half to even
                 left = tf.cast(tf.round(tf.cast(width + pad_w - crop_w, tf.float64) / 2.0), tf.int32)
-            x = tf.slice(x, [0, top, left, 0], [-1, crop_h, crop_w, 3])
+            x = tf.slice(x, [0, top, left, 0], [-1, crop_h, crop_w, p.channels])
             x = x / 255.0
             return (x - tf.constant(p.mean, tf.float32)) / tf.constant(p.std, tf.float32)
 
         def compute_output_shape(self, input_shape):
-            return (input_shape[0], *self.preprocessing.input_size, 3)
+            return (input_shape[0], *self.preprocessing.input_size, self.preprocessing.channels)
 
         def get_config(self):
             return {**super().get_config(), **self.preprocessing.to_config()}

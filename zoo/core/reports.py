@@ -11,7 +11,16 @@ import numpy as np
 
 from .errors import ParityError
 
-COMPARED = ("stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits", "logits")
+STAGES = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
+COMPARED = (*STAGES, "pre_logits", "logits")
+
+
+def compared(features: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """The outputs a parity check compares: the stem, every stage, then the pre-logits and logits, or a
+    dense-prediction backbone's normalised feature maps (`features.{i}` for its out_indices `features`)."""
+    return (*STAGES, *(f"features.{i}" for i in features)) if features else COMPARED
+
+
 SERVING = "serving"  # the serving path's logits (`zoo.core.serving`), compared with the reference logits
 DEFAULT_ATOL = 1e-4  # logits max abs error
 DEFAULT_RTOL = 1e-5  # logits max abs error / max |reference logit|
@@ -105,8 +114,8 @@ class ParityReport:
     """The machine-readable result of a parity check (written as `parity.json`)."""
 
     comparisons: list[Comparison]
-    top1_agreement: float
-    top5_agreement: float
+    top1_agreement: float | None  # None for a backbone: it has no logits
+    top5_agreement: float | None
     atol: float
     rtol: float
     stage_rtol: float
@@ -140,11 +149,23 @@ class ParityReport:
         return None
 
     @property
-    def logits(self) -> Comparison:
-        return self.by_name("logits")
+    def logits(self) -> Comparison | None:
+        """The logits' comparison (None for a backbone, whose outputs are feature maps)."""
+        return next((c for c in self.comparisons if c.name == "logits"), None)
+
+    @property
+    def features(self) -> list[Comparison]:
+        """A backbone's feature maps' comparisons (empty for a classifier)."""
+        return [c for c in self.comparisons if c.name.startswith("features.")]
 
     def summary(self) -> str:
         c = self.logits
+        if c is None:
+            worst = max(self.features or self.comparisons, key=lambda f: f.rel)
+            return (
+                f"{len(self.features)} feature maps, largest relative error {worst.rel:.2e} "
+                f"({worst.name}, max abs {worst.max_abs:.2e})"
+            )
         return (
             f"logits max abs {c.max_abs:.2e}, relative {c.rel:.2e}; "
             f"top-1 agreement {self.top1_agreement:.0%}, top-5 {self.top5_agreement:.0%}"

@@ -26,7 +26,7 @@ from converters.images import parity_batch
 from converters.layouts import LAYOUTS
 
 from .. import loading
-from ..core.errors import ExportError, StoreError, ZooError
+from ..core.errors import BackboneError, ExportError, StoreError, ZooError
 from ..core.reports import DEFAULT_ATOL, DEFAULT_RTOL
 from ..core.runtime import installed
 from ..core.steps import Echo, step
@@ -58,7 +58,7 @@ def export(
         name_or_path: converted folder, or a name found as `zoo.load` finds it (local store,
             Hub, conversion).
         format: `savedmodel` (a folder: signature `serving_default`, input `pixels` of shape
-            (batch, height, width, 3) with any batch and size, output `logits`), `tflite` (one
+            (batch, height, width, channels) with any batch and size, output `logits`), `tflite` (one
             file, same names, input fixed at the checkpoint's size, any batch) or `keras` (a
             `.keras` file; loading it needs `import zoo`, which registers the layers). SavedModel
             and TFLite exports need Keras' TensorFlow backend.
@@ -91,6 +91,12 @@ def export(
         raise ExportError(f"pytorch must be one of {', '.join(PYTORCH_MODES)}, got {pytorch!r}")
     folder = loading.locate(name_or_path, convert=convert)
     config = folder.config
+    if config.is_backbone:
+        raise BackboneError(
+            f"{config.name} is a dense-prediction backbone (the feature maps of stages {list(config.features)}); "
+            "the exports serve and check classifiers' logits: export the model you build on it "
+            "(zoo.load gives the backbone as a Keras model)"
+        )
     out = _destination(out, folder, kind, quantize)
     start = time.perf_counter()
     inputs = parity_batch(config.input_size, config.mean, config.std)
@@ -224,7 +230,7 @@ def _details(
         "files": {name_of(p): {"sha256": fs.sha256_file(p), "size": p.stat().st_size} for p in files},
         "input": {
             "name": INPUT_NAME,
-            "shape": kind.input_shape(folder.config.input_size),
+            "shape": kind.input_shape(folder.config.input_size, folder.config.architecture.in_chans),
             "dtype": "float32",
             "layout": "NHWC",
             "normalised_with": {"mean": list(folder.config.mean), "std": list(folder.config.std)},

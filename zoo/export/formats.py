@@ -53,8 +53,8 @@ class Format:
         """The export's file or folder name for a converted folder's name."""
         return f"{folder_name}{'' if quantize == 'none' else '.' + quantize}.{self.name}"
 
-    def input_shape(self, size: int) -> list:
-        return [None, size, size, 3] if self.fixed_size else [None, None, None, 3]
+    def input_shape(self, size: int, channels: int = 3) -> list:
+        return [None, size, size, channels] if self.fixed_size else [None, None, None, channels]
 
 
 def output_name(model) -> str:
@@ -78,7 +78,7 @@ def _saved_model(model, path: Path, size: int | None, fused_norms: bool | None =
     archive.add_endpoint(
         SIGNATURE,
         lambda pixels: {name: serve(pixels)},
-        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)],
+        input_signature=[tf.TensorSpec((None, size, size, model.input_shape[-1]), tf.float32, name=INPUT_NAME)],
     )
     archive.write_out(str(path), verbose=False)
 
