@@ -406,7 +406,8 @@ def _labels(given: list[str] | None, meta: SourceMetadata, num_classes: int, ech
 
 
 def name_from_checkpoint(checkpoint: str | Path, src: source.SourceWeights | None) -> str:
-    """The repo's name, the folder's, or the file's without its suffixes (`model_best.pth.tar`: `model_best`).
+    """The repo's name, the folder's, or the file's without its suffixes (`model_best.pth.tar`: `model_best`);
+    for a sharded checkpoint named by its index or a shard, the folder's (its files are `model-0000i-...`).
 
     Characters other than letters, digits, `.`, `_` and `-` become `_`, and leading dots go
     (`..` and hidden names are no folder names); `converted` if nothing is left.
@@ -419,6 +420,8 @@ def name_from_checkpoint(checkpoint: str | Path, src: source.SourceWeights | Non
         base = hub.parse_hf(text)[0].split("/")[-1]
     elif Path(text).expanduser().is_dir():
         base = Path(text).expanduser().resolve().name
+    elif src is not None and src.files:
+        base = src.path.parent.resolve().name
     else:
         base = src.path.name.split(".")[0]
     name = re.sub(r"[^\w.-]", "_", base).lstrip(".") or "converted"

@@ -80,6 +80,11 @@ def test_the_folder_the_index_and_any_shard_name_the_whole_checkpoint(saved):
     listing = "".join(f"{files[name]}  {name}\n" for name in sorted(files))
     assert {src.sha256 for src in named} == {hashlib.sha256(listing.encode()).hexdigest()}
     assert source.local(saved / "hf_bin").path.name == BIN_INDEX  # transformers' order: no safetensors there
+    # the converted model is named after the folder, whichever of them names it (not `model`)
+    from converters.plan import name_from_checkpoint
+
+    given = (folder, folder / INDEX, folder / shards[3])
+    assert {name_from_checkpoint(path, src) for path, src in zip(given, named, strict=True)} == {"hf"}
 
 
 def test_the_shards_read_as_the_one_file_they_were_split_from(saved):

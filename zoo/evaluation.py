@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections import deque
@@ -18,8 +17,6 @@ from .core.folder_config import FolderConfig
 from .core.reports import topk_accuracy
 from .core.runtime import usable_cpus
 from .core.text import printable
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
