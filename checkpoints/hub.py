@@ -279,8 +279,8 @@ def model_card(folder: ConvertedFolder, repo_id: str) -> str:
     config, report = folder.config, folder.parity
     name, cfg = config.name, config.pretrained_cfg
     # a backbone's gate is its feature maps': the worst of them stands where a classifier's logits do
-    compared = [c for c in report["comparisons"] if c["name"] == "logits" or c["name"].startswith("features.")]
-    logits = max(compared, key=lambda c: c["rel"])
+    gated = [c for c in report["comparisons"] if c["name"] == "logits" or c["name"].startswith("features.")]
+    logits = max(gated, key=lambda c: c["rel"])
     tag, base = config.tag, config.base_model
     reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
     classifier = config.num_classes > 0

@@ -324,13 +324,7 @@ def _load_transformers(
     whose index and shards `from_pretrained` reads itself, `Sharded.transformers_folder`). Any key
     transformers leaves missing, finds unexpected or of the wrong shape is an error.
     """
-    try:
-        import transformers
-    except ImportError:
-        raise RuntimeError(
-            "No module named 'transformers': converting a transformers checkpoint checks it "
-            "against transformers (pip install transformers)"
-        ) from None
+    transformers = _transformers()
     config = _transformers_config(transformers, arch, num_classes, folder)
     family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
     headed = any(k.startswith(("convnext.", "convnextv2.")) for k in state)
@@ -339,6 +333,23 @@ def _load_transformers(
         where, weights = state.transformers_folder(), {"use_safetensors": state.safetensors}
     else:
         where, weights = None, {"state_dict": state}
+    return _strictly_loaded(cls, where, config, "checkpoint", **weights)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError(
+            "No module named 'transformers': converting a transformers checkpoint checks it "
+            "against transformers (pip install transformers)"
+        ) from None
+    return transformers
+
+
+def _strictly_loaded(cls, where: Path | None, config, what: str, **weights) -> torch.nn.Module:
+    """`cls.from_pretrained` (transformers' own loader) of `weights` (`state_dict=`, or the files in
+    `where`), in eval mode; any key missing, unexpected or of another shape is an error naming it."""
     # mismatched shapes listed in `info` like the other problems (else transformers raises a bare error)
     model, info = cls.from_pretrained(
         where,
@@ -350,7 +361,7 @@ def _load_transformers(
     )
     problems = {k: sorted(v) for k, v in info.items() if v}
     if problems:
-        raise RuntimeError(f"transformers refused the checkpoint: {problems}")
+        raise RuntimeError(f"transformers refused the {what}: {problems}")
     return model.eval()
 
 
@@ -376,25 +387,13 @@ def _load_transformers_backbone(arch: Architecture, features: tuple[int, ...], s
     """transformers' own `ConvNextBackbone` (or V2) for `state`, loaded by its own loader: the
     folder's `ConvNextBackbone` config or the backbone config of its `UperNetForSemanticSegmentation`
     config, else one built from `arch` with out_features for `features`."""
-    import transformers
-
+    transformers = _transformers()
     config = _transformers_config(transformers, arch, 0, folder)
     config = getattr(config, "backbone_config", None) or config  # UperNet's holds the backbone's
     if not getattr(config, "out_features", None) or config.out_features == ["stage4"] and features != (3,):
-        config.out_features = [f"stage{i + 1}" for i in features]
+        config.out_features = [f"stage{i + 1}" for i in features]  # a config of transformers' default output
     family = "ConvNextV2" if TRANSFORMERS_TYPES[config.model_type] else "ConvNext"
-    model, info = getattr(transformers, f"{family}Backbone").from_pretrained(
-        None,
-        config=config,
-        state_dict=state,
-        output_loading_info=True,
-        dtype=torch.float32,
-        ignore_mismatched_sizes=True,
-    )
-    problems = {k: sorted(v) for k, v in info.items() if v}
-    if problems:
-        raise RuntimeError(f"transformers refused the backbone: {problems}")
-    model.eval()
+    model = _strictly_loaded(getattr(transformers, f"{family}Backbone"), None, config, "backbone", state_dict=state)
     return Backbone(
         model, model.embeddings, model.encoder.stages, lambda x: model(pixel_values=x).feature_maps, features
     )

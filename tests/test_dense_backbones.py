@@ -251,3 +251,14 @@ def test_backbone_refusals_are_one_line_before_any_slow_work(tmp_path):
     line = one_line_error(zoo_inline("convert", "--checkpoint", tmp_path / "both.pth", "--out", tmp_path / "d"))
     assert "per-output norms" in line and "classifier" in line, line
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+@pytest.mark.parametrize("bad", [(2, 1), (4,), (0, 0), (-1,)])
+def test_out_indices_no_backbone_has_are_refused_by_the_model_and_the_record(bad):
+    from tests.support.folders import folder_config
+    from zoo.core.model import build_model
+
+    with pytest.raises(ValueError, match="increasing stage indices in 0..3"):
+        build_model(V1, features=bad)
+    with pytest.raises(ValueError, match="increasing stage indices in 0..3"):
+        folder_config(features=bad)

@@ -155,11 +155,9 @@ def _from_folder(
             folder.path,
         )
     arch = config.architecture
-    if config.is_backbone:
-        return _backbone(
-            folder, include_top, pooling, num_classes, input_shape, features_only, out_indices, drop_path_rate
-        )
-    outputs = feature_names(arch, out_indices) if features_only else None  # bad indices fail before any work
+    # what is asked of the folder, checked before any work: bad indices, or a head a backbone has not
+    picked = _picked(config, include_top, pooling, num_classes, features_only, out_indices)
+    outputs = feature_names(arch, out_indices) if features_only and not config.is_backbone else None
     model = build_model(
         arch,
         num_classes=config.num_classes,
@@ -168,8 +166,14 @@ def _from_folder(
         drop_path_rate=drop_path_rate,
         input_shape=_input_shape(input_shape, arch, config.name),
         initialize=False,
+        features=config.features,
     )
     model.load_weights(folder.weights)
+    if config.is_backbone:
+        if picked == config.features:
+            return model
+        maps = [model.outputs[config.features.index(i)] for i in picked]
+        return ConvNeXt(model.input, maps, name=f"{model.name}_features")
     if features_only:
         return ConvNeXt(model.input, [model.get_layer(n).output for n in outputs], name=f"{model.name}_features")
     if not include_top or num_classes == 0:
@@ -188,38 +192,33 @@ def _from_folder(
     return model
 
 
-def _backbone(folder, include_top, pooling, num_classes, input_shape, features_only, out_indices, drop_path_rate):
-    """A dense-prediction backbone's folder: its feature maps (each through its own norm) are its outputs.
+def _picked(config, include_top, pooling, num_classes, features_only, out_indices) -> tuple[int, ...]:
+    """The stages a dense-prediction backbone's folder is asked for (its own out_indices, or those of
+    `features_only`); a head (`num_classes`) or pooled features ask for what it does not have. Empty
+    for a classifier's folder.
 
-    `features_only` with `out_indices` picks some of them; a head (`num_classes`) or pooled features
-    ask for what it does not have.
+    Raises:
+        BackboneError: a head or pooling asked of a backbone.
+        ValueError: out_indices that are not stages it returns.
     """
-    config = folder.config
+    if not config.is_backbone:
+        return ()
     if num_classes or pooling is None or not include_top:
         raise BackboneError(
             f"{config.name} is a dense-prediction backbone (the feature maps of stages {list(config.features)}): "
             "it has no head to pool, keep or replace; load it as it is, or with features_only=True, out_indices=..."
         )
-    picked = tuple(out_indices) if features_only else config.features
+    if not features_only:
+        return config.features
     try:
-        chosen = [config.features.index(range(4)[i]) for i in picked]
-    except (ValueError, IndexError, TypeError):
+        picked = tuple(range(4)[i] for i in out_indices)
+    except (IndexError, TypeError):
+        picked = None
+    if picked is None or not set(picked) <= set(config.features):
         raise ValueError(
             f"out_indices must be stages this backbone returns ({list(config.features)}), got {out_indices!r}"
-        ) from None
-    model = build_model(
-        config.architecture,
-        num_classes=0,
-        name=config.name,
-        drop_path_rate=drop_path_rate,
-        input_shape=_input_shape(input_shape, config.architecture, config.name),
-        initialize=False,
-        features=config.features,
-    )
-    model.load_weights(folder.weights)
-    if picked == config.features:
-        return model
-    return ConvNeXt(model.input, [model.outputs[j] for j in chosen], name=f"{model.name}_features")
+        )
+    return picked
 
 
 def _input_shape(input_shape: tuple | None, arch: Architecture, name: str) -> tuple | None:

@@ -13,6 +13,19 @@ NORMS = ("layernorm", "simplenorm")
 MAX_IN_CHANS = 1024  # input channels: grey (1), RGB (3), multispectral bands (4, 13, ...)
 
 
+def check_features(features) -> tuple[int, ...]:
+    """A dense-prediction backbone's out_indices (`features`: the stages whose normalised maps it
+    returns), as a tuple: increasing stage indices in 0..3, each once (empty: a classifier).
+
+    Raises:
+        ValueError: anything else.
+    """
+    features = tuple(features)
+    if features and (list(features) != sorted(set(features)) or not set(features) <= {0, 1, 2, 3}):
+        raise ValueError(f"features must be increasing stage indices in 0..3, got {list(features)}")
+    return features
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything that fixes the shape of a ConvNeXt network (not its head size).

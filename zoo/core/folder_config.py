@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .architectures import Architecture
+from .architectures import Architecture, check_features
 from .errors import InvalidNameError
 
 FORMAT = "convnext-zoo/2"
@@ -185,10 +185,7 @@ class FolderConfig:
     features: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.features and (
-            list(self.features) != sorted(set(self.features)) or not set(self.features) <= {0, 1, 2, 3}
-        ):
-            raise ValueError(f"features must be increasing stage indices in 0..3, got {list(self.features)}")
+        check_features(self.features)
 
     @property
     def input_size(self) -> int:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from .architectures import Architecture, make_divisible
+from .architectures import Architecture, check_features, make_divisible
 from .errors import BackendError
 from .runtime import FROZEN_VAR, check_onednn, frozen_weights
 
@@ -373,8 +373,7 @@ def build_model(
     """
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, got {pooling!r}")
-    if features and (list(features) != sorted(set(features)) or not set(features) <= {0, 1, 2, 3}):
-        raise ValueError(f"features must be increasing stage indices in 0..3, got {features!r}")
+    features = check_features(features)
     check_backend()
     check_onednn()
     inputs = keras.Input(shape=input_shape or (None, None, arch.in_chans), name="pixels")
