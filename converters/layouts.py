@@ -39,6 +39,11 @@ class Layout:
             ConvNeXt (a segmentation model's decode and auxiliary heads): left out when read, never
             converted and never refused (`patterns`); the ConvNeXt's own keys may then share a
             prefix of their own (`backbone.`), removed as a wrapper's.
+        back: the way back, renames from timm's keys to this layout's (`from_timm`), applied in
+            order; empty for a layout nothing is written in (FB's: its framework, timm, reads it).
+        unit_axes: how this layout stores timm's `(C,)` vector parameters (`_VECTORS`): a regex
+            on the timm key and the shape with C in place of -1 (torchvision's LayerScale
+            `(C, 1, 1)`, transformers' GRN `(1, 1, 1, C)`).
     """
 
     name: str
@@ -46,9 +51,17 @@ class Layout:
     signature: re.Pattern
     rules: tuple[tuple[re.Pattern, str], ...]
     foreign: tuple[re.Pattern, ...] = ()
+    back: tuple[tuple[re.Pattern, str], ...] = ()
+    unit_axes: tuple[tuple[re.Pattern, tuple[int, ...]], ...] = ()
 
     def timm_key(self, key: str) -> str:
         for pattern, repl in self.rules:
+            key = pattern.sub(repl, key)
+        return key
+
+    def own_key(self, key: str) -> str:
+        """A timm key as this layout names it (`back`)."""
+        for pattern, repl in self.back:
             key = pattern.sub(repl, key)
         return key
 
@@ -76,7 +89,7 @@ DENSE_HEADS = patterns(
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
-        Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), (), DENSE_HEADS),
+        Layout("timm", "timm", re.compile(r"^stem\.\d+\.weight$"), (), DENSE_HEADS, back=()),
         # the official releases (facebookresearch/ConvNeXt, ConvNeXt-V2)
         Layout(
             "fb",
@@ -119,6 +132,22 @@ LAYOUTS: dict[str, Layout] = {
                 (r"^hidden_states_norms\.stage([1-4])\.", lambda m: f"norm{int(m[1]) - 1}."),
             ),
             DENSE_HEADS,  # UperNetForSemanticSegmentation: the backbone under `backbone.`
+            # ConvNextModel's keys (ForImageClassification's put `convnext.`/`convnextv2.` before all but `classifier.`)
+            back=_rules(
+                (r"^stem\.0\.", "embeddings.patch_embeddings."),
+                (r"^stem\.1\.", "embeddings.layernorm."),
+                (r"^stages\.(\d+)\.downsample\.", r"encoder.stages.\1.downsampling_layer."),
+                (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"encoder.stages.\1.layers.\2."),
+                (r"\.conv_dw\.", ".dwconv."),
+                (r"(\.layers\.\d+)\.norm\.", r"\1.layernorm."),
+                (r"\.mlp\.fc(\d)\.", r".pwconv\1."),
+                (r"\.gamma$", ".layer_scale_parameter"),
+                (r"\.mlp\.grn\.", ".grn."),
+                (r"^head\.norm\.", "layernorm."),
+                (r"^head\.fc\.", "classifier."),
+                (r"^norm([0-3])\.", lambda m: f"hidden_states_norms.stage{int(m[1]) + 1}."),
+            ),
+            unit_axes=((re.compile(r"\.mlp\.grn\."), (1, 1, 1, -1)),),
         ),
         # torchvision.models.convnext_*: features.0 stem, odd features stages, even ones downsample
         Layout(
@@ -142,6 +171,24 @@ LAYOUTS: dict[str, Layout] = {
                 (r"^classifier\.0\.", "head.norm."),
                 (r"^classifier\.2\.", "head.fc."),
             ),
+            back=_rules(
+                (r"^stem\.", "features.0."),
+                (r"^stages\.0\.blocks\.(\d+)\.", r"features.1.\1."),
+                (r"^stages\.1\.downsample\.", "features.2."),
+                (r"^stages\.1\.blocks\.(\d+)\.", r"features.3.\1."),
+                (r"^stages\.2\.downsample\.", "features.4."),
+                (r"^stages\.2\.blocks\.(\d+)\.", r"features.5.\1."),
+                (r"^stages\.3\.downsample\.", "features.6."),
+                (r"^stages\.3\.blocks\.(\d+)\.", r"features.7.\1."),
+                (r"\.conv_dw\.", ".block.0."),
+                (r"^(features\.\d\.\d+)\.norm\.", r"\1.block.2."),
+                (r"\.mlp\.fc1\.", ".block.3."),
+                (r"\.mlp\.fc2\.", ".block.5."),
+                (r"\.gamma$", ".layer_scale"),
+                (r"^head\.norm\.", "classifier.0."),
+                (r"^head\.fc\.", "classifier.2."),
+            ),
+            unit_axes=((re.compile(r"\.gamma$"), (-1, 1, 1)),),
         ),
     )
 }
@@ -312,3 +359,25 @@ def fit_mlp(state_dict: dict[str, np.ndarray], conv_mlp: bool) -> dict[str, np.n
 def is_fb_layout(state_dict: dict) -> bool:
     """True for the official FB key layout (`downsample_layers.*`, `stages.i.j.*`)."""
     return any(LAYOUTS["fb"].signature.match(k) for k in state_dict)
+
+
+def from_timm(state_dict: dict[str, np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
+    """The way back: a timm-keyed state dict renamed to `layout`'s keys (`Layout.back`), its vector
+    parameters given the unit axes that layout stores (`Layout.unit_axes`); the values untouched.
+
+    Each new key must read back, through the layout's own renaming (`Layout.rules`), to the timm key
+    it came from: a table that disagrees with itself fails here, before anything is written.
+
+    Raises:
+        SourceError: `layout` is read only, or its two tables disagree on a key.
+    """
+    if layout.name != "timm" and not layout.back:
+        raise SourceError(f"the {layout.name} layout is read, never written")
+    out = {}
+    for key, value in state_dict.items():
+        new = layout.own_key(key)
+        if layout.timm_key(new) != key or new in out:
+            raise SourceError(f"the {layout.name} layout has no single name for {key!r} (got {new!r})")
+        shape = next((s for pattern, s in layout.unit_axes if pattern.search(key)), None)
+        out[new] = value.reshape([value.size if n == -1 else n for n in shape]) if shape and value.ndim == 1 else value
+    return out

@@ -151,3 +151,37 @@ def values(
 
 def _keras_value(rule: Rule, array: np.ndarray, dtype: str) -> np.ndarray:
     return rule.to_keras(array).astype(dtype, copy=False)
+
+
+def timm_state(model: keras.Model) -> dict[str, np.ndarray]:
+    """The way back: every Keras variable of `model` as the timm tensor it was mapped from (float32,
+    torch layout), keyed by `<layer name><suffix>` through the same table (`RULES`), each transpose inverted.
+
+    Only transposes (exact): a converted model gives back its timm tensors bit for bit.
+
+    Raises:
+        MappingError: a layer no rule holds (its name), a variable reached twice, or a key that is
+            not a timm ConvNeXt's (an added or renamed layer), all listed at once.
+    """
+    from .layouts import TIMM_KEY
+
+    assignments = plan_assignments(model)
+    unplaced = sorted({a.key for a in assignments if not TIMM_KEY.match(a.key)})
+    if unplaced:
+        raise MappingError(
+            f"{len(unplaced)} weights of the Keras model have no place in a timm ConvNeXt (layers added or "
+            "renamed since it was built; the way back keeps the layers by their timm names):\n"
+            + "\n".join(f"  {key}" for key in unplaced)
+        )
+    out: dict[str, np.ndarray] = {}
+    for a in assignments:
+        if a.key in out:
+            raise MappingError(f"two Keras variables map to {a.key!r}")
+        value = np.asarray(keras.ops.convert_to_numpy(a.variable), dtype=np.float32)
+        out[a.key] = value if a.rule.perm is None else np.ascontiguousarray(value.transpose(_inverse(a.rule.perm)))
+    return out
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation undoing `perm` (torch axis i is Keras axis `result[i]`)."""
+    return tuple(perm.index(axis) for axis in range(len(perm)))

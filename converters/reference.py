@@ -415,15 +415,21 @@ def _load_torchvision(
 ) -> torch.nn.Module:
     """torchvision's `ConvNeXt` class built from `arch`, holding `state`, strictly loaded (a sharded
     checkpoint by huggingface_hub's sharded loader, `Sharded.load_into`: torchvision has none)."""
-    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-
-    settings = [CNBlockConfig(arch.dims[i], arch.dims[i + 1] if i < 3 else None, arch.depths[i]) for i in range(4)]
-    model = ConvNeXt(settings, stochastic_depth_prob=0.0, layer_scale=1e-6, num_classes=num_classes)
+    model = _torchvision_model((arch.depths, arch.dims), num_classes)
     if isinstance(state, Sharded):
         _strict(state.load_into(model), True, "torchvision")
     else:
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _torchvision_model(size: tuple[tuple[int, ...], tuple[int, ...]], num_classes: int) -> torch.nn.Module:
+    """torchvision's `ConvNeXt` class for `(depths, dims)` (its builders' class, any size)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    depths, dims = size
+    settings = [CNBlockConfig(dims[i], dims[i + 1] if i < 3 else None, depths[i]) for i in range(4)]
+    return ConvNeXt(settings, stochastic_depth_prob=0.0, layer_scale=1e-6, num_classes=num_classes)
 
 
 def _torchvision_points(model):
@@ -499,6 +505,66 @@ def reference(
     else:
         model = adapter.backbone(arch, tuple(features), state, path.parent)
     return Reference(model, adapter, found.layout.name)
+
+
+def exported(framework: str, folder: Path, features: tuple[int, ...] = (), builder: str | None = None) -> Reference:
+    """A model exported back to PyTorch (`zoo.export.to_pytorch`), loaded from its folder the way its
+    framework's users load it, by that framework's own public loader and nothing of the converter's:
+
+    - timm: `timm.create_model("local-dir:FOLDER", pretrained=True)` (its `config.json` and weights,
+      strictly loaded as `"hf-hub:ORG/NAME"` loads a published copy);
+    - transformers: the `Auto` class for the model its `config.json` names, `from_pretrained(FOLDER)`,
+      any key missing, unexpected or mis-shaped an error; its `AutoImageProcessor` must load too;
+    - torchvision: its builder (`torchvision.models.convnext_tiny(num_classes=N)`, or `ConvNeXt` for
+      other sizes), `load_state_dict(safetensors.torch.load_file(...), strict=True)`.
+    """
+    adapter = ADAPTERS[framework]
+    if framework == "timm":
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    elif framework == "transformers":
+        transformers = _transformers()
+        named = transformers.AutoConfig.from_pretrained(folder).architectures[0]
+        auto = (
+            transformers.AutoBackbone
+            if named.endswith("Backbone")
+            else transformers.AutoModelForImageClassification
+            if named.endswith("ForImageClassification")
+            else transformers.AutoModel
+        )
+        model = _strictly_loaded(auto, folder, None, "export")
+        transformers.AutoImageProcessor.from_pretrained(folder)  # its processor must load too
+        if features:
+            return Reference(
+                Backbone(
+                    model,
+                    model.embeddings,
+                    model.encoder.stages,
+                    lambda x: model(pixel_values=x).feature_maps,
+                    features,
+                ),
+                adapter,
+                "transformers",
+            )
+    else:
+        import torchvision
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+        classes = int(state["classifier.2.weight"].shape[0])
+        if builder:
+            model = getattr(torchvision.models, builder)(num_classes=classes)
+        else:
+            model = _torchvision_model(_torchvision_arch(state), classes)
+        model.load_state_dict(state, strict=True)
+        model.eval()
+    return Reference(model, adapter, framework)
+
+
+def _torchvision_arch(state: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The depths and widths of a torchvision ConvNeXt state dict (its blocks' `features.{1,3,5,7}.j` keys)."""
+    depths = tuple(1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"features.{s}.")) for s in (1, 3, 5, 7))
+    dims = tuple(int(state[f"features.{s}.0.layer_scale"].shape[0]) for s in (1, 3, 5, 7))
+    return depths, dims
 
 
 def _read(path: Path, use_ema: bool) -> dict[str, torch.Tensor | None]:
@@ -642,14 +708,20 @@ def _forward_command(spec_path: Path) -> None:
             spec.get("head_norm_affine", True),
         )
     else:
-        model = reference(
-            arch,
-            spec["num_classes"],
-            Path(spec["source"]),
-            spec.get("head_norm_affine", True),
-            spec.get("use_ema", True),
-            tuple(spec.get("features", ())),
-        )
+        if "export" in spec:  # a model exported back to PyTorch, loaded from its folder by its framework
+            back = spec["export"]
+            model = exported(
+                back["framework"], Path(back["folder"]), tuple(spec.get("features", ())), back.get("builder")
+            )
+        else:
+            model = reference(
+                arch,
+                spec["num_classes"],
+                Path(spec["source"]),
+                spec.get("head_norm_affine", True),
+                spec.get("use_ema", True),
+                tuple(spec.get("features", ())),
+            )
         framework = model.adapter.name
         ran = {
             "torch": torch.__version__,

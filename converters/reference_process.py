@@ -104,11 +104,14 @@ def write_spec(
     files: list[Path] | None = None,
     pretrained_cfg: dict | None = None,
     random_seed: int | None = None,
+    export: dict | None = None,
 ) -> Path:
     """The spec file of one reference run: `network` loaded from `source`, run on `inputs`
     (every compared tensor, or timm's `features_only` maps for `out_indices`) or on image
     `files` prepared by timm's transform for `pretrained_cfg`. With `random_seed`, the
-    reference first writes `source` itself: perturbed random weights in timm's layout."""
+    reference first writes `source` itself: perturbed random weights in timm's layout. With
+    `export` (`{"framework", "folder", "builder"}`), the network is a model exported back to
+    PyTorch, loaded from that folder by its framework's own loader (`source`: its weights file)."""
     spec = {
         "arch": network.arch.to_config(),
         "num_classes": network.num_classes,
@@ -131,6 +134,8 @@ def write_spec(
         spec.update(files=[str(f) for f in files], pretrained_cfg=pretrained_cfg)
     if random_seed is not None:
         spec["random_seed"] = random_seed
+    if export is not None:
+        spec["export"] = export
     files_written["spec.json"] = json.dumps(spec).encode()
     try:
         for name, data in files_written.items():
@@ -194,6 +199,21 @@ def reference_classify(
         return _run_forward(
             write_spec(network, source, work, files=files, pretrained_cfg=pretrained_cfg, random_seed=random_seed)
         )["logits"]
+
+
+def exported_outputs(
+    network: Network, weights: Path, inputs: np.ndarray, export: dict, work: Path
+) -> tuple[dict[str, np.ndarray], dict]:
+    """A model exported back to PyTorch run on `inputs` in a separate process, loaded from its folder by
+    its framework's own loader (`export`: `{"framework", "folder", "builder"}`; `weights`: its weights
+    file): every compared tensor (NHWC), and what it ran on (versions, the weights' sha256).
+
+    Raises:
+        ReferenceRunError: the framework refused the files, is not installed, or the process failed.
+    """
+    spec = write_spec(network, weights, work, inputs=inputs, export=export)
+    run_reference_process(["forward", str(spec)])
+    return results(spec), versions(spec)
 
 
 def _run_forward(spec: Path) -> dict[str, np.ndarray]:

@@ -580,14 +580,18 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else printable_lines(report.table()))
 
 
+PYTORCH_FORMATS = ("timm", "transformers", "torchvision")
+
+
 @main.command("export")
 @click.argument("name_or_dir")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["savedmodel", "tflite", "keras"]),
+    type=click.Choice(["savedmodel", "tflite", "keras", *PYTORCH_FORMATS]),
     required=True,
-    help="savedmodel: a TF SavedModel folder; tflite: a LiteRT file; keras: a .keras file.",
+    help="savedmodel: a TF SavedModel folder; tflite: a LiteRT file; keras: a .keras file; "
+    "timm, transformers, torchvision: back to PyTorch, a folder that framework's own loader reads.",
 )
 @click.option("--out", type=click.Path(), help="Destination (default: <name>.<format> in the current folder).")
 @click.option(
@@ -610,17 +614,52 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
     type=click.Path(exists=True, dir_okay=False),
     help="Local source file for the PyTorch comparison instead of fetching the recorded one.",
 )
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="timm/transformers/torchvision: one class name per line (default: the folder's own, ImageNet's).",
+)
+@click.option(
+    "--preprocessing",
+    help="timm/transformers/torchvision from a .keras file: the name or converted folder whose "
+    "preprocessing the framework's config records (default: timm's ImageNet defaults at 224).",
+)
 @_tolerances("fp32 bound")
 @_user_errors
 @_tensorflow
-def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, atol, rtol):
-    """Export a converted NAME_OR_DIR as a SavedModel, a TFLite file or a .keras file.
+def export_command(name_or_dir, fmt, out, quantize, pytorch, checkpoint, labels_file, preprocessing, atol, rtol):
+    """Export a converted NAME_OR_DIR as a SavedModel, a TFLite file or a .keras file, or back to
+    PyTorch as timm, transformers or torchvision weights (NAME_OR_DIR may then be a .keras file).
 
     The export runs on the parity images and is compared with the Keras model and with PyTorch
     (the source's framework, timm, transformers or torchvision, on the recorded source weights); it
-    is kept, with its report beside it, only if it
-    meets its bounds. Prints the export's path; the report table goes to stderr.
+    is kept, with its report beside it, only if it meets its bounds. A PyTorch export is loaded by
+    its framework's own loader in a separate process and compared with the Keras model at the stem,
+    every stage and the logits. Prints the export's path; the report table goes to stderr.
     """
+    if fmt in PYTORCH_FORMATS:
+        given = [
+            f"--{o}"
+            for o, v in (("quantize", quantize != "none"), ("pytorch", pytorch != "auto"), ("checkpoint", checkpoint))
+            if v
+        ]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} applies to savedmodel, tflite and keras exports; drop it for {fmt}"
+            )
+        from .export.pytorch import REPORT, to_pytorch
+
+        path = to_pytorch(
+            name_or_dir, fmt, out=out, labels=labels_file, preprocessing=preprocessing, atol=atol, rtol=rtol, echo=_echo
+        )
+        _echo(f"report: {path / REPORT}")
+        click.echo(str(path))
+        return
+    if labels_file or preprocessing:
+        raise click.UsageError(
+            f"--labels and --preprocessing apply to timm, transformers and torchvision exports; drop them for {fmt}"
+        )
     try:
         check_options(fmt, quantize)
     except ExportError as e:
