@@ -89,7 +89,12 @@ def _check_same_layers(model: keras.Model, twin: keras.Model) -> None:
     lines = [f"  + not in a ConvNeXt: {n} ({ours[n]})" for n in added]
     lines += [f"  - missing: {n}" for n in missing]
     lines += [f"  ~ another type: {n}" for n in retyped]
-    cut = " (a model cut at its stages or its feature map: export the whole model)" if missing and not added else ""
+    cut = (
+        " (a model cut at its stages or its feature map: export the whole model; timm's "
+        "create_model(..., features_only=True) on the export gives its stage maps)"
+        if missing and not added
+        else ""
+    )
     raise ExportError(
         f"{model.name} is not the ConvNeXt its weights make: {len(added)} layers added, {len(missing)} missing, "
         f"{len(retyped)} of another type{cut}; the way back writes the network's own layers and nothing else:\n"

@@ -524,15 +524,16 @@ def exported(framework: str, folder: Path, features: tuple[int, ...] = (), build
     elif framework == "transformers":
         transformers = _transformers()
         named = transformers.AutoConfig.from_pretrained(folder).architectures[0]
+        # (AutoBackbone.from_pretrained takes Hub repos only: its class's own from_pretrained reads folders)
         auto = (
-            transformers.AutoBackbone
+            getattr(transformers, named)
             if named.endswith("Backbone")
             else transformers.AutoModelForImageClassification
             if named.endswith("ForImageClassification")
             else transformers.AutoModel
         )
-        model = _strictly_loaded(auto, folder, None, "export")
-        transformers.AutoImageProcessor.from_pretrained(folder)  # its processor must load too
+        model = _strictly_loaded(auto, str(folder), None, "export")
+        transformers.AutoImageProcessor.from_pretrained(str(folder))  # its processor must load too
         if features:
             return Reference(
                 Backbone(

@@ -340,7 +340,7 @@ def _timm_args(d: Described) -> str:
 
 
 def _transformers_load(d: Described, where: str) -> str:
-    auto = "AutoBackbone" if d.features else "AutoModelForImageClassification" if d.num_classes else "AutoModel"
+    auto = transformers_class(d) if d.features else "AutoModelForImageClassification" if d.num_classes else "AutoModel"
     return (
         f'model = transformers.{auto}.from_pretrained("{where}")\n'
         f'processor = transformers.AutoImageProcessor.from_pretrained("{where}")'

@@ -9,6 +9,8 @@ that framework itself holds them (FB's files: as timm's own remapping of them).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.support import sources
 from tests.support.archs import SMALL
-from tests.support.cli import zoo_inline
+from tests.support.cli import one_line_error, zoo_cli, zoo_inline
 from tests.support.fb_layout import to_fb_layout
 
 V1, V1_CONV_MLP, V2 = SMALL["linear_mlp"], SMALL["conv_mlp"], SMALL["v2_grn"]
@@ -54,6 +56,15 @@ def sources_by_layout(tmp_path_factory):
             {k: v.numpy() for k, v in load_file(root / name / "model.safetensors").items()},
         )
 
+    from tests.test_dense_backbones import transformers_backbone
+
+    transformers_backbone(root / "backbone", V2, ("stage2", "stage4"), seed=16)
+    made["transformers_backbone"] = (
+        root / "backbone",
+        "transformers",
+        {k: v.numpy() for k, v in load_file(root / "backbone" / "model.safetensors").items()},
+    )
+
     tv = sources.torchvision_model(V1, 7, seed=15)
     torch.save(tv.state_dict(), root / "tv.pth")
     made["torchvision"] = (root / "tv.pth", "torchvision", _numpy_state(tv))
@@ -64,7 +75,9 @@ def _exported_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("layout", ["timm", "fb", "transformers_v1", "transformers_v2", "torchvision"])
+@pytest.mark.parametrize(
+    "layout", ["timm", "fb", "transformers_v1", "transformers_v2", "torchvision", "transformers_backbone"]
+)
 def test_round_trip_is_the_identity(layout, sources_by_layout, tmp_path):
     source, framework, expected = sources_by_layout[layout]
     folder = tmp_path / "converted"
@@ -83,4 +96,189 @@ def test_round_trip_is_the_identity(layout, sources_by_layout, tmp_path):
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and report["export"]["framework"] == framework
     compared = {c["name"] for c in report["parity"]["comparisons"]}
-    assert {"stem", "stages.0", "stages.3", "pre_logits", "logits"} <= compared
+    outputs = {"features.1", "features.3"} if layout == "transformers_backbone" else {"pre_logits", "logits"}
+    assert {"stem", "stages.0", "stages.3", *outputs} <= compared
+
+
+# --- what users bring: a model in memory, a .keras file, any head ------------------------------
+
+
+def _framework_logits(framework: str, folder, inputs: np.ndarray) -> np.ndarray:
+    """The export run by its framework's own loader in a fresh process (torch only: never beside TensorFlow)."""
+    code = f"""
+import sys, numpy as np, torch
+framework, folder = {framework!r}, {str(folder)!r}
+x = torch.from_numpy(np.load(sys.argv[1]).transpose(0, 3, 1, 2).copy())
+if framework == "timm":
+    import timm
+    model = timm.create_model("local-dir:" + folder, pretrained=True)
+elif framework == "transformers":
+    import transformers
+    model = transformers.AutoModelForImageClassification.from_pretrained(folder)
+else:
+    import torchvision
+    from safetensors.torch import load_file
+    state = load_file(folder + "/model.safetensors")
+    model = torchvision.models.convnext_tiny(num_classes=state["classifier.2.weight"].shape[0])
+    model.load_state_dict(state)
+with torch.inference_mode():
+    out = model.eval()(x)
+np.save(sys.argv[2], (out.logits if hasattr(out, "logits") else out).numpy())
+"""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "x.npy", inputs)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(Path(tmp) / "x.npy"), str(Path(tmp) / "y.npy")],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return np.load(Path(tmp) / "y.npy")
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    """A small ConvNeXt with a fresh 5-class head, its weights moved as a fine-tune moves them."""
+    from tests.support.folders import small_model
+
+    return small_model(seed=21, arch=V1, num_classes=5)
+
+
+def test_a_model_in_memory_goes_to_timm_with_its_labels(tuned, tmp_path):
+    from zoo.export import to_pytorch
+
+    out = to_pytorch(tuned, "timm", out=tmp_path / "tuned.timm", labels=["a", "b", "c", "d", "e"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "convnext_tiny" and config["num_classes"] == 5
+    assert config["label_names"] == ["a", "b", "c", "d", "e"]
+    assert config["model_args"] == {"depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32]}
+    x = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
+    keras_logits = np.asarray(tuned(x))
+    np.testing.assert_allclose(_framework_logits("timm", out, x), keras_logits, atol=1e-4, rtol=0)
+
+
+def test_a_keras_file_goes_to_transformers_with_a_processor(tuned, tmp_path):
+    import transformers  # noqa: F401  (the export's own process loads it; here only its files are read)
+
+    tuned.save(tmp_path / "tuned.keras")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join("vwxyz"))
+    result = zoo_cli(
+        "export", tmp_path / "tuned.keras", "--format", "transformers", "--labels", labels,
+        "--preprocessing", "convnext_tiny.fb_in1k", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "tuned.transformers"
+    assert result.stdout.strip() == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["ConvNextForImageClassification"]
+    assert config["id2label"] == {str(i): c for i, c in enumerate("vwxyz")}
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 224} and processor["crop_pct"] == 0.875
+    x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(_framework_logits("transformers", out, x), np.asarray(tuned(x)), atol=1e-4, rtol=0)
+
+
+def test_a_model_without_its_classifier_goes_to_timm_and_transformers(tuned, tmp_path):
+    import keras
+
+    from zoo.core.model import pre_logits
+    from zoo.export import to_pytorch
+
+    pooled = keras.Model(tuned.input, pre_logits(tuned), name="pooled")
+    for framework in ("timm", "transformers"):
+        out = to_pytorch(pooled, framework, out=tmp_path / framework)
+        report = json.loads((out / "parity.json").read_text())
+        assert report["passed"], report
+    assert json.loads((tmp_path / "transformers" / "config.json").read_text())["architectures"] == ["ConvNextModel"]
+
+
+# --- refused, one line, nothing written --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "framework", "says"),
+    [
+        (SMALL["overlap_tiered"], "transformers", "no overlapping stem"),
+        (SMALL["v2_grn"], "torchvision", "no GRN"),
+        (SMALL["head_mlp"], "torchvision", "no pre-logits MLP"),
+        (SMALL["simplenorm_overlap_act"], "transformers", "no simplenorm"),
+        (SMALL["eps_1e-5"], "torchvision", "no LayerNorm epsilon 1e-05"),
+    ],
+)
+def test_what_a_framework_cannot_hold_is_named_with_those_that_can(arch, framework, says, tmp_path):
+    from tests.support.folders import small_model
+    from zoo.core.errors import ExportError
+    from zoo.export import to_pytorch
+
+    model = small_model(seed=3, arch=arch, num_classes=4)
+    with pytest.raises(ExportError, match=says) as caught:
+        to_pytorch(model, framework, out=tmp_path / "out")
+    assert "export it to timm" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_transformers_head_norm_epsilon_is_not_forced_into_timm(tmp_path):
+    from tests.support.folders import small_model
+    from zoo.core.errors import ExportError
+    from zoo.export import to_pytorch
+
+    model = small_model(seed=4, arch=V1.replace(head_norm_eps=1e-12), num_classes=3)
+    with pytest.raises(ExportError, match=r"timm cannot hold .* head norm uses 1e-12.*export it to transformers"):
+        to_pytorch(model, "timm", out=tmp_path / "out")
+
+
+def test_a_changed_model_is_refused_listing_what_changed(tuned, tmp_path):
+    import keras
+
+    from zoo.core.errors import ExportError
+    from zoo.export import to_pytorch
+
+    extra = keras.layers.Dense(3, name="extra")(tuned.output)
+    with pytest.raises(ExportError, match=r"(?s)have no place in a timm ConvNeXt.*extra\.weight"):
+        to_pytorch(keras.Model(tuned.input, extra, name="grown"), "timm", out=tmp_path / "a")
+    softmax = keras.layers.Activation("softmax", name="probabilities")(tuned.output)
+    with pytest.raises(ExportError, match=r"(?s)1 layers added.*not in a ConvNeXt: probabilities"):
+        to_pytorch(keras.Model(tuned.input, softmax, name="probs"), "timm", out=tmp_path / "b")
+    stages = keras.Model(tuned.input, tuned.get_layer("stages.3.blocks.0").output, name="cut")
+    with pytest.raises(ExportError, match="cut at its stages"):
+        to_pytorch(stages, "timm", out=tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_wrong_export_fails_its_proof_and_leaves_nothing(tuned, tmp_path, monkeypatch):
+    """The proof can fail: one tensor written 1% off is caught by the framework's own run, at its stage."""
+    from converters import targets
+    from zoo.core.errors import ExportError
+    from zoo.export import to_pytorch
+
+    right = targets.from_timm
+
+    def one_off(state, layout):
+        state = dict(state)
+        state["stages.2.blocks.1.mlp.fc2.weight"] = state["stages.2.blocks.1.mlp.fc2.weight"] * np.float32(1.01)
+        return right(state, layout)
+
+    monkeypatch.setattr(targets, "from_timm", one_off)
+    with pytest.raises(ExportError, match=r"does not compute what the Keras model does \(at stages\.2"):
+        to_pytorch(tuned, "timm", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_errors_are_one_line(tuned, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    tuned.save(tmp_path / "m.keras")
+    result = zoo_cli("export", tmp_path / "m.keras", "--format", "timm", "--out", tmp_path / "taken")
+    assert "is not a timm export of convnext-zoo" in one_line_error(result)
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    result = zoo_cli("export", tmp_path / "nothing.keras", "--format", "timm")
+    assert "no such .keras file" in one_line_error(result)
+    (tmp_path / "labels.txt").write_text("one\ntwo\n")
+    result = zoo_cli("export", tmp_path / "m.keras", "--format", "timm", "--labels", tmp_path / "labels.txt")
+    assert "2 labels for 5 classes" in one_line_error(result)
+    result = zoo_inline("export", tmp_path / "m.keras", "--format", "timm", "--quantize", "fp16")
+    assert result.exit_code == 2 and "--quantize applies to savedmodel, tflite and keras" in result.output

@@ -1,8 +1,10 @@
-"""Export a converted model (SavedModel, TFLite, .keras), each checked against Keras and PyTorch.
+"""Export a converted model (SavedModel, TFLite, .keras), each checked against Keras and PyTorch,
+or take a Keras ConvNeXt back to PyTorch (timm, transformers, torchvision), proven in that framework.
 
 `exporting` runs an export and writes its report, `formats` is the table of formats (how each is
-written, run, loaded and named), `report` the report's types and bounds. Importing the package
-imports nothing heavy: `export`, `read_report` and `report_path` load TensorFlow when first used.
+written, run, loaded and named), `report` the report's types and bounds, `pytorch` the way back
+(`to_pytorch`). Importing the package imports nothing heavy: `export`, `read_report`,
+`report_path` and `to_pytorch` load TensorFlow when first used.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ def __getattr__(name: str):
         from . import exporting
 
         return getattr(exporting, name)
+    if name == "to_pytorch":
+        from .pytorch import to_pytorch
+
+        return to_pytorch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -32,4 +38,5 @@ __all__ = [
     "export",
     "read_report",
     "report_path",
+    "to_pytorch",
 ]

@@ -23,6 +23,7 @@ from converters.targets import TARGETS, WEIGHTS, Described, processor_differs, t
 
 from .. import loading
 from ..core.errors import ExportError
+from ..core.folder_config import check_name
 from ..core.labels import label_names, read_label_file
 from ..core.preprocessing import as_preprocessing
 from ..core.reports import DEFAULT_ATOL, DEFAULT_RTOL
@@ -97,9 +98,9 @@ def to_pytorch(
     with _staging(out) as work:
         files = work / out.name
         files.mkdir()
-        with step(echo, f"write {framework}'s files"):
+        with step(echo, f"write the {framework} files"):
             written = back.write(kind, described, state, files)
-        with step(echo, f"load them with {framework}'s own loader (separate process) and compare"):
+        with step(echo, f"load them with {framework} (its own loader, separate process) and compare"):
             parity = back.prove(kind, twin, described, files, atol=atol, rtol=rtol)
         report = {
             "report_format": REPORT_FORMAT,
@@ -205,6 +206,8 @@ def _described(described: Described, name: str, folder, labels, preprocessing, e
 
 
 def _destination(out, name: str, framework: str, folder) -> Path:
+    if not out:
+        check_name(name, "the model's name (the default --out)")
     out = Path(out).expanduser() if out else Path.cwd() / f"{name}.{framework}"
     out = out.absolute()
     if folder is not None:
