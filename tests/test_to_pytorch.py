@@ -9,6 +9,7 @@ that framework itself holds them (FB's files: as timm's own remapping of them).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -75,8 +76,19 @@ def _exported_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+# Each case converts and exports (two reference processes, ~15 s): the default run takes one per framework
+# and FB's; transformers' V1 (the layer-scale rename; V2's GRN reshape is the default's) and backbone
+# (ConvNextBackbone's per-output norms) run with the slow tests.
 @pytest.mark.parametrize(
-    "layout", ["timm", "fb", "transformers_v1", "transformers_v2", "torchvision", "transformers_backbone"]
+    "layout",
+    [
+        "timm",
+        "fb",
+        pytest.param("transformers_v1", marks=pytest.mark.slow),
+        "transformers_v2",
+        "torchvision",
+        pytest.param("transformers_backbone", marks=pytest.mark.slow),
+    ],
 )
 def test_round_trip_is_the_identity(layout, sources_by_layout, tmp_path):
     source, framework, expected = sources_by_layout[layout]
@@ -166,12 +178,12 @@ def test_a_keras_file_goes_to_transformers_with_a_processor(tuned, tmp_path):
     tuned.save(tmp_path / "tuned.keras")
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join("vwxyz"))
-    result = zoo_cli(
-        "export", tmp_path / "tuned.keras", "--format", "transformers", "--labels", labels,
-        "--preprocessing", "convnext_tiny.fb_in1k", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "tuned.transformers"
+    result = zoo_inline(
+        "export", tmp_path / "tuned.keras", "--format", "transformers", "--labels", labels,
+        "--preprocessing", "convnext_tiny.fb_in1k", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["ConvNextForImageClassification"]
@@ -182,6 +194,7 @@ def test_a_keras_file_goes_to_transformers_with_a_processor(tuned, tmp_path):
     np.testing.assert_allclose(_framework_logits("transformers", out, x), np.asarray(tuned(x)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # two more exports (~20 s); the pooled form's keys are the classifier's less head.fc
 def test_a_model_without_its_classifier_goes_to_timm_and_transformers(tuned, tmp_path):
     import keras
 
@@ -272,13 +285,28 @@ def test_cli_errors_are_one_line(tuned, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep")
     tuned.save(tmp_path / "m.keras")
-    result = zoo_cli("export", tmp_path / "m.keras", "--format", "timm", "--out", tmp_path / "taken")
+    result = zoo_inline("export", tmp_path / "m.keras", "--format", "timm", "--out", tmp_path / "taken")
     assert "is not a timm export of convnext-zoo" in one_line_error(result)
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
-    result = zoo_cli("export", tmp_path / "nothing.keras", "--format", "timm")
+    result = zoo_inline("export", tmp_path / "nothing.keras", "--format", "timm", "--out", tmp_path / "x")
     assert "no such .keras file" in one_line_error(result)
     (tmp_path / "labels.txt").write_text("one\ntwo\n")
-    result = zoo_cli("export", tmp_path / "m.keras", "--format", "timm", "--labels", tmp_path / "labels.txt")
+    result = zoo_inline(
+        "export", tmp_path / "m.keras", "--format", "timm", "--labels", tmp_path / "labels.txt", "--out", tmp_path / "y"
+    )
     assert "2 labels for 5 classes" in one_line_error(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt", "m.keras", "taken"]
     result = zoo_inline("export", tmp_path / "m.keras", "--format", "timm", "--quantize", "fp16")
     assert result.exit_code == 2 and "--quantize applies to savedmodel, tflite and keras" in result.output
+
+
+def test_a_model_tuned_on_jax_goes_back_the_same_way(tmp_path):
+    """Fine-tuned on Keras' JAX backend (TPUs): read, written and proven there too (a process of its own)."""
+    from tests.support.folders import small_model
+
+    small_model(seed=2, arch=V2, num_classes=4).save(tmp_path / "tuned.keras")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = zoo_cli("export", tmp_path / "tuned.keras", "--format", "timm", "--out", tmp_path / "out", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert report["passed"] and report["keras"]["backend"] == "jax"

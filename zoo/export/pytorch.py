@@ -113,6 +113,7 @@ def to_pytorch(
                 "load": kind.load(described, str(out)),
             },
             "source": _source(folder, described),
+            "keras": {"version": keras.__version__, "backend": keras.backend.backend()},
             "notes": notes,
             "parity": parity.to_json(),
             "passed": parity.passed,
