@@ -330,7 +330,7 @@ def _timm_load(d: Described, where: str) -> str:
     return (
         f'model = timm.create_model("local-dir:{where}", pretrained=True)  # or "hf-hub:ORG/NAME" once published\n'
         f'model = timm.create_model("{d.arch.name}", pretrained=True, num_classes={d.num_classes}, '
-        f'pretrained_cfg_overlay=dict(file="{where}/{WEIGHTS}"){_timm_args(d)})'
+        f'pretrained_cfg_overlay=dict(file="{where}/{WEIGHTS}", num_classes={d.num_classes}){_timm_args(d)})'
     )
 
 

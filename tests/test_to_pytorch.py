@@ -115,27 +115,24 @@ def test_round_trip_is_the_identity(layout, sources_by_layout, tmp_path):
 # --- what users bring: a model in memory, a .keras file, any head ------------------------------
 
 
-def _framework_logits(framework: str, folder, inputs: np.ndarray) -> np.ndarray:
-    """The export run by its framework's own loader in a fresh process (torch only: never beside TensorFlow)."""
-    code = f"""
-import sys, numpy as np, torch
-framework, folder = {framework!r}, {str(folder)!r}
+def _snippet_logits(folder, inputs: np.ndarray) -> list[np.ndarray]:
+    """The export loaded by each line of its report's `load` snippet, as written (every `model = ...` line
+    a way to load it), run on `inputs` in a fresh process with torch only (never beside TensorFlow)."""
+    code = """
+import sys, json, numpy as np, torch, timm, transformers, torchvision, safetensors.torch
 x = torch.from_numpy(np.load(sys.argv[1]).transpose(0, 3, 1, 2).copy())
-if framework == "timm":
-    import timm
-    model = timm.create_model("local-dir:" + folder, pretrained=True)
-elif framework == "transformers":
-    import transformers
-    model = transformers.AutoModelForImageClassification.from_pretrained(folder)
-else:
-    import torchvision
-    from safetensors.torch import load_file
-    state = load_file(folder + "/model.safetensors")
-    model = torchvision.models.convnext_tiny(num_classes=state["classifier.2.weight"].shape[0])
-    model.load_state_dict(state)
-with torch.inference_mode():
-    out = model.eval()(x)
-np.save(sys.argv[2], (out.logits if hasattr(out, "logits") else out).numpy())
+blocks = []  # each from a `model = ` line to the next
+for line in json.load(open(sys.argv[3]))["export"]["load"].splitlines():
+    if line.startswith("model = ") or not blocks:
+        blocks.append([])
+    blocks[-1].append(line.split("  #")[0])
+out = []
+for block in blocks:
+    exec("\\n".join(block))
+    with torch.inference_mode():
+        y = model.eval()(x)
+    out.append((y.logits if hasattr(y, "logits") else y).numpy())
+np.save(sys.argv[2], np.stack(out))
 """
     import tempfile
     from pathlib import Path
@@ -143,12 +140,19 @@ np.save(sys.argv[2], (out.logits if hasattr(out, "logits") else out).numpy())
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", inputs)
         done = subprocess.run(
-            [sys.executable, "-c", code, str(Path(tmp) / "x.npy"), str(Path(tmp) / "y.npy")],
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(Path(tmp) / "x.npy"),
+                str(Path(tmp) / "y.npy"),
+                str(folder / "parity.json"),
+            ],
             capture_output=True,
             text=True,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        return np.load(Path(tmp) / "y.npy")
+        return list(np.load(Path(tmp) / "y.npy"))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +173,25 @@ def test_a_model_in_memory_goes_to_timm_with_its_labels(tuned, tmp_path):
     assert config["model_args"] == {"depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32]}
     x = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
     keras_logits = np.asarray(tuned(x))
-    np.testing.assert_allclose(_framework_logits("timm", out, x), keras_logits, atol=1e-4, rtol=0)
+    loaded = _snippet_logits(out, x)
+    assert len(loaded) == 2  # "local-dir:" and the file named
+    for logits in loaded:
+        np.testing.assert_allclose(logits, keras_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # a full-size convnext_tiny (28M parameters) written, proven and loaded again: ~30 s
+def test_torchvision_sizes_load_with_its_builders(tmp_path):
+    from tests.support.folders import small_model
+    from zoo.core.architectures import ARCHITECTURES
+    from zoo.export import to_pytorch
+
+    model = small_model(seed=8, arch=ARCHITECTURES["convnext_tiny"], num_classes=3)
+    out = to_pytorch(model, "torchvision", out=tmp_path / "tv")
+    report = json.loads((out / "parity.json").read_text())
+    assert "torchvision.models.convnext_tiny(num_classes=3)" in report["export"]["load"]
+    x = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    (logits,) = _snippet_logits(out, x)
+    np.testing.assert_allclose(logits, np.asarray(model(x)), atol=1e-4, rtol=0)
 
 
 def test_a_keras_file_goes_to_transformers_with_a_processor(tuned, tmp_path):
@@ -191,7 +213,8 @@ def test_a_keras_file_goes_to_transformers_with_a_processor(tuned, tmp_path):
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["size"] == {"shortest_edge": 224} and processor["crop_pct"] == 0.875
     x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
-    np.testing.assert_allclose(_framework_logits("transformers", out, x), np.asarray(tuned(x)), atol=1e-4, rtol=0)
+    (logits,) = _snippet_logits(out, x)
+    np.testing.assert_allclose(logits, np.asarray(tuned(x)), atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow  # two more exports (~20 s); the pooled form's keys are the classifier's less head.fc
