@@ -39,7 +39,7 @@ def read_network(model: keras.Model) -> tuple[keras.Model, dict[str, np.ndarray]
             weights that are not a ConvNeXt's.
     """
     try:
-        state = timm_state(model)
+        state = timm_state(model, shapes_only=True)  # the network, read from the names and shapes
         norm_eps = _epsilon(model, "stages.0.blocks.0.norm")
         head_eps = _epsilon(model, "head.norm")
         inferred = infer(state, norm_eps=norm_eps, head_norm_eps=head_eps)

@@ -153,11 +153,13 @@ def _keras_value(rule: Rule, array: np.ndarray, dtype: str) -> np.ndarray:
     return rule.to_keras(array).astype(dtype, copy=False)
 
 
-def timm_state(model: keras.Model) -> dict[str, np.ndarray]:
+def timm_state(model: keras.Model, *, shapes_only: bool = False) -> dict[str, np.ndarray]:
     """The way back: every Keras variable of `model` as the timm tensor it was mapped from (float32,
     torch layout), keyed by `<layer name><suffix>` through the same table (`RULES`), each transpose inverted.
 
-    Only transposes (exact): a converted model gives back its timm tensors bit for bit.
+    Only transposes (exact): a converted model gives back its timm tensors bit for bit. With
+    `shapes_only`, each tensor is a read-only zero of its shape that holds no memory (what the
+    names and shapes say, `converters.inference`, without a copy of the weights).
 
     Raises:
         MappingError: a layer no rule holds (its name), a variable reached twice, or a key that is
@@ -177,6 +179,9 @@ def timm_state(model: keras.Model) -> dict[str, np.ndarray]:
     for a in assignments:
         if a.key in out:
             raise MappingError(f"two Keras variables map to {a.key!r}")
+        if shapes_only:
+            out[a.key] = np.broadcast_to(np.float32(0), a.rule.torch_shape(tuple(a.variable.shape)))
+            continue
         value = np.asarray(keras.ops.convert_to_numpy(a.variable), dtype=np.float32)
         out[a.key] = value if a.rule.perm is None else np.ascontiguousarray(value.transpose(_inverse(a.rule.perm)))
     return out

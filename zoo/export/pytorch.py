@@ -93,6 +93,8 @@ def to_pytorch(
     notes = []
     if framework == "transformers" and (differs := processor_differs(described)):
         notes.append(f"preprocessor_config.json: transformers' ConvNextImageProcessor {differs}")
+    if not described.head_norm_affine and not described.features:
+        notes.append("the head norm has no weights (an FCMAE model's): written as the identity it computes (1, 0)")
     if framework == "torchvision":
         notes.append("torchvision keeps no preprocessing beside the weights: " + _preprocessing_text(described))
     with _staging(out) as work:
@@ -112,7 +114,7 @@ def to_pytorch(
                 },
                 "load": kind.load(described, str(out)),
             },
-            "source": _source(folder, described),
+            "source": _source(folder, described, model),
             "keras": {"version": keras.__version__, "backend": keras.backend.backend()},
             "notes": notes,
             "parity": parity.to_json(),
@@ -233,9 +235,12 @@ def _framework_of(path: Path) -> str | None:
         return None
 
 
-def _source(folder, described: Described) -> dict:
+def _source(folder, described: Described, model) -> dict:
+    if folder is None and isinstance(model, keras.Model):
+        return {"name": described.name, "keras_model": "in memory"}
     if folder is None:
-        return {"name": described.name, "keras_model": True}
+        path = Path(model).expanduser().absolute()
+        return {"name": described.name, "keras_file": str(path), "sha256": fs.sha256_file(path)}
     config = folder.config
     layout = config.source.layout or "timm"
     return {
