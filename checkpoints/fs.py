@@ -84,6 +84,12 @@ def fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def ordinary(path: Path) -> None:
+    """Give a file the permissions `open()` would have (0666 less the umask): some writers (safetensors)
+    make theirs owner-only."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

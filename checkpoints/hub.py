@@ -270,60 +270,103 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def model_card(folder: ConvertedFolder, repo_id: str) -> str:
-    """The README.md published with a converted checkpoint: Hub metadata (Keras library, task,
-    licence, base model, datasets, the parity figures as evaluation results) and usage snippets
-    that run as they are (the test suite runs them against a Hub server)."""
+NOT_PRETRAINED = (
+    "\n> **Not pretrained.** These are seeded random weights used to test the conversion "
+    "pipeline; they carry no learned features.\n"
+)
+
+
+def card_task(num_classes: int) -> str:
+    """The Hub's pipeline tag of a model with `num_classes` classes (0: it gives features)."""
+    return "image-classification" if num_classes > 0 else "image-feature-extraction"
+
+
+def gated_comparison(parity: dict) -> dict:
+    """The comparison a parity report (`ParityReport.to_json`) is gated on: the logits, or a backbone's
+    worst feature map (it stands where a classifier's logits do)."""
+    gated = [c for c in parity["comparisons"] if c["name"] == "logits" or c["name"].startswith("features.")]
+    return max(gated, key=lambda c: c["rel"])
+
+
+def parity_table(parity: dict) -> str:
+    """A parity report's comparisons as a Markdown table (output, shape, max abs and relative error)."""
+    rows = [
+        f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |" for c in parity["comparisons"]
+    ]
+    return "\n".join(["| output | shape | max abs error | relative error |", "|---|---|---|---|", *rows])
+
+
+def card_front_matter(
+    *,
+    library: str,
+    task: str,
+    name: str,
+    license: str | None,
+    tags: list[str],
+    base_model: str | None,
+    tag: str,
+    parity: dict,
+    against: str,
+) -> str:
+    """A model card's YAML front matter (between `---` lines): the library that loads the repo, the task,
+    the licence and base model when known, tags, the datasets the checkpoint's `tag` names, and the
+    parity report's figures (`parity`, run against `against`) as evaluation results."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    config, report = folder.config, folder.parity
-    name, cfg = config.name, config.pretrained_cfg
-    # a backbone's gate is its feature maps': the worst of them stands where a classifier's logits do
-    gated = [c for c in report["comparisons"] if c["name"] == "logits" or c["name"].startswith("features.")]
-    logits = max(gated, key=lambda c: c["rel"])
-    tag, base = config.tag, config.base_model
-    reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
-    classifier = config.num_classes > 0
-    task = "image-classification" if classifier else "image-feature-extraction"
+    gated = gated_comparison(parity)
     metrics = (
         [
-            ("max_abs_logit_error", logits["max_abs"]),
-            ("relative_logit_error", logits["rel"]),
-            ("top1_agreement", report["top1_agreement"]),
+            ("max_abs_logit_error", gated["max_abs"]),
+            ("relative_logit_error", gated["rel"]),
+            ("top1_agreement", parity["top1_agreement"]),
         ]
-        if report["top1_agreement"] is not None
-        else [("max_abs_feature_error", logits["max_abs"]), ("relative_feature_error", logits["rel"])]
+        if parity["top1_agreement"] is not None
+        else [("max_abs_feature_error", gated["max_abs"]), ("relative_feature_error", gated["rel"])]
     )
     data = ModelCardData(
-        library_name="keras",
+        library_name=library,
         pipeline_tag=task,
-        license=config.license or "other",
-        tags=list(dict.fromkeys(["convnext", task, reference, "keras", "convnext-zoo"])),
-        base_model=base,
+        license=license,
+        tags=list(dict.fromkeys(tags)),
+        base_model=base_model,
         datasets=sorted({v for k, v in DATASETS.items() if k in tag}) or None,
         model_name=name,
         eval_results=[
             EvalResult(
                 task_type=task,
                 dataset_type="convnext-zoo/parity",
-                dataset_name=f"parity batch ({report['num_images']} images, {report['input_size']}px) vs {reference}",
+                dataset_name=f"parity batch ({parity['num_images']} images, {parity['input_size']}px) vs {against}",
                 metric_type=m,
                 metric_value=v,
             )
             for m, v in metrics
         ],
     )
-    warning = (
-        ""
-        if config.pretrained
-        else (
-            "\n> **Not pretrained.** These are seeded random weights used to test the conversion "
-            "pipeline; they carry no learned features.\n"
-        )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def model_card(folder: ConvertedFolder, repo_id: str) -> str:
+    """The README.md published with a converted checkpoint: Hub metadata (Keras library, task,
+    licence, base model, datasets, the parity figures as evaluation results) and usage snippets
+    that run as they are (the test suite runs them against a Hub server)."""
+    config, report = folder.config, folder.parity
+    name, cfg = config.name, config.pretrained_cfg
+    base = config.base_model
+    reference = report.get("versions", {}).get("reference", "timm")  # the framework the source came from
+    classifier = config.num_classes > 0
+    task = card_task(config.num_classes)
+    front_matter = card_front_matter(
+        library="keras",
+        task=task,
+        name=name,
+        license=config.license or "other",
+        tags=["convnext", task, reference, "keras", "convnext-zoo"],
+        base_model=base,
+        tag=config.tag,
+        parity=report,
+        against=reference,
     )
-    rows = "\n".join(
-        f"| {c['name']} | {tuple(c['shape'])} | {c['max_abs']:.2e} | {c['rel']:.2e} |" for c in report["comparisons"]
-    )
+    warning = "" if config.pretrained else NOT_PRETRAINED
     path = f"hf://{repo_id}"
     channels = config.architecture.in_chans
     images = (
@@ -366,19 +409,14 @@ zoo predict --model {path} image.jpg
             "print(features.shape)"
         )
         cli = ""
-    return f"""---
-{data.to_yaml()}
----
-
+    return f"""{front_matter}
 # {name} for Keras 3
 {warning}
 `{name}` ({config.architecture.name}, {config.params or 0:,} parameters) converted from
 `{base or config.source.url or "a local file"}` by convnext-zoo. The Keras model was run
 side by side with {reference} on the same weights and passed the parity gate ({gate}):
 
-| output | shape | max abs error | relative error |
-|---|---|---|---|
-{rows}
+{parity_table(report)}
 
 {agreement}
 `parity.json` has the full report, `manifest.json` the sha256 of every file, and
@@ -450,17 +488,65 @@ def publish(
             failure to read it back says so; the same publish run again checks it, committing
             nothing twice.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
     folder = converted.open_folder(path)
-    report = _publishable(folder, allow_random)
-    api = HfApi(token=token)
-    branch = revision or "main"
+    report = check_publishable(folder, allow_random)
     card = model_card(folder, repo_id).encode()
     sent = {**{n: folder.path / n for n in CONTENT_FILES}, MANIFEST: folder.manifest, CARD: card}
     expected = {n: meta["sha256"] for n, meta in folder.files.items()}  # what parity was run on
     expected.update({n: hashlib.sha256(sent[n]).hexdigest() for n in (MANIFEST, CARD)})
+    return commit_files(
+        repo_id,
+        sent,
+        expected,
+        what=str(folder.path),
+        checked_against="the manifest",
+        message=f"{folder.config.name}: parity {report.summary()}",
+        private=private,
+        revision=revision,
+        expect_parent=expect_parent,
+        token=token,
+    )
+
+
+def commit_files(
+    repo_id: str,
+    sent: dict[str, Path | bytes],
+    expected: dict[str, str],
+    *,
+    what: str,
+    checked_against: str,
+    message: str,
+    private: bool = False,
+    revision: str | None = None,
+    expect_parent: str | None = None,
+    token: str | None = None,
+) -> tuple[str, bool]:
+    """Upload checked files as one commit guarded by its parent, then read the remote tree back.
+
+    Args:
+        repo_id: destination repo (`org/name`), created if missing.
+        sent: {name in the repo: a file, or bytes (a model card)}.
+        expected: {name: sha256} of every file sent, as the caller checked it (against a manifest
+            or a report): a file that changed since is refused, and the remote must hold these.
+        what: the folder being published, as messages name it.
+        checked_against: what `expected` comes from, as messages name it (`the manifest`).
+        message: the commit message.
+        private, revision, expect_parent, token: as `publish` takes them.
+
+    Returns:
+        The commit holding the files, and whether it is new (False: the branch head already
+        held exactly these files, and no commit was made).
+
+    Raises:
+        HubError: a file changed since it was checked, a stale parent, a token without write access,
+            or the upload failed (nothing was published then); or the commit landed but reads back
+            other than `expected`, or cannot be read back.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    branch = revision or "main"
     parent = expect_parent
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -479,16 +565,10 @@ def publish(
         changed = [op.path_in_repo for op in operations if op.upload_info.sha256.hex() != expected[op.path_in_repo]]
         if changed:  # the client uploads what it hashed here (the Hub checks LFS content against it)
             raise HubError(
-                f"refusing to publish {folder.path}: {', '.join(changed)} changed after it was "
-                "checked against the manifest; nothing was published"
+                f"refusing to publish {what}: {', '.join(changed)} changed after it was "
+                f"checked against {checked_against}; nothing was published"
             )
-        info = api.create_commit(
-            repo_id,
-            operations,
-            revision=branch,
-            parent_commit=parent,
-            commit_message=f"{folder.config.name}: parity {report.summary()}",
-        )
+        info = api.create_commit(repo_id, operations, revision=branch, parent_commit=parent, commit_message=message)
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status == 412:
@@ -505,7 +585,7 @@ def publish(
     except (RuntimeError, *http_errors()) as e:  # an LFS upload that failed is a RuntimeError
         raise HubError(f"publishing to {repo_id} failed: {_cause(e)}; {RETRY}") from None
     try:
-        _check_remote(api, repo_id, info.oid, sent, expected)
+        _check_remote(api, repo_id, info.oid, sent, expected, checked_against)
     except http_errors() as e:
         raise HubError(
             f"{repo_id}@{info.oid[:12]}: committed, but reading it back failed ({_short(e)}); {RETRY}"
@@ -516,8 +596,13 @@ def publish(
 RETRY = "run the same publish again (files already there are not committed twice)"
 
 
-def _publishable(folder: ConvertedFolder, allow_random: bool) -> ParityReport:
-    """The folder's parity report, if it passed for exactly these weights (else HubError)."""
+def check_publishable(folder: ConvertedFolder, allow_random: bool) -> ParityReport:
+    """The folder's parity report, if it passed for exactly these weights and they are pretrained
+    (or `allow_random`).
+
+    Raises:
+        HubError: they are random weights, or the report is invalid, failed, or not these weights'.
+    """
     if not folder.config.pretrained and not allow_random:
         raise HubError(
             f"refusing to publish {folder.path}: it holds random weights, not a pretrained model; "
@@ -543,14 +628,14 @@ def _cause(error: Exception) -> str:
     return f"{_short(error)} ({_short(cause)})" if cause is not None else _short(error)
 
 
-def _check_remote(api, repo_id: str, commit: str, sent: dict, expected: dict) -> None:
-    """Re-read the remote tree at `commit` and compare every file with the manifest."""
+def _check_remote(api, repo_id: str, commit: str, sent: dict, expected: dict, checked_against: str) -> None:
+    """Re-read the remote tree at `commit` and compare every file with what it was checked against."""
     remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)}
     wrong = _differences(remote, sent, expected)
     if wrong:
         raise HubError(
             f"{repo_id}@{commit}: after the upload, the remote {', '.join(wrong)} "
-            "missing or different from the manifest; do not use that commit"
+            f"missing or different from {checked_against}; do not use that commit"
         )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from checkpoints.fs import work_dir
+from checkpoints.fs import ordinary, work_dir
 from zoo.core.errors import ExportError, MappingError, SourceError
 from zoo.core.model import DropPath, build_model, dtype_policy
 from zoo.core.reports import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport
@@ -115,6 +115,7 @@ def write(target: Target, described: Described, state: dict[str, np.ndarray], fo
         str(folder / WEIGHTS),
         metadata={"format": "pt"},
     )
+    ordinary(folder / WEIGHTS)  # safetensors writes 0600; the other files are as open() makes them
     names = [WEIGHTS]
     for name, config in target.configs(described).items():
         (folder / name).write_text(json.dumps(config, indent=2) + "\n")

@@ -353,7 +353,8 @@ def _torchvision_load(d: Described, where: str) -> str:
         made = f"torchvision.models.{builder}(num_classes={d.num_classes})"
     else:
         settings = ", ".join(
-            f"CNBlockConfig({d.arch.dims[i]}, {d.arch.dims[i + 1] if i < 3 else None}, {d.arch.depths[i]})"
+            f"torchvision.models.convnext.CNBlockConfig({d.arch.dims[i]}, {d.arch.dims[i + 1] if i < 3 else None}, "
+            f"{d.arch.depths[i]})"
             for i in range(4)
         )
         made = f"torchvision.models.convnext.ConvNeXt([{settings}], num_classes={d.num_classes})"

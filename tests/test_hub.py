@@ -26,7 +26,7 @@ from checkpoints import hub as hub_module
 from checkpoints.converted import open_folder
 from converters.reference import random_state_dict
 from tests.support.archs import SMALL_V1
-from tests.support.cli import zoo_cli
+from tests.support.cli import BLOCK_TORCH, zoo_cli
 from tests.support.converted import convert_small
 from tests.support.hub import local_hub, set_faults
 from tests.support.hub_cache import add_file
@@ -85,10 +85,8 @@ def zoo_hub(*args, env):
     return proc
 
 
-LOAD = textwrap.dedent("""
-    import json, sys
-    sys.modules["torch"] = None  # loading from the store or the Hub must not need torch
-    sys.modules["timm"] = None
+LOAD = BLOCK_TORCH + textwrap.dedent("""
+    import json, sys  # loading from the store or the Hub must not need torch
     import numpy as np, zoo
     model = zoo.load(sys.argv[1], **json.loads(sys.argv[4]))
     np.save(sys.argv[2], np.asarray(model(np.load(sys.argv[3]))))
@@ -359,7 +357,7 @@ def test_convert_and_publish_in_one_go(tmp_path):
 
 def test_load_reports_every_step_when_nothing_has_the_model(tmp_path):
     env = client_env("http://127.0.0.1:9", tmp_path, HF_HUB_OFFLINE="1")
-    code = "import sys; sys.modules['torch'] = None; import zoo; zoo.load('convnext_tiny_1k')"
+    code = BLOCK_TORCH + "import zoo; zoo.load('convnext_tiny_1k')"
     proc = run([sys.executable, "-c", code], env)
     assert proc.returncode != 0
     for step in (

@@ -23,7 +23,7 @@ from checkpoints.converted import open_folder
 from tests.support.archs import SMALL_V1
 from tests.support.cli import zoo_inline
 from tests.support.converted import convert_small
-from tests.support.hub import faults, local_hub, set_faults
+from tests.support.hub import client_in_process, faults, local_hub, set_faults
 from zoo.core.errors import HubError, StoreError, ZooError
 from zoo.core.folder_config import CONTENT_FILES, MANIFEST, PARITY, WEIGHTS
 
@@ -57,16 +57,8 @@ def sleeps(monkeypatch):
 @pytest.fixture(params=[None, 1024], ids=["regular", "lfs"])
 def hub(request, tmp_path, monkeypatch, sleeps):
     """A fresh local Hub this process's client talks to (small files, or LFS for >= 1 KiB)."""
-    from huggingface_hub import constants
-
     with local_hub(tmp_path / "hub-root", lfs_threshold=request.param) as url:
-        monkeypatch.setattr(constants, "ENDPOINT", url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setenv("ZOO_HUB_ORG", "testorg")
+        client_in_process(monkeypatch, url, TOKEN)
         yield url
 
 

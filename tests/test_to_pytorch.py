@@ -171,6 +171,9 @@ def test_a_model_in_memory_goes_to_timm_with_its_labels(tuned, tmp_path):
     assert config["architecture"] == "convnext_tiny" and config["num_classes"] == 5
     assert config["label_names"] == ["a", "b", "c", "d", "e"]
     assert config["model_args"] == {"depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32]}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(out / n).stat().st_mode & 0o777 for n in ("model.safetensors", "config.json")} == {0o666 & ~umask}
     x = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
     keras_logits = np.asarray(tuned(x))
     loaded = _snippet_logits(out, x)

@@ -52,6 +52,7 @@ class _Tolerance(click.FloatRange):
 
 
 TOLERANCE = _Tolerance()
+PYTORCH_FORMATS = ("timm", "transformers", "torchvision")  # `zoo export`'s way back; timm and transformers publish
 
 
 def _tolerances(what: str):
@@ -109,20 +110,26 @@ def _tensorflow(fn=None, *, frozen: bool = True):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        check_frozen_weights_value()
-        if frozen:
-            assume_frozen_weights()  # the commands only run inference: oneDNN keeps its packed weights
-        try:
-            quiet = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")) >= 2
-        except ValueError:
-            quiet = True
-        if quiet:
-            import_tensorflow_quietly()
-        else:
-            import tensorflow  # noqa: F401  (its start-up lines shown, as asked, whatever the command reaches)
+        _start_tensorflow(frozen)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _start_tensorflow(frozen: bool) -> None:
+    """What `_tensorflow` does before its command, for a command that needs TensorFlow for some of its
+    arguments only (`publish --format timm`)."""
+    check_frozen_weights_value()
+    if frozen:
+        assume_frozen_weights()  # the commands only run inference: oneDNN keeps its packed weights
+    try:
+        quiet = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")) >= 2
+    except ValueError:
+        quiet = True
+    if quiet:
+        import_tensorflow_quietly()
+    else:
+        import tensorflow  # noqa: F401  (its start-up lines shown, as asked, whatever the command reaches)
 
 
 @main.command("list")
@@ -374,6 +381,10 @@ def _publish(path, repo_id, private, branch, expect_parent, allow_random=False):
     commit, new = hub.publish(
         path, repo_id, private=private, revision=branch, expect_parent=expect_parent, allow_random=allow_random
     )
+    return _published(name, repo_id, commit, new)
+
+
+def _published(name: str, repo_id: str, commit: str, new: bool) -> str:
     if not new:
         _echo(f"{repo_id} already published these exact files at commit {commit}: nothing to do")
     else:
@@ -427,24 +438,80 @@ def verify(folder, checkpoint):
 
 @main.command()
 @click.argument("name_or_dir")
-@click.option("--repo-id", help="Destination repo (default: $ZOO_HUB_ORG/<name>, org convnext-zoo).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["keras", *PYTORCH_FORMATS]),
+    default="keras",
+    show_default=True,
+    help="keras: the converted folder; timm, transformers: its PyTorch export with that library's model card "
+    "(made and proven here from a converted folder, or a folder `zoo export --format timm|transformers` wrote); "
+    "torchvision is refused (it cannot load from the Hub).",
+)
+@click.option(
+    "--repo-id",
+    help="Destination repo (default: $ZOO_HUB_ORG/<name>, org convnext-zoo; <name>.timm or <name>.transformers "
+    "for those formats).",
+)
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", help="Branch to commit to (created if missing; default main).")
 @click.option("--expect-parent", help="Refuse unless the branch is still at this commit.")
 @click.option("--allow-random", is_flag=True, help="Publish a folder of random (not pretrained) weights too.")
 @_user_errors
-def publish(name_or_dir, repo_id, private, revision, expect_parent, allow_random):
+def publish(name_or_dir, fmt, repo_id, private, revision, expect_parent, allow_random):
     """Publish a converted folder (or NAME from the local store) to the Hub, as one commit.
 
-    Refused unless its parity report passed for exactly the weights being uploaded. The token
-    comes from HF_TOKEN or `hf auth login` and is never printed.
+    Refused unless its parity report passed for exactly the weights being uploaded. With --format timm
+    or transformers, its PyTorch export (loaded by `timm.create_model("hf-hub:ORG/NAME", pretrained=True)`
+    or `AutoModelForImageClassification.from_pretrained("ORG/NAME")`), refused unless the export's report
+    passed for exactly the files being uploaded. The token comes from HF_TOKEN or `hf auth login` and is
+    never printed.
     """
+    if fmt == "torchvision":
+        raise click.UsageError(
+            "torchvision has no way to load a model from the Hub: publish --format timm or transformers "
+            "(or share the folder `zoo export --format torchvision` writes)"
+        )
     path = Path(name_or_dir)
     if not path.is_dir():
         path = store.store_path(resolve(name_or_dir, or_folder=True).name)
         if not path.is_dir():
             raise ZooError(f"{name_or_dir} is not converted in the local store; run `zoo convert {name_or_dir}`")
-    click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
+    if fmt == "keras":
+        if not is_converted_folder(path) and (path / "parity.json").is_file():
+            _refuse_pytorch_export(path)
+        click.echo(_publish(path, repo_id, private, revision, expect_parent, allow_random))
+        return
+    _start_tensorflow(frozen=False)  # the export is proven as a conversion is
+    from .export.publishing import publish_pytorch
+
+    repo_id, commit, new = publish_pytorch(
+        path,
+        fmt,
+        repo_id,
+        private=private,
+        revision=revision,
+        expect_parent=expect_parent,
+        allow_random=allow_random,
+        echo=_echo,
+    )
+    click.echo(_published(f"{path.name} as {fmt}", repo_id, commit, new))
+
+
+def _refuse_pytorch_export(path: Path) -> None:
+    """A PyTorch export given to the Keras publish: say how it is published (or that it is not)."""
+    _start_tensorflow(frozen=False)
+    from .export.publishing import HUB_FRAMEWORKS, export_framework
+
+    framework = export_framework(path)
+    if framework is None:
+        return  # not one: the Keras publish says what the folder lacks
+    how = (
+        f"publish it with --format {framework}"
+        if framework in HUB_FRAMEWORKS
+        else "only timm and transformers exports are published"
+    )
+    raise ZooError(f"{path} is a {framework} export, not a converted folder: {how}")
 
 
 _DTYPE = click.option(
@@ -578,9 +645,6 @@ def eval_command(data, model_name, labels_file, limit, batch_size, compare_torch
         devices=devices,
     )
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else printable_lines(report.table()))
-
-
-PYTORCH_FORMATS = ("timm", "transformers", "torchvision")
 
 
 @main.command("export")

@@ -9,9 +9,26 @@ import sys
 
 from click.testing import CliRunner, Result
 
+
+def blocking(*names: str) -> str:
+    """Code that makes importing `names` (and their submodules) raise ModuleNotFoundError, as where they
+    are not installed. An import hook, not `sys.modules[name] = None`: libraries that look for a module
+    in `sys.modules` (scipy's array API support looks for torch there) would find that None and fail
+    where a user without the package never would."""
+    return (
+        "import importlib.abc, sys\n"
+        "class _NotInstalled(importlib.abc.MetaPathFinder):\n"
+        f"    names = {tuple(names)!r}\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in self.names:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _NotInstalled())\n"
+    )
+
+
 # Prepended to a child's code: importing torch or timm there raises, as where the `convert`
 # extra is not installed.
-BLOCK_TORCH = "import sys\nfor _name in ('torch', 'timm'):\n    sys.modules[_name] = None  # `import torch` raises\n"
+BLOCK_TORCH = blocking("torch", "timm")
 
 
 def zoo_cli(*args, env: dict | None = None, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:

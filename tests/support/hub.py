@@ -35,6 +35,20 @@ def local_hub(root: Path, lfs_threshold: int | None = None, token: str | None = 
         proc.wait(timeout=10)
 
 
+def client_in_process(monkeypatch, url: str, token: str, org: str = "testorg") -> None:
+    """Point this process's Hub client at the server at `url`, online, without Xet, with `token` in
+    HF_TOKEN and `org` as the default organisation (undone with `monkeypatch`)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("ZOO_HUB_ORG", org)
+
+
 def set_faults(url: str, faults: dict) -> dict:
     """Replace the server's fault set (see hub_server.py's docstring); `{}` clears it."""
     request = urllib.request.Request(

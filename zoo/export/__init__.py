@@ -3,8 +3,9 @@ or take a Keras ConvNeXt back to PyTorch (timm, transformers, torchvision), prov
 
 `exporting` runs an export and writes its report, `formats` is the table of formats (how each is
 written, run, loaded and named), `report` the report's types and bounds, `pytorch` the way back
-(`to_pytorch`). Importing the package imports nothing heavy: `export`, `read_report`,
-`report_path` and `to_pytorch` load TensorFlow when first used.
+(`to_pytorch`), `publishing` a timm or transformers export on the Hub (`zoo publish --format timm`).
+Importing the package imports nothing heavy: `export`, `read_report`, `report_path` and `to_pytorch`
+load TensorFlow when first used.
 """
 
 from __future__ import annotations
