@@ -76,14 +76,15 @@ def _exported_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-# Each case converts and exports (two reference processes, ~15 s): the default run takes one per framework
-# and FB's; transformers' V1 (the layer-scale rename; V2's GRN reshape is the default's) and backbone
-# (ConvNextBackbone's per-output norms) run with the slow tests.
+# Each case converts and exports (two reference processes, ~15 s): the default run (10 minutes on 2 cores)
+# takes one per framework; FB's (read through timm's own remapping), transformers' V1 (the layer-scale
+# rename; V2's GRN reshape is the default's) and backbone (ConvNextBackbone's per-output norms) run with
+# the slow tests.
 @pytest.mark.parametrize(
     "layout",
     [
         "timm",
-        "fb",
+        pytest.param("fb", marks=pytest.mark.slow),
         pytest.param("transformers_v1", marks=pytest.mark.slow),
         "transformers_v2",
         "torchvision",
@@ -326,6 +327,7 @@ def test_cli_errors_are_one_line(tuned, tmp_path):
     assert result.exit_code == 2 and "--quantize applies to savedmodel, tflite and keras" in result.output
 
 
+@pytest.mark.slow  # a process importing JAX, TensorFlow and the reference (~25 s): beyond the default run's 10 minutes
 def test_a_model_tuned_on_jax_goes_back_the_same_way(tmp_path):
     """Fine-tuned on Keras' JAX backend (TPUs): read, written and proven there too (a process of its own)."""
     from tests.support.folders import small_model
