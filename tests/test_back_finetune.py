@@ -1,7 +1,7 @@
 """A Keras fine-tune goes back to timm with its accuracy: a small converted ConvNeXt given a fresh
-10-class head, fine-tuned on real images (scikit-learn's handwritten digits), exported to timm from
-memory, and run by timm alone in a process of its own, which prepares the images itself from the
-exported config: every held-out image gets the Keras top-1.
+10-class head, fine-tuned on real images (the UCI handwritten digits scikit-learn ships, kept in
+tests/data/digits), exported to timm from memory, and run by timm alone in a process of its own,
+which prepares the images itself from the exported config: every held-out image gets the Keras top-1.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ np.savez(out, logits=logits, inputs=x.permute(0, 2, 3, 1).numpy(), labels=np.arr
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 handwritten digits as uint8 RGB images (8x8, NHWC) and their classes."""
-    from sklearn.datasets import load_digits
+    from pathlib import Path
 
-    digits = load_digits()
-    grey = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1), digits.target.astype(np.int64)
+    table = np.loadtxt(Path(__file__).parent / "data" / "digits" / "digits.csv.gz", delimiter=",")
+    grey = np.round(table[:, :64].reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1), table[:, 64].astype(np.int64)
 
 
 def test_a_keras_fine_tune_gives_timm_its_top1_on_real_images(tmp_path, live_weights):
