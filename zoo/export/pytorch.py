@@ -17,7 +17,6 @@ import keras
 
 from checkpoints import fs
 from converters import back
-from converters.layouts import LAYOUTS
 from converters.metadata import check_label_names, default_preprocessing, fit_channels
 from converters.targets import TARGETS, WEIGHTS, Described, processor_differs, target
 
@@ -28,7 +27,7 @@ from ..core.labels import label_names, read_label_file
 from ..core.preprocessing import as_preprocessing
 from ..core.reports import DEFAULT_ATOL, DEFAULT_RTOL
 from ..core.steps import Echo, step
-from .exporting import _place, _staging
+from .exporting import _place, _provenance, _staging
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +240,7 @@ def _source(folder, described: Described, model) -> dict:
     if folder is None:
         path = Path(model).expanduser().absolute()
         return {"name": described.name, "keras_file": str(path), "sha256": fs.sha256_file(path)}
-    config = folder.config
-    layout = config.source.layout or "timm"
-    return {
-        "name": config.name,
-        "pretrained": config.pretrained,
-        "folder": str(folder.path),
-        "weights_sha256": config.weights_sha256,
-        "source_sha256": config.source.sha256,
-        "source_layout": layout,
-        "source_framework": LAYOUTS[layout].framework,
-    }
+    return _provenance(folder)  # the converted folder, as every export's report records it
 
 
 def _preprocessing_text(d: Described) -> str:
